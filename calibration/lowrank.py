@@ -1,0 +1,122 @@
+"""Activation-aware low-rank factors: W ~= A B minimising ||(W - A B) X^T|| (LiteFFN / SVD-LLM).
+
+With R = E[x x^T] + damping = S S^T, the error above is ||(W - A B) S||_F, so the best rank-r
+A B is the truncated SVD of W S mapped back through S^-1. S comes from the eigendecomposition
+R = Q diag(e) Q^T as S = Q diag(sqrt e) (any S with S S^T = R gives the same optimum; this one
+needs no extra product). Without statistics S = I: plain SVD.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Whitening:
+    """R_damped = Q diag(evals) Q^T; S = Q diag(sqrt evals)."""
+
+    Q: torch.Tensor
+    evals: torch.Tensor
+    damp: float
+
+    @classmethod
+    def from_covariance(cls, R: torch.Tensor, damp: float = 0.01) -> "Whitening":
+        R = R.float()
+        if not torch.isfinite(R).all():
+            raise ValueError("covariance contains NaN or Inf; re-run calibration")
+        lam = damp * R.diagonal().mean().clamp_min(1e-12)
+        evals, Q = torch.linalg.eigh(R + lam * torch.eye(R.shape[0], device=R.device))
+        return cls(Q, evals.clamp_min(lam), damp)
+
+    def damped(self) -> torch.Tensor:
+        """The damped covariance, used as the Hessian of residual quantization."""
+        return (self.Q * self.evals) @ self.Q.T
+
+    def inverse(self) -> torch.Tensor:
+        return (self.Q / self.evals) @ self.Q.T
+
+    def apply(self, W: torch.Tensor) -> torch.Tensor:  # W S
+        return (W @ self.Q) * self.evals.sqrt()
+
+    def unapply(self, Bw: torch.Tensor) -> torch.Tensor:  # Bw S^-1
+        return (Bw * self.evals.rsqrt()) @ self.Q.T
+
+
+@dataclass
+class RankPolicy:
+    """Fixed rank (`rank`), or the smallest rank whose factors hold `energy` of the (whitened)
+    spectrum's energy, capped at `max_rank`. rank=0 keeps no low-rank branch."""
+
+    rank: int | None = 64
+    energy: float | None = None
+    max_rank: int = 512
+
+    def __post_init__(self):
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("give either a fixed rank or an energy threshold, not both")
+        if self.rank is not None and self.rank < 0:
+            raise ValueError(f"rank must be >= 0, got {self.rank}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"energy threshold must be in (0, 1], got {self.energy}")
+
+    def choose(self, sigma2: torch.Tensor, name: str = "", full: int | None = None) -> int:
+        """sigma2: squared singular values, descending."""
+        full = len(sigma2) if full is None else full
+        if self.rank is not None:
+            if self.rank > full:
+                raise ValueError(
+                    f"rank {self.rank} is larger than layer {name or '?'} allows (min(out, in) = {full}); "
+                    f"use a rank <= {full}"
+                )
+            return self.rank
+        cum = torch.cumsum(sigma2.double(), 0) / sigma2.double().sum().clamp_min(1e-300)
+        r = int(torch.searchsorted(cum, torch.tensor(self.energy, dtype=cum.dtype, device=cum.device)).item()) + 1
+        return min(r, self.max_rank, full)
+
+    def describe(self) -> str:
+        return f"r={self.rank}" if self.rank is not None else f"energy>={self.energy} (max {self.max_rank})"
+
+
+def top_svd(M: torch.Tensor, k: int):
+    """Top-k singular triplets of M [N, K] and all squared singular values.
+
+    Through the eigendecomposition of the smaller Gram matrix: LTX-2's FFN matrices are
+    4096x16384, so this is a 4096^2 eigh instead of a full SVD, and it still yields the whole
+    spectrum the energy policy needs."""
+    n, kk = M.shape
+    if n <= kk:
+        ev, U = torch.linalg.eigh(M @ M.T)
+        ev, U = ev.flip(0).clamp_min(0), U.flip(1)
+        s = ev[:k].sqrt()
+        U = U[:, :k]
+        Vt = (U.T @ M) / s.clamp_min(1e-30)[:, None]
+    else:
+        ev, V = torch.linalg.eigh(M.T @ M)
+        ev, V = ev.flip(0).clamp_min(0), V.flip(1)
+        s = ev[:k].sqrt()
+        Vt = V[:, :k].T
+        U = (M @ Vt.T) / s.clamp_min(1e-30)[None, :]
+    return U, s, Vt, ev
+
+
+def lowrank_factors(W: torch.Tensor, whitening: Whitening | None, policy: RankPolicy, name: str = ""):
+    """Returns (A [N, r], B [r, K], info) in fp32, with sqrt(sigma) split evenly between A and B
+    so neither factor's range is extreme in bf16."""
+    W = W.float()
+    full = min(W.shape)
+    M = whitening.apply(W) if whitening is not None else W
+    if policy.rank == 0:
+        return W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1]), {"rank": 0, "energy": 0.0}
+    kmax = policy.rank if policy.rank is not None else min(policy.max_rank, full)
+    if policy.rank is not None and policy.rank > full:
+        policy.choose(torch.ones(full), name, full)  # raises the clear error
+    U, s, Vt, sigma2 = top_svd(M, kmax)
+    r = policy.choose(sigma2, name, full)
+    U, s, Vt = U[:, :r], s[:r], Vt[:r]
+    root = s.sqrt()
+    A = U * root
+    Bw = root[:, None] * Vt
+    B = whitening.unapply(Bw) if whitening is not None else Bw
+    energy = float(sigma2[:r].sum() / sigma2.sum().clamp_min(1e-30))
+    return A, B, {"rank": r, "energy": energy}

@@ -1,0 +1,41 @@
+"""What the pack knows about LTX-2's layout: which linears are FFN linears and their names.
+
+Names are relative to the diffusion model (`transformer_blocks.N.ff.net.0.proj`); checkpoint
+files prefix them with `model.diffusion_model.`, a ComfyUI ModelPatcher with `diffusion_model.`.
+"""
+from __future__ import annotations
+
+import re
+
+FAMILY = "ltx2"
+CKPT_PREFIX = "model.diffusion_model."
+# video `ff` and audio `audio_ff` of every block; net.0.proj is dim -> 4 dim, net.2 back.
+FFN_LINEAR = re.compile(r"^transformer_blocks\.(\d+)\.(ff|audio_ff)\.net\.(0\.proj|2)$")
+UP, DOWN = "net.0.proj", "net.2"
+# LTX-AV (LTX-2) is recognised by this key, as in ComfyUI's model_detection.
+MARKER = "audio_adaln_single.linear.weight"
+
+
+def is_ffn_linear(name: str) -> bool:
+    return FFN_LINEAR.match(name) is not None
+
+
+def ffn_of(linear: str) -> str:
+    """`transformer_blocks.3.ff.net.2` -> `transformer_blocks.3.ff`."""
+    m = FFN_LINEAR.match(linear)
+    if not m:
+        raise ValueError(f"{linear} is not an LTX-2 FFN linear")
+    return f"transformer_blocks.{m.group(1)}.{m.group(2)}"
+
+
+def select(names, which: str = "all") -> list[str]:
+    """FFN linears among names: which = all | video | audio (ff / audio_ff)."""
+    stream = {"all": None, "video": "ff", "audio": "audio_ff"}
+    if which not in stream:
+        raise ValueError(f"layer selection must be one of {', '.join(stream)}, got {which!r}")
+    out = []
+    for n in names:
+        m = FFN_LINEAR.match(n)
+        if m and (stream[which] is None or m.group(2) == stream[which]):
+            out.append(n)
+    return out
