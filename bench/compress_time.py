@@ -17,7 +17,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 try:
     import liteffn  # noqa: F401  (installed with pip install -e .)
 except ImportError:  # run from a plain checkout: register the repo root as package `liteffn`
