@@ -63,27 +63,34 @@ def main():
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--refit", type=int, default=2)
     ap.add_argument("--out")
+    ap.add_argument("--torch-loop", action="store_true", help="also time the torch GPTQ loop (slow)")
     a = ap.parse_args()
     dev = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     lines = [f"# LiteFFN compression time, {torch.cuda.get_device_name()}, {datetime.date.today()}, "
              f"torch {torch.__version__}, rank {a.rank}, refit {a.refit}", "",
-             "| layer | format | eigh (whitening) | SVD (Gram eigh) | GPTQ residual | compress_linear total | x48 |",
-             "|---|---|---|---|---|---|---|"]
+             "| layer | format | whitening: eigh | whitening: Cholesky (used) | SVD (Gram eigh) | GPTQ residual "
+             "(Triton / torch loop) | compress_linear total | x48 |",
+             "|---|---|---|---|---|---|---|---|"]
     totals = {f: 0.0 for f in a.formats}
     make(256, 256, dev)
     compress_linear(torch.randn(256, 256, device=dev), None, make(256, 256, dev)[1], 16, "nvfp4", device=dev)  # warm-up
     for label, n, k, count in SHAPES:
         W, st = make(n, k, dev)
-        wh, t_eig = timed(lambda: Whitening.from_covariance(st.covariance()))
+        _, t_eig = timed(lambda: Whitening(st.covariance(), method="eigh"))
+        wh, t_chol = timed(lambda: Whitening(st.covariance(), method="cholesky"))
         (A, B, _), t_svd = timed(lambda: lowrank_factors(W.float(), wh, RankPolicy(rank=a.rank)))
         E = W.float() - A @ B
         Hinv = wh.inverse()
         for fmt in a.formats:
-            _, t_gptq = timed(lambda: quantize_residual(E, fmt, Hinv))
+            _, t_gptq = timed(lambda: quantize_residual(E, fmt, Hinv, backend="auto"))
+            t_loop = float("nan")
+            if a.torch_loop:
+                _, t_loop = timed(lambda: quantize_residual(E, fmt, Hinv, backend="torch"))
             layer, t_all = timed(lambda: compress_linear(W, None, st, a.rank, fmt, device=dev, refit=a.refit))
             totals[fmt] += t_all * count
-            lines.append(f"| {label} | {fmt} | {t_eig:.2f} s | {t_svd:.2f} s | {t_gptq:.2f} s | {t_all:.2f} s | "
+            lines.append(f"| {label} | {fmt} | {t_eig:.2f} s | {t_chol:.2f} s | {t_svd:.2f} s | {t_gptq:.2f} s / {t_loop:.2f} s "
+                         f"| {t_all:.2f} s | "
                          f"{t_all * count:.0f} s |")
             print(lines[-1], f"rel_err {100 * layer.info['rel_err']:.2f}%", flush=True)
         del W, st, wh, E, Hinv

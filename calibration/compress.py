@@ -70,6 +70,7 @@ def compress_linear(
     name: str = "",
     weight_scale: torch.Tensor | None = None,
     refit: int = 2,
+    whiten: str = "cholesky",
 ) -> CompressedLayer:
     F.check_format(fmt)
     policy = RankPolicy(rank=policy) if isinstance(policy, int) else policy
@@ -83,8 +84,8 @@ def compress_linear(
         if stats.width != k:
             raise ValueError(f"statistics of {name or 'layer'} are {stats.width} wide, the weight takes {k} inputs")
         stats.check_finite(name)
-        wh = Whitening.from_covariance(stats.covariance().to(device), damp)
         R = stats.covariance().to(device).float()
+        wh = Whitening(R, damp, whiten)
     else:
         log.warning("LiteFFN: no statistics for %s: plain SVD and round-to-nearest residual", name or "layer")
 
@@ -111,6 +112,7 @@ def compress_linear(
         calibrated=stats is not None,
         gptq=bool(stats is not None and gptq and fmt != "bf16"),
         refit=refit,
+        whiten=whiten if stats is not None else None,
         in_features=k,
         out_features=n,
         rel_err=weighted_rel_err(dW, W, R),

@@ -2,8 +2,8 @@
 
 With R = E[x x^T] + damping = S S^T, the error above is ||(W - A B) S||_F, so the best rank-r
 A B is the truncated SVD of W S mapped back through S^-1. S comes from the eigendecomposition
-R = Q diag(e) Q^T as S = Q diag(sqrt e) (any S with S S^T = R gives the same optimum; this one
-needs no extra product). Without statistics S = I: plain SVD.
+R = Q diag(e) Q^T as S = Q diag(sqrt e), or from its Cholesky factor (any S with S S^T = R gives
+the same optimum). Without statistics S = I: plain SVD.
 """
 from __future__ import annotations
 
@@ -12,35 +12,54 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
 class Whitening:
-    """R_damped = Q diag(evals) Q^T; S = Q diag(sqrt evals)."""
+    """A factor S with S S^T = R + damp * mean(diag R) * I.
 
-    Q: torch.Tensor
-    evals: torch.Tensor
-    damp: float
+    method "eigh": S = Q diag(sqrt e) from R = Q diag(e) Q^T (eigenvalues floored at the damping).
+    method "cholesky": S = L, the Cholesky factor. Both give the same optimal low-rank factors
+    and the same GPTQ Hessian; Cholesky is ~20x faster at 16384 wide (bench/compress_time.md)."""
 
-    @classmethod
-    def from_covariance(cls, R: torch.Tensor, damp: float = 0.01) -> "Whitening":
+    def __init__(self, R: torch.Tensor, damp: float = 0.01, method: str = "cholesky"):
         R = R.float()
         if not torch.isfinite(R).all():
             raise ValueError("covariance contains NaN or Inf; re-run calibration")
+        if method not in ("eigh", "cholesky"):
+            raise ValueError(f"whitening method must be 'eigh' or 'cholesky', got {method!r}")
+        self.method, self.damp = method, damp
         lam = damp * R.diagonal().mean().clamp_min(1e-12)
-        evals, Q = torch.linalg.eigh(R + lam * torch.eye(R.shape[0], device=R.device))
-        return cls(Q, evals.clamp_min(lam), damp)
+        Rd = R + lam * torch.eye(R.shape[0], device=R.device)
+        if method == "eigh":
+            evals, self.Q = torch.linalg.eigh(Rd)
+            self.evals = evals.clamp_min(lam)
+        else:
+            self.L, info = torch.linalg.cholesky_ex(Rd)
+            if int(info) != 0:  # only for pathological (indefinite) input: fall back
+                self.__init__(R, damp, "eigh")
+
+    @classmethod
+    def from_covariance(cls, R: torch.Tensor, damp: float = 0.01, method: str = "cholesky") -> "Whitening":
+        return cls(R, damp, method)
 
     def damped(self) -> torch.Tensor:
         """The damped covariance, used as the Hessian of residual quantization."""
-        return (self.Q * self.evals) @ self.Q.T
+        if self.method == "eigh":
+            return (self.Q * self.evals) @ self.Q.T
+        return self.L @ self.L.T
 
     def inverse(self) -> torch.Tensor:
-        return (self.Q / self.evals) @ self.Q.T
+        if self.method == "eigh":
+            return (self.Q / self.evals) @ self.Q.T
+        return torch.cholesky_inverse(self.L)
 
     def apply(self, W: torch.Tensor) -> torch.Tensor:  # W S
-        return (W @ self.Q) * self.evals.sqrt()
+        if self.method == "eigh":
+            return (W @ self.Q) * self.evals.sqrt()
+        return W @ self.L
 
     def unapply(self, Bw: torch.Tensor) -> torch.Tensor:  # Bw S^-1
-        return (Bw * self.evals.rsqrt()) @ self.Q.T
+        if self.method == "eigh":
+            return (Bw * self.evals.rsqrt()) @ self.Q.T
+        return torch.linalg.solve_triangular(self.L, Bw, upper=False, left=False)
 
 
 @dataclass

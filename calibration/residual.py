@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..kernels import formats as F
+from ..kernels import gptq as gptq_kernel
 
 # Candidate shrink factors tried per block scale (most blocks keep 1.0).
-_NVFP4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+_NVFP4_SHRINK = gptq_kernel.NVFP4_SHRINK
 
 
 class Quantizer:
@@ -100,10 +101,54 @@ def upper_cholesky_of_inverse(H: torch.Tensor, Hinv: torch.Tensor | None = None)
     return torch.linalg.cholesky(Hinv, upper=True)
 
 
+def _block_torch(qz: Quantizer, W1: torch.Tensor, U1: torch.Tensor, i1: int):
+    """Reference GPTQ over one column block: (grid values, scaled errors); fills qz.scale."""
+    G1, Err = torch.empty_like(W1), torch.empty_like(W1)
+    for i in range(W1.shape[1]):
+        col = i1 + i
+        if qz.block and col % qz.block == 0:
+            qz._cur = qz.fit_block(W1[:, i : i + qz.block], col // qz.block)
+        w = W1[:, i]
+        g, q = qz.round_col(w, col)
+        G1[:, i] = g
+        err = (w - q) / U1[i, i]
+        W1[:, i:].sub_(err[:, None] * U1[i, i:][None, :])
+        Err[:, i] = err
+    return G1, Err
+
+
+def _block_triton(qz: Quantizer, W1: torch.Tensor, U1: torch.Tensor, i1: int):
+    n, width = W1.shape
+    bs = gptq_kernel.BLOCK_COLS
+    if width < bs:  # tail block: zero columns with an identity factor quantize to nothing
+        W1 = torch.cat([W1, W1.new_zeros(n, bs - width)], 1)
+        U1p = torch.eye(bs, device=U1.device)
+        U1p[:width, :width] = U1
+        U1 = U1p
+    ts = float(qz.tensor_scale) if qz.tensor_scale is not None else 1.0
+    G1, Err, S = gptq_kernel.gptq_block_triton(W1, U1, qz.fmt, qz.scale if qz.fmt == "fp8" else None, ts,
+                                               qz.block or 1)
+    if S is not None:
+        j0 = i1 // qz.block
+        nb = -(-width // qz.block)
+        qz.scale[:, j0 : j0 + nb] = S[:, :nb]
+    return G1[:, :width], Err[:, :width]
+
+
+def _use_triton(E: torch.Tensor, backend: str) -> bool:
+    if backend == "triton":
+        if not gptq_kernel.available():
+            raise RuntimeError("backend='triton' asked for, but triton is not installed")
+        return True
+    return backend == "auto" and E.is_cuda and gptq_kernel.available()
+
+
 @torch.no_grad()
-def quantize_residual(E: torch.Tensor, fmt: str, Hinv: torch.Tensor | None = None, blocksize: int = 128):
+def quantize_residual(E: torch.Tensor, fmt: str, Hinv: torch.Tensor | None = None, blocksize: int = 128,
+                      backend: str = "auto"):
     """Quantize E [N, K] in format fmt. Hinv: inverse of the damped input covariance; with it,
-    GPTQ error feedback, without it round-to-nearest. Returns (stored tensors, dequantized E)."""
+    GPTQ error feedback, without it round-to-nearest. backend: auto (Triton on CUDA), torch,
+    triton. Returns (stored tensors, dequantized E)."""
     E = E.float()
     qz = Quantizer(fmt, E)
     if Hinv is None or fmt == "bf16":
@@ -113,22 +158,12 @@ def quantize_residual(E: torch.Tensor, fmt: str, Hinv: torch.Tensor | None = Non
     U = upper_cholesky_of_inverse(None, Hinv.float())
     W = E.clone()
     G = torch.empty_like(W)
-    blk = qz.block or 1
-    blocksize = max(blk, blocksize // blk * blk)
+    triton_path = _use_triton(E, backend)
+    block_fn = _block_triton if triton_path else _block_torch
+    blocksize = gptq_kernel.BLOCK_COLS if triton_path else max(qz.block or 1, blocksize // (qz.block or 1) * (qz.block or 1))
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
-        W1 = W[:, i1:i2].clone()
-        Err = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if qz.block and col % qz.block == 0:
-                qz._cur = qz.fit_block(W1[:, i : i + qz.block], col // qz.block)
-            w = W1[:, i]
-            g, q = qz.round_col(w, col)
-            G[:, col] = g
-            err = (w - q) / U1[i, i]
-            W1[:, i:].sub_(err[:, None] * U1[i, i:][None, :])
-            Err[:, i] = err
+        G1, Err = block_fn(qz, W[:, i1:i2].clone(), U[i1:i2, i1:i2], i1)
+        G[:, i1:i2] = G1
         W[:, i2:].sub_(Err @ U[i1:i2, i2:])
     return qz.encode(G), qz.dequant(G)
