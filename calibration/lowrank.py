@@ -17,7 +17,7 @@ class Whitening:
 
     method "eigh": S = Q diag(sqrt e) from R = Q diag(e) Q^T (eigenvalues floored at the damping).
     method "cholesky": S = L, the Cholesky factor. Both give the same optimal low-rank factors
-    and the same GPTQ Hessian; Cholesky is ~20x faster at 16384 wide (bench/compress_time.md)."""
+    and the same GPTQ Hessian; Cholesky is ~20x faster at 16384 wide (bench/compress_time_h100.md)."""
 
     def __init__(self, R: torch.Tensor, damp: float = 0.01, method: str = "cholesky"):
         R = R.float()

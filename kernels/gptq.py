@@ -4,7 +4,7 @@ Rows of the residual are independent in GPTQ (the error of row n only moves alon
 through the shared upper Cholesky factor U of H^-1), so one program owns a tile of rows
 and walks the block's columns in order, keeping the tile in registers. The torch loop
 launches ~12 small kernels per column; at LTX-2's 16384-wide down-projections that was
-2.4 s per layer on an H100 (bench/compress_time.md), the whole block here is one launch.
+2.4 s per layer on an H100 (bench/compress_time_h100.md), the whole block here is one launch.
 
 Formats: 0 = fp8 (fixed per-row scale), 1 = nvfp4 (16-blocks, E4M3 block scale times a
 tensor scale, least-MSE of six shrink factors), 2 = mxfp4 (32-blocks, power-of-two scale,
