@@ -1,0 +1,86 @@
+"""The offline command on a tiny checkpoint in ComfyUI's LTX-2 key layout."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from liteffn.calibration import compressed_file as cf
+from liteffn.calibration.checkpoint import compress_checkpoint
+from liteffn.calibration.cli import main
+from liteffn.calibration.demo import calibrate
+from liteffn.calibration.synthetic import SyntheticLTX2
+
+P = "model.diffusion_model."
+
+
+def _checkpoint(tmp_path, fp8=False):
+    m = SyntheticLTX2(blocks=2, video_dim=32, audio_dim=16)
+    sd = {P + k: v.detach().clone() for k, v in m.state_dict().items()}
+    sd[P + "audio_adaln_single.linear.weight"] = torch.zeros(4, 4)
+    sd[P + "transformer_blocks.0.attn1.to_q.weight"] = torch.randn(32, 32)  # not an FFN: left alone
+    if fp8:
+        for k in [k for k in sd if k.endswith("net.2.weight")]:
+            scale = sd[k].abs().amax() / 448
+            sd[k] = (sd[k] / scale).to(torch.float8_e4m3fn)
+            sd[k[: -len("weight")] + "weight_scale"] = scale.reshape(())
+    path = tmp_path / "ltx2.safetensors"
+    save_file(sd, str(path))
+    stats = calibrate(m, 2, 64)
+    stats.save(str(tmp_path / "stats.safetensors"))
+    return m, sd, path
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_compress_checkpoint_with_stats(tmp_path, fp8):
+    m, sd, path = _checkpoint(tmp_path, fp8)
+    out = tmp_path / "out.safetensors"
+    infos = compress_checkpoint(str(path), str(out), str(tmp_path / "stats.safetensors"), 8, "fp8",
+                                device="cpu", progress=False)
+    assert len(infos) == 8 and all(i["calibrated"] for i in infos.values())
+    assert all(i["rel_err"] < 0.05 for i in infos.values()), infos
+    fp = cf.fingerprint((k[len(P):-len(".weight")], v) for k, v in sd.items()
+                        if k.endswith(".weight") and ".net." in k)
+    layers, meta = cf.load(str(out), fp, "ltx2")
+    assert set(layers) == set(infos) and meta["residual_format"] == "fp8"
+
+
+def test_video_only_selection_and_cli(tmp_path, capsys):
+    _, _, path = _checkpoint(tmp_path)
+    out = tmp_path / "v.safetensors"
+    rc = main(["compress", str(path), "-o", str(out), "--layers", "video", "--rank", "4", "--format", "nvfp4",
+               "--device", "cpu"])
+    assert rc == 0 and "4 layers" in capsys.readouterr().out
+    layers, _ = cf.load(str(out))
+    assert all(".ff." in n for n in layers)
+
+
+def test_not_ltx2_and_bad_rank_fail_cleanly(tmp_path, capsys):
+    save_file({"model.diffusion_model.double_blocks.0.img_mlp.0.weight": torch.zeros(4, 4)},
+              str(tmp_path / "flux.safetensors"))
+    rc = main(["compress", str(tmp_path / "flux.safetensors"), "-o", str(tmp_path / "o.safetensors"), "--device", "cpu"])
+    assert rc == 2 and "not an LTX-2 checkpoint" in capsys.readouterr().err
+    _, _, path = _checkpoint(tmp_path)
+    rc = main(["compress", str(path), "-o", str(tmp_path / "o.safetensors"), "--rank", "999", "--device", "cpu"])
+    assert rc == 2 and "rank 999 is larger than layer" in capsys.readouterr().err
+    assert not list(tmp_path.glob("o.safetensors*")) and not list(tmp_path.glob(".o.safetensors*"))
+
+
+def test_merge_stats_cli(tmp_path):
+    _, _, _ = _checkpoint(tmp_path)
+    s = str(tmp_path / "stats.safetensors")
+    assert main(["merge-stats", s, s, "-o", str(tmp_path / "sum.safetensors")]) == 0
+    from liteffn.calibration.stats import ActivationStats
+
+    a, b = ActivationStats.load(s), ActivationStats.load(str(tmp_path / "sum.safetensors"))
+    n = a.names()[0]
+    assert b[n].rows == 2 * a[n].rows and torch.allclose(b[n].xtx, 2 * a[n].xtx)
+
+
+def test_demo_runs_and_prints_table():
+    r = subprocess.run([sys.executable, "-m", "liteffn.calibration.cli", "demo", "--blocks", "1", "--video-dim", "64",
+                        "--audio-dim", "32", "--ranks", "0", "8", "--formats", "fp8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "calibrated" in r.stdout and "fp8" in r.stdout and "vs bf16" in r.stdout
