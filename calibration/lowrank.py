@@ -36,10 +36,6 @@ class Whitening:
             if int(info) != 0:  # only for pathological (indefinite) input: fall back
                 self.__init__(R, damp, "eigh")
 
-    @classmethod
-    def from_covariance(cls, R: torch.Tensor, damp: float = 0.01, method: str = "cholesky") -> "Whitening":
-        return cls(R, damp, method)
-
     def damped(self) -> torch.Tensor:
         """The damped covariance, used as the Hessian of residual quantization."""
         if self.method == "eigh":

@@ -14,9 +14,6 @@ import torch
 from ..kernels import formats as F
 from ..kernels import gptq as gptq_kernel
 
-# Candidate shrink factors tried per block scale (most blocks keep 1.0).
-_NVFP4_SHRINK = gptq_kernel.NVFP4_SHRINK
-
 
 class Quantizer:
     """Holds a format's scales for one residual and rounds columns with them."""
@@ -48,7 +45,7 @@ class Quantizer:
             base = F.mxfp4_scale(amax)
             cands = [base, base / 2]
         else:
-            cands = [F.nvfp4_block_scale(amax * c, self.tensor_scale) for c in _NVFP4_SHRINK]
+            cands = [F.nvfp4_block_scale(amax * c, self.tensor_scale) for c in gptq_kernel.NVFP4_SHRINK]
         best, best_err = None, None
         for s in cands:
             s = s[:, None]
@@ -62,7 +59,7 @@ class Quantizer:
         self.scale[:, j] = best
         return best
 
-    def round_col(self, w: torch.Tensor, col: int):
+    def round_col(self, w: torch.Tensor):
         """(grid value, dequantized value) of one column."""
         if self.fmt == "bf16":
             q = w.bfloat16().float()
@@ -95,9 +92,8 @@ class Quantizer:
         return F.encode(self.fmt, G, self.scale, self.tensor_scale)
 
 
-def upper_cholesky_of_inverse(H: torch.Tensor, Hinv: torch.Tensor | None = None) -> torch.Tensor:
-    if Hinv is None:
-        Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+def upper_cholesky(Hinv: torch.Tensor) -> torch.Tensor:
+    """GPTQ's factor: H^-1 = U^T U, U upper triangular."""
     return torch.linalg.cholesky(Hinv, upper=True)
 
 
@@ -109,7 +105,7 @@ def _block_torch(qz: Quantizer, W1: torch.Tensor, U1: torch.Tensor, i1: int):
         if qz.block and col % qz.block == 0:
             qz._cur = qz.fit_block(W1[:, i : i + qz.block], col // qz.block)
         w = W1[:, i]
-        g, q = qz.round_col(w, col)
+        g, q = qz.round_col(w)
         G1[:, i] = g
         err = (w - q) / U1[i, i]
         W1[:, i:].sub_(err[:, None] * U1[i, i:][None, :])
@@ -155,7 +151,7 @@ def quantize_residual(E: torch.Tensor, fmt: str, Hinv: torch.Tensor | None = Non
         G = qz.rtn(E)
         return qz.encode(G), qz.dequant(G)
     n, k = E.shape
-    U = upper_cholesky_of_inverse(None, Hinv.float())
+    U = upper_cholesky(Hinv.float())
     W = E.clone()
     G = torch.empty_like(W)
     triton_path = _use_triton(E, backend)

@@ -22,10 +22,13 @@ except ImportError:  # torch-only installs (CPU): calibration/residual.py uses t
     triton = None
 
 FMT_ID = {"fp8": 0, "nvfp4": 1, "mxfp4": 2}
-NVFP4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+# NVFP4 block-scale candidates: amax * (1 - 0.05 c), c < 6; the torch reference uses the same tuple.
+NVFP4_CANDIDATES = 6
+NVFP4_SHRINK = tuple(1.0 - 0.05 * c for c in range(NVFP4_CANDIDATES))
 BLOCK_COLS = 128
 
 if triton is not None:
+    _NVFP4_CANDIDATES = tl.constexpr(NVFP4_CANDIDATES)  # globals read by a kernel must be constexpr
 
     @triton.jit
     def _pow2(e):
@@ -77,7 +80,7 @@ if triton is not None:
                     amax = tl.max(tl.abs(wg), 1)
                     best_err = tl.full([BR], float("inf"), tl.float32)
                     if FMT == 1:
-                        for c in tl.static_range(6):
+                        for c in tl.static_range(_NVFP4_CANDIDATES):
                             sc = _round_e4m3(amax * (1.0 - 0.05 * c) / (6.0 * ts))
                             sc = tl.where(sc > 0, sc, 0.001953125) * ts  # 2^-9: smallest E4M3
                             d = _round_e2m1(wg / sc[:, None]) * sc[:, None] - wg
