@@ -22,12 +22,14 @@ log = logging.getLogger("liteffn")
 
 @dataclass
 class CompressedLayer:
-    tensors: dict  # A, B (rank > 0), q, q_scale, q_scale2 (nvfp4), bias (if any); all on CPU
+    # A, B (rank > 0), q, q_scale, q_scale2 (nvfp4), bias (if any), input_amax (calibrated max |x|
+    # of the input, with statistics: the kernels' static FP8 scale of the FFN's hidden activation)
+    tensors: dict
     info: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return F.stored_bytes({k: v for k, v in self.tensors.items() if k != "bias"})
+        return F.stored_bytes({k: v for k, v in self.tensors.items() if k not in ("bias", "input_amax")})
 
 
 def source_weight(weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,6 +107,8 @@ def compress_linear(
     tensors = {k_: v.contiguous().cpu() for k_, v in q.items()}
     if info["rank"]:
         tensors["A"], tensors["B"] = A.contiguous().cpu(), B.contiguous().cpu()
+    if stats is not None:
+        tensors["input_amax"] = stats.absmax.float().max().reshape(1).cpu()
     if bias is not None:
         tensors["bias"] = bias.detach().to(torch.bfloat16).contiguous().cpu()
     info.update(

@@ -1,0 +1,95 @@
+"""Which path runs a compressed linear or FFN: the fused Triton kernels (fp8_ffn.py) or the
+torch reference (reference.py).
+
+Triton runs when the input is on a CUDA GPU with FP8 tensor cores (compute capability >= 8.9),
+Triton is installed, every residual is FP8 and the shapes suit the kernels' tensor
+descriptors. Everything else (CPU, older GPUs, FP4/bf16 residuals until their kernels exist)
+takes the reference, which computes the same function. If a kernel fails to compile or launch
+on this GPU, the failure is logged once and the reference takes over for the rest of the
+process: a pack that falls back never crashes a workflow.
+
+LITEFFN_KERNELS=reference|triton|auto (default auto) overrides the choice; `triton` on a CPU
+runs the kernels in Triton's interpreter (set TRITON_INTERPRET=1), for tests.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+
+import torch
+
+from . import fp8_ffn
+
+log = logging.getLogger("liteffn")
+
+MODES = ("auto", "triton", "reference")
+_mode_override: str | None = None
+_disabled_reason: str | None = None
+counts: Counter = Counter()  # which path ran, by name (not updated inside torch.compile)
+
+
+def set_mode(mode: str | None) -> None:
+    """Force a path for this process (None: back to LITEFFN_KERNELS / auto)."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"kernel mode {mode!r}: choose one of {', '.join(MODES)}")
+    global _mode_override
+    _mode_override = mode
+
+
+def mode() -> str:
+    m = _mode_override or os.environ.get("LITEFFN_KERNELS", "auto")
+    if m not in MODES:
+        raise ValueError(f"LITEFFN_KERNELS={m!r}: choose one of {', '.join(MODES)}")
+    return m
+
+
+def fp8_tensor_cores(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _suits(x: torch.Tensor, tensors: dict) -> bool:
+    q, s = tensors.get("q"), tensors.get("q_scale")
+    if q is None or q.dtype != torch.float8_e4m3fn or s is None or s.dtype != torch.float32:
+        return False
+    n, k = q.shape
+    return n % 16 == 0 and k % 16 == 0 and q.device == x.device
+
+
+def choose(x: torch.Tensor, layers) -> str:
+    """layers: (fmt, act_quant, tensors) of each linear the call would fuse."""
+    m = mode()
+    if m == "reference" or not fp8_ffn.available():
+        return "reference"
+    if not all(fmt == "fp8" and aq and _suits(x, t) for fmt, aq, t in layers):
+        return "reference"
+    if x.shape[-1] != layers[0][2]["q"].shape[1] or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return "reference"  # let the reference raise its own shape error
+    if m == "triton":
+        return "triton"
+    if _disabled_reason is not None or not fp8_tensor_cores(x.device):
+        return "reference"
+    return "triton"
+
+
+def run(name: str, kernel, reference):
+    """Run kernel(); on its first failure log why, disable kernels and run reference()."""
+    global _disabled_reason
+    if torch.compiler.is_compiling():
+        return kernel()
+    try:
+        y = kernel()
+        counts[f"{name}:triton"] += 1
+        return y
+    except Exception as e:  # compile or launch failure on this GPU / Triton version
+        if mode() == "triton":
+            raise
+        _disabled_reason = f"{type(e).__name__}: {e}"
+        log.warning("LiteFFN: the Triton kernels failed on this GPU (%s); using the torch reference "
+                    "path from now on (slower, same results)", _disabled_reason.splitlines()[0][:300])
+        return reference()
+
+
+def note_reference(name: str) -> None:
+    if not torch.compiler.is_compiling():
+        counts[f"{name}:reference"] += 1

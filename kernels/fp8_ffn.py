@@ -1,0 +1,338 @@
+"""Triton kernels of the compressed FFN on FP8 tensor cores; their torch references are in
+reference.py (`act_quant_lowrank_ref`, `compressed_linear_ref`, `compressed_ffn_ref`).
+
+One FFN, y = W2 GELU(W1 x + b1) + b2 with W = A B + dequant(Q), is three launches:
+
+  1. act_quant_lowrank(x, B1): per-token FP8 quantization of x (scale sx = rowmax/448) and the
+     low-rank down-projection u1 = x B1^T from the same tiles of x (x leaves HBM twice per
+     row block: the second read of a row block comes from L2).
+  2. scaled_gemm, up: acc = xq Q1^T on FP8 tensor cores, acc = acc*sx*sw1, then u1 A1^T is
+     accumulated into the same registers (bf16 MMA), + b1, GELU(tanh); the output h is written
+     as FP8 with a static per-tensor scale s_h, and h B2^T (the second linear's low-rank
+     down-projection, from the unquantized h) is added into u2 [M, r2] with fp32 atomics.
+  3. scaled_gemm, down: acc = hq Q2^T, acc*s_h*sw2 + u2 A2^T + b2 -> bf16.
+
+Why a static scale for h: a per-token scale needs the row max over all 16384 columns, which
+no single output tile of the first GEMM sees. FP8 is floating point, so a per-tensor scale
+costs precision only for values more than 2^15 below the tensor's max (they go subnormal);
+the scale is s_h = 2^ceil(log2(2 * amax / 448)), amax being the calibration's absmax of
+this input (the statistics record it), a power of two so the scaling itself is exact.
+Without calibrated ranges the FFN takes the unfused path (kernel 1 on h, per-token scales).
+
+Why atomics for u2: the alternative is a separate pass over h (one more read of M x 16384
+bytes, about as long as the atomics) and the low-rank branch would then see quantized h.
+The fp32 atomic sum makes u2 reproducible only to fp32 rounding (order of additions).
+
+Interpreter (CPU CI): bf16 tl.dot is wrong there, so INTERP upcasts its operands to fp32,
+and fp32 -> fp8 casts do not round (and fp32 -> bf16 truncates), so values are rounded in
+arithmetic first and the casts are exact.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .formats import FP8_MAX
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from .gptq import _round_e4m3
+except ImportError:  # torch-only installs: dispatch never picks these kernels
+    triton = None
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+H_SCALE_MARGIN = 2.0  # headroom of the static FP8 scale of h over the calibrated absmax
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def static_scale(amax: torch.Tensor, margin: float = H_SCALE_MARGIN) -> torch.Tensor:
+    """Power-of-two per-tensor FP8 scale covering margin * amax (fp32 tensor [1])."""
+    a = (amax.float().reshape(-1)[:1] * margin / FP8_MAX).clamp_min(2.0**-100)
+    return torch.exp2(torch.ceil(torch.log2(a)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, acc, INTERP: tl.constexpr):
+        """bf16 MMA with fp32 accumulation (fp32 operands under the interpreter)."""
+        if INTERP:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _to_bf16(v, INTERP: tl.constexpr):
+        """Round-to-nearest-even to bf16 (the interpreter's cast truncates)."""
+        if INTERP:
+            b = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            v = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return v.to(tl.bfloat16)
+
+    @triton.jit
+    def _to_fp8(v, INTERP: tl.constexpr):
+        """Saturating round-to-nearest-even to E4M3."""
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        if INTERP:
+            v = _round_e4m3(v)
+        return v.to(tl.float8e4nv)
+
+    @triton.jit
+    def _gelu_tanh(y):
+        z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        t = 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * z, 80.0)) + 1.0)  # tanh without libdevice (interpreter)
+        return 0.5 * y * (1.0 + t)
+
+    # ------------------------------------------------------------ 1. quantize + low rank
+    @triton.jit
+    def _act_quant_lowrank_kernel(X, XQ, SX, LB, U, M, K, R, stride_xm,
+                                  BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                                  INTERP: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        xrow = X + rows.to(tl.int64)[:, None] * stride_xm
+        amax = tl.zeros([BM], tl.float32)
+        if RP > 0:
+            rr = tl.arange(0, RP)
+            u = tl.zeros([BM, RP], tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            m2 = rmask[:, None] & (ks < K)[None, :]
+            x = tl.load(xrow + ks[None, :], mask=m2, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
+            if RP > 0:
+                b = tl.load(LB + rr[:, None] * K + ks[None, :], mask=(rr < R)[:, None] & (ks < K)[None, :], other=0.0)
+                u = _dot(x.to(tl.bfloat16), tl.trans(b), u, INTERP)
+        s = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)
+        tl.store(SX + rows, s, mask=rmask)
+        if RP > 0:
+            tl.store(U + rows[:, None] * R + rr[None, :], _to_bf16(u, INTERP), mask=rmask[:, None] & (rr < R)[None, :])
+        qrow = XQ + rows.to(tl.int64)[:, None] * K
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            m2 = rmask[:, None] & (ks < K)[None, :]
+            x = tl.load(xrow + ks[None, :], mask=m2, other=0.0).to(tl.float32)
+            tl.store(qrow + ks[None, :], _to_fp8(tl.math.div_rn(x, s[:, None]), INTERP), mask=m2)
+
+    # ------------------------------------------------------------ 2./3. scaled FP8 GEMM
+    @triton.jit
+    def _epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2,
+                  ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr, R_CHUNKS: tl.constexpr,
+                  GELU: tl.constexpr, OUT_FP8: tl.constexpr, R2B: tl.constexpr, R2_CHUNKS: tl.constexpr,
+                  INTERP: tl.constexpr):
+        rmask = rows < M
+        cmask = cols < N
+        if ROW_SCALAR:
+            acc = acc * tl.load(SX)
+        else:
+            acc = acc * tl.load(SX + rows, mask=rmask, other=0.0)[:, None]
+        acc = acc * tl.load(SW + cols, mask=cmask, other=0.0)[None, :]
+        for j in tl.static_range(R_CHUNKS):  # low-rank up-projection into the same accumulator
+            rr = j * RB + tl.arange(0, RB)
+            u = tl.load(U + rows[:, None] * R + rr[None, :], mask=rmask[:, None] & (rr < R)[None, :], other=0.0)
+            u = _to_bf16(u, INTERP)  # u2 arrives as the fp32 atomic sum
+            a = tl.load(LA + cols[:, None] * R + rr[None, :], mask=cmask[:, None] & (rr < R)[None, :], other=0.0)
+            acc = _dot(u, tl.trans(a), acc, INTERP)
+        if HAS_BIAS:
+            acc = acc + tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if GELU:
+            acc = _gelu_tanh(acc)
+        if R2_CHUNKS > 0:  # next linear's low-rank down-projection, from the unquantized output
+            hb = _to_bf16(acc, INTERP)
+            for j in tl.static_range(R2_CHUNKS):
+                rr = j * R2B + tl.arange(0, R2B)
+                b2 = tl.load(LB2 + rr[:, None] * N + cols[None, :], mask=(rr < R2)[:, None] & cmask[None, :], other=0.0)
+                part = _dot(hb, tl.trans(b2), None, INTERP)
+                tl.atomic_add(U2 + rows[:, None] * R2 + rr[None, :], part,
+                              mask=rmask[:, None] & (rr < R2)[None, :], sem="relaxed")
+        if OUT_FP8:
+            c_desc.store([om, on], _to_fp8(acc * (1.0 / tl.load(SH)), INTERP))
+        elif c_desc.dtype == tl.bfloat16:
+            c_desc.store([om, on], _to_bf16(acc, INTERP))
+        else:
+            c_desc.store([om, on], acc.to(c_desc.dtype))
+
+    @triton.jit
+    def _scaled_gemm_kernel(a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH,
+                            M, N, K, R, R2, M_KEY,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                            EPI_SPLIT: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr,
+                            PRECISE_ACC: tl.constexpr,
+                            ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr,
+                            R_CHUNKS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
+                            R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, INTERP: tl.constexpr):
+        num_pid_m = tl.cdiv(M, BM)
+        num_pid_n = tl.cdiv(N, BN)
+        num_tiles = num_pid_m * num_pid_n
+        k_tiles = tl.cdiv(K, BK)
+        # One loop for both launch styles: persistent (grid = #SMs) or one tile per program.
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+            group = GROUP_M * num_pid_n  # grouped order: neighbouring programs share A rows in L2
+            first_m = (tile // group) * GROUP_M
+            gm = min(num_pid_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % group) % gm
+            pid_n = (tile % group) // gm
+            om = pid_m * BM
+            on = pid_n * BN
+            acc = tl.zeros([BM, BN], tl.float32)
+            for ki in range(k_tiles):
+                a = a_desc.load([om, ki * BK])
+                b = b_desc.load([on, ki * BK])
+                if PRECISE_ACC:  # promote Hopper's reduced-precision FP8 accumulation every BK
+                    acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BK)
+                else:
+                    acc = tl.dot(a, b.T, acc)
+            rows = om + tl.arange(0, BM)
+            if EPI_SPLIT:  # two half-width epilogues: fewer live registers, smaller store tile
+                acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+                cols0 = on + tl.arange(0, BN // 2)
+                _epilogue(acc0, rows, cols0, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2,
+                          ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
+                _epilogue(acc1, rows, cols0 + BN // 2, c_desc, om, on + BN // 2, M, N, SX, SW, U, LA, BIAS, LB2,
+                          U2, SH, R, R2, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
+            else:
+                cols = on + tl.arange(0, BN)
+                _epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2,
+                          ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
+
+    def _set_block_shapes(nargs):
+        bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
+        nargs["a_desc"].block_shape = [bm, bk]
+        nargs["b_desc"].block_shape = [bn, bk]
+        nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
+
+    def _config(bm, bn, bk, warps, stages, split, persist, flatten=False, precise=False):
+        return triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, EPI_SPLIT=split, PERSIST=persist,
+                                  FLATTEN=flatten, PRECISE_ACC=precise),
+                             num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
+
+    # Candidates autotuned per (M bucket, N, K, ranks, variant); bench/ffn_kernels.py prints the
+    # winners at LTX-2 shapes.
+    GEMM_CONFIGS = [
+        _config(128, 256, 128, 8, 3, True, True),
+        _config(128, 256, 128, 8, 3, True, False),
+        _config(128, 256, 64, 8, 4, True, True),
+        _config(128, 128, 128, 8, 4, False, True),
+        _config(128, 128, 128, 4, 4, False, False),
+        _config(64, 128, 128, 4, 4, False, False),
+    ]
+    _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=["M_KEY", "N", "K", "R", "R2", "GELU", "OUT_FP8"],
+                                  reset_to_zero=["U2"])(_scaled_gemm_kernel)
+
+    # Fixed small configuration for the interpreter (and for tests that pin one).
+    INTERP_CONFIG = dict(BM=32, BN=64, BK=32, GROUP_M=2, EPI_SPLIT=True, PERSIST=True, FLATTEN=False,
+                         PRECISE_ACC=False, num_warps=4, num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _rank_chunk(r: int) -> tuple[int, int]:
+    """(chunk, chunks) covering rank r with MMA-friendly chunks of 16..64 (masked tail)."""
+    if r <= 0:
+        return 16, 0
+    chunk = 16 if r <= 16 else 32 if r <= 32 else 64
+    return chunk, -(-r // chunk)
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None, sx=None, u=None):
+    """x [M, K] (bf16/fp16/fp32, row stride free, unit column stride) -> (xq fp8 [M, K],
+    sx fp32 [M], u = x B^T bf16 [M, r] or None)."""
+    M, K = x.shape
+    assert x.stride(1) == 1, "act_quant_lowrank needs unit column stride"
+    r = 0 if B is None else B.shape[0]
+    xq = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn) if xq is None else xq
+    sx = torch.empty(M, device=x.device, dtype=torch.float32) if sx is None else sx
+    if r and u is None:
+        u = torch.empty(M, r, device=x.device, dtype=torch.bfloat16)
+    rp = max(16, _p2(r)) if r else 0
+    bm = 16 if (M < 1024 or INTERP) else 32 if (M < 8192 or rp > 64) else 64
+    bk = 32 if INTERP else 128
+    warps = 8 if rp > 64 else 4
+    grid = (triton.cdiv(M, bm),)
+    _act_quant_lowrank_kernel[grid](x, xq, sx, B if r else sx, u if r else sx, M, K, r, x.stride(0),
+                                    BM=bm, BK=bk, RP=rp, INTERP=INTERP, num_warps=warps)
+    return xq, sx, (u if r else None)
+
+
+def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_scale=None, next_B=None,
+                u_next=None, out=None, out_dtype=torch.bfloat16, config: dict | None = None):
+    """out = (xq Q^T) * sx * q_scale + u A^T + bias, optionally GELU(tanh).
+
+    xq fp8 [M, K]; sx fp32 [M] (per token) or [1] (static); q fp8 [N, K]; q_scale fp32 [N];
+    u [M, r] (bf16, or the fp32 sum) with A [N, r]; bias [N]. With h_scale (fp32 [1]) the output is FP8 codes of
+    out / h_scale (saturating), and with next_B [r2, N] also u_next [M, r2] fp32 += out next_B^T
+    (u_next must hold zeros on entry)."""
+    M, K = xq.shape
+    N = q.shape[0]
+    r = 0 if A is None else A.shape[1]
+    r2 = 0 if next_B is None else next_B.shape[0]
+    fp8_out = h_scale is not None
+    if out is None:
+        out = torch.empty(M, N, device=xq.device, dtype=torch.float8_e4m3fn if fp8_out else out_dtype)
+    rb, rc = _rank_chunk(r)
+    r2b, r2c = _rank_chunk(r2)
+    dummy = q_scale
+    # Block shapes are placeholders here; the config's pre_hook sets the real ones.
+    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (xq, q, out)]
+    args = (*descs, sx, q_scale, u if r else dummy, A if r else dummy, bias if bias is not None else dummy,
+            next_B if r2 else dummy, u_next if r2 else dummy, h_scale if fp8_out else dummy,
+            M, N, K, r, r2, min(_p2(M), 65536))
+    flags = dict(ROW_SCALAR=sx.numel() == 1, HAS_BIAS=bias is not None, RB=rb, R_CHUNKS=rc,
+                 GELU=gelu, OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, INTERP=INTERP)
+    tiles = lambda m: triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"])  # noqa: E731
+    if config is None and not INTERP:
+        sms = _num_sms(xq.device.index or 0)
+        grid = lambda m: (min(tiles(m), sms) if m["PERSIST"] else tiles(m),)  # noqa: E731
+        _gemm_tuned[grid](*args, **flags)
+        return out
+    cfg = dict(INTERP_CONFIG, **(config or {}))
+    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "programs")}
+    _set_block_shapes({"a_desc": descs[0], "b_desc": descs[1], "c_desc": descs[2], **meta})
+    grid = (cfg.get("programs") or (min(tiles(cfg), 3) if cfg["PERSIST"] else tiles(cfg)),)
+    _scaled_gemm_kernel[grid](*args, **meta, **flags, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+# ---------------------------------------------------------------- whole layers
+def linear_fp8(x2: torch.Tensor, t: dict, config=None) -> torch.Tensor:
+    """One compressed linear (fp8 residual) on a [M, K] input: kernel 1 + kernel 2 -> bf16."""
+    xq, sx, u = act_quant_lowrank(x2, t.get("B"))
+    return scaled_gemm(xq, sx, t["q"], t["q_scale"], u=u, A=t.get("A"), bias=t.get("bias"),
+                       out_dtype=x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16,
+                       config=config)
+
+
+def ffn_fp8(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, config=None) -> torch.Tensor:
+    """Linear -> GELU(tanh) -> Linear on [M, dim]. With h_scale (static FP8 scale of the hidden
+    activation) the three-launch fused path; without it the hidden activation goes through
+    bf16 and a per-token quantization pass (four launches)."""
+    out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    xq, sx, u = act_quant_lowrank(x2, up.get("B"))
+    B2 = down.get("B")
+    if h_scale is None:
+        h = scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up.get("A"), bias=up.get("bias"), gelu=True,
+                        out_dtype=out_dtype, config=config)
+        hq, sh, u2 = act_quant_lowrank(h, B2)
+    else:
+        r2 = 0 if B2 is None else B2.shape[0]
+        u2 = torch.zeros(x2.shape[0], r2, device=x2.device, dtype=torch.float32) if r2 else None
+        hq = scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up.get("A"), bias=up.get("bias"), gelu=True,
+                         h_scale=h_scale, next_B=B2, u_next=u2, config=config)
+        sh = h_scale
+    return scaled_gemm(hq, sh, down["q"], down["q_scale"], u=u2, A=down.get("A"), bias=down.get("bias"),
+                       out_dtype=out_dtype, config=config)

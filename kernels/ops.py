@@ -1,0 +1,45 @@
+"""The fused kernels as torch custom ops (`torch.ops.liteffn.*`), each with a fake (meta)
+implementation, so torch.compile sees one opaque node per compressed linear or FFN and no
+graph break. The ops take any leading shape [..., K] and return [..., N]."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import fp8_ffn
+
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+@torch.library.custom_op("liteffn::fp8_linear", mutates_args=())
+def fp8_linear(x: Tensor, q: Tensor, q_scale: Tensor, A: Optional[Tensor], B: Optional[Tensor],
+               bias: Optional[Tensor]) -> Tensor:
+    y = fp8_ffn.linear_fp8(_rows(x), dict(q=q, q_scale=q_scale, A=A, B=B, bias=bias))
+    return y.reshape(*x.shape[:-1], q.shape[0])
+
+
+@fp8_linear.register_fake
+def _(x, q, q_scale, A, B, bias):
+    return x.new_empty(*x.shape[:-1], q.shape[0], dtype=_out_dtype(x))
+
+
+@torch.library.custom_op("liteffn::fp8_ffn", mutates_args=())
+def fp8_ffn_op(x: Tensor, q1: Tensor, s1: Tensor, A1: Optional[Tensor], B1: Optional[Tensor],
+               b1: Optional[Tensor], q2: Tensor, s2: Tensor, A2: Optional[Tensor], B2: Optional[Tensor],
+               b2: Optional[Tensor], h_scale: Optional[Tensor]) -> Tensor:
+    up = dict(q=q1, q_scale=s1, A=A1, B=B1, bias=b1)
+    down = dict(q=q2, q_scale=s2, A=A2, B=B2, bias=b2)
+    return fp8_ffn.ffn_fp8(_rows(x), up, down, h_scale).reshape(*x.shape[:-1], q2.shape[0])
+
+
+@fp8_ffn_op.register_fake
+def _(x, q1, s1, A1, B1, b1, q2, s2, A2, B2, b2, h_scale):
+    return x.new_empty(*x.shape[:-1], q2.shape[0], dtype=_out_dtype(x))

@@ -1,0 +1,228 @@
+"""The fused FP8 FFN kernels (kernels/fp8_ffn.py) against their torch references.
+
+On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) on small shapes
+that still cover every branch: row, column and K tails, rank tails, split and whole
+epilogues, persistent and one-tile-per-program grids. On a GPU the same tests run compiled.
+Outputs are poisoned with NaN first so that an unwritten element fails the test."""
+import logging
+
+import pytest
+import torch
+
+from liteffn.calibration.compress import compress_linear
+from liteffn.calibration.stats import LayerStats
+from liteffn.kernels import dispatch, fp8_ffn, ops
+from liteffn.kernels import reference as R
+from liteffn.kernels.modules import CompressedFFN, CompressedLinear
+
+pytestmark = pytest.mark.skipif(not fp8_ffn.available(), reason="triton is not installed")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CONFIGS = [None, dict(EPI_SPLIT=False), dict(PERSIST=False), dict(BK=64, BN=32, programs=2)]
+FP8_NAN = 0x7F
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
+def _x(m, k, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    # rows of very different magnitude: per-token scales matter
+    return (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g).pow(3) * 8).to(dtype).to(DEV)
+
+
+def _layer(n, k, rank, seed=0, stats_amax=None):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) / 4
+    t = compress_linear(W, b, None, rank, "fp8").tensors
+    if stats_amax is not None:
+        t["input_amax"] = torch.tensor([stats_amax])
+    return {k_: v.to(DEV) for k_, v in t.items()}
+
+
+def _poisoned(shape, dtype):
+    t = torch.empty(shape, device=DEV, dtype=dtype)
+    if dtype == torch.float8_e4m3fn:
+        t.view(torch.uint8).fill_(FP8_NAN)
+    else:
+        t.fill_(float("nan"))
+    return t
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    logging.disable(logging.WARNING)
+    yield
+    logging.disable(logging.NOTSET)
+    dispatch.set_mode(None)
+
+
+@pytest.mark.parametrize("m,k,r", [(50, 96, 20), (33, 64, 0), (17, 128, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_act_quant_lowrank_matches_reference(m, k, r, dtype):
+    x = _x(m, k, dtype=dtype)
+    B = (torch.randn(r, k) / 10).bfloat16().to(DEV) if r else None
+    xq, sx, u = (_poisoned((m, k), torch.float8_e4m3fn), _poisoned((m,), torch.float32),
+                 _poisoned((m, r), torch.bfloat16) if r else None)
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, B, xq=xq, sx=sx, u=u)
+    q0, s0, u0 = R.act_quant_lowrank_ref(x, B)
+    assert torch.equal(sx, s0)  # same division, same rounding
+    assert torch.equal(xq.view(torch.uint8), q0.view(torch.uint8))
+    if r:
+        # bf16 rounding of u; fp16 inputs also enter the bf16 low-rank MMA as bf16
+        assert torch.isfinite(u.float()).all() and rel(u, u0) < (2e-3 if dtype == torch.bfloat16 else 1e-2)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("m,k,n,r", [(50, 80, 96, 20), (40, 64, 128, 0), (70, 64, 64, 40)])
+def test_linear_kernel_matches_reference(cfg, m, k, n, r):
+    x = _x(m, k, seed=m)
+    t = _layer(n, k, r, seed=n)
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, t.get("B"))
+    y = fp8_ffn.scaled_gemm(xq, sx, t["q"], t["q_scale"], u=u, A=t.get("A"), bias=t["bias"],
+                            out=_poisoned((m, n), torch.bfloat16), config=cfg)
+    assert torch.isfinite(y.float()).all()
+    want = R.compressed_linear_ref(x, "fp8", t, dtype=torch.float32)
+    assert rel(y, want) < 5e-3
+    # and it is not just close to anything: without the low-rank branch it is far off
+    if r:
+        assert rel(R.compressed_linear_ref(x, "fp8", {**t, "A": None}, dtype=torch.float32), want) > 0.05
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_fused_up_projection_writes_fp8_hidden_and_next_lowrank(cfg):
+    """The FFN's first GEMM: FP8 codes of GELU(up(x)) / h_scale, and u2 = GELU(up(x)) B2^T."""
+    m, d, r1, r2 = 45, 64, 24, 40
+    x = _x(m, d, seed=5)
+    up, down = _layer(4 * d, d, r1, seed=1), _layer(d, 4 * d, r2, seed=2)
+    h_ref = torch.nn.functional.gelu(R.compressed_linear_ref(x, "fp8", up, dtype=torch.float32), approximate="tanh")
+    hs = fp8_ffn.static_scale(h_ref.abs().amax())
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, up["B"])
+    u2 = torch.zeros(m, r2, device=DEV)
+    hq = fp8_ffn.scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up["A"], bias=up["bias"], gelu=True,
+                             h_scale=hs, next_B=down["B"], u_next=u2, out=_poisoned((m, 4 * d), torch.float8_e4m3fn),
+                             config=cfg)
+    codes_ref = (h_ref / hs).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert not torch.isnan(hq.float()).any()
+    same = (hq.view(torch.uint8) == codes_ref.view(torch.uint8)).float().mean()
+    assert float(same) > 0.9  # the rest are rounding-boundary neighbours (bf16 u, GELU ulps)
+    assert rel(hq.float() * hs, h_ref) < 0.05  # FP8 is 3 mantissa bits
+    assert rel(u2, h_ref.bfloat16().float() @ down["B"].float().T) < 1e-2
+
+
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("ranks", [(24, 40), (0, 0)])
+def test_ffn_kernels_match_reference(static, ranks):
+    m, d = 61, 64
+    x = _x(m, d, seed=7)
+    up, down = _layer(4 * d, d, ranks[0], seed=3), _layer(d, 4 * d, ranks[1], seed=4)
+    hs = fp8_ffn.static_scale(torch.tensor([2.0])) if static else None
+    y = fp8_ffn.ffn_fp8(x, up, down, hs.to(DEV) if static else None)
+    # the unfused path stores the hidden activation in bf16 before quantizing it per token
+    want = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, h_scale=hs, dtype=torch.float32,
+                                h_dtype=None if static else torch.bfloat16)
+    other = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, h_scale=None if static else fp8_ffn.static_scale(
+        torch.tensor([2.0])), dtype=torch.float32)
+    assert torch.isfinite(y.float()).all()
+    err = rel(y, want)
+    assert err < 1e-2
+    assert err < rel(other, want)  # closer to its own scheme than to the other one
+
+
+def test_static_scale_is_a_power_of_two_with_headroom():
+    for amax in (1e-3, 0.7, 3.0, 448.0, 1e4):
+        s = float(fp8_ffn.static_scale(torch.tensor([amax]))[0])
+        assert s == 2.0 ** round(torch.log2(torch.tensor(s)).item())
+        assert 2 * amax / 448 <= s < 4 * amax / 448
+
+
+def _ffn_module(d=64, ranks=(16, 16), calibrated=True):
+    up = _layer(4 * d, d, ranks[0], seed=11)
+    down = _layer(d, 4 * d, ranks[1], seed=12, stats_amax=1.5 if calibrated else None)
+    mk = lambda t, k, n: CompressedLinear("fp8", k, n, t)  # noqa: E731
+    return CompressedFFN(mk(up, d, 4 * d), mk(down, 4 * d, d))
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_module_kernel_path_equals_reference_path(calibrated):
+    ffn = _ffn_module(calibrated=calibrated)
+    assert (ffn.h_scale is not None) == calibrated
+    x = _x(2 * 19, 64, seed=3).reshape(2, 19, 64)
+    dispatch.set_mode("reference")
+    y_ref = ffn(x)
+    dispatch.set_mode("triton")
+    dispatch.counts.clear()
+    y_tri = ffn(x)
+    assert dispatch.counts["ffn:triton"] == 1
+    assert y_tri.shape == x.shape and y_tri.dtype == x.dtype
+    assert rel(y_tri, y_ref) < 2e-2
+
+
+def test_auto_mode_uses_the_reference_without_fp8_gpu():
+    ffn = _ffn_module()
+    x = torch.randn(5, 64)
+    dispatch.counts.clear()
+    y = ffn(x)
+    want = "ffn:triton" if dispatch.fp8_tensor_cores(x.device) else "ffn:reference"
+    assert dispatch.counts[want] == 1 and torch.isfinite(y).all()
+    lin = ffn.up
+    lin(x)
+    assert dispatch.counts["linear:reference"] == 1  # CPU input
+
+
+def test_kernel_failure_falls_back_to_reference_once(monkeypatch):
+    ffn = _ffn_module()
+    x = _x(9, 64)
+    dispatch.set_mode("reference")
+    want = ffn(x)
+    dispatch.set_mode(None)
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(dispatch, "fp8_tensor_cores", lambda device: True)  # pretend: FP8 GPU
+    monkeypatch.setattr(dispatch, "_disabled_reason", None)
+    monkeypatch.setattr(ops, "fp8_ffn_op", broken)
+    y = ffn(x)
+    assert torch.equal(y, want)
+    assert dispatch._disabled_reason and "no kernel image" in dispatch._disabled_reason
+    assert dispatch.choose(x, [ffn.up.kernel_layer()]) == "reference"  # stays off
+
+
+def test_ops_pass_torch_library_checks():
+    """Fake (meta) implementation and AOT dispatch of the custom ops (test_schema multiplies
+    inputs, which CPU torch cannot do in FP8)."""
+    d = 64
+    up, down = _layer(4 * d, d, 16, seed=1), _layer(d, 4 * d, 16, seed=2)
+    x = _x(24, d).reshape(2, 12, d)
+    args = (x, up["q"], up["q_scale"], up["A"], up["B"], up["bias"],
+            down["q"], down["q_scale"], down["A"], down["B"], down["bias"], torch.tensor([0.0078125], device=DEV))
+    torch.library.opcheck(ops.fp8_ffn_op, args, test_utils=("test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(ops.fp8_linear, (x, up["q"], up["q_scale"], up["A"], up["B"], up["bias"]),
+                          test_utils=("test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("mode", ["triton", "reference"])
+def test_torch_compile_has_no_graph_break(mode):
+    ffn = _ffn_module()
+    dispatch.set_mode(mode)
+    x = _x(2 * 7, 64, seed=9).reshape(2, 7, 64)
+    eager = ffn(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")  # fullgraph: a break raises
+    y = compiled(x)
+    assert rel(y, eager) < 1e-6
+
+
+def test_compression_records_the_input_range_for_the_static_scale():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 32, generator=g) * 3
+    st = LayerStats.empty(32)
+    st.xtx += X.T @ X
+    st.absmax = X.abs().amax(0)
+    st.rows = 256
+    c = compress_linear(torch.randn(64, 32, generator=g), None, st, 8, "fp8")
+    assert torch.equal(c.tensors["input_amax"], X.abs().max().reshape(1))
+    assert "input_amax" not in compress_linear(torch.randn(64, 32, generator=g), None, None, 8, "fp8").tensors
