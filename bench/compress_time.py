@@ -17,16 +17,8 @@ import time
 
 import torch
 
-try:
-    import liteffn  # noqa: F401  (installed with pip install -e .)
-except ImportError:  # run from a plain checkout: register the repo root as package `liteffn`
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("liteffn", os.path.join(root, "__init__.py"),
-                                                  submodule_search_locations=[root])
-    sys.modules["liteffn"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["liteffn"])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _package  # noqa: E402,F401  (registers `liteffn` in a plain checkout)
 
 from liteffn.calibration.compress import compress_linear  # noqa: E402
 from liteffn.calibration.lowrank import RankPolicy, Whitening, lowrank_factors  # noqa: E402

@@ -6,7 +6,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compress_time  # noqa: E402,F401  (registers the package)
+import _package  # noqa: E402,F401  (registers the package)
 from liteffn.calibration.lowrank import Whitening  # noqa: E402
 from liteffn.calibration.residual import quantize_residual  # noqa: E402
 

@@ -89,3 +89,18 @@ class SyntheticLTX2(torch.nn.Module):
             video = video + b.ff(video)
             audio = audio + b.audio_ff(audio)
         return video, audio
+
+
+def random_fp8_layer(n: int, k: int, rank: int, seed: int = 0, device="cpu") -> dict:
+    """Stored tensors of a compressed linear (fp8 residual, per-row scales, bf16 factors) drawn
+    at random with LTX-2-like magnitudes, without running compression: for kernel tests and
+    benchmarks at full size, where only shapes and value ranges matter."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    W = torch.randn(n, k, generator=g, device=device) / k**0.5
+    s = W.abs().amax(1) / 448
+    t = {"q": (W / s[:, None]).to(torch.float8_e4m3fn), "q_scale": s.float().contiguous(),
+         "bias": (torch.randn(n, generator=g, device=device) / 8).bfloat16()}
+    if rank:
+        t["A"] = (torch.randn(n, rank, generator=g, device=device) / rank**0.5 / 4).bfloat16()
+        t["B"] = (torch.randn(rank, k, generator=g, device=device) / k**0.5).bfloat16()
+    return t

@@ -4,8 +4,8 @@ reference.py (`act_quant_lowrank_ref`, `compressed_linear_ref`, `compressed_ffn_
 One FFN, y = W2 GELU(W1 x + b1) + b2 with W = A B + dequant(Q), is three launches:
 
   1. act_quant_lowrank(x, B1): per-token FP8 quantization of x (scale sx = rowmax/448) and the
-     low-rank down-projection u1 = x B1^T from the same tiles of x (x leaves HBM twice per
-     row block: the second read of a row block comes from L2).
+     low-rank down-projection u1 = x B1^T, computed from the same read of x as the row max;
+     a second launch writes the FP8 codes (x is read twice, written once at 1 byte).
   2. scaled_gemm, up: acc = xq Q1^T on FP8 tensor cores, acc = acc*sx*sw1, then u1 A1^T is
      accumulated into the same registers (bf16 MMA), + b1, GELU(tanh); the output h is written
      as FP8 with a static per-tensor scale s_h, and h B2^T (the second linear's low-rank
@@ -20,8 +20,19 @@ this input (the statistics record it), a power of two so the scaling itself is e
 Without calibrated ranges the FFN takes the unfused path (kernel 1 on h, per-token scales).
 
 Why atomics for u2: the alternative is a separate pass over h (one more read of M x 16384
-bytes, about as long as the atomics) and the low-rank branch would then see quantized h.
-The fp32 atomic sum makes u2 reproducible only to fp32 rounding (order of additions).
+bytes) and the low-rank branch would then see quantized h. One atomic per element of u2 per
+output tile (both epilogue halves summed first). The fp32 atomic sum makes u2 reproducible
+only to fp32 rounding (the order of additions varies).
+
+GELU uses tanh.approx.f32 on the GPU: with exp + reciprocal the epilogue was bound by the
+special-function unit (measured: +115 us on a 700 us GEMM at M=6144).
+
+Accumulation: Hopper's FP8 MMA accumulates in reduced precision. Over all of K that cost up to
+17% relative error on some inputs (measured: 16384->4096, 17%; audio 8192->2048, 9.6%;
+bench/ffn_kernels_explore_h100.log), so the GEMM adds the tensor cores' result into an fp32
+accumulator every PROMOTE K-tiles of BK (DeepGEMM promotes likewise). It costs 30-40% of the
+GEMM's speed at BK=128 and less at BK=256, which the tuner mostly picks; errors then are
+2.3e-3 against fp32 at every LTX-2 shape.
 
 Interpreter (CPU CI): bf16 tl.dot is wrong there, so INTERP upcasts its operands to fp32,
 and fp32 -> fp8 casts do not round (and fp32 -> bf16 truncates), so values are rounded in
@@ -46,6 +57,8 @@ except ImportError:  # torch-only installs: dispatch never picks these kernels
     triton = None
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+# LITEFFN_AUTOTUNE=0: skip autotuning (a few seconds per new shape) and use DEFAULT_CONFIGS.
+AUTOTUNE = os.environ.get("LITEFFN_AUTOTUNE", "1") != "0"
 H_SCALE_MARGIN = 2.0  # headroom of the static FP8 scale of h over the calibrated absmax
 
 
@@ -86,16 +99,22 @@ if triton is not None:
         return v.to(tl.float8e4nv)
 
     @triton.jit
-    def _gelu_tanh(y):
+    def _gelu_tanh(y, INTERP: tl.constexpr):
         z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-        t = 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * z, 80.0)) + 1.0)  # tanh without libdevice (interpreter)
+        if INTERP:  # no inline asm in the interpreter
+            t = 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * z, 80.0)) + 1.0)
+        else:  # one MUFU op per element (exp + reciprocal would be two: the epilogue is MUFU-bound)
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=tl.float32,
+                                          is_pure=True, pack=1)
         return 0.5 * y * (1.0 + t)
 
     # ------------------------------------------------------------ 1. quantize + low rank
+    # Two launches over a (row block x K split) grid: the row max and u need all of K, and one
+    # program per row block walking all of K was latency-bound (M=126, K=8192: 196 us).
     @triton.jit
-    def _act_quant_lowrank_kernel(X, XQ, SX, LB, U, M, K, R, stride_xm,
-                                  BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
-                                  INTERP: tl.constexpr):
+    def _act_stats_kernel(X, AMAX, LB, U, M, K, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
+                          SPLIT: tl.constexpr, RP: tl.constexpr, INTERP: tl.constexpr):
+        """AMAX[m] = max |x[m, :]| (atomic max over K splits); U[m] += x[m, split] B[:, split]^T."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         xrow = X + rows.to(tl.int64)[:, None] * stride_xm
@@ -103,31 +122,41 @@ if triton is not None:
         if RP > 0:
             rr = tl.arange(0, RP)
             u = tl.zeros([BM, RP], tl.float32)
-        for k0 in range(0, K, BK):
+        kend = tl.minimum((tl.program_id(1) + 1) * SPLIT, K)
+        for k0 in range(tl.program_id(1) * SPLIT, kend, BK):
             ks = k0 + tl.arange(0, BK)
-            m2 = rmask[:, None] & (ks < K)[None, :]
-            x = tl.load(xrow + ks[None, :], mask=m2, other=0.0)
+            x = tl.load(xrow + ks[None, :], mask=rmask[:, None] & (ks < kend)[None, :], other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
             if RP > 0:
-                b = tl.load(LB + rr[:, None] * K + ks[None, :], mask=(rr < R)[:, None] & (ks < K)[None, :], other=0.0)
+                b = tl.load(LB + rr[:, None] * K + ks[None, :], mask=(rr < R)[:, None] & (ks < kend)[None, :],
+                            other=0.0)
                 u = _dot(x.to(tl.bfloat16), tl.trans(b), u, INTERP)
-        s = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)
-        tl.store(SX + rows, s, mask=rmask)
+        tl.atomic_max(AMAX + rows, amax, mask=rmask, sem="relaxed")
         if RP > 0:
-            tl.store(U + rows[:, None] * R + rr[None, :], _to_bf16(u, INTERP), mask=rmask[:, None] & (rr < R)[None, :])
+            tl.atomic_add(U + rows[:, None] * R + rr[None, :], u, mask=rmask[:, None] & (rr < R)[None, :], sem="relaxed")
+
+    @triton.jit
+    def _act_quant_kernel(X, XQ, AMAX, SX, M, K, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
+                          SPLIT: tl.constexpr, INTERP: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        s = tl.maximum(tl.math.div_rn(tl.load(AMAX + rows, mask=rmask, other=0.0), 448.0), 1e-12)
+        if tl.program_id(1) == 0:
+            tl.store(SX + rows, s, mask=rmask)
+        xrow = X + rows.to(tl.int64)[:, None] * stride_xm
         qrow = XQ + rows.to(tl.int64)[:, None] * K
-        for k0 in range(0, K, BK):
+        kend = tl.minimum((tl.program_id(1) + 1) * SPLIT, K)
+        for k0 in range(tl.program_id(1) * SPLIT, kend, BK):
             ks = k0 + tl.arange(0, BK)
-            m2 = rmask[:, None] & (ks < K)[None, :]
+            m2 = rmask[:, None] & (ks < kend)[None, :]
             x = tl.load(xrow + ks[None, :], mask=m2, other=0.0).to(tl.float32)
             tl.store(qrow + ks[None, :], _to_fp8(tl.math.div_rn(x, s[:, None]), INTERP), mask=m2)
 
     # ------------------------------------------------------------ 2./3. scaled FP8 GEMM
     @triton.jit
-    def _epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2,
+    def _epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
                   ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr, R_CHUNKS: tl.constexpr,
-                  GELU: tl.constexpr, OUT_FP8: tl.constexpr, R2B: tl.constexpr, R2_CHUNKS: tl.constexpr,
-                  INTERP: tl.constexpr):
+                  GELU: tl.constexpr, OUT_FP8: tl.constexpr, INTERP: tl.constexpr):
         rmask = rows < M
         cmask = cols < N
         if ROW_SCALAR:
@@ -144,28 +173,38 @@ if triton is not None:
         if HAS_BIAS:
             acc = acc + tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if GELU:
-            acc = _gelu_tanh(acc)
-        if R2_CHUNKS > 0:  # next linear's low-rank down-projection, from the unquantized output
-            hb = _to_bf16(acc, INTERP)
-            for j in tl.static_range(R2_CHUNKS):
-                rr = j * R2B + tl.arange(0, R2B)
-                b2 = tl.load(LB2 + rr[:, None] * N + cols[None, :], mask=(rr < R2)[:, None] & cmask[None, :], other=0.0)
-                part = _dot(hb, tl.trans(b2), None, INTERP)
-                tl.atomic_add(U2 + rows[:, None] * R2 + rr[None, :], part,
-                              mask=rmask[:, None] & (rr < R2)[None, :], sem="relaxed")
+            acc = _gelu_tanh(acc, INTERP)
         if OUT_FP8:
             c_desc.store([om, on], _to_fp8(acc * (1.0 / tl.load(SH)), INTERP))
         elif c_desc.dtype == tl.bfloat16:
             c_desc.store([om, on], _to_bf16(acc, INTERP))
         else:
             c_desc.store([om, on], acc.to(c_desc.dtype))
+        return _to_bf16(acc, INTERP)  # the unquantized output, for the next linear's low rank
+
+    @triton.jit
+    def _next_lowrank(h0, h1, cols0, cols1, rows, M, N, LB2, U2, R2, R2B: tl.constexpr, R2_CHUNKS: tl.constexpr,
+                      TWO: tl.constexpr, INTERP: tl.constexpr):
+        """u2[rows] += h B2[:, cols]^T over the tile's one or two column halves: one atomic per
+        element of u2 per tile."""
+        rmask = rows < M
+        for j in tl.static_range(R2_CHUNKS):
+            rr = j * R2B + tl.arange(0, R2B)
+            b = tl.load(LB2 + rr[:, None] * N + cols0[None, :], mask=(rr < R2)[:, None] & (cols0 < N)[None, :], other=0.0)
+            part = _dot(h0, tl.trans(b), None, INTERP)
+            if TWO:
+                b = tl.load(LB2 + rr[:, None] * N + cols1[None, :], mask=(rr < R2)[:, None] & (cols1 < N)[None, :],
+                            other=0.0)
+                part = _dot(h1, tl.trans(b), part, INTERP)
+            tl.atomic_add(U2 + rows[:, None] * R2 + rr[None, :], part, mask=rmask[:, None] & (rr < R2)[None, :],
+                          sem="relaxed")
 
     @triton.jit
     def _scaled_gemm_kernel(a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH,
                             M, N, K, R, R2, M_KEY,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                             EPI_SPLIT: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr,
-                            PRECISE_ACC: tl.constexpr,
+                            PRECISE_ACC: tl.constexpr, PROMOTE: tl.constexpr, WS: tl.constexpr,
                             ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr,
                             R_CHUNKS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
                             R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, INTERP: tl.constexpr):
@@ -174,7 +213,7 @@ if triton is not None:
         num_tiles = num_pid_m * num_pid_n
         k_tiles = tl.cdiv(K, BK)
         # One loop for both launch styles: persistent (grid = #SMs) or one tile per program.
-        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WS):
             group = GROUP_M * num_pid_n  # grouped order: neighbouring programs share A rows in L2
             first_m = (tile // group) * GROUP_M
             gm = min(num_pid_m - first_m, GROUP_M)
@@ -183,25 +222,43 @@ if triton is not None:
             om = pid_m * BM
             on = pid_n * BN
             acc = tl.zeros([BM, BN], tl.float32)
-            for ki in range(k_tiles):
-                a = a_desc.load([om, ki * BK])
-                b = b_desc.load([on, ki * BK])
-                if PRECISE_ACC:  # promote Hopper's reduced-precision FP8 accumulation every BK
-                    acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BK)
-                else:
-                    acc = tl.dot(a, b.T, acc)
+            if PROMOTE == 0:
+                for ki in range(k_tiles):
+                    a = a_desc.load([om, ki * BK])
+                    b = b_desc.load([on, ki * BK])
+                    if PRECISE_ACC:  # Triton's own promotion, every BK
+                        acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BK)
+                    else:  # Hopper's reduced-precision accumulation over all of K
+                        acc = tl.dot(a, b.T, acc)
+            else:
+                # Promote every PROMOTE K-tiles: the tensor cores accumulate into a fresh `part`
+                # (reduced precision over PROMOTE * BK products only), added to acc in fp32.
+                for ki in range(0, k_tiles, PROMOTE):
+                    for j in tl.static_range(PROMOTE):
+                        a = a_desc.load([om, (ki + j) * BK])  # past K: zeros (TMA bounds)
+                        b = b_desc.load([on, (ki + j) * BK])
+                        if j == 0:
+                            part = tl.dot(a, b.T)
+                        else:
+                            part = tl.dot(a, b.T, part)
+                    acc += part
             rows = om + tl.arange(0, BM)
             if EPI_SPLIT:  # two half-width epilogues: fewer live registers, smaller store tile
                 acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
                 cols0 = on + tl.arange(0, BN // 2)
-                _epilogue(acc0, rows, cols0, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2,
-                          ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
-                _epilogue(acc1, rows, cols0 + BN // 2, c_desc, om, on + BN // 2, M, N, SX, SW, U, LA, BIAS, LB2,
-                          U2, SH, R, R2, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
+                cols1 = cols0 + BN // 2
+                h0 = _epilogue(acc0, rows, cols0, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
+                               ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+                h1 = _epilogue(acc1, rows, cols1, c_desc, om, on + BN // 2, M, N, SX, SW, U, LA, BIAS, SH, R,
+                               ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+                if R2_CHUNKS > 0:
+                    _next_lowrank(h0, h1, cols0, cols1, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, True, INTERP)
             else:
                 cols = on + tl.arange(0, BN)
-                _epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2,
-                          ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
+                h = _epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
+                              ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+                if R2_CHUNKS > 0:
+                    _next_lowrank(h, h, cols, cols, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, False, INTERP)
 
     def _set_block_shapes(nargs):
         bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
@@ -209,27 +266,48 @@ if triton is not None:
         nargs["b_desc"].block_shape = [bn, bk]
         nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
 
-    def _config(bm, bn, bk, warps, stages, split, persist, flatten=False, precise=False):
+    def _config(bm, bn, bk, warps, stages, split, persist, flatten=False, precise=False, ws=False, promote=1):
         return triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, EPI_SPLIT=split, PERSIST=persist,
-                                  FLATTEN=flatten, PRECISE_ACC=precise),
+                                  FLATTEN=flatten, PRECISE_ACC=precise, PROMOTE=promote, WS=ws),
                              num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
 
     # Candidates autotuned per (M bucket, N, K, ranks, variant); bench/ffn_kernels.py prints the
-    # winners at LTX-2 shapes.
+    # winners at LTX-2 shapes. Few rows (the audio FFN, M ~ 126) get 64-row tiles.
+    # Measured at M=6144 on the H100 (bench/ffn_kernels_h100.md): 128x256x128 persistent with
+    # split epilogue wins at both video shapes; warp specialization and flattening did not help.
+    # Measured on the H100 (bench/ffn_kernels_explore_h100.log): warp specialization and flattening
+    # did not help; with promotion, BK=256 (half the promotions) wins most LTX-2 shapes
+    # (bench/ffn_kernels_h100.md). Candidates that do not fit are skipped by the tuner.
     GEMM_CONFIGS = [
         _config(128, 256, 128, 8, 3, True, True),
-        _config(128, 256, 128, 8, 3, True, False),
-        _config(128, 256, 64, 8, 4, True, True),
         _config(128, 128, 128, 8, 4, False, True),
-        _config(128, 128, 128, 4, 4, False, False),
+        _config(128, 256, 256, 8, 2, True, True),
+        _config(128, 128, 256, 8, 2, False, True),
+        _config(128, 128, 256, 8, 3, False, True),
         _config(64, 128, 128, 4, 4, False, False),
+        _config(64, 64, 128, 4, 4, False, False),
+        _config(64, 32, 128, 4, 4, False, False),
+        _config(64, 64, 256, 4, 3, False, False),
     ]
+
+    def _prune(configs, nargs, **_):
+        small = nargs["M_KEY"] <= 256
+        return [c for c in configs if (c.kwargs["BM"] == 64) == small]
+
     _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=["M_KEY", "N", "K", "R", "R2", "GELU", "OUT_FP8"],
+                                  prune_configs_by={"early_config_prune": _prune},
                                   reset_to_zero=["U2"])(_scaled_gemm_kernel)
+
+    # Without autotuning: (few rows, many rows), the configurations the tuner chose most often at
+    # LTX-2 shapes (bench/ffn_kernels_h100.md).
+    DEFAULT_CONFIGS = (dict(BM=64, BN=64, BK=256, GROUP_M=8, EPI_SPLIT=False, PERSIST=False, FLATTEN=False,
+                            PRECISE_ACC=False, PROMOTE=1, WS=False, num_warps=4, num_stages=3),
+                       dict(BM=128, BN=128, BK=256, GROUP_M=8, EPI_SPLIT=False, PERSIST=True, FLATTEN=False,
+                            PRECISE_ACC=False, PROMOTE=1, WS=False, num_warps=8, num_stages=3))
 
     # Fixed small configuration for the interpreter (and for tests that pin one).
     INTERP_CONFIG = dict(BM=32, BN=64, BK=32, GROUP_M=2, EPI_SPLIT=True, PERSIST=True, FLATTEN=False,
-                         PRECISE_ACC=False, num_warps=4, num_stages=2)
+                         PRECISE_ACC=False, PROMOTE=1, WS=False, num_warps=4, num_stages=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,23 +327,32 @@ def _p2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None, sx=None, u=None):
+def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None, sx=None, u=None,
+                      bm: int | None = None, split: int | None = None, warps: int | None = None):
     """x [M, K] (bf16/fp16/fp32, row stride free, unit column stride) -> (xq fp8 [M, K],
-    sx fp32 [M], u = x B^T bf16 [M, r] or None)."""
+    sx fp32 [M], u = x B^T fp32 [M, r] or None). u stays fp32 (an atomic sum over K splits);
+    the GEMM epilogue rounds it to bf16 for the MMA."""
     M, K = x.shape
     assert x.stride(1) == 1, "act_quant_lowrank needs unit column stride"
     r = 0 if B is None else B.shape[0]
     xq = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn) if xq is None else xq
     sx = torch.empty(M, device=x.device, dtype=torch.float32) if sx is None else sx
-    if r and u is None:
-        u = torch.empty(M, r, device=x.device, dtype=torch.bfloat16)
+    amax = torch.zeros(M, device=x.device, dtype=torch.float32)
+    if r:
+        u = torch.zeros(M, r, device=x.device, dtype=torch.float32) if u is None else u.zero_()
     rp = max(16, _p2(r)) if r else 0
-    bm = 16 if (M < 1024 or INTERP) else 32 if (M < 8192 or rp > 64) else 64
+    # measured on the H100 (bench/ffn_kernels.py --explore): M=126: 16 rows x 256 columns per
+    # program, 13-15 us at K=2048/8192; M=6144, K=4096: 64 x 512, 64 us (2 TB/s)
+    bm = bm or (16 if (INTERP or M <= 2048) else 64)
     bk = 32 if INTERP else 128
-    warps = 8 if rp > 64 else 4
-    grid = (triton.cdiv(M, bm),)
-    _act_quant_lowrank_kernel[grid](x, xq, sx, B if r else sx, u if r else sx, M, K, r, x.stride(0),
-                                    BM=bm, BK=bk, RP=rp, INTERP=INTERP, num_warps=warps)
+    split = split or (64 if INTERP else 256 if M <= 2048 else 512)
+    split = -(-split // bk) * bk  # whole load blocks per split
+    warps = warps or (8 if (rp > 64 or bm == 64) else 4)
+    grid = (triton.cdiv(M, bm), triton.cdiv(K, split))
+    _act_stats_kernel[grid](x, amax, B if r else amax, u if r else amax, M, K, r, x.stride(0),
+                            BM=bm, BK=bk, SPLIT=split, RP=rp, INTERP=INTERP, num_warps=warps)
+    _act_quant_kernel[grid](x, xq, amax, sx, M, K, x.stride(0), BM=bm, BK=bk, SPLIT=split, INTERP=INTERP,
+                            num_warps=4)
     return xq, sx, (u if r else None)
 
 
@@ -295,6 +382,8 @@ def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_
     flags = dict(ROW_SCALAR=sx.numel() == 1, HAS_BIAS=bias is not None, RB=rb, R_CHUNKS=rc,
                  GELU=gelu, OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, INTERP=INTERP)
     tiles = lambda m: triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"])  # noqa: E731
+    if config is None and not INTERP and not AUTOTUNE:
+        config = DEFAULT_CONFIGS[M > 256]
     if config is None and not INTERP:
         sms = _num_sms(xq.device.index or 0)
         grid = lambda m: (min(tiles(m), sms) if m["PERSIST"] else tiles(m),)  # noqa: E731
@@ -303,7 +392,8 @@ def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_
     cfg = dict(INTERP_CONFIG, **(config or {}))
     meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "programs")}
     _set_block_shapes({"a_desc": descs[0], "b_desc": descs[1], "c_desc": descs[2], **meta})
-    grid = (cfg.get("programs") or (min(tiles(cfg), 3) if cfg["PERSIST"] else tiles(cfg)),)
+    progs = _num_sms(xq.device.index or 0) if xq.is_cuda else 3  # persistent: few programs, many tiles
+    grid = (cfg.get("programs") or (min(tiles(cfg), progs) if cfg["PERSIST"] else tiles(cfg)),)
     _scaled_gemm_kernel[grid](*args, **meta, **flags, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 

@@ -1,0 +1,87 @@
+"""GPU tier: the fused FP8 kernels at every LTX-2 FFN shape against the fp32 reference of the
+same compressed tensors (random data, NaN-poisoned outputs). Skips without a CUDA GPU with
+FP8 tensor cores. Tolerances are relative Frobenius errors (bench/ffn_kernels_h100.md lists
+measured values).
+
+A whole FFN has no fixed tolerance: any change of rounding upstream of the hidden activation's
+FP8 quantization (Hopper's fast FP8 accumulation, a bf16 intermediate) flips some FP8 codes by
+one step (6%), so the bf16 torch reference of the same tensors is itself 1-4% from the fp32
+one. The kernels must be no further from fp32 than that reference is."""
+import pytest
+import torch
+
+from liteffn.calibration.synthetic import random_fp8_layer
+from liteffn.kernels import dispatch, fp8_ffn
+from liteffn.kernels import reference as R
+from liteffn.kernels.modules import CompressedFFN, CompressedLinear
+
+HAS_FP8_GPU = torch.cuda.is_available() and dispatch.fp8_tensor_cores(torch.device("cuda"))
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_FP8_GPU, reason="needs a CUDA GPU with FP8 (sm_89+)")]
+
+TOL_LINEAR = 5e-3  # bf16 output and u rounding, Hopper's FP8 accumulation
+SHAPES = [(4096, 16384), (16384, 4096), (2048, 8192), (8192, 2048)]  # (in, out) of the four LTX-2 FFN linears
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def act(m, k, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(m, k, generator=g, device="cuda") * torch.rand(m, 1, generator=g, device="cuda") * 4).bfloat16()
+
+
+def poisoned(shape, dtype):
+    t = torch.empty(shape, device="cuda", dtype=dtype)
+    (t.view(torch.uint8).fill_(0x7F) if dtype == torch.float8_e4m3fn else t.fill_(float("nan")))
+    return t
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m,r", [(126, 64), (1000, 64), (1000, 0), (300, 256)])
+def test_linear_at_ltx2_shapes(k, n, m, r):
+    t = random_fp8_layer(n, k, r, seed=k + n, device="cuda")
+    x = act(m, k)
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, t.get("B"), xq=poisoned((m, k), torch.float8_e4m3fn),
+                                          sx=poisoned((m,), torch.float32))
+    y = fp8_ffn.scaled_gemm(xq, sx, t["q"], t["q_scale"], u=u, A=t.get("A"), bias=t["bias"],
+                            out=poisoned((m, n), torch.bfloat16))
+    assert torch.isfinite(y.float()).all()
+    assert rel(y, R.compressed_linear_ref(x, "fp8", t, dtype=torch.float32)) < TOL_LINEAR
+
+
+@pytest.mark.parametrize("dim", [4096, 2048])
+@pytest.mark.parametrize("static", [True, False])
+def test_ffn_at_ltx2_widths(dim, static):
+    m, r = 700, 64
+    up, down = random_fp8_layer(4 * dim, dim, r, 1, "cuda"), random_fp8_layer(dim, 4 * dim, r, 2, "cuda")
+    x = act(m, dim)
+    h = torch.nn.functional.gelu(R.compressed_linear_ref(x, "fp8", up, dtype=torch.float32), approximate="tanh")
+    hs = fp8_ffn.static_scale(h.abs().amax()) if static else None
+    y = fp8_ffn.ffn_fp8(x, up, down, hs)
+    kw = dict(h_scale=hs, h_dtype=None if static else torch.bfloat16)
+    want = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, dtype=torch.float32, **kw)
+    torch_bf16 = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, **kw)  # what GPUs without FP8 run
+    assert torch.isfinite(y.float()).all()
+    assert rel(y, want) < 1.25 * rel(torch_bf16, want) + 2e-3
+    # and far from a wrong function: the same FFN without its low-rank branches
+    no_lr = R.compressed_ffn_ref(x, "fp8", {**up, "A": None}, "fp8", {**down, "A": None}, dtype=torch.float32, **kw)
+    assert rel(no_lr, want) > 5 * rel(y, want)
+
+
+def test_module_takes_the_triton_path_on_this_gpu_and_reference_when_forced():
+    dim = 2048
+    up, down = random_fp8_layer(4 * dim, dim, 32, 3, "cuda"), random_fp8_layer(dim, 4 * dim, 32, 4, "cuda")
+    down["input_amax"] = torch.tensor([3.0], device="cuda")
+    ffn = CompressedFFN(CompressedLinear("fp8", dim, 4 * dim, up), CompressedLinear("fp8", 4 * dim, dim, down))
+    x = act(2 * 50, dim).reshape(2, 50, dim)
+    dispatch.counts.clear()
+    y = ffn(x)
+    assert dispatch.counts["ffn:triton"] == 1
+    try:
+        dispatch.set_mode("reference")  # what a GPU without FP8 runs
+        y_ref = ffn(x)
+    finally:
+        dispatch.set_mode(None)
+    assert dispatch.counts["ffn:reference"] == 1
+    assert rel(y, y_ref) < 2e-2  # bf16 reference vs fused kernels
