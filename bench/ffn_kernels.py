@@ -30,7 +30,7 @@ import _package  # noqa: E402,F401
 import triton  # noqa: E402
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
-from liteffn.calibration.synthetic import random_fp8_layer  # noqa: E402
+from liteffn.calibration.synthetic import random_activations, random_fp8_layer  # noqa: E402
 from liteffn.kernels import fp8_ffn as K  # noqa: E402
 from liteffn.kernels import reference as R  # noqa: E402
 
@@ -67,8 +67,7 @@ def copies_for(n, k) -> int:
 
 
 def act(m, k, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return (torch.randn(m, k, generator=g, device="cuda") * torch.rand(m, 1, generator=g, device="cuda") * 4).bfloat16()
+    return random_activations(m, k, seed, "cuda")
 
 
 def quant_torch(x):
@@ -240,8 +239,7 @@ def explore():
     cases = []
     for (k, n, m, seed) in ((4096, 16384, 6144, 1), (16384, 4096, 6144, 1), (8192, 2048, 1400, 0)):
         t = random_fp8_layer(n, k, 64, 0 if k == 8192 else 1, "cuda")
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        x = (torch.randn(m, k, generator=g, device="cuda") * torch.rand(m, 1, generator=g, device="cuda") * 4).bfloat16()
+        x = act(m, k, seed)
         cases.append((k, n, m, t, x))
     base = K.DEFAULT_CONFIGS[1]
     variants = {"fast": dict(base, PROMOTE=0), "triton max_num_imprecise_acc=BK": dict(base, PROMOTE=0, PRECISE_ACC=True),
@@ -279,8 +277,7 @@ def diag():
     hid = 4 * dim
     up, down = random_fp8_layer(hid, dim, r, 1, "cuda"), random_fp8_layer(dim, hid, r, 2, "cuda")
     for m, seed in ((700, 1), (2048, 0), (1024, 1)):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        x = (torch.randn(m, dim, generator=g, device="cuda") * torch.rand(m, 1, generator=g, device="cuda") * 4).bfloat16()
+        x = act(m, dim, seed)
         h = Fn.gelu(R.compressed_linear_ref(x, "fp8", up, dtype=torch.float32), approximate="tanh")
         hs = K.static_scale(h.abs().amax())
         want = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, dtype=torch.float32, h_scale=hs)

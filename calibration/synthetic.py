@@ -91,6 +91,13 @@ class SyntheticLTX2(torch.nn.Module):
         return video, audio
 
 
+def random_activations(m: int, k: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """bf16 [m, k] rows of very different magnitudes (per-token scales matter), for the same
+    kernel tests and benchmarks."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(m, k, generator=g, device=device) * torch.rand(m, 1, generator=g, device=device) * 4).bfloat16()
+
+
 def random_fp8_layer(n: int, k: int, rank: int, seed: int = 0, device="cpu") -> dict:
     """Stored tensors of a compressed linear (fp8 residual, per-row scales, bf16 factors) drawn
     at random with LTX-2-like magnitudes, without running compression: for kernel tests and

@@ -273,8 +273,6 @@ if triton is not None:
 
     # Candidates autotuned per (M bucket, N, K, ranks, variant); bench/ffn_kernels.py prints the
     # winners at LTX-2 shapes. Few rows (the audio FFN, M ~ 126) get 64-row tiles.
-    # Measured at M=6144 on the H100 (bench/ffn_kernels_h100.md): 128x256x128 persistent with
-    # split epilogue wins at both video shapes; warp specialization and flattening did not help.
     # Measured on the H100 (bench/ffn_kernels_explore_h100.log): warp specialization and flattening
     # did not help; with promotion, BK=256 (half the promotions) wins most LTX-2 shapes
     # (bench/ffn_kernels_h100.md). Candidates that do not fit are skipped by the tuner.
@@ -327,7 +325,12 @@ def _p2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None, sx=None, u=None,
+def out_dtype(x: torch.Tensor) -> torch.dtype:
+    """Output dtype of the kernels for input x: bf16 and fp16 stay, anything else gives bf16."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None, sx=None,
                       bm: int | None = None, split: int | None = None, warps: int | None = None):
     """x [M, K] (bf16/fp16/fp32, row stride free, unit column stride) -> (xq fp8 [M, K],
     sx fp32 [M], u = x B^T fp32 [M, r] or None). u stays fp32 (an atomic sum over K splits);
@@ -338,8 +341,7 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     xq = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn) if xq is None else xq
     sx = torch.empty(M, device=x.device, dtype=torch.float32) if sx is None else sx
     amax = torch.zeros(M, device=x.device, dtype=torch.float32)
-    if r:
-        u = torch.zeros(M, r, device=x.device, dtype=torch.float32) if u is None else u.zero_()
+    u = torch.zeros(M, r, device=x.device, dtype=torch.float32) if r else None
     rp = max(16, _p2(r)) if r else 0
     # measured on the H100 (bench/ffn_kernels.py --explore): M=126: 16 rows x 256 columns per
     # program, 13-15 us at K=2048/8192; M=6144, K=4096: 64 x 512, 64 us (2 TB/s)
@@ -353,7 +355,7 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
                             BM=bm, BK=bk, SPLIT=split, RP=rp, INTERP=INTERP, num_warps=warps)
     _act_quant_kernel[grid](x, xq, amax, sx, M, K, x.stride(0), BM=bm, BK=bk, SPLIT=split, INTERP=INTERP,
                             num_warps=4)
-    return xq, sx, (u if r else None)
+    return xq, sx, u
 
 
 def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_scale=None, next_B=None,
@@ -403,20 +405,19 @@ def linear_fp8(x2: torch.Tensor, t: dict, config=None) -> torch.Tensor:
     """One compressed linear (fp8 residual) on a [M, K] input: kernel 1 + kernel 2 -> bf16."""
     xq, sx, u = act_quant_lowrank(x2, t.get("B"))
     return scaled_gemm(xq, sx, t["q"], t["q_scale"], u=u, A=t.get("A"), bias=t.get("bias"),
-                       out_dtype=x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16,
-                       config=config)
+                       out_dtype=out_dtype(x2), config=config)
 
 
 def ffn_fp8(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, config=None) -> torch.Tensor:
     """Linear -> GELU(tanh) -> Linear on [M, dim]. With h_scale (static FP8 scale of the hidden
     activation) the three-launch fused path; without it the hidden activation goes through
     bf16 and a per-token quantization pass (four launches)."""
-    out_dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    y_dtype = out_dtype(x2)
     xq, sx, u = act_quant_lowrank(x2, up.get("B"))
     B2 = down.get("B")
     if h_scale is None:
         h = scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up.get("A"), bias=up.get("bias"), gelu=True,
-                        out_dtype=out_dtype, config=config)
+                        out_dtype=y_dtype, config=config)
         hq, sh, u2 = act_quant_lowrank(h, B2)
     else:
         r2 = 0 if B2 is None else B2.shape[0]
@@ -425,4 +426,4 @@ def ffn_fp8(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None
                          h_scale=h_scale, next_B=B2, u_next=u2, config=config)
         sh = h_scale
     return scaled_gemm(hq, sh, down["q"], down["q_scale"], u=u2, A=down.get("A"), bias=down.get("bias"),
-                       out_dtype=out_dtype, config=config)
+                       out_dtype=y_dtype, config=config)

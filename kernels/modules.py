@@ -67,13 +67,13 @@ class CompressedFFN(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, down = self.up, self.down
+        if up.act_quant != down.act_quant:  # mixed activation handling: each linear on its own
+            return down(Fn.gelu(up(x), approximate="tanh"))
         ref = lambda: compressed_ffn_ref(x, up.fmt, up.tensors(), down.fmt, down.tensors(), self.h_scale,  # noqa: E731
-                                         act_quant=up.act_quant and down.act_quant)
-        if up.act_quant == down.act_quant and dispatch.choose(x, [up.kernel_layer(), down.kernel_layer()]) == "triton":
+                                         act_quant=up.act_quant)
+        if dispatch.choose(x, [up.kernel_layer(), down.kernel_layer()]) == "triton":
             return dispatch.run("ffn", lambda: ops.fp8_ffn_op(
                 x, up.q, up.q_scale, up.A, up.B, up.bias, down.q, down.q_scale, down.A, down.B, down.bias,
                 self.h_scale).to(x.dtype), ref)
-        if up.act_quant != down.act_quant:
-            return down(Fn.gelu(up(x), approximate="tanh"))
         dispatch.note_reference("ffn")
         return ref()

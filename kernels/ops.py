@@ -11,10 +11,6 @@ from torch import Tensor
 from . import fp8_ffn
 
 
-def _out_dtype(x: Tensor) -> torch.dtype:
-    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-
 def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
@@ -28,7 +24,7 @@ def fp8_linear(x: Tensor, q: Tensor, q_scale: Tensor, A: Optional[Tensor], B: Op
 
 @fp8_linear.register_fake
 def _(x, q, q_scale, A, B, bias):
-    return x.new_empty(*x.shape[:-1], q.shape[0], dtype=_out_dtype(x))
+    return x.new_empty(*x.shape[:-1], q.shape[0], dtype=fp8_ffn.out_dtype(x))
 
 
 @torch.library.custom_op("liteffn::fp8_ffn", mutates_args=())
@@ -42,4 +38,4 @@ def fp8_ffn_op(x: Tensor, q1: Tensor, s1: Tensor, A1: Optional[Tensor], B1: Opti
 
 @fp8_ffn_op.register_fake
 def _(x, q1, s1, A1, B1, b1, q2, s2, A2, B2, b2, h_scale):
-    return x.new_empty(*x.shape[:-1], q2.shape[0], dtype=_out_dtype(x))
+    return x.new_empty(*x.shape[:-1], q2.shape[0], dtype=fp8_ffn.out_dtype(x))

@@ -10,7 +10,7 @@ one. The kernels must be no further from fp32 than that reference is."""
 import pytest
 import torch
 
-from liteffn.calibration.synthetic import random_fp8_layer
+from liteffn.calibration.synthetic import random_activations, random_fp8_layer
 from liteffn.kernels import dispatch, fp8_ffn
 from liteffn.kernels import reference as R
 from liteffn.kernels.modules import CompressedFFN, CompressedLinear
@@ -27,8 +27,7 @@ def rel(a, b):
 
 
 def act(m, k, seed=1):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return (torch.randn(m, k, generator=g, device="cuda") * torch.rand(m, 1, generator=g, device="cuda") * 4).bfloat16()
+    return random_activations(m, k, seed, "cuda")
 
 
 def poisoned(shape, dtype):
