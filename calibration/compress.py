@@ -89,7 +89,7 @@ def compress_linear(
         R = stats.covariance().to(device).float()
         wh = Whitening(R, damp, whiten)
     else:
-        log.warning("LiteFFN: no statistics for %s: plain SVD and round-to-nearest residual", name or "layer")
+        log.debug("LiteFFN: no statistics for %s: plain SVD and round-to-nearest residual", name or "layer")
 
     A, B, info = lowrank_factors(W, wh, policy, name)
     A, B = A.bfloat16(), B.bfloat16()

@@ -94,13 +94,13 @@ class Writer:
             self._w.abort()
             return False
         meta = {
+            **self.extra,  # first: never overrides the keys below
             "format": FILE_FORMAT,
             "version": FILE_VERSION,
             "model_family": self.family,
             "fingerprint": self.fp,
             "fingerprint_hash": fingerprint_hash(self.fp),
             "layers": self.infos,
-            **self.extra,
         }
         self._w.close({"liteffn": json.dumps(meta)})
         return False
@@ -112,6 +112,12 @@ def save(path: str, layers: dict[str, CompressedLayer], weights: dict[str, torch
     with Writer(path, family, extra) as w:
         for name, layer in layers.items():
             w.add(name, layer, weights[name])
+
+
+def read_meta(path: str) -> dict:
+    meta, f = open_checked(path, FILE_FORMAT, FILE_VERSION)
+    with f:
+        return meta
 
 
 def load(path: str, model_fp: dict | None = None, family: str | None = None, device="cpu"):

@@ -39,3 +39,31 @@ def select(names, which: str = "all") -> list[str]:
         if m and (stream[which] is None or m.group(2) == stream[which]):
             out.append(n)
     return out
+
+
+def parse_blocks(spec: str, n_blocks: int) -> list[int]:
+    """Block selection as users type it: "" or "all" -> every block; "0-11, 20" -> 0..11 and 20."""
+    spec = (spec or "").strip().lower()
+    if spec in ("", "all"):
+        return list(range(n_blocks))
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            lo, _, hi = part.partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise ValueError(f"block selection {spec!r}: use numbers and ranges like '0-11, 20'") from None
+        if not 0 <= a <= b < n_blocks:
+            raise ValueError(f"block selection {part!r} is outside this model's blocks 0-{n_blocks - 1}")
+        out.extend(i for i in range(a, b + 1) if i not in out)
+    return sorted(out)
+
+
+def ffn_modules(n_blocks: int, which: str = "all", blocks: str = "") -> list[str]:
+    """FFN module names (`transformer_blocks.N.ff` / `.audio_ff`) of the selected streams and blocks."""
+    streams = {"all": ("ff", "audio_ff"), "video": ("ff",), "audio": ("audio_ff",)}
+    if which not in streams:
+        raise ValueError(f"layer selection must be one of {', '.join(streams)}, got {which!r}")
+    return [f"transformer_blocks.{i}.{s}" for i in parse_blocks(blocks, n_blocks) for s in streams[which]]

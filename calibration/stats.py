@@ -120,6 +120,8 @@ class ActivationStats:
             else:
                 self.layers[name] = LayerStats(s.xtx.clone(), s.absmax.clone(), s.rows)
         self.meta["runs"] = int(self.meta.get("runs", 1)) + int(other.meta.get("runs", 1))
+        if "fingerprint" in other.meta:  # source weights of every layer held
+            self.meta["fingerprint"] = {**other.meta["fingerprint"], **self.meta.get("fingerprint", {})}
         return self
 
     # ------------------------------------------------------------ file
@@ -141,6 +143,12 @@ class ActivationStats:
         meta, f = open_checked(path, STATS_FORMAT, STATS_VERSION)
         with f:
             return list(meta["layers"])
+
+    @staticmethod
+    def load_meta(path: str) -> dict:
+        meta, f = open_checked(path, STATS_FORMAT, STATS_VERSION)
+        with f:
+            return meta
 
     @classmethod
     def load(cls, path: str, device="cpu", names=None) -> "ActivationStats":
@@ -207,21 +215,25 @@ class StatsCollector:
             run the model ...
         stats = col.stats
     `names` must fit the budget (see plan_passes); layers outside `names` are not hooked.
+    Without a model (`StatsCollector.for_widths`), hooks go on whatever module tree is given to
+    `attach` each time: a host such as ComfyUI may swap the modules in and out between calls.
     """
 
-    def __init__(self, model: torch.nn.Module, names, budget_bytes: int | None = None,
-                 storage: str | torch.device | None = None, chunk_rows: int = 4096):
-        mods = dict(model.named_modules())
-        missing = [n for n in names if n not in mods]
-        if missing:
-            raise KeyError(f"no module named {missing[:3]} in the model")
-        self.modules = {n: mods[n] for n in names}
-        self.widths = {n: _in_features(m, n) for n, m in self.modules.items()}
+    def __init__(self, model: torch.nn.Module | None, names, budget_bytes: int | None = None,
+                 storage: str | torch.device | None = None, chunk_rows: int = 4096, widths: dict | None = None):
+        self.model = model
+        if model is not None:
+            mods = dict(model.named_modules())
+            missing = [n for n in names if n not in mods]
+            if missing:
+                raise KeyError(f"no module named {missing[:3]} in the model")
+            widths = {n: _in_features(mods[n], n) for n in names}
+        self.widths = dict(widths)
         self.chunk_rows = chunk_rows
         need = sum(layer_bytes(k) for k in self.widths.values()) + chunk_rows * max(self.widths.values(), default=0) * 4
         if budget_bytes is not None and need > budget_bytes:
             raise MemoryError(
-                f"statistics of {len(names)} layers need {need / 2**20:.0f} MiB, over the budget of "
+                f"statistics of {len(self.widths)} layers need {need / 2**20:.0f} MiB, over the budget of "
                 f"{budget_bytes / 2**20:.0f} MiB; split them with plan_passes() and calibrate once per group"
             )
         self.required_bytes = need
@@ -229,15 +241,27 @@ class StatsCollector:
         self.stats = ActivationStats()
         self._handles = []
 
-    def __enter__(self):
-        for n, m in self.modules.items():
-            self._handles.append(m.register_forward_pre_hook(self._hook(n)))
-        return self
+    @classmethod
+    def for_widths(cls, widths: dict[str, int], **kw) -> "StatsCollector":
+        return cls(None, list(widths), widths=widths, **kw)
 
-    def __exit__(self, *exc):
+    def attach(self, root: torch.nn.Module) -> None:
+        """Hook the collected layers as found under root now."""
+        for n in self.widths:
+            self._handles.append(root.get_submodule(n).register_forward_pre_hook(self._hook(n)))
+
+    def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def __enter__(self):
+        if self.model is not None:
+            self.attach(self.model)
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
 
     def _hook(self, name):
         def hook(_module, args):

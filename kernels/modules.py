@@ -1,8 +1,13 @@
-"""Replacement modules for LTX-2's FFN: same call signature, compressed tensors as buffers.
+"""Replacement modules for LTX-2's FFN: same call signature, compressed tensors inside.
 
-Buffers (not parameters) so that ComfyUI's model management moves, counts and frees them
-with the model, and nothing in them is trainable. forward() asks dispatch.py for the path:
-the fused Triton kernels on GPUs with FP8 tensor cores, the torch reference elsewhere.
+The tensors are frozen nn.Parameters, not buffers: ComfyUI's model management only moves,
+counts and offloads modules that own parameters (ModelPatcher._load_list), including under
+dynamic VRAM. A dtype move (`module.to(torch.float16)`) never changes them: codes, scales and
+factors keep their stored dtypes. When the tensors live on another device than the input
+(a partially loaded model keeps some modules offloaded), forward copies them for that call.
+
+forward() asks dispatch.py for the path: the fused Triton kernels on GPUs with FP8 tensor
+cores, the torch reference elsewhere.
 """
 from __future__ import annotations
 
@@ -19,26 +24,53 @@ TENSOR_NAMES = ("A", "B", "q", "q_scale", "q_scale2", "bias", "input_amax")
 
 
 class CompressedLinear(torch.nn.Module):
+    """y = dequant(q) xq + (x B^T) A^T + bias. With a calibrated input range (input_amax) it
+    also holds `input_scale`, the static FP8 scale of its input used inside a fused FFN."""
+
     def __init__(self, fmt: str, in_features: int, out_features: int, tensors: dict, act_quant: bool = True):
         super().__init__()
         self.fmt = F.check_format(fmt)
         self.in_features, self.out_features = in_features, out_features
         self.act_quant = act_quant
         for name in TENSOR_NAMES:
-            self.register_buffer(name, tensors.get(name))
+            self._frozen(name, tensors.get(name))
+        amax = tensors.get("input_amax")
+        self._frozen("input_scale", static_scale(amax) if amax is not None else None)
         self.rank = 0 if self.A is None else int(self.A.shape[1])
 
-    def tensors(self) -> dict:
-        return {n: getattr(self, n) for n in TENSOR_NAMES if getattr(self, n) is not None}
+    def _frozen(self, name, t):
+        self.register_parameter(name, None if t is None else torch.nn.Parameter(t, requires_grad=False))
 
-    def kernel_layer(self):
-        return (self.fmt, self.act_quant, self.tensors())
+    def _apply(self, fn, recurse=True):
+        dtypes = {n: p.dtype for n, p in self._parameters.items() if p is not None}
+        super()._apply(fn, recurse)
+        for n, dt in dtypes.items():
+            p = self._parameters[n]
+            if p.dtype != dt:  # stored formats are exact in any wider dtype: casting back is lossless
+                p.data = p.data.to(dt)
+        return self
+
+    def tensors(self, device=None) -> dict:
+        out = {}
+        for n in TENSOR_NAMES:
+            t = getattr(self, n)
+            if t is not None:
+                out[n] = t if device is None or t.device == device else t.to(device, non_blocking=True)
+        return out
+
+    def scale_on(self, device):
+        s = self.input_scale
+        return s if s is None or s.device == device else s.to(device, non_blocking=True)
+
+    def kernel_layer(self, t: dict | None = None):
+        return (self.fmt, self.act_quant, self.tensors() if t is None else t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ref = lambda: compressed_linear_ref(x, self.fmt, self.tensors(), self.act_quant)  # noqa: E731
-        if dispatch.choose(x, [self.kernel_layer()]) == "triton":
-            return dispatch.run("linear", lambda: ops.fp8_linear(x, self.q, self.q_scale, self.A, self.B,
-                                                                 self.bias).to(x.dtype), ref)
+        t = self.tensors(x.device)
+        ref = lambda: compressed_linear_ref(x, self.fmt, t, self.act_quant)  # noqa: E731
+        if dispatch.choose(x, [self.kernel_layer(t)]) == "triton":
+            return dispatch.run("linear", lambda: ops.fp8_linear(x, t["q"], t["q_scale"], t.get("A"), t.get("B"),
+                                                                 t.get("bias")).to(x.dtype), ref)
         dispatch.note_reference("linear")
         return ref()
 
@@ -54,26 +86,36 @@ class CompressedLinear(torch.nn.Module):
 class CompressedFFN(torch.nn.Module):
     """Linear -> GELU(tanh) -> Linear, as LTX-2's FeedForward (dropout is identity at inference).
 
-    The hidden activation is quantized to FP8 with a static scale (h_scale) when the down
-    linear's input range was calibrated, which lets the kernels fuse the whole FFN into three
-    launches (fp8_ffn.py says why); otherwise per token, as a separate pass. Both paths, fused
-    and reference, use the same scheme, so they compute the same function."""
+    The hidden activation is quantized to FP8 with a static scale (down.input_scale) when the
+    down linear's input range was calibrated, which lets the kernels fuse the whole FFN into
+    three launches (fp8_ffn.py says why); otherwise per token, as a separate pass. Both paths,
+    fused and reference, use the same scheme, so they compute the same function."""
 
     def __init__(self, up: CompressedLinear, down: CompressedLinear):
         super().__init__()
         self.up, self.down = up, down
-        amax = down.input_amax
-        self.register_buffer("h_scale", static_scale(amax) if amax is not None else None)
+
+    @property
+    def h_scale(self):
+        return self.down.input_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, down = self.up, self.down
         if up.act_quant != down.act_quant:  # mixed activation handling: each linear on its own
             return down(Fn.gelu(up(x), approximate="tanh"))
-        ref = lambda: compressed_ffn_ref(x, up.fmt, up.tensors(), down.fmt, down.tensors(), self.h_scale,  # noqa: E731
-                                         act_quant=up.act_quant)
-        if dispatch.choose(x, [up.kernel_layer(), down.kernel_layer()]) == "triton":
+        t1, t2, hs = up.tensors(x.device), down.tensors(x.device), down.scale_on(x.device)
+        ref = lambda: compressed_ffn_ref(x, up.fmt, t1, down.fmt, t2, hs, act_quant=up.act_quant)  # noqa: E731
+        if dispatch.choose(x, [up.kernel_layer(t1), down.kernel_layer(t2)]) == "triton":
+            g = lambda t, k: t.get(k)  # noqa: E731
             return dispatch.run("ffn", lambda: ops.fp8_ffn_op(
-                x, up.q, up.q_scale, up.A, up.B, up.bias, down.q, down.q_scale, down.A, down.B, down.bias,
-                self.h_scale).to(x.dtype), ref)
+                x, t1["q"], t1["q_scale"], g(t1, "A"), g(t1, "B"), g(t1, "bias"),
+                t2["q"], t2["q_scale"], g(t2, "A"), g(t2, "B"), g(t2, "bias"), hs).to(x.dtype), ref)
         dispatch.note_reference("ffn")
         return ref()
+
+
+def ffn_from_layers(up, down) -> CompressedFFN:
+    """CompressedFFN from the two CompressedLayers (calibration/compress.py) of one FFN."""
+    mods = [CompressedLinear(c.info["format"], c.info["in_features"], c.info["out_features"], c.tensors)
+            for c in (up, down)]
+    return CompressedFFN(*mods)

@@ -47,10 +47,15 @@ def test_reference_formula():
     assert not torch.allclose(no_aq, want)
 
 
-def test_compressed_weights_are_buffers_moved_with_the_module():
+def test_compressed_tensors_are_frozen_parameters_that_keep_their_dtypes():
     c = _compress_ffn(SyntheticFFN(32, seed=2), 8, "nvfp4")
-    names = dict(c.named_buffers())
-    assert "up.q" in names and "down.A" in names and not list(c.parameters())
+    names = dict(c.named_parameters())
+    # parameters: ComfyUI's model management moves and counts modules that own parameters
+    assert "up.q" in names and "down.A" in names and not any(p.requires_grad for p in names.values())
     assert sum(v.numel() * v.element_size() for v in c.state_dict().values()) > 0
-    c.to(torch.float64)  # a dtype move must not touch quantized codes
-    assert c.up.q.dtype == torch.uint8
+    before = {n: p.detach().clone() for n, p in names.items()}
+    c.to(torch.float64)  # a dtype move must not touch codes, scales or factors
+    after = dict(c.named_parameters())
+    assert c.up.q.dtype == torch.uint8 and c.up.A.dtype == torch.bfloat16
+    for n, p in before.items():
+        assert after[n].dtype == p.dtype and torch.equal(after[n].view(torch.uint8), p.view(torch.uint8)), n

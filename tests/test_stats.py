@@ -144,3 +144,20 @@ def test_chunked_update_equals_one_shot():
             m.transformer_blocks[0].ff(x)
         outs.append(col.stats[name].xtx)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-3)
+
+
+def test_collector_without_a_model_hooks_whatever_tree_it_is_given():
+    """for_widths + attach/detach: a host (ComfyUI) may swap modules between calls."""
+    torch.manual_seed(0)
+    col = StatsCollector.for_widths({"lin": 8})
+    root = torch.nn.Module()
+    root.lin = torch.nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    root.lin(x)  # not attached: not counted
+    col.attach(root)
+    root.lin(x)
+    col.detach()
+    root.lin(x)
+    s = col.stats["lin"]
+    assert s.rows == 5
+    torch.testing.assert_close(s.xtx, x.T @ x)

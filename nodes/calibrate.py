@@ -1,0 +1,150 @@
+"""LiteFFN Calibrate: sample with ComfyUI's own sampler while recording FFN input statistics."""
+from __future__ import annotations
+
+import logging
+import os
+
+from comfy_api.latest import io
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from ..calibration import ltx2
+from ..calibration.compressed_file import MismatchError, compare_fingerprints
+from ..calibration.stats import ActivationStats, StatsCollector, plan_passes
+from . import model as M
+from .files import FOLDER, Stats, stats_path
+
+log = logging.getLogger("liteffn")
+WRAPPER_KEY = "liteffn_calibrate"
+
+
+class LiteFFNCalibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LiteFFNCalibrate",
+            display_name="LiteFFN Calibrate",
+            category="LiteFFN",
+            description="Samples the LTX-2 model on your prompts with ComfyUI's sampler and records the input "
+                        "statistics of every FFN linear (R = E[x x^T], ranges) for LiteFFN Compress Model. "
+                        "Saved runs with the same filename add up.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=8, min=1, max=10000),
+                io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler"),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple"),
+                io.Int.Input("seeds", default=1, min=1, max=1000,
+                             tooltip="Runs with seed, seed+1, ...: more activations for the same prompt."),
+                io.Combo.Input("layers", options=["all", "video", "audio"], default="all",
+                               tooltip="video: each block's ff; audio: each block's audio_ff."),
+                io.String.Input("blocks", default="all", tooltip="'all' or blocks like '0-11, 20'."),
+                io.Float.Input("memory_budget_gb", default=8.0, min=0.1, max=1024.0, step=0.5,
+                               tooltip="Most memory the statistics may hold at once. LTX-2 19B needs ~63 GB "
+                                       "for all FFNs; under a smaller budget the sampling runs once per group "
+                                       "of layers that fits (same seeds, same activations)."),
+                io.Combo.Input("storage", options=["gpu", "cpu"], default="gpu",
+                               tooltip="Where the statistics accumulate: cpu saves VRAM, costs a copy per step."),
+                io.String.Input("filename", default="ltx2_stats",
+                                tooltip=f"Saved as models/{FOLDER}/<filename>.safetensors; empty: not saved."),
+                io.Boolean.Input("append", default=True,
+                                 tooltip="Add to an existing file of that name (prompts accumulate over runs); "
+                                         "off: replace it."),
+            ],
+            outputs=[Stats.Output(display_name="stats"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, seeds,
+                layers, blocks, memory_budget_gb, storage, filename, append) -> io.NodeOutput:
+        dm = M.diffusion_model(model)
+        names = [f"{f}.{sub}" for f in M.ffn_names(model, layers, blocks) for sub in (ltx2.UP, ltx2.DOWN)]
+        widths = {n: int(M.linear_of(model, n).in_features) for n in names}
+        budget = int(memory_budget_gb * 2**30)
+        groups = plan_passes(widths, budget)
+        path = stats_path(filename) if filename.strip() else None
+        fp = M.model_fingerprint(model, names)
+        if path and append and os.path.exists(path):
+            _check_appendable(path, fp)  # fail before sampling, not after
+
+        latent = latent_image["samples"]
+        latent = comfy.sample.fix_empty_latent_channels(model, latent, latent_image.get("downscale_ratio_spacial"),
+                                                        latent_image.get("downscale_ratio_temporal"))
+        total = len(groups) * seeds * steps
+        pbar = comfy.utils.ProgressBar(total)
+        done = [0]
+        stats = ActivationStats(meta={"model_family": ltx2.FAMILY, "fingerprint": fp, "runs": 1})
+        dev = "cpu" if storage == "cpu" else None
+        log.info("LiteFFN Calibrate: %d linears in %d pass(es) x %d seed(s) x %d steps, budget %.1f GB",
+                 len(names), len(groups), seeds, steps, memory_budget_gb)
+        for group in groups:
+            col = StatsCollector.for_widths({n: widths[n] for n in group}, budget_bytes=budget, storage=dev)
+            work = model.clone()
+            work.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _hooks(col))
+            for s in range(seeds):
+                _sample(work, seed + s, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, latent,
+                        lambda *_: _step(pbar, done))
+            for n, st in col.stats.layers.items():  # off the GPU before the next group
+                stats.layers[n] = type(st)(st.xtx.cpu(), st.absmax.cpu(), st.rows)
+            del col, work
+        missing = [n for n in names if n not in stats or stats[n].rows == 0]
+        if missing:
+            raise RuntimeError(f"LiteFFN Calibrate: {len(missing)} FFN linears never ran (e.g. {missing[0]}); "
+                               "is this latent empty, or does another node skip the FFNs?")
+        for n in names:
+            stats[n].check_finite(n)
+        summary = (f"{len(names)} FFN linears of {len(dm.transformer_blocks)} blocks, {seeds} seed(s) x {steps} steps, "
+                   f"{len(groups)} pass(es); {stats[names[0]].rows} rows seen by {names[0]}")
+        if path:
+            if append and os.path.exists(path):
+                old = ActivationStats.load(path)
+                old.merge_(stats)
+                stats = old
+                summary += f"; added to {os.path.basename(path)} ({stats.meta['runs']} runs)"
+            else:
+                summary += f"; saved {os.path.basename(path)}"
+            stats.save(path)
+        return io.NodeOutput(stats, summary)
+
+
+def _hooks(col: StatsCollector):
+    """DIFFUSION_MODEL wrapper: hooks go on the modules that run in this call (object patches
+    applied), and come off even when sampling is interrupted."""
+    def wrapper(executor, *args, **kwargs):
+        col.attach(executor.class_obj)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            col.detach()
+    return wrapper
+
+
+def _sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, latent, callback):
+    noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+    comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                        noise_mask=latent_image.get("noise_mask"), callback=callback, disable_pbar=True, seed=seed)
+
+
+def _step(pbar, done):
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    done[0] += 1
+    pbar.update_absolute(done[0])
+
+
+def _check_appendable(path: str, fp: dict) -> None:
+    saved = ActivationStats.load_meta(path).get("fingerprint") or {}
+    common = {n: v for n, v in fp.items() if n in saved}
+    try:
+        compare_fingerprints({n: saved[n] for n in common}, common, path)
+    except MismatchError as e:
+        raise ValueError(f"{e} (statistics of another model); choose another filename, or turn append off "
+                         "to replace the file") from None
+

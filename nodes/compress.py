@@ -1,0 +1,140 @@
+"""LiteFFN Compress Model: compress the FFNs of the MODEL in the graph; patched clone + report."""
+from __future__ import annotations
+
+import logging
+import os
+
+from comfy_api.latest import io
+
+import comfy.model_management
+import comfy.utils
+
+from ..calibration import compressed_file, ltx2
+from ..calibration.compress import compress_linear
+from ..calibration.lowrank import RankPolicy
+from ..calibration.report import format_report
+from ..calibration.stats import ActivationStats
+from ..kernels.formats import FORMATS
+from ..kernels.modules import ffn_from_layers
+from . import model as M
+from .files import Stats, full_path, output_path
+
+log = logging.getLogger("liteffn")
+NO_FILE = "(none)"
+
+
+class LiteFFNCompressModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from .files import files
+
+        return io.Schema(
+            node_id="LiteFFNCompressModel",
+            display_name="LiteFFN Compress Model",
+            category="LiteFFN",
+            description="Replaces the LTX-2 FFNs by a calibrated low-rank branch (bf16) plus a quantized residual. "
+                        "Returns a patched copy of the MODEL (the input MODEL stays as it was) and a per-layer report; "
+                        "saves the compressed file for the Low-Rank FFN Loader when given a name.",
+            inputs=[
+                io.Model.Input("model"),
+                Stats.Input("stats", optional=True,
+                            tooltip="From LiteFFN Calibrate. Without statistics: plain SVD and round-to-nearest."),
+                io.Combo.Input("stats_file", options=[NO_FILE] + files(), default=NO_FILE,
+                               tooltip="Or statistics saved by LiteFFN Calibrate in models/liteffn/."),
+                io.Int.Input("rank", default=64, min=0, max=8192,
+                             tooltip="Rank of the low-rank branch per linear (0: residual only); "
+                                     "with energy > 0, the largest rank allowed."),
+                io.Float.Input("energy", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="0: the fixed rank above. Else each linear's rank keeps this fraction "
+                                       "of its (whitened) spectral energy, at most `rank`."),
+                io.Combo.Input("residual", options=list(FORMATS), default="fp8",
+                               tooltip="fp8: E4M3 per channel (fused kernels on Hopper/Ada); nvfp4/mxfp4: "
+                                       "4-bit blocks; bf16: no quantization."),
+                io.Combo.Input("layers", options=["all", "video", "audio"], default="all"),
+                io.String.Input("blocks", default="all", tooltip="'all' or blocks like '0-11, 20'."),
+                io.String.Input("save_name", default="",
+                                tooltip="Saved as models/liteffn/<save_name>.safetensors; empty: not saved."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, model, rank, energy, residual, layers, blocks, save_name, stats_file=NO_FILE,
+                stats=None) -> io.NodeOutput:
+        ffns = M.ffn_names(model, layers, blocks)
+        names = [f"{f}.{sub}" for f in ffns for sub in (ltx2.UP, ltx2.DOWN)]
+        policy = RankPolicy(rank=None, energy=energy, max_rank=rank) if energy > 0 else RankPolicy(rank=rank)
+        stats_of, notes = _stats_source(stats, stats_file, model, names)
+        notes += M.warn_about_lora(model, names)
+        device = comfy.model_management.get_torch_device()
+        path = output_path(save_name) if save_name.strip() else None
+        pbar = comfy.utils.ProgressBar(len(names))
+        extra = {"policy": policy.describe(), "residual_format": residual, "selection": {"layers": layers, "blocks": blocks}}
+        done, dense = {}, 0
+        with compressed_file.Writer(path, ltx2.FAMILY, extra) if path else _NoFile() as w:
+            for i, name in enumerate(names):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                weight, scale, bias = M.source(model, name)
+                layer = compress_linear(weight, bias, stats_of(name), policy, residual, device=device, name=name,
+                                        weight_scale=scale)
+                w.add(name, layer, weight)
+                done[name] = layer
+                dense += weight.numel() * 2
+                pbar.update_absolute(i + 1)
+        patched = M.patched(model, {f: ffn_from_layers(done[f"{f}.{ltx2.UP}"], done[f"{f}.{ltx2.DOWN}"])
+                                    for f in ffns})
+        header = f"LiteFFN {policy.describe()} {residual}" + (f" -> {os.path.basename(path)}" if path else "")
+        report = format_report({n: c.info for n, c in done.items()}, dense, header, notes)
+        log.info("LiteFFN Compress Model:\n%s", "\n".join(report.splitlines()[:4]))
+        return io.NodeOutput(patched, report)
+
+
+def _stats_source(stats, stats_file, model, names):
+    """-> (name -> LayerStats or None, notes). A saved file is read one layer at a time."""
+    notes = []
+    if stats is not None and stats_file != NO_FILE:
+        raise ValueError("connect statistics or choose a stats_file, not both")
+    if stats_file != NO_FILE:
+        path = full_path(stats_file)
+        meta_names = set(ActivationStats.load_names(path))
+        fp = ActivationStats.load_meta(path).get("fingerprint")
+        have = lambda n: n in meta_names  # noqa: E731
+        get = lambda n: ActivationStats.load(path, names=[n])[n]  # noqa: E731
+    elif stats is not None:
+        fp = stats.meta.get("fingerprint")
+        have = lambda n: n in stats  # noqa: E731
+        get = lambda n: stats[n]  # noqa: E731
+    else:
+        notes.append("no statistics: plain SVD and round-to-nearest (connect LiteFFN Calibrate for better quality)")
+        return (lambda n: None), notes
+    missing = [n for n in names if not have(n)]
+    if len(missing) == len(names):
+        raise ValueError("the statistics hold none of the selected FFN linears: were they collected on this model, "
+                         "with these layers and blocks?")
+    if missing:
+        notes.append(f"{len(missing)} linears have no statistics (e.g. {missing[0]}): plain SVD for those")
+    if fp and _differs(fp, M.model_fingerprint(model, [n for n in names if n in fp])):
+        notes.append("the statistics were collected on a model with other FFN weights (another checkpoint or "
+                     "precision); used anyway")
+    for n in notes:
+        log.warning("LiteFFN: %s", n)
+    return (lambda n: get(n) if have(n) else None), notes
+
+
+def _differs(saved: dict, model_fp: dict) -> bool:
+    try:
+        compressed_file.compare_fingerprints({n: saved[n] for n in model_fp}, model_fp)
+        return False
+    except compressed_file.MismatchError:
+        return True
+
+
+class _NoFile:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add(self, *args):
+        pass

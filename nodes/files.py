@@ -1,0 +1,41 @@
+"""Where LiteFFN files live in ComfyUI (models/liteffn/, registered with folder_paths) and the
+custom type that carries statistics between nodes."""
+from __future__ import annotations
+
+import os
+import re
+
+from comfy_api.latest import io
+
+import folder_paths
+
+FOLDER = "liteffn"
+Stats = io.Custom("LITEFFN_STATS")
+
+
+def register() -> None:
+    """models/liteffn/, after any path the user configured (extra_model_paths.yaml) for it."""
+    configured = FOLDER in folder_paths.folder_names_and_paths
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=not configured)
+    folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
+
+
+def files() -> list[str]:
+    return [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".safetensors")]
+
+
+def full_path(name: str) -> str:
+    return folder_paths.get_full_path_or_raise(FOLDER, name)
+
+
+def output_path(name: str) -> str:
+    """models/liteffn/<name>.safetensors for a name a user typed (subfolders allowed, no escaping)."""
+    name = name.strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not name or not re.fullmatch(r"[\w\-. /]+", name) or ".." in name.split("/") or name.startswith("/"):
+        raise ValueError(f"file name {name!r}: use letters, digits, '-', '_', '.', and '/' for subfolders")
+    return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name + ".safetensors")
+
+
+stats_path = output_path

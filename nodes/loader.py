@@ -1,0 +1,54 @@
+"""Low-Rank FFN Loader: put a compressed file from models/liteffn/ onto an LTX-2 MODEL."""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..calibration import compressed_file, ltx2
+from ..calibration.report import format_report
+from ..kernels.modules import ffn_from_layers
+from . import model as M
+from .files import files, full_path
+
+log = logging.getLogger("liteffn")
+
+
+class LowRankFFNLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LowRankFFNLoader",
+            display_name="Low-Rank FFN Loader",
+            category="LiteFFN",
+            description="Loads a file made by LiteFFN Compress Model (or `liteffn compress`) onto the LTX-2 MODEL "
+                        "it was made from. The file is checked against the model's FFN weights first.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("compressed_file", options=files(), tooltip="From models/liteffn/."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, model, compressed_file) -> io.NodeOutput:
+        return io.NodeOutput(*load_onto(model, full_path(compressed_file)))
+
+
+def load_onto(model, path: str):
+    M.diffusion_model(model)
+    meta = compressed_file.read_meta(path)
+    model_fp = M.model_fingerprint(model, meta["fingerprint"])
+    layers, meta = compressed_file.load(path, model_fp, family=ltx2.FAMILY)
+    ffns: dict[str, dict] = {}
+    for name, layer in layers.items():
+        ffns.setdefault(ltx2.ffn_of(name), {})[ltx2.UP if name.endswith("." + ltx2.UP) else ltx2.DOWN] = layer
+    broken = [f for f, pair in ffns.items() if len(pair) != 2]
+    if broken:
+        raise ValueError(f"{path} holds only one linear of {broken[0]} (and {len(broken) - 1} more FFNs); "
+                         "LiteFFN replaces whole FFNs: compress both linears")
+    patched = M.patched(model, {f: ffn_from_layers(p[ltx2.UP], p[ltx2.DOWN]) for f, p in ffns.items()})
+    dense = sum(2 * i["in_features"] * i["out_features"] for i in meta["layers"].values())
+    notes = M.warn_about_lora(model, list(layers))
+    report = format_report(meta["layers"], dense, f"loaded {path.rsplit('/', 1)[-1]} ({meta.get('policy', '?')})", notes)
+    return patched, report

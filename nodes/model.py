@@ -1,0 +1,127 @@
+"""The LTX-2 MODEL as ComfyUI hands it to a node (a ModelPatcher): checks, its FFN linears,
+their source weights, and the patched clone that carries our modules.
+
+Reads go through the patcher, never the live module tree alone: while another clone of the
+same model is loaded, the tree holds that clone's object patches and LoRA-patched weights;
+get_model_object and the shared `backup` give the originals.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..calibration import ltx2
+from ..calibration.compressed_file import fingerprint
+from ..kernels.modules import CompressedFFN
+
+log = logging.getLogger("liteffn")
+PREFIX = "diffusion_model."  # inside a ModelPatcher
+
+
+def diffusion_model(model) -> torch.nn.Module:
+    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if dm is None or not hasattr(dm, "transformer_blocks") or not hasattr(dm, ltx2.MARKER.split(".")[0]):
+        kind = type(getattr(model, "model", model)).__name__
+        raise ValueError(
+            f"LiteFFN works on LTX-2 models only (LTX-AV: LTX-2 19B, LTX-2.3 22B); this MODEL is {kind}. "
+            "Connect the MODEL output of an LTX-2 checkpoint or diffusion-model loader."
+        )
+    return dm
+
+
+def ffn_names(model, which: str = "all", blocks: str = "") -> list[str]:
+    return ltx2.ffn_modules(len(diffusion_model(model).transformer_blocks), which, blocks)
+
+
+def original_ffn(model, ffn: str) -> torch.nn.Module:
+    """The model's own FeedForward at `ffn`, whatever clone is loaded now."""
+    key = PREFIX + ffn
+    m = model.get_model_object(key)
+    if isinstance(m, CompressedFFN):
+        raise ValueError(
+            f"{ffn} is already compressed by LiteFFN in this MODEL. Connect the MODEL from before the "
+            "LiteFFN Compress / Low-Rank FFN Loader node."
+        )
+    if key in model.object_patches or not isinstance(getattr(m, "net", None), torch.nn.Sequential):
+        raise ValueError(
+            f"{ffn} was replaced by another node ({type(m).__name__}); LiteFFN needs LTX-2's own FeedForward. "
+            "Apply LiteFFN before that node."
+        )
+    return m
+
+
+def linear_of(model, linear: str) -> torch.nn.Module:
+    ffn = ltx2.ffn_of(linear)
+    return original_ffn(model, ffn).get_submodule(linear[len(ffn) + 1:])
+
+
+def source(model, linear: str):
+    """(weight as stored, its FP8 scale or None, bias) of an FFN linear, originals (not LoRA-patched).
+    A comfy-kitchen QuantizedTensor (FP8 checkpoints) comes back as its FP8 codes and scale."""
+    mod = linear_of(model, linear)
+    w = _original(model, linear + ".weight", mod.weight)
+    b = _original(model, linear + ".bias", mod.bias) if getattr(mod, "bias", None) is not None else None
+    scale = None
+    if type(w).__name__ == "QuantizedTensor":
+        qdata = getattr(w, "_qdata", None)
+        s = getattr(getattr(w, "_params", None), "scale", None)
+        if qdata is not None and qdata.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and s is not None:
+            w, scale = qdata, s
+        else:  # other layouts (NVFP4, MXFP8): compress from the dequantized weight
+            w = w.dequantize()
+    elif w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scale = getattr(mod, "weight_scale", None)
+        scale = getattr(mod, "scale_weight", None) if scale is None else scale
+    if isinstance(w, torch.nn.Parameter):
+        w = w.data
+    return w, scale, b
+
+
+def _original(model, key_rel: str, live):
+    bk = model.backup.get(PREFIX + key_rel)
+    return bk.weight if bk is not None else live
+
+
+def model_fingerprint(model, linears) -> dict:
+    """{linear: [out, in, digest]} as in the compressed file; linears missing from the model are left out."""
+    out = {}
+    for name in linears:
+        try:
+            w, _, _ = source(model, name)
+        except (AttributeError, ValueError):
+            continue
+        out.update(fingerprint([(name, w)]))
+    return out
+
+
+def warn_about_lora(model, linears) -> list[str]:
+    keys = [PREFIX + n + ".weight" for n in linears]
+    hit = [k for k in keys if k in model.patches]
+    if not hit:
+        return []
+    msg = (f"{len(hit)} FFN weights carry LoRA/weight patches (e.g. {hit[0]}); they are not in the compressed "
+           "FFNs (runtime LoRA on compressed FFNs is not implemented yet), so the LoRA's FFN part is ignored")
+    log.warning("LiteFFN: %s", msg)
+    return [msg]
+
+
+def patched(model, modules: dict[str, CompressedFFN]):
+    """A clone of model with modules swapped in by object patches; model itself is untouched.
+    Its size (what ComfyUI plans VRAM with) is the compressed model's, not the original's."""
+    m = model.clone()
+    saved = 0
+    for ffn, mod in modules.items():
+        key = PREFIX + ffn
+        orig = original_ffn(model, ffn)
+        for k in [k for k in m.object_patches if k.startswith(key + ".")]:
+            log.warning("LiteFFN: dropping another node's patch %s: its FFN is now compressed", k)
+            del m.object_patches[k]
+        m.add_object_patch(key, mod)
+        saved += _nbytes(orig) - _nbytes(mod)
+    m.size = max(model.model_size() - saved, 1)
+    return m
+
+
+def _nbytes(module: torch.nn.Module) -> int:
+    return sum(t.nbytes for t in module.state_dict().values())

@@ -1,0 +1,79 @@
+"""Integration tier: our nodes inside a real ComfyUI (COMFYUI_PATH = a ComfyUI checkout whose
+Python environment runs these tests; README, "Tests"). Skipped, with the reason, without it."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMFYUI = os.environ.get("COMFYUI_PATH")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ltx2_tiny
+
+
+def _why_not() -> str | None:
+    if not COMFYUI:
+        return "integration tier: COMFYUI_PATH is not set (point it at a ComfyUI checkout; README, 'Tests')"
+    if not os.path.isfile(os.path.join(COMFYUI, "main.py")):
+        return f"integration tier: COMFYUI_PATH={COMFYUI} has no main.py"
+    try:
+        import torchvision  # noqa: F401  (ComfyUI imports it; the CPU wheel of torch has no match)
+    except Exception as e:  # pragma: no cover
+        return f"integration tier: ComfyUI's dependencies are not importable here ({e})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    why = _why_not()
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+            if why:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture(scope="session")
+def pack(tmp_path_factory):
+    """ComfyUI imported as a library (CPU unless a GPU is wanted), with models/liteffn in a temp
+    folder and this pack loaded by ComfyUI's own custom-node loader. Returns the loaded pack."""
+    sys.path.insert(0, COMFYUI)
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args
+
+    args.cpu = os.environ.get("LITEFFN_TEST_GPU") != "1"
+    import folder_paths
+    import nodes
+
+    folder_paths.add_model_folder_path("liteffn", str(tmp_path_factory.mktemp("liteffn")), is_default=True)
+    assert asyncio.run(nodes.load_custom_node(ROOT)), "ComfyUI could not load the pack (see the log above)"
+    return sys.modules[ROOT.replace(".", "_x_")]
+
+
+@pytest.fixture(scope="session")
+def node(pack):
+    import nodes
+
+    return lambda node_id: nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+@pytest.fixture(scope="session")
+def ltx2(pack, tmp_path_factory):
+    """Loader of small LTX-2 checkpoints through ComfyUI's diffusion-model loader (as UNETLoader)."""
+    import comfy.sd
+
+    import ltx2_tiny
+
+    d = tmp_path_factory.mktemp("ckpt")
+    cache = {}
+
+    def load(**kw):
+        key = repr(sorted(kw.items()))
+        if key not in cache:
+            cache[key] = ltx2_tiny.save(str(d / f"ltx2_{len(cache)}.safetensors"), **kw)
+        return comfy.sd.load_diffusion_model(cache[key])
+
+    return load

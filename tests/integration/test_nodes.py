@@ -1,0 +1,234 @@
+"""The three nodes on small LTX-2 models loaded by ComfyUI itself, sampled with ComfyUI's sampler."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import ltx2_tiny
+
+STEPS, SEED = 3, 7
+
+
+def sample(model, seed=SEED, latent=None):
+    import nodes
+
+    pos, neg = ltx2_tiny.conditioning()
+    out = nodes.common_ksampler(model, seed, STEPS, 3.0, "euler", "simple", pos, neg, latent or ltx2_tiny.latent())
+    return torch.cat([t.flatten() for t in out[0]["samples"].unbind()])
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def calibrate(node, model, filename="", append=True, seeds=2, layers="all", budget=1.0):
+    pos, neg = ltx2_tiny.conditioning()
+    return node("LiteFFNCalibrate").execute(
+        model=model, positive=pos, negative=neg, latent_image=ltx2_tiny.latent(), seed=1, steps=STEPS, cfg=3.0,
+        sampler_name="euler", scheduler="simple", seeds=seeds, layers=layers, blocks="all",
+        memory_budget_gb=budget, storage="cpu", filename=filename, append=append)
+
+
+def compress(node, model, stats=None, rank=16, residual="fp8", save_name="", energy=0.0, layers="all"):
+    return node("LiteFFNCompressModel").execute(model=model, stats=stats, rank=rank, energy=energy, residual=residual,
+                                                layers=layers, blocks="all", save_name=save_name)
+
+
+def folder():
+    import folder_paths
+
+    return folder_paths.get_folder_paths("liteffn")[0]
+
+
+def test_schemas_list_three_nodes_in_category(pack, node):
+    for nid, must in [("LiteFFNCalibrate", {"model", "positive", "negative", "latent_image", "seeds", "filename"}),
+                      ("LiteFFNCompressModel", {"model", "stats", "rank", "residual", "layers", "save_name"}),
+                      ("LowRankFFNLoader", {"model", "compressed_file"})]:
+        info = node(nid).GET_NODE_INFO_V1()
+        names = set(info["input"]["required"]) | set(info["input"].get("optional", {}))
+        assert must <= names and info["category"] == "LiteFFN", (nid, names)
+
+
+def test_calibrate_compress_sample_is_close_to_baseline(pack, node, ltx2):
+    model = ltx2()
+    stats, summary = calibrate(node, model).result
+    names = stats.names()
+    assert len(names) == 8 and all(stats[n].rows > 0 for n in names), summary  # 2 blocks x (ff, audio_ff) x 2
+    assert stats["transformer_blocks.0.ff.net.2"].width == 256 and stats["transformer_blocks.1.audio_ff.net.0.proj"].width == 32
+    base = sample(model)
+    patched, report = compress(node, model, stats, rank=16).result
+    assert "8 linears" in report and "8 calibrated" in report, report
+    out = sample(patched)
+    err = rel(out, base)
+    print(f"r=16 fp8 calibrated: final latent relative difference {err:.4f}")
+    assert 0 < err < 0.05  # FP8 residual + FP8 activations: changed, but close
+
+
+def test_full_rank_without_quantization_matches_baseline(pack, node, ltx2):
+    model = ltx2()
+    patched, report = compress(node, model, None, rank=8192, energy=1.0, residual="bf16").result
+    mods = [patched.object_patches[k] for k in patched.object_patches if k.endswith("ff")]
+    assert len(mods) == 4 and all(m.up.rank == min(m.up.in_features, m.up.out_features) for m in mods)
+    err = rel(sample(patched), sample(model))
+    print(f"full rank, bf16 residual: relative difference {err:.2e}")
+    assert err < 1e-3
+
+
+def test_baseline_branch_is_untouched(pack, node, ltx2):
+    model = ltx2()
+    before = sample(model)
+    patched, _ = compress(node, model, None, rank=8).result
+    assert not model.object_patches  # the input MODEL itself carries no patch
+    sample(patched)
+    after = sample(model)
+    assert torch.equal(before, after)
+    assert type(model.model.diffusion_model.transformer_blocks[0].ff).__name__ == "FeedForward"
+    assert patched.model_size() < model.model_size()  # ComfyUI plans VRAM with the compressed size
+
+
+def test_loader_round_trip_equals_compress_output(pack, node, ltx2):
+    model = ltx2()
+    stats, _ = calibrate(node, model, seeds=1).result
+    patched, _ = compress(node, model, stats, rank=8, save_name="rt/ltx2_r8").result
+    path = os.path.join(folder(), "rt", "ltx2_r8.safetensors")
+    assert os.path.isfile(path)
+    loaded, report = node("LowRankFFNLoader").execute(model=model, compressed_file="rt/ltx2_r8.safetensors").result
+    assert "loaded ltx2_r8.safetensors" in report
+    for k, m in patched.object_patches.items():
+        other = dict(loaded.object_patches[k].named_parameters())
+        for n, p in m.named_parameters():
+            assert torch.equal(p.view(torch.uint8), other[n].view(torch.uint8)), (k, n)
+    assert torch.equal(sample(patched), sample(loaded))
+
+
+def test_loader_explains_mismatched_files(pack, node, ltx2):
+    model = ltx2()
+    compress(node, model, None, rank=4, save_name="mm")
+    load = lambda m: node("LowRankFFNLoader").execute(model=m, compressed_file="mm.safetensors")  # noqa: E731
+    with pytest.raises(ValueError, match="hold different weights.*another checkpoint"):
+        load(ltx2(seed=1))
+    wider = dict(ltx2_tiny.CONFIG, audio_attention_head_dim=16, audio_cross_attention_dim=64)
+    with pytest.raises(ValueError, match="differ in shape"):
+        load(ltx2(config=wider))
+    with pytest.raises(ValueError, match="LTX-2 models only"):
+        load(ltx2(video_only=True))  # LTX-Video 0.9: not LTX-2
+    stats, _ = calibrate(node, model, filename="not_a_model_file", seeds=1).result
+    with pytest.raises(ValueError, match="liteffn.stats.*expected 'liteffn.compressed'"):
+        node("LowRankFFNLoader").execute(model=model, compressed_file="not_a_model_file.safetensors")
+    with open(os.path.join(folder(), "broken.safetensors"), "wb") as f:
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        node("LowRankFFNLoader").execute(model=model, compressed_file="broken.safetensors")
+
+
+def test_compress_rejects_bad_requests_clearly(pack, node, ltx2):
+    model = ltx2()
+    with pytest.raises(ValueError, match="rank 100 is larger than layer"):
+        compress(node, model, None, rank=100, layers="audio")
+    with pytest.raises(ValueError, match="LTX-2 models only"):
+        compress(node, ltx2(video_only=True), None)
+    patched, _ = compress(node, model, None, rank=4).result
+    with pytest.raises(ValueError, match="already compressed by LiteFFN"):
+        compress(node, patched, None)
+
+
+def _interrupt_after(n):
+    import comfy.model_management
+    import comfy.utils
+
+    calls = [0]
+
+    def hook(value, total, preview, node_id=None):
+        calls[0] += 1
+        if calls[0] == n:
+            comfy.model_management.interrupt_current_processing(True)
+    comfy.utils.set_progress_bar_global_hook(hook)
+
+
+def test_interrupting_leaves_no_partial_file(pack, node, ltx2):
+    import comfy.model_management
+    import comfy.utils
+
+    model = ltx2()
+    files_before = set(os.listdir(folder()))
+    try:
+        _interrupt_after(2)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            calibrate(node, model, filename="interrupted_stats")
+        comfy.model_management.interrupt_current_processing(False)
+        _interrupt_after(1)  # after the first layer, while the file is being written
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            compress(node, model, None, rank=4, save_name="interrupted_model")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert set(os.listdir(folder())) == files_before  # no file, no temp file
+    # and the model still samples, with no calibration hook left behind
+    assert torch.isfinite(sample(model)).all()
+    assert not any(m._forward_pre_hooks for m in model.model.modules())
+
+
+def test_statistics_accumulate_over_runs_of_one_model(pack, node, ltx2):
+    ActivationStats = pack.calibration.stats.ActivationStats
+    model = ltx2()
+    path = os.path.join(folder(), "acc.safetensors")
+    one, _ = calibrate(node, model, filename="acc", append=False, seeds=1).result
+    calibrate(node, model, filename="acc", append=True, seeds=1)
+    saved = ActivationStats.load(path)
+    n = "transformer_blocks.1.ff.net.2"
+    assert saved.meta["runs"] == 2 and saved[n].rows == 2 * one[n].rows
+    torch.testing.assert_close(saved[n].xtx, 2 * one[n].xtx, rtol=1e-5, atol=1e-5)  # same seed: same activations
+    with pytest.raises(ValueError, match="statistics of another model"):
+        calibrate(node, ltx2(seed=3), filename="acc", append=True, seeds=1)
+    assert ActivationStats.load(path).meta["runs"] == 2  # the file is as it was
+    # compress from the saved file (read one layer at a time) equals compress from the node output
+    a, _ = node("LiteFFNCompressModel").execute(model=model, stats=saved, rank=8, energy=0.0, residual="fp8",
+                                                layers="all", blocks="all", save_name="").result
+    b, _ = node("LiteFFNCompressModel").execute(model=model, stats_file="acc.safetensors", rank=8, energy=0.0,
+                                                residual="fp8", layers="all", blocks="all", save_name="").result
+    assert torch.equal(sample(a), sample(b))
+
+
+def test_small_budget_calibrates_in_passes_with_the_same_result(pack, node, ltx2):
+    model = ltx2()
+    whole, _ = calibrate(node, model, seeds=1).result
+    split, summary = calibrate(node, model, seeds=1, budget=0.0043).result  # 4.4 MiB, 4 of them scratch
+    assert "1 pass" not in summary, summary
+    for n in whole.names():
+        torch.testing.assert_close(split[n].xtx, whole[n].xtx)
+
+
+def test_fp8_checkpoint_as_source(pack, node, ltx2):
+    fp8 = ltx2(fp8_ffn=True)
+    w = fp8.model.diffusion_model.transformer_blocks[0].ff.net[0].proj.weight
+    assert type(w).__name__ == "QuantizedTensor"  # ComfyUI loaded it as its FP8 layout
+    stats, _ = calibrate(node, fp8, seeds=1).result
+    patched, report = compress(node, fp8, stats, rank=16).result
+    err = rel(sample(patched), sample(fp8))
+    print(f"FP8 source, r=16 fp8: relative difference {err:.4f}")
+    assert 0 < err < 0.05
+    compress(node, fp8, None, rank=4, save_name="from_fp8")
+    node("LowRankFFNLoader").execute(model=fp8, compressed_file="from_fp8.safetensors")  # fingerprint matches
+
+
+def test_other_packs_ffn_forward_patch_is_dropped_with_a_warning(pack, node, ltx2, caplog):
+    model = ltx2().clone()
+    calls = []
+    ff = model.model.diffusion_model.transformer_blocks[0].ff
+    model.add_object_patch("diffusion_model.transformer_blocks.0.ff.forward", lambda x: calls.append(1) or ff.net(x))
+    patched, _ = compress(node, model, None, rank=4).result
+    assert "dropping another node's patch diffusion_model.transformer_blocks.0.ff.forward" in caplog.text
+    sample(patched)
+    assert not calls  # the compressed FFN ran, not the other pack's forward over the dense weights
+
+
+def test_compressed_path_reports_which_kernel_ran(pack, node, ltx2):
+    dispatch = pack.kernels.dispatch
+    patched, _ = compress(node, ltx2(), None, rank=4).result
+    dispatch.counts.clear()
+    sample(patched)
+    path = "triton" if dispatch.fp8_tensor_cores(torch.device(patched.load_device)) else "reference"
+    print(f"device {patched.load_device}: {dict(dispatch.counts)}")
+    assert dispatch.counts[f"ffn:{path}"] > 0 and sum(dispatch.counts.values()) == dispatch.counts[f"ffn:{path}"]
