@@ -8,6 +8,7 @@ get_model_object and the shared `backup` give the originals.
 from __future__ import annotations
 
 import logging
+import uuid
 
 import torch
 
@@ -120,6 +121,10 @@ def patched(model, modules: dict[str, CompressedFFN]):
         m.add_object_patch(key, mod)
         saved += _nbytes(orig) - _nbytes(mod)
     m.size = max(model.model_size() - saved, 1)
+    # ComfyUI swaps clones of one model without moving weights when their patches_uuid match, which
+    # would leave the dense FFNs of the other branch wherever they were (found on the GPU: CPU
+    # weights, CUDA input). A new uuid makes a switch reload, as a LoRA or a dtype change does.
+    m.patches_uuid = uuid.uuid4()
     return m
 
 

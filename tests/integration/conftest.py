@@ -45,8 +45,21 @@ def pack(tmp_path_factory):
     from comfy.cli_args import args
 
     args.cpu = os.environ.get("LITEFFN_TEST_GPU") != "1"
+    dynamic = os.environ.get("LITEFFN_TEST_DYNAMIC") == "1"  # ComfyUI's dynamic VRAM (comfy-aimdo), as main.py
+    if dynamic:
+        import comfy_aimdo.control
+
+        comfy_aimdo.control.init()
+    import comfy.memory_management
+    import comfy.model_management
+    import comfy.model_patcher
     import folder_paths
     import nodes
+
+    if dynamic:
+        assert comfy_aimdo.control.init_device(comfy.model_management.get_torch_device().index), "comfy-aimdo failed"
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
 
     folder_paths.add_model_folder_path("liteffn", str(tmp_path_factory.mktemp("liteffn")), is_default=True)
     assert asyncio.run(nodes.load_custom_node(ROOT)), "ComfyUI could not load the pack (see the log above)"
