@@ -39,7 +39,7 @@ def original_ffn(model, ffn: str) -> torch.nn.Module:
     """The model's own FeedForward at `ffn`, whatever clone is loaded now."""
     key = PREFIX + ffn
     m = model.get_model_object(key)
-    if isinstance(m, CompressedFFN):
+    if isinstance(m, (CompressedFFN, _FFNProxy)):
         raise ValueError(
             f"{ffn} is already compressed by LiteFFN in this MODEL. Connect the MODEL from before the "
             "LiteFFN Compress / Low-Rank FFN Loader node."
@@ -107,10 +107,36 @@ def warn_about_lora(model, linears) -> list[str]:
     return [msg]
 
 
+class _FFNProxy(torch.nn.Module):
+    """What the object patch puts at `ff`: no tensors of its own, it calls the compressed FFN.
+
+    The compressed tensors live in one container module that the patched MODEL carries as an
+    additional model (as ControlNets are), so ComfyUI loads, offloads, counts and frees them
+    as a model of their own. Tensors inside an object-patched subtree break dynamic VRAM:
+    it restores its weight backups by name after the object patches are undone."""
+
+    def __init__(self, target: CompressedFFN):
+        super().__init__()
+        self.__dict__["target"] = target  # not registered: not part of the main model's tree
+
+    def forward(self, x):
+        return self.target(x)
+
+    def extra_repr(self):
+        return f"LiteFFN -> {self.target.up.extra_repr()}"
+
+
+ADDITIONAL_KEY = "liteffn"
+
+
 def patched(model, modules: dict[str, CompressedFFN]):
-    """A clone of model with modules swapped in by object patches; model itself is untouched.
-    Its size (what ComfyUI plans VRAM with) is the compressed model's, not the original's."""
+    """A clone of model whose FFNs run the compressed modules; model itself is untouched.
+    Sizes are what ComfyUI plans VRAM with: the clone's drops by the dense FFNs it no longer
+    loads, the compressed tensors are counted by their own patcher."""
+    import comfy.model_patcher
+
     m = model.clone()
+    container = torch.nn.ModuleDict({_key(f): mod for f, mod in modules.items()})
     saved = 0
     for ffn, mod in modules.items():
         key = PREFIX + ffn
@@ -118,14 +144,29 @@ def patched(model, modules: dict[str, CompressedFFN]):
         for k in [k for k in m.object_patches if k.startswith(key + ".")]:
             log.warning("LiteFFN: dropping another node's patch %s: its FFN is now compressed", k)
             del m.object_patches[k]
-        m.add_object_patch(key, mod)
-        saved += _nbytes(orig) - _nbytes(mod)
+        m.add_object_patch(key, _FFNProxy(mod))
+        saved += _nbytes(orig)
+    m.set_additional_models(ADDITIONAL_KEY, [comfy.model_patcher.CoreModelPatcher(
+        container, load_device=model.load_device, offload_device=model.offload_device)])
     m.size = max(model.model_size() - saved, 1)
     # ComfyUI swaps clones of one model without moving weights when their patches_uuid match, which
     # would leave the dense FFNs of the other branch wherever they were (found on the GPU: CPU
     # weights, CUDA input). A new uuid makes a switch reload, as a LoRA or a dtype change does.
     m.patches_uuid = uuid.uuid4()
     return m
+
+
+def compressed_modules(model) -> dict[str, CompressedFFN]:
+    """{ffn name: CompressedFFN} of a MODEL patched by LiteFFN ({} for any other)."""
+    out = {}
+    for k, v in model.object_patches.items():
+        if isinstance(v, _FFNProxy):
+            out[k[len(PREFIX):]] = v.target
+    return out
+
+
+def _key(ffn: str) -> str:
+    return ffn.replace(".", "-")
 
 
 def _nbytes(module: torch.nn.Module) -> int:

@@ -10,19 +10,15 @@ from test_nodes import compress, sample
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and LITEFFN_TEST_GPU=1)")
 
 
-def _ours(patched):
-    return {k: m for k, m in patched.object_patches.items() if k.endswith("ff")}
-
-
 def test_load_and_unload_move_and_free_the_compressed_tensors(pack, node, ltx2):
     import comfy.model_management as mm
 
     model = ltx2()
     patched, _ = compress(node, model, None, rank=8).result
-    mods = _ours(patched)
+    mods = pack.nodes.model.compressed_modules(patched)
     mm.unload_all_models()
     base = torch.cuda.memory_allocated()
-    mm.load_models_gpu([patched])
+    mm.load_models_gpu([patched] + patched.get_nested_additional_models())  # as sampling does
     print(f"patcher {type(patched).__name__}, loaded {patched.loaded_size()} B, size {patched.model_size()} B")
     assert all(p.device.type == "cuda" for m in mods.values() for p in m.parameters())
     assert torch.cuda.memory_allocated() > base
@@ -36,7 +32,7 @@ def test_load_and_unload_move_and_free_the_compressed_tensors(pack, node, ltx2):
 def test_offloaded_module_runs_on_gpu_inputs(pack, node, ltx2):
     """A partially loaded model may leave our modules on the CPU: forward copies them per call."""
     patched, _ = compress(node, ltx2(), None, rank=8).result
-    ffn = _ours(patched)["diffusion_model.transformer_blocks.0.ff"]
+    ffn = pack.nodes.model.compressed_modules(patched)["transformer_blocks.0.ff"]
     x = torch.randn(2, 40, ffn.up.in_features, device="cuda", dtype=torch.bfloat16)
     y_off = ffn(x)  # parameters on the CPU
     y_on = ffn.to("cuda")(x)

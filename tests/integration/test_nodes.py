@@ -69,11 +69,14 @@ def test_calibrate_compress_sample_is_close_to_baseline(pack, node, ltx2):
 def test_full_rank_without_quantization_matches_baseline(pack, node, ltx2):
     model = ltx2()
     patched, report = compress(node, model, None, rank=8192, energy=1.0, residual="bf16").result
-    mods = [patched.object_patches[k] for k in patched.object_patches if k.endswith("ff")]
+    mods = list(pack.nodes.model.compressed_modules(patched).values())
     assert len(mods) == 4 and all(m.up.rank == min(m.up.in_features, m.up.out_features) for m in mods)
     err = rel(sample(patched), sample(model))
-    print(f"full rank, bf16 residual: relative difference {err:.2e}")
-    assert err < 1e-3
+    print(f"full rank, bf16 residual on {patched.load_device}: relative difference {err:.2e}")
+    # CPU computes in fp32: only the bf16 rounding of the factors and residual remains (measured
+    # 9e-7). GPUs compute in bf16, where A B x + R x rounds three products instead of one W x
+    # (measured 9e-3 on H100 after 3 steps at cfg 3).
+    assert err < (1e-3 if patched.load_device.type == "cpu" else 2e-2)
 
 
 def test_baseline_branch_is_untouched(pack, node, ltx2):
@@ -96,8 +99,10 @@ def test_loader_round_trip_equals_compress_output(pack, node, ltx2):
     assert os.path.isfile(path)
     loaded, report = node("LowRankFFNLoader").execute(model=model, compressed_file="rt/ltx2_r8.safetensors").result
     assert "loaded ltx2_r8.safetensors" in report
-    for k, m in patched.object_patches.items():
-        other = dict(loaded.object_patches[k].named_parameters())
+    ours = pack.nodes.model.compressed_modules
+    assert len(ours(patched)) == 4 and ours(patched).keys() == ours(loaded).keys()
+    for k, m in ours(patched).items():
+        other = dict(ours(loaded)[k].named_parameters())
         for n, p in m.named_parameters():
             assert torch.equal(p.view(torch.uint8), other[n].view(torch.uint8)), (k, n)
     assert torch.equal(sample(patched), sample(loaded))
