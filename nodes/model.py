@@ -115,9 +115,18 @@ class _FFNProxy(torch.nn.Module):
     as a model of their own. Tensors inside an object-patched subtree break dynamic VRAM:
     it restores its weight backups by name after the object patches are undone."""
 
-    def __init__(self, target: CompressedFFN):
+    def __init__(self, target: CompressedFFN, original: torch.nn.Module):
         super().__init__()
-        self.__dict__["target"] = target  # not registered: not part of the main model's tree
+        # neither registered: not part of the main model's tree, so neither is loaded with it
+        self.__dict__["target"], self.__dict__["original"] = target, original
+
+    def __getattr__(self, name):
+        # Paths into the replaced FFN (`ff.net.0.proj.weight`) still resolve, to the original: dynamic
+        # VRAM restores another clone's weight backups by name while this proxy is patched in.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["original"], name)
 
     def forward(self, x):
         return self.target(x)
@@ -144,7 +153,7 @@ def patched(model, modules: dict[str, CompressedFFN]):
         for k in [k for k in m.object_patches if k.startswith(key + ".")]:
             log.warning("LiteFFN: dropping another node's patch %s: its FFN is now compressed", k)
             del m.object_patches[k]
-        m.add_object_patch(key, _FFNProxy(mod))
+        m.add_object_patch(key, _FFNProxy(mod, orig))
         saved += _nbytes(orig)
     m.set_additional_models(ADDITIONAL_KEY, [comfy.model_patcher.CoreModelPatcher(
         container, load_device=model.load_device, offload_device=model.offload_device)])

@@ -159,7 +159,7 @@ def test_interrupting_leaves_no_partial_file(pack, node, ltx2):
     model = ltx2()
     files_before = set(os.listdir(folder()))
     try:
-        _interrupt_after(2)
+        _interrupt_after(1)  # ComfyUI sends the first update at once, later ones throttled
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             calibrate(node, model, filename="interrupted_stats")
         comfy.model_management.interrupt_current_processing(False)
