@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import files
 from .calibrate import LiteFFNCalibrate
+from .compare import LiteFFNCompare
 from .compress import LiteFFNCompressModel
 from .loader import LowRankFFNLoader
 
@@ -11,4 +12,4 @@ files.register()
 
 class LiteFFNExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LiteFFNCalibrate, LiteFFNCompressModel, LowRankFFNLoader]
+        return [LiteFFNCalibrate, LiteFFNCompressModel, LowRankFFNLoader, LiteFFNCompare]

@@ -48,3 +48,18 @@ def test_mismatched_batches_are_explained():
         Q.compare(frames(n=3), frames(n=2))
     with pytest.raises(ValueError, match="smaller than the SSIM window"):
         Q.ssim(frames(h=8, w=8), frames(h=8, w=8))
+
+
+def test_plot_shows_the_worst_frame_pair_above_the_curve():
+    pytest.importorskip("PIL")
+    from liteffn.quality.plot import render
+
+    a = frames(n=4, h=32, w=40)
+    b = a.clone()
+    b[1] = 0.0  # the worst frame: black in the test half of the picture
+    img = render(a, b, Q.compare(a, b), "r=64")
+    assert img.shape[0] == 1 and img.shape[-1] == 3 and img.shape[2] == 320 and img.shape[1] > 32 + 150
+    torch.testing.assert_close(img[0, :32, :40], a[1], atol=1 / 255, rtol=0)  # reference frame 1, left
+    assert img[0, :32, 40:80].max() == 0  # test frame 1, right
+    same = render(a, a, Q.compare(a, a))  # all frames identical: still a picture
+    assert torch.isfinite(same).all()

@@ -238,3 +238,16 @@ def test_compressed_path_reports_which_kernel_ran(pack, node, ltx2):
     path = "triton" if dispatch.fp8_tensor_cores(torch.device(patched.load_device)) else "reference"
     print(f"device {patched.load_device}: {dict(dispatch.counts)}")
     assert dispatch.counts[f"ffn:{path}"] > 0 and sum(dispatch.counts.values()) == dispatch.counts[f"ffn:{path}"]
+
+
+def test_compare_node_on_known_frames(pack, node):
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    ref = 0.2 + 0.6 * torch.rand(3, 64, 64, 3, generator=g)
+    psnr, ssim, report, plot = node("LiteFFNCompare").execute(reference=ref, test=ref.clone(), label="same").result
+    assert math.isinf(psnr) and ssim == pytest.approx(1.0) and "inf (identical)" in report
+    noisy = ref + 0.01 * torch.randn(ref.shape, generator=g)
+    psnr, ssim, report, plot = node("LiteFFNCompare").execute(reference=ref, test=noisy, label="r=64").result
+    assert psnr == pytest.approx(40.0, abs=0.1) and 0 < ssim < 1 and len(report.splitlines()) == 5
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3

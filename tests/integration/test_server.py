@@ -53,7 +53,7 @@ def get(url):
         return json.loads(r.read())
 
 
-def test_object_info_lists_the_three_nodes_with_their_inputs(server):
+def test_object_info_lists_the_nodes_with_their_inputs(server):
     url, base = server
     info = get(url + "/object_info")
     want = {
@@ -63,6 +63,7 @@ def test_object_info_lists_the_three_nodes_with_their_inputs(server):
         "LiteFFNCompressModel": {"model", "stats", "stats_file", "rank", "energy", "residual", "layers", "blocks",
                                  "save_name"},
         "LowRankFFNLoader": {"model", "compressed_file"},
+        "LiteFFNCompare": {"reference", "test", "label"},
     }
     for nid, inputs in want.items():
         assert nid in info, f"{nid} missing; server log:\n" + (base / "server.log").read_text()[-3000:]
