@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -29,6 +29,7 @@ class LiteFFNCalibrate(io.ComfyNode):
             node_id="LiteFFNCalibrate",
             display_name="LiteFFN Calibrate",
             category="LiteFFN",
+            is_output_node=True,  # it saves a file: runs headless even with nothing connected
             description="Samples the LTX-2 model on your prompts with ComfyUI's sampler and records the input "
                         "statistics of every FFN linear (R = E[x x^T], ranges) for LiteFFN Compress Model. "
                         "Saved runs with the same filename add up.",
@@ -112,7 +113,7 @@ class LiteFFNCalibrate(io.ComfyNode):
             else:
                 summary += f"; saved {os.path.basename(path)}"
             stats.save(path)
-        return io.NodeOutput(stats, summary)
+        return io.NodeOutput(stats, summary, ui=ui.PreviewText(summary))
 
 
 def _hooks(col: StatsCollector):

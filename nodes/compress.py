@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 import comfy.model_management
 import comfy.utils
@@ -32,6 +32,7 @@ class LiteFFNCompressModel(io.ComfyNode):
             node_id="LiteFFNCompressModel",
             display_name="LiteFFN Compress Model",
             category="LiteFFN",
+            is_output_node=True,  # it saves a file: runs headless even with nothing connected
             description="Replaces the LTX-2 FFNs by a calibrated low-rank branch (bf16) plus a quantized residual. "
                         "Returns a patched copy of the MODEL (the input MODEL stays as it was) and a per-layer report; "
                         "saves the compressed file for the Low-Rank FFN Loader when given a name.",
@@ -86,7 +87,7 @@ class LiteFFNCompressModel(io.ComfyNode):
         header = f"LiteFFN {policy.describe()} {residual}" + (f" -> {os.path.basename(path)}" if path else "")
         report = format_report({n: c.info for n, c in done.items()}, dense, header, notes)
         log.info("LiteFFN Compress Model:\n%s", "\n".join(report.splitlines()[:4]))
-        return io.NodeOutput(patched, report)
+        return io.NodeOutput(patched, report, ui=ui.PreviewText(report))
 
 
 def _stats_source(stats, stats_file, model, names):

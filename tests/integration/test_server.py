@@ -16,9 +16,13 @@ from conftest import COMFYUI, ROOT
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(pack, tmp_path_factory):
+    import ltx2_tiny
+
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    ltx2_tiny.save(str(base / "models" / "diffusion_models" / "ltx2_tiny.safetensors"))
     os.symlink(ROOT, base / "custom_nodes" / "ComfyUI-LiteFFN")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,3 +80,40 @@ def test_object_info_lists_the_nodes_with_their_inputs(server):
     assert "liteffn" in get(url + "/models")  # registered with folder_paths
     log = (base / "server.log").read_text()
     assert "IMPORT FAILED" not in log and "ComfyUI-LiteFFN" in log
+
+
+def _compress_workflow(rank=4, save_name="headless_r4"):
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "ltx2_tiny.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "LiteFFNCompressModel",
+              "inputs": {"model": ["1", 0], "stats_file": "(none)", "rank": rank, "energy": 0.0, "residual": "fp8",
+                         "layers": "all", "blocks": "all", "save_name": save_name}},
+    }
+
+
+def test_headless_client_queues_follows_and_reports(pack, server):
+    import asyncio
+
+    from liteffn.headless import client
+    url, base = server
+    seen = []
+    result = asyncio.run(client.run(url, _compress_workflow(), log=seen.append, timeout=300))
+    report = result["outputs"]["2"]["text"][0]
+    assert "8 linears, residual fp8, rank 4-4" in report
+    assert any(s.startswith("running 2 (LiteFFNCompressModel)") for s in seen)
+    assert (base / "models" / "liteffn" / "headless_r4.safetensors").is_file()
+    history = get(url + "/history/" + result["prompt_id"])[result["prompt_id"]]
+    assert history["status"]["status_str"] == "success"
+
+
+def test_headless_client_reports_failures_with_comfyuis_message(pack, server):
+    import asyncio
+
+    from liteffn.headless import client
+    url, _ = server
+    with pytest.raises(client.WorkflowError, match="LiteFFNCompressModel.*rank 999 is larger than layer"):
+        asyncio.run(client.run(url, _compress_workflow(rank=999, save_name=""), log=lambda *_: None, timeout=300))
+    bad = _compress_workflow()
+    bad["2"]["class_type"] = "NoSuchNode"
+    with pytest.raises(client.WorkflowError, match="rejected"):
+        asyncio.run(client.run(url, bad, log=lambda *_: None, timeout=60))
