@@ -16,6 +16,7 @@ from ..kernels.modules import TENSOR_NAMES
 from .compress import CompressedLayer
 from .st_writer import StreamingSafetensorsWriter
 from .stats import open_checked
+from .stats import read_meta as _read_meta
 
 FILE_FORMAT = "liteffn.compressed"
 FILE_VERSION = 1
@@ -44,8 +45,11 @@ class MismatchError(ValueError):
     pass
 
 
-def compare_fingerprints(saved: dict, model: dict, path: str = "file") -> None:
-    """Raise MismatchError naming what differs between the file's source model and this one."""
+def compare_fingerprints(saved: dict, model: dict, path: str = "file", common_only: bool = False) -> None:
+    """Raise MismatchError naming what differs between the file's source model and this one.
+    common_only: compare only the layers both hold (statistics may cover other layers)."""
+    if common_only:
+        saved = {n: v for n, v in saved.items() if n in model}
     problems = []
     missing = sorted(set(saved) - set(model))
     if missing:
@@ -115,9 +119,7 @@ def save(path: str, layers: dict[str, CompressedLayer], weights: dict[str, torch
 
 
 def read_meta(path: str) -> dict:
-    meta, f = open_checked(path, FILE_FORMAT, FILE_VERSION)
-    with f:
-        return meta
+    return _read_meta(path, FILE_FORMAT, FILE_VERSION)
 
 
 def load(path: str, model_fp: dict | None = None, family: str | None = None, device="cpu"):

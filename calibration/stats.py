@@ -140,15 +140,11 @@ class ActivationStats:
 
     @staticmethod
     def load_names(path: str) -> list[str]:
-        meta, f = open_checked(path, STATS_FORMAT, STATS_VERSION)
-        with f:
-            return list(meta["layers"])
+        return list(ActivationStats.load_meta(path)["layers"])
 
     @staticmethod
     def load_meta(path: str) -> dict:
-        meta, f = open_checked(path, STATS_FORMAT, STATS_VERSION)
-        with f:
-            return meta
+        return read_meta(path, STATS_FORMAT, STATS_VERSION)
 
     @classmethod
     def load(cls, path: str, device="cpu", names=None) -> "ActivationStats":
@@ -205,6 +201,13 @@ def open_checked(path: str, fmt: str, version: int):
             f"{path} is format version {meta['version']}, newer than this LiteFFN reads ({version}); update the pack"
         )
     return meta, f
+
+
+def read_meta(path: str, fmt: str, version: int) -> dict:
+    """The checked metadata of a file of ours, without reading its tensors."""
+    meta, f = open_checked(path, fmt, version)
+    with f:
+        return meta
 
 
 class StatsCollector:

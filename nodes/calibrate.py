@@ -142,9 +142,8 @@ def _step(pbar, done):
 
 def _check_appendable(path: str, fp: dict) -> None:
     saved = ActivationStats.load_meta(path).get("fingerprint") or {}
-    common = {n: v for n, v in fp.items() if n in saved}
     try:
-        compare_fingerprints({n: saved[n] for n in common}, common, path)
+        compare_fingerprints(saved, fp, path, common_only=True)
     except MismatchError as e:
         raise ValueError(f"{e} (statistics of another model); choose another filename, or turn append off "
                          "to replace the file") from None

@@ -97,8 +97,8 @@ def _stats_source(stats, stats_file, model, names):
         raise ValueError("connect statistics or choose a stats_file, not both")
     if stats_file != NO_FILE:
         path = full_path(stats_file)
-        meta_names = set(ActivationStats.load_names(path))
-        fp = ActivationStats.load_meta(path).get("fingerprint")
+        meta = ActivationStats.load_meta(path)
+        meta_names, fp = set(meta["layers"]), meta.get("fingerprint")
         have = lambda n: n in meta_names  # noqa: E731
         get = lambda n: ActivationStats.load(path, names=[n])[n]  # noqa: E731
     elif stats is not None:
@@ -124,7 +124,7 @@ def _stats_source(stats, stats_file, model, names):
 
 def _differs(saved: dict, model_fp: dict) -> bool:
     try:
-        compressed_file.compare_fingerprints({n: saved[n] for n in model_fp}, model_fp)
+        compressed_file.compare_fingerprints(saved, model_fp, common_only=True)
         return False
     except compressed_file.MismatchError:
         return True
