@@ -28,17 +28,19 @@ def ffn_of(linear: str) -> str:
     return f"transformer_blocks.{m.group(1)}.{m.group(2)}"
 
 
+STREAMS = {"all": ("ff", "audio_ff"), "video": ("ff",), "audio": ("audio_ff",)}
+
+
+def streams(which: str) -> tuple[str, ...]:
+    if which not in STREAMS:
+        raise ValueError(f"layer selection must be one of {', '.join(STREAMS)}, got {which!r}")
+    return STREAMS[which]
+
+
 def select(names, which: str = "all") -> list[str]:
     """FFN linears among names: which = all | video | audio (ff / audio_ff)."""
-    stream = {"all": None, "video": "ff", "audio": "audio_ff"}
-    if which not in stream:
-        raise ValueError(f"layer selection must be one of {', '.join(stream)}, got {which!r}")
-    out = []
-    for n in names:
-        m = FFN_LINEAR.match(n)
-        if m and (stream[which] is None or m.group(2) == stream[which]):
-            out.append(n)
-    return out
+    keep = streams(which)
+    return [n for n in names if (m := FFN_LINEAR.match(n)) and m.group(2) in keep]
 
 
 def parse_blocks(spec: str, n_blocks: int) -> list[int]:
@@ -63,7 +65,4 @@ def parse_blocks(spec: str, n_blocks: int) -> list[int]:
 
 def ffn_modules(n_blocks: int, which: str = "all", blocks: str = "") -> list[str]:
     """FFN module names (`transformer_blocks.N.ff` / `.audio_ff`) of the selected streams and blocks."""
-    streams = {"all": ("ff", "audio_ff"), "video": ("ff",), "audio": ("audio_ff",)}
-    if which not in streams:
-        raise ValueError(f"layer selection must be one of {', '.join(streams)}, got {which!r}")
-    return [f"transformer_blocks.{i}.{s}" for i in parse_blocks(blocks, n_blocks) for s in streams[which]]
+    return [f"transformer_blocks.{i}.{s}" for i in parse_blocks(blocks, n_blocks) for s in streams(which)]

@@ -23,6 +23,11 @@ from .reference import compressed_ffn_ref, compressed_linear_ref
 TENSOR_NAMES = ("A", "B", "q", "q_scale", "q_scale2", "bias", "input_amax")
 
 
+def _on(t, device):
+    """t on device for this call (a copy when the module sits offloaded elsewhere)."""
+    return t if t is None or device is None or t.device == device else t.to(device, non_blocking=True)
+
+
 class CompressedLinear(torch.nn.Module):
     """y = dequant(q) xq + (x B^T) A^T + bias. With a calibrated input range (input_amax) it
     also holds `input_scale`, the static FP8 scale of its input used inside a fused FFN."""
@@ -51,16 +56,10 @@ class CompressedLinear(torch.nn.Module):
         return self
 
     def tensors(self, device=None) -> dict:
-        out = {}
-        for n in TENSOR_NAMES:
-            t = getattr(self, n)
-            if t is not None:
-                out[n] = t if device is None or t.device == device else t.to(device, non_blocking=True)
-        return out
+        return {n: _on(getattr(self, n), device) for n in TENSOR_NAMES if getattr(self, n) is not None}
 
     def scale_on(self, device):
-        s = self.input_scale
-        return s if s is None or s.device == device else s.to(device, non_blocking=True)
+        return _on(self.input_scale, device)
 
     def kernel_layer(self, t: dict | None = None):
         return (self.fmt, self.act_quant, self.tensors() if t is None else t)
@@ -106,10 +105,9 @@ class CompressedFFN(torch.nn.Module):
         t1, t2, hs = up.tensors(x.device), down.tensors(x.device), down.scale_on(x.device)
         ref = lambda: compressed_ffn_ref(x, up.fmt, t1, down.fmt, t2, hs, act_quant=up.act_quant)  # noqa: E731
         if dispatch.choose(x, [up.kernel_layer(t1), down.kernel_layer(t2)]) == "triton":
-            g = lambda t, k: t.get(k)  # noqa: E731
             return dispatch.run("ffn", lambda: ops.fp8_ffn_op(
-                x, t1["q"], t1["q_scale"], g(t1, "A"), g(t1, "B"), g(t1, "bias"),
-                t2["q"], t2["q_scale"], g(t2, "A"), g(t2, "B"), g(t2, "bias"), hs).to(x.dtype), ref)
+                x, t1["q"], t1["q_scale"], t1.get("A"), t1.get("B"), t1.get("bias"),
+                t2["q"], t2["q_scale"], t2.get("A"), t2.get("B"), t2.get("bias"), hs).to(x.dtype), ref)
         dispatch.note_reference("ffn")
         return ref()
 

@@ -16,7 +16,7 @@ from ..calibration import ltx2
 from ..calibration.compressed_file import MismatchError, compare_fingerprints
 from ..calibration.stats import ActivationStats, StatsCollector, plan_passes
 from . import model as M
-from .files import FOLDER, Stats, stats_path
+from .files import FOLDER, Stats, output_path, selection_inputs
 
 log = logging.getLogger("liteffn")
 WRAPPER_KEY = "liteffn_calibrate"
@@ -45,9 +45,7 @@ class LiteFFNCalibrate(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple"),
                 io.Int.Input("seeds", default=1, min=1, max=1000,
                              tooltip="Runs with seed, seed+1, ...: more activations for the same prompt."),
-                io.Combo.Input("layers", options=["all", "video", "audio"], default="all",
-                               tooltip="video: each block's ff; audio: each block's audio_ff."),
-                io.String.Input("blocks", default="all", tooltip="'all' or blocks like '0-11, 20'."),
+                *selection_inputs(),
                 io.Float.Input("memory_budget_gb", default=8.0, min=0.1, max=1024.0, step=0.5,
                                tooltip="Most memory the statistics may hold at once. LTX-2 19B needs ~63 GB "
                                        "for all FFNs; under a smaller budget the sampling runs once per group "
@@ -71,7 +69,7 @@ class LiteFFNCalibrate(io.ComfyNode):
         widths = {n: int(M.linear_of(model, n).in_features) for n in names}
         budget = int(memory_budget_gb * 2**30)
         groups = plan_passes(widths, budget)
-        path = stats_path(filename) if filename.strip() else None
+        path = output_path(filename) if filename.strip() else None
         fp = M.model_fingerprint(model, names)
         if path and append and os.path.exists(path):
             _check_appendable(path, fp)  # fail before sampling, not after
@@ -147,4 +145,3 @@ def _check_appendable(path: str, fp: dict) -> None:
     except MismatchError as e:
         raise ValueError(f"{e} (statistics of another model); choose another filename, or turn append off "
                          "to replace the file") from None
-

@@ -1,6 +1,7 @@
 """LiteFFN Compress Model: compress the FFNs of the MODEL in the graph; patched clone + report."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -17,7 +18,7 @@ from ..calibration.stats import ActivationStats
 from ..kernels.formats import FORMATS
 from ..kernels.modules import ffn_from_layers
 from . import model as M
-from .files import Stats, full_path, output_path
+from .files import Stats, full_path, output_path, selection_inputs
 
 log = logging.getLogger("liteffn")
 NO_FILE = "(none)"
@@ -51,8 +52,7 @@ class LiteFFNCompressModel(io.ComfyNode):
                 io.Combo.Input("residual", options=list(FORMATS), default="fp8",
                                tooltip="fp8: E4M3 per channel (fused kernels on Hopper/Ada); nvfp4/mxfp4: "
                                        "4-bit blocks; bf16: no quantization."),
-                io.Combo.Input("layers", options=["all", "video", "audio"], default="all"),
-                io.String.Input("blocks", default="all", tooltip="'all' or blocks like '0-11, 20'."),
+                *selection_inputs(),
                 io.String.Input("save_name", default="",
                                 tooltip="Saved as models/liteffn/<save_name>.safetensors; empty: not saved."),
             ],
@@ -72,13 +72,14 @@ class LiteFFNCompressModel(io.ComfyNode):
         pbar = comfy.utils.ProgressBar(len(names))
         extra = {"policy": policy.describe(), "residual_format": residual, "selection": {"layers": layers, "blocks": blocks}}
         done, dense = {}, 0
-        with compressed_file.Writer(path, ltx2.FAMILY, extra) if path else _NoFile() as w:
+        with compressed_file.Writer(path, ltx2.FAMILY, extra) if path else contextlib.nullcontext() as w:
             for i, name in enumerate(names):
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 weight, scale, bias = M.source(model, name)
                 layer = compress_linear(weight, bias, stats_of(name), policy, residual, device=device, name=name,
                                         weight_scale=scale)
-                w.add(name, layer, weight)
+                if w is not None:
+                    w.add(name, layer, weight)
                 done[name] = layer
                 dense += weight.numel() * 2
                 pbar.update_absolute(i + 1)
@@ -128,14 +129,3 @@ def _differs(saved: dict, model_fp: dict) -> bool:
         return False
     except compressed_file.MismatchError:
         return True
-
-
-class _NoFile:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add(self, *args):
-        pass

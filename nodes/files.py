@@ -38,4 +38,11 @@ def output_path(name: str) -> str:
     return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name + ".safetensors")
 
 
-stats_path = output_path
+
+def selection_inputs() -> list:
+    """Which FFNs a node works on: the same two inputs on Calibrate and Compress."""
+    from ..calibration.ltx2 import STREAMS
+
+    return [io.Combo.Input("layers", options=list(STREAMS), default="all",
+                           tooltip="video: each block's ff; audio: each block's audio_ff."),
+            io.String.Input("blocks", default="all", tooltip="'all' or blocks like '0-11, 20'.")]
