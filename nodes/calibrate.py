@@ -57,13 +57,16 @@ class LiteFFNCalibrate(io.ComfyNode):
                 io.Boolean.Input("append", default=True,
                                  tooltip="Add to an existing file of that name (prompts accumulate over runs); "
                                          "off: replace it."),
+                Stats.Input("stats", optional=True,
+                            tooltip="Statistics of an earlier Calibrate node to add these to: chain one node per "
+                                    "prompt and the last one holds them all."),
             ],
             outputs=[Stats.Output(display_name="stats"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, seeds,
-                layers, blocks, memory_budget_gb, storage, filename, append) -> io.NodeOutput:
+                layers, blocks, memory_budget_gb, storage, filename, append, stats=None) -> io.NodeOutput:
         dm = M.diffusion_model(model)
         names = [f"{f}.{sub}" for f in M.ffn_names(model, layers, blocks) for sub in (ltx2.UP, ltx2.DOWN)]
         widths = {n: int(M.linear_of(model, n).in_features) for n in names}
@@ -73,6 +76,9 @@ class LiteFFNCalibrate(io.ComfyNode):
         fp = M.model_fingerprint(model, names)
         if path and append and os.path.exists(path):
             _check_appendable(path, fp)  # fail before sampling, not after
+        earlier = stats
+        if earlier is not None:
+            _check_chainable(earlier, fp)
 
         latent = latent_image["samples"]
         latent = comfy.sample.fix_empty_latent_channels(model, latent, latent_image.get("downscale_ratio_spacial"),
@@ -100,8 +106,11 @@ class LiteFFNCalibrate(io.ComfyNode):
                                "is this latent empty, or does another node skip the FFNs?")
         for n in names:
             stats[n].check_finite(n)
+        if earlier is not None:  # into the fresh object: the earlier node's cached output stays as it was
+            stats.merge_(earlier)
         summary = (f"{len(names)} FFN linears of {len(dm.transformer_blocks)} blocks, {seeds} seed(s) x {steps} steps, "
-                   f"{len(groups)} pass(es); {stats[names[0]].rows} rows seen by {names[0]}")
+                   f"{len(groups)} pass(es); {stats[names[0]].rows} rows seen by {names[0]}"
+                   + (f" (with {stats.meta['runs'] - 1} earlier run(s))" if earlier is not None else ""))
         if path:
             if append and os.path.exists(path):
                 old = ActivationStats.load(path)
@@ -136,6 +145,14 @@ def _step(pbar, done):
     comfy.model_management.throw_exception_if_processing_interrupted()
     done[0] += 1
     pbar.update_absolute(done[0])
+
+
+def _check_chainable(earlier: ActivationStats, fp: dict) -> None:
+    try:
+        compare_fingerprints(earlier.meta.get("fingerprint") or {}, fp, "the stats input", common_only=True)
+    except MismatchError as e:
+        raise ValueError(f"{e} (The stats input holds statistics of another model: connect this model's, or "
+                         "leave the input empty.)") from None
 
 
 def _check_appendable(path: str, fp: dict) -> None:

@@ -1,7 +1,7 @@
 """LiteFFN Compare: how far the compressed model's frames are from the baseline's."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..quality import metrics as Q
 from ..quality.plot import render
@@ -14,6 +14,7 @@ class LiteFFNCompare(io.ComfyNode):
             node_id="LiteFFNCompare",
             display_name="LiteFFN Compare",
             category="LiteFFN",
+            is_output_node=True,  # shows its report in the graph
             description="PSNR and SSIM of each frame of `test` against `reference` (e.g. decoded frames of the "
                         "baseline and of a compressed model, same prompt and seed), with a plot.",
             inputs=[
@@ -35,4 +36,6 @@ class LiteFFNCompare(io.ComfyNode):
         lines = [f"{label + ': ' if label else ''}PSNR {Q.fmt_db(r['psnr_all'])}, SSIM {r['ssim_all']:.4f} "
                  f"over {len(r['psnr'])} frames", "frame  PSNR         SSIM"]
         lines += [f"{i:>5}  {Q.fmt_db(p):<12} {s:.4f}" for i, (p, s) in enumerate(zip(r["psnr"], r["ssim"]))]
-        return io.NodeOutput(r["psnr_all"], r["ssim_all"], "\n".join(lines), render(reference, test, r, label))
+        report = "\n".join(lines)
+        return io.NodeOutput(r["psnr_all"], r["ssim_all"], report, render(reference, test, r, label),
+                             ui=ui.PreviewText(report))

@@ -196,6 +196,30 @@ def test_statistics_accumulate_over_runs_of_one_model(pack, node, ltx2):
     assert torch.equal(sample(a), sample(b))
 
 
+def test_chained_calibrate_nodes_add_up_without_touching_the_earlier_output(pack, node, ltx2):
+    model = ltx2()
+    first, _ = calibrate(node, model, seeds=1).result
+    before = {n: first[n].xtx.clone() for n in first.names()}
+    pos, neg = ltx2_tiny.conditioning(seed=5)  # a second prompt
+    both, summary = node("LiteFFNCalibrate").execute(
+        model=model, positive=pos, negative=neg, latent_image=ltx2_tiny.latent(), seed=1, steps=STEPS, cfg=3.0,
+        sampler_name="euler", scheduler="simple", seeds=1, layers="all", blocks="all", memory_budget_gb=1.0,
+        storage="cpu", filename="", append=False, stats=first).result
+    second, _ = node("LiteFFNCalibrate").execute(
+        model=model, positive=pos, negative=neg, latent_image=ltx2_tiny.latent(), seed=1, steps=STEPS, cfg=3.0,
+        sampler_name="euler", scheduler="simple", seeds=1, layers="all", blocks="all", memory_budget_gb=1.0,
+        storage="cpu", filename="", append=False).result
+    n = "transformer_blocks.0.audio_ff.net.0.proj"
+    assert both.meta["runs"] == 2 and both[n].rows == first[n].rows + second[n].rows, summary
+    torch.testing.assert_close(both[n].xtx, first[n].xtx + second[n].xtx)
+    assert all(torch.equal(first[k].xtx, v) for k, v in before.items())  # ComfyUI's cached output unchanged
+    with pytest.raises(ValueError, match="statistics of another model"):
+        calibrate_other = node("LiteFFNCalibrate").execute
+        calibrate_other(model=ltx2(seed=3), positive=pos, negative=neg, latent_image=ltx2_tiny.latent(), seed=1,
+                        steps=1, cfg=3.0, sampler_name="euler", scheduler="simple", seeds=1, layers="all",
+                        blocks="all", memory_budget_gb=1.0, storage="cpu", filename="", append=False, stats=first)
+
+
 def test_small_budget_calibrates_in_passes_with_the_same_result(pack, node, ltx2):
     model = ltx2()
     whole, _ = calibrate(node, model, seeds=1).result
@@ -251,3 +275,5 @@ def test_compare_node_on_known_frames(pack, node):
     psnr, ssim, report, plot = node("LiteFFNCompare").execute(reference=ref, test=noisy, label="r=64").result
     assert psnr == pytest.approx(40.0, abs=0.1) and 0 < ssim < 1 and len(report.splitlines()) == 5
     assert plot.shape[0] == 1 and plot.shape[-1] == 3
+    shown = node("LiteFFNCompare").execute(reference=ref, test=noisy, label="r=64").ui
+    assert shown.as_dict() == {"text": (report,)}  # the report is displayed on the node
