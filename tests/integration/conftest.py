@@ -90,3 +90,61 @@ def ltx2(pack, tmp_path_factory):
         return comfy.sd.load_diffusion_model(cache[key])
 
     return load
+
+
+def get(url):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="session")
+def server(pack, tmp_path_factory):
+    """A real ComfyUI server (`main.py --cpu`) with this pack in custom_nodes/, as users install it,
+    and a temp models folder holding the small LTX-2 model set under the file names the shipped
+    workflows use (ltx2_models; tiny_gemma is loaded beside the pack) and ltx2_tiny as a diffusion
+    model. -> (url, base directory)."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    import ltx2_models
+    import ltx2_tiny
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    ltx2_tiny.save(str(base / "models" / "diffusion_models" / "ltx2_tiny.safetensors"))
+    ltx2_models.write_model_set(str(base / "models"))
+    os.symlink(ROOT, base / "custom_nodes" / "ComfyUI-LiteFFN")
+    os.symlink(os.path.join(here, "tiny_gemma"), base / "custom_nodes" / "tiny_gemma")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                             "--base-directory", str(base), "--disable-auto-launch"],
+                            cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                break
+            try:
+                urllib.request.urlopen(url + "/system_stats", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("ComfyUI did not start in 120 s")
+        if proc.poll() is not None:
+            pytest.fail("ComfyUI exited:\n" + (base / "server.log").read_text()[-3000:])
+        yield url, base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()

@@ -7,10 +7,12 @@ import json
 
 import torch
 
-# video 4 heads x 16 = 64 wide (FFN 64<->256), audio 4 x 8 = 32 wide (FFN 32<->128), 2 blocks
+# video 4 heads x 16 = 64 wide (FFN 64<->256), audio 4 x 8 = 32 wide (FFN 32<->128), 2 blocks; text
+# embeddings connectors 4 x 12 = caption_channels wide (ComfyUI's default, 30 x 128, is 2 x 354M parameters)
 CONFIG = dict(num_layers=2, attention_head_dim=16, num_attention_heads=4, cross_attention_dim=64,
               audio_attention_head_dim=8, audio_num_attention_heads=4, audio_cross_attention_dim=32,
-              caption_channels=48, in_channels=128, audio_in_channels=128)
+              caption_channels=48, in_channels=128, audio_in_channels=128,
+              connector_num_attention_heads=4, connector_attention_head_dim=12, connector_num_layers=2)
 CONTEXT = 96  # processed text context width (video 64 + audio 32), as LTX-2's text encoder delivers
 
 

@@ -1,0 +1,187 @@
+"""The shipped workflows against a real ComfyUI server holding a small LTX-2 model set under the
+file names the workflows use: UI files are valid for the server's nodes, UI and API describe the
+same graph, the generator still writes what is committed, and every API workflow runs to the end."""
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+
+import pytest
+
+from conftest import ROOT, get
+
+WORKFLOWS = os.path.join(ROOT, "workflows")
+NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(WORKFLOWS, "*.json")))
+FRONTEND_ONLY = {"MarkdownNote", "Note"}  # drawn by the frontend, never sent to the server
+# A CPU-size run: these inputs are overridden the way `liteffn-queue --set` does; everything else runs as shipped.
+CPU_SIZE = {"EmptyLTXVLatentVideo": {"width": 64, "height": 64, "length": 9},
+            "LTXVEmptyLatentAudio": {"frames_number": 9},
+            "LTXVScheduler": {"steps": 2}, "LiteFFNCalibrate": {"steps": 2}}
+
+
+def load(*parts):
+    with open(os.path.join(WORKFLOWS, *parts)) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def info(server):
+    return get(server[0] + "/object_info")
+
+
+def widget_inputs(schema):
+    """[(name, spec, has_control_value)] in the order the UI stores widgets_values."""
+    spec = {**schema["input"]["required"], **schema["input"].get("optional", {})}
+    order = schema["input_order"]["required"] + schema["input_order"].get("optional", [])
+    out = []
+    for name in order:
+        typ, opts = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
+        if (isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")) \
+                and not opts.get("forceInput"):
+            out.append((name, spec[name], bool(opts.get("control_after_generate"))))
+    return out
+
+
+def ui_to_api(ui, info):
+    """What the frontend queues for a UI workflow: widget values by name, links as [node, slot]."""
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for n in ui["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        inputs, values = {}, list(n.get("widgets_values", []))
+        for name, _, control in widget_inputs(info[n["type"]]):
+            inputs[name] = values.pop(0)
+            if control:
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize"), (n["id"], name)
+        assert not values, f"node {n['id']} ({n['type']}) has {len(values)} widget values too many"
+        for i in n["inputs"]:
+            if i.get("link") is not None:
+                link = links[i["link"]]
+                assert link[3] == n["id"], f"link {link} does not end at node {n['id']}"
+                inputs[i["name"]] = [str(link[1]), link[2]]
+        api[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return api
+
+
+def valid(value, spec) -> str | None:
+    typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    options = typ if isinstance(typ, list) else opts.get("options")
+    if options is not None:
+        return None if value in options else f"{value!r} is not one of {options[:6]}..."
+    if typ == "INT" and not (isinstance(value, int) and opts.get("min", value) <= value <= opts.get("max", value)):
+        return f"{value!r} is not an INT in [{opts.get('min')}, {opts.get('max')}]"
+    if typ == "FLOAT" and not (isinstance(value, (int, float)) and opts.get("min", value) <= value <= opts.get("max", value)):
+        return f"{value!r} is not a FLOAT in [{opts.get('min')}, {opts.get('max')}]"
+    if typ == "BOOLEAN" and not isinstance(value, bool):
+        return f"{value!r} is not a BOOLEAN"
+    if typ == "STRING" and not isinstance(value, str):
+        return f"{value!r} is not a STRING"
+    return None
+
+
+def test_every_workflow_ships_in_both_formats():
+    assert set(NAMES) >= {"ltx2_compare_ranks", "ltx2_calibrate_and_compress", "ltx2_t2v_liteffn"}
+    assert NAMES == sorted(os.path.splitext(os.path.basename(p))[0]
+                           for p in glob.glob(os.path.join(WORKFLOWS, "api", "*.json")))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_nodes_exist_with_valid_widget_values(server, ran, name):
+    info = get(server[0] + "/object_info")  # after `ran`: lists the files calibrate_and_compress wrote
+    ui = load(name + ".json")
+    problems = []
+    for n in ui["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        if n["type"] not in info:
+            problems.append(f"node {n['id']}: {n['type']} is not known to the server")
+            continue
+        values = list(n.get("widgets_values", []))
+        for wname, spec, control in widget_inputs(info[n["type"]]):
+            why = valid(values.pop(0), spec) if values else "missing"
+            if why:
+                problems.append(f"node {n['id']} {n['type']}.{wname}: {why}")
+            if control:
+                values.pop(0)
+        sockets = {name for name, spec in {**info[n["type"]]["input"]["required"],
+                                           **info[n["type"]]["input"].get("optional", {})}.items()}
+        problems += [f"node {n['id']} {n['type']}: no input {i['name']}" for i in n["inputs"] if i["name"] not in sockets]
+    for link in ui["links"]:  # the type of each link is the type its source gives and its target takes
+        src = next(n for n in ui["nodes"] if n["id"] == link[1])
+        dst = next(n for n in ui["nodes"] if n["id"] == link[3])
+        given = info[src["type"]]["output"][link[2]]
+        taken = dst["inputs"][link[4]]["type"]
+        if not (given == taken == link[5]):
+            problems.append(f"link {link[0]}: {src['type']} gives {given}, {dst['type']} takes {taken}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_and_api_describe_the_same_graph(info, name):
+    api = load("api", name + ".json")
+    assert ui_to_api(load(name + ".json"), info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
+                                                      for k, v in api.items()}
+
+
+def test_generator_writes_what_is_committed(info, tmp_path):
+    """workflows/build.py against this server's node schemas writes the committed files byte for byte:
+    a node whose inputs changed, or a hand edit that build.py does not know, fails here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("liteffn_build", os.path.join(WORKFLOWS, "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    for path in build.write(info, str(tmp_path)):
+        rel = os.path.relpath(path, tmp_path)
+        with open(path) as a, open(os.path.join(WORKFLOWS, rel)) as b:
+            assert a.read() == b.read(), f"workflows/{rel} differs from what build.py writes; run build.py"
+
+
+def run(url, name, log):
+    from liteffn.headless import client
+
+    wf = load("api", name + ".json")
+    sets = [f"{nid}.{k}={v}" for nid, n in wf.items() for k, v in CPU_SIZE.get(n["class_type"], {}).items()]
+    return asyncio.run(client.run(url, client.apply_overrides(wf, sets), log=log, timeout=900))
+
+
+@pytest.fixture(scope="module")
+def ran(server):
+    """Every API workflow queued on the server, in the order a user runs them: calibrate_and_compress
+    writes the statistics and the compressed file that compare_ranks and t2v_liteffn read."""
+    order = ["ltx2_calibrate_and_compress", "ltx2_compare_ranks", "ltx2_t2v_liteffn"]
+    assert sorted(order) == NAMES, "a new workflow: add it here"
+    # client.run raises WorkflowError with ComfyUI's message when the server rejects or a node fails
+    return {name: run(server[0], name, lambda *_: None) for name in order}
+
+
+def test_api_workflows_run_to_the_end_with_their_outputs(server, ran):
+    url, base = server
+    out = ran
+    liteffn = base / "models" / "liteffn"
+    assert (liteffn / "ltx-2-19b-dev_liteffn_stats.safetensors").is_file()
+    assert (liteffn / "ltx-2-19b-dev_liteffn_r64.safetensors").is_file()
+
+    cal = out["ltx2_calibrate_and_compress"]["outputs"]
+    wf = load("api", "ltx2_calibrate_and_compress.json")
+    last = [k for k, n in wf.items() if n["class_type"] == "LiteFFNCalibrate" and n["inputs"]["filename"]][0]
+    assert "with 2 earlier run(s)" in cal[last]["text"][0]  # three prompts in one file
+
+    cmp_ = out["ltx2_compare_ranks"]["outputs"]
+    wf = load("api", "ltx2_compare_ranks.json")
+    videos = [k for k, n in wf.items() if n["class_type"] == "SaveVideo"]
+    assert all(cmp_[k]["images"] or cmp_[k].get("videos") for k in videos), cmp_
+    reports = {wf[k]["inputs"]["label"]: cmp_[k]["text"][0] for k, n in wf.items() if n["class_type"] == "LiteFFNCompare"}
+    assert sorted(reports) == ["r=32 fp8", "r=512 fp8", "r=64 fp8"]
+    for label, text in reports.items():
+        assert text.startswith(label + ": PSNR") and "SSIM" in text, text
+    plots = [k for k, n in wf.items() if n["class_type"] == "PreviewImage"]
+    assert len(plots) == 3 and all(cmp_[k]["images"] for k in plots)
+
+    t2v = out["ltx2_t2v_liteffn"]["outputs"]
+    wf = load("api", "ltx2_t2v_liteffn.json")
+    (save,) = [k for k, n in wf.items() if n["class_type"] == "SaveVideo"]
+    assert t2v[save]

@@ -1,0 +1,349 @@
+"""Writes the shipped workflows, each in both formats, from one description per graph:
+workflows/<name>.json (UI: drag into ComfyUI; ComfyUI lists it under this pack's templates)
+and workflows/api/<name>.json (API: POST /prompt, `liteffn-queue`).
+
+The UI format needs every node's inputs, outputs and widget order, which only ComfyUI knows:
+    python workflows/build.py --object-info http://127.0.0.1:8188   (a running ComfyUI with this pack)
+    python workflows/build.py --object-info object_info.json        (its saved /object_info)
+Run it after changing a graph below or a node's inputs, and commit the JSON it writes."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import urllib.request
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# File names of ComfyUI's own LTX-2 templates (video_ltx2_t2v), so a user's models folder already matches.
+CKPT = "ltx-2-19b-dev-fp8.safetensors"
+GEMMA = "gemma_3_12B_it_fp4_mixed.safetensors"
+STATS = "ltx-2-19b-dev_liteffn_stats"          # written by ltx2_calibrate_and_compress
+COMPRESSED = "ltx-2-19b-dev_liteffn_r64"       # written by ltx2_calibrate_and_compress
+MODEL_URLS = {
+    CKPT: ("checkpoints", "https://huggingface.co/Lightricks/LTX-2/resolve/main/ltx-2-19b-dev-fp8.safetensors"),
+    GEMMA: ("text_encoders", "https://huggingface.co/Comfy-Org/ltx-2/resolve/main/split_files/text_encoders/"
+                             "gemma_3_12B_it_fp4_mixed.safetensors"),
+}
+NEGATIVE = "blurry, low quality, still frame, frames, watermark, overlay, titles, has blurbox, has subtitles"
+PROMPT = ("A close-up of a potter's hands shaping wet clay on a spinning wheel in a sunlit workshop. The clay rises "
+          "into a tall vase as water drips from the fingers; dust floats in the light. The wheel hums steadily and "
+          "a radio plays quiet jazz in the background. The camera slowly pushes in.")
+CALIBRATION_PROMPTS = [
+    PROMPT,
+    "A red vintage car drives along a coastal road at sunset, waves crashing against the rocks below. The engine "
+    "roars as it passes the camera; seagulls call overhead. Wide shot, the camera pans to follow the car.",
+    "A woman in a yellow raincoat laughs and talks to a friend on a busy city street at night, neon signs "
+    "reflecting in puddles. Traffic noise and distant music; she says: \"Let's get out of the rain.\" Medium shot.",
+]
+# Video: width and height multiples of 32, frames 8k+1 (ComfyUI's template notes); 97 frames at 25 fps ~ 4 s.
+WIDTH, HEIGHT, FRAMES, FPS, STEPS, CFG, SEED = 768, 512, 97, 25, 20, 4.0, 42
+
+GRAY, BLUE, GREEN, PURPLE = "#444", "#3f789e", "#3f7e4f", "#6a4f8e"
+
+
+class Graph:
+    def __init__(self, title: str):
+        self.title, self.nodes, self.links, self.groups = title, [], [], []
+
+    def node(self, cls: str, pos, title: str | None = None, w: int = 320, **inputs) -> "Node":
+        n = Node(self, len(self.nodes) + 1, cls, pos, title, w, inputs)
+        self.nodes.append(n)
+        return n
+
+    def note(self, pos, text: str, title: str, size=(420, 200)):
+        self.nodes.append(Note(len(self.nodes) + 1, pos, text, title, size))
+
+    def group(self, title: str, bounding, color=BLUE):
+        self.groups.append(dict(id=len(self.groups) + 1, title=title, bounding=list(bounding), color=color,
+                                font_size=24, flags={}))
+
+    # ---------------------------------------------------------------- API format
+    def api(self) -> dict:
+        out = {}
+        for n in self.nodes:
+            if isinstance(n, Node):
+                inputs = {k: ([str(v.node.id), v.slot] if isinstance(v, Out) else v) for k, v in n.inputs.items()}
+                out[str(n.id)] = {"class_type": n.cls, "inputs": inputs, "_meta": {"title": n.title or n.cls}}
+        return out
+
+    # ---------------------------------------------------------------- UI format
+    def ui(self, info: dict) -> dict:
+        links, order = [], _topological(self)
+        ui_nodes = []
+        for n in self.nodes:
+            if isinstance(n, Note):
+                ui_nodes.append(n.ui(order[n.id]))
+                continue
+            schema = info[n.cls]
+            spec = {**schema["input"]["required"], **schema["input"].get("optional", {})}
+            inputs, widgets = [], []
+            for name in schema.get("input_order", {}).get("required", []) + \
+                    schema.get("input_order", {}).get("optional", []):
+                kind, opts = _kind(spec[name])
+                v = n.inputs.get(name)
+                if kind == "socket":
+                    link = None
+                    if isinstance(v, Out):
+                        link = len(links) + 1
+                        links.append([link, v.node.id, v.slot, n.id, len(inputs), kind_of_output(info, v)])
+                    inputs.append({"localized_name": name, "name": name, "type": spec[name][0], "link": link})
+                    continue
+                if name not in n.inputs:
+                    raise KeyError(f"{n.cls}.{name} has no value in the graph '{self.title}'")
+                if isinstance(v, Out):
+                    raise ValueError(f"{n.cls}.{name}: widget inputs take values here, not links")
+                widgets.append(v)
+                if opts.get("control_after_generate"):
+                    widgets.append("fixed")  # same seed every run: the comparison stays like for like
+            unknown = set(n.inputs) - set(spec)
+            if unknown:
+                raise KeyError(f"{n.cls} has no input(s) {sorted(unknown)}")
+            outputs = [{"localized_name": name, "name": name, "type": typ, "links": []}
+                       for typ, name in zip(schema["output"], schema["output_name"])]
+            ui_nodes.append(dict(
+                id=n.id, type=n.cls, pos=list(n.pos), size=[n.width, 46 + 24 * (len(inputs) + len(widgets))],
+                flags={}, order=order[n.id], mode=0, inputs=inputs, outputs=outputs,
+                properties=_properties(n), widgets_values=widgets, **({"title": n.title} if n.title else {})))
+        by_id = {u["id"]: u for u in ui_nodes}
+        for link in links:
+            by_id[link[1]]["outputs"][link[2]]["links"].append(link[0])
+        return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "liteffn/" + self.title)), "revision": 0,
+                "last_node_id": len(self.nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+                "groups": self.groups, "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [80, 80]}},
+                "version": 0.4}
+
+
+class Out:
+    def __init__(self, node: "Node", slot: int):
+        self.node, self.slot = node, slot
+
+
+class Node:
+    def __init__(self, graph, id, cls, pos, title, width, inputs):
+        self.graph, self.id, self.cls, self.pos, self.title, self.width, self.inputs = (
+            graph, id, cls, pos, title, width, inputs)
+
+    def __getitem__(self, slot: int) -> Out:
+        return Out(self, slot)
+
+
+class Note:
+    def __init__(self, id, pos, text, title, size):
+        self.id, self.pos, self.text, self.title, self.size = id, pos, text, title, size
+        self.inputs = {}
+
+    def ui(self, order):
+        return dict(id=self.id, type="MarkdownNote", pos=list(self.pos), size=list(self.size), flags={},
+                    order=order, mode=0, inputs=[], outputs=[], title=self.title, properties={},
+                    widgets_values=[self.text], color="#432", bgcolor="#653")
+
+
+def _kind(spec):
+    """(socket | widget, options) of one /object_info input spec."""
+    typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    if isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+        return ("socket" if opts.get("forceInput") else "widget"), opts
+    return "socket", opts
+
+
+def kind_of_output(info, out: Out) -> str:
+    return info[out.node.cls]["output"][out.slot]
+
+
+def _properties(n: Node) -> dict:
+    props = {"Node name for S&R": n.cls}
+    models = [v for v in n.inputs.values() if isinstance(v, str) and v in MODEL_URLS]
+    if models:  # the frontend offers these downloads when a file is missing, as ComfyUI's templates do
+        props["models"] = [{"name": m, "url": MODEL_URLS[m][1], "directory": MODEL_URLS[m][0]} for m in models]
+    return props
+
+
+def _topological(g: Graph) -> dict[int, int]:
+    order, done = {}, set()
+
+    def visit(n):
+        if n.id in done:
+            return
+        done.add(n.id)
+        for v in n.inputs.values():
+            if isinstance(v, Out):
+                visit(v.node)
+        order[n.id] = len(order)
+
+    for n in g.nodes:
+        visit(n)
+    return order
+
+
+# -------------------------------------------------------------------------------------------- graphs
+def _loaders(g: Graph, x=0, y=0):
+    g.group("Models (names as in ComfyUI's LTX-2 templates)", (x - 10, y - 40, 440, 420), GRAY)
+    ckpt = g.node("CheckpointLoaderSimple", (x, y), ckpt_name=CKPT, w=400)
+    clip = g.node("LTXAVTextEncoderLoader", (x, y + 130), text_encoder=GEMMA, ckpt_name=CKPT, device="default",
+                  w=400)
+    audio_vae = g.node("LTXVAudioVAELoader", (x, y + 280), ckpt_name=CKPT, w=400)
+    return ckpt, clip, audio_vae
+
+
+def _negative(g: Graph, clip, pos):
+    return g.node("CLIPTextEncode", pos, title="Negative prompt", text=NEGATIVE, clip=clip[0], w=420)
+
+
+def _prompt(g: Graph, clip, text, pos, title="Prompt", negative=None):
+    p = g.node("CLIPTextEncode", pos, title=title, text=text, clip=clip[0], w=420)
+    n = negative or _negative(g, clip, (pos[0], pos[1] + 230))
+    return g.node("LTXVConditioning", (pos[0] + 450, pos[1]), positive=p[0], negative=n[0], frame_rate=float(FPS),
+                  w=260)
+
+
+def _latent(g: Graph, audio_vae, pos):
+    x, y = pos
+    v = g.node("EmptyLTXVLatentVideo", (x, y), width=WIDTH, height=HEIGHT, length=FRAMES, batch_size=1)
+    a = g.node("LTXVEmptyLatentAudio", (x, y + 190), frames_number=FRAMES, frame_rate=FPS, batch_size=1,
+               audio_vae=audio_vae[0])
+    return g.node("LTXVConcatAVLatent", (x + 350, y), video_latent=v[0], audio_latent=a[0], w=260)
+
+
+def _sampling(g: Graph, latent, pos):
+    x, y = pos
+    noise = g.node("RandomNoise", (x, y), noise_seed=SEED)
+    sampler = g.node("KSamplerSelect", (x, y + 120), sampler_name="euler")
+    sigmas = g.node("LTXVScheduler", (x, y + 220), steps=STEPS, max_shift=2.05, base_shift=0.95, stretch=True,
+                    terminal=0.1, latent=latent[0])
+    return noise, sampler, sigmas
+
+
+def _branch(g: Graph, model, cond, shared, latent, ckpt, audio_vae, name: str, pos):
+    """Sample one model, decode video and audio, save the video; returns the decoded frames."""
+    x, y = pos
+    noise, sampler, sigmas = shared
+    guider = g.node("CFGGuider", (x, y), model=model, positive=cond[0], negative=cond[1], cfg=CFG, w=260)
+    s = g.node("SamplerCustomAdvanced", (x, y + 150), noise=noise[0], guider=guider[0], sampler=sampler[0],
+               sigmas=sigmas[0], latent_image=latent[0], w=260)
+    sep = g.node("LTXVSeparateAVLatent", (x, y + 340), av_latent=s[1], w=260)  # denoised, as the template
+    frames = g.node("VAEDecode", (x + 290, y), samples=sep[0], vae=ckpt[2], w=240)
+    sound = g.node("LTXVAudioVAEDecode", (x + 290, y + 110), samples=sep[1], audio_vae=audio_vae[0], w=240)
+    video = g.node("CreateVideo", (x + 290, y + 230), images=frames[0], audio=sound[0], fps=float(FPS), w=240)
+    g.node("SaveVideo", (x + 560, y), video=video[0], filename_prefix=f"LiteFFN/{name}", format="auto",
+           codec="auto", w=300)
+    return frames
+
+
+def compare_ranks() -> Graph:
+    g = Graph("LTX-2: baseline vs LiteFFN r=32, 64, 512")
+    ckpt, clip, audio_vae = _loaders(g)
+    g.group("Prompt, size, seed (shared by every branch)", (460, -40, 1100, 560), GRAY)
+    cond = _prompt(g, clip, PROMPT, (470, 0))
+    latent = _latent(g, audio_vae, (470, 520 - 40 + 60))
+    shared = _sampling(g, latent, (1200, 0))
+    g.note((0, 420), title="Read me", size=(440, 360), text=(
+        "# LTX-2 baseline vs LiteFFN\n"
+        "One prompt and seed, four models: the checkpoint as is, and its FFNs compressed at rank 32, 64 and 512 "
+        "(FP8 residual). Each branch saves its video under `output/LiteFFN/`; **LiteFFN Compare** shows PSNR and "
+        "SSIM of every frame against the baseline, and plots the worst frame pair.\n\n"
+        f"Needs `models/liteffn/{STATS}.safetensors`: run **ltx2_calibrate_and_compress** first. With `(none)` "
+        "the compression is uncalibrated (plain SVD), which costs quality.\n\n"
+        "The baseline branch is never altered: Compress Model returns a patched copy."))
+    y = 780
+    base = _branch(g, ckpt[0], cond, shared, latent, ckpt, audio_vae, "baseline", (470, y))
+    g.group("Baseline (the checkpoint as is)", (460, y - 40, 1140, 460), GREEN)
+    for i, r in enumerate((32, 64, 512)):
+        yy = y + 480 * (i + 1)
+        lite = g.node("LiteFFNCompressModel", (20, yy), title=f"LiteFFN Compress r={r}", w=400,
+                      model=ckpt[0], stats_file=STATS + ".safetensors", rank=r, energy=0.0, residual="fp8",
+                      layers="all", blocks="all", save_name="")
+        frames = _branch(g, lite[0], cond, shared, latent, ckpt, audio_vae, f"r{r}", (470, yy))
+        cmp = g.node("LiteFFNCompare", (1200, yy + 200), reference=base[0], test=frames[0],
+                     label=f"r={r} fp8", w=300)
+        g.node("PreviewImage", (1530, yy + 200), images=cmp[3], w=400)
+        g.group(f"LiteFFN r={r}", (10, yy - 40, 1930, 460), PURPLE)
+    return g
+
+
+def calibrate_and_compress() -> Graph:
+    g = Graph("LTX-2: calibrate LiteFFN on prompts, then compress")
+    ckpt, clip, audio_vae = _loaders(g)
+    latent = _latent(g, audio_vae, (0, 460))
+    negative = _negative(g, clip, (0, 1090))
+    g.note((0, 720), title="Read me", size=(640, 330), text=(
+        "# Calibrate, then compress\n"
+        "Each **LiteFFN Calibrate** samples the model on its prompt and records the input statistics of every "
+        "FFN linear; chained through `stats`, the last one holds all prompts and saves them to "
+        f"`models/liteffn/{STATS}.safetensors`. Add prompts by adding Calibrate nodes to the chain; use prompts "
+        "like the videos you will make.\n\n"
+        "**LiteFFN Compress Model** then writes "
+        f"`models/liteffn/{COMPRESSED}.safetensors` for the **Low-Rank FFN Loader** (ltx2_t2v_liteffn).\n\n"
+        "`memory_budget_gb`: LTX-2 19B needs ~63 GB of statistics for all FFNs; under a smaller budget the "
+        "sampling runs once per group of layers (slower, same result). `storage: cpu` keeps them in RAM."))
+    prev = None
+    for i, text in enumerate(CALIBRATION_PROMPTS):
+        x = 480 + 760 * i
+        cond = _prompt(g, clip, text, (x, 0), title=f"Calibration prompt {i + 1}", negative=negative)
+        last = i == len(CALIBRATION_PROMPTS) - 1
+        cal = g.node("LiteFFNCalibrate", (x, 240), title=f"LiteFFN Calibrate {i + 1}", w=360,
+                     model=ckpt[0], positive=cond[0], negative=cond[1], latent_image=latent[0], seed=SEED,
+                     steps=STEPS, cfg=CFG, sampler_name="euler", scheduler="simple", seeds=1, layers="all",
+                     blocks="all", memory_budget_gb=8.0, storage="gpu", filename=STATS if last else "",
+                     append=False, **({"stats": prev[0]} if prev else {}))
+        g.group(f"Prompt {i + 1}", (x - 10, -40, 740, 900), BLUE)
+        prev = cal
+    x = 480 + 760 * len(CALIBRATION_PROMPTS)
+    g.node("LiteFFNCompressModel", (x, 480), w=400, model=ckpt[0], stats=prev[0], stats_file="(none)",
+           rank=64, energy=0.0, residual="fp8", layers="all", blocks="all", save_name=COMPRESSED)
+    g.group("Compress and save", (x - 10, 440, 420, 400), PURPLE)
+    return g
+
+
+def t2v_liteffn() -> Graph:
+    g = Graph("LTX-2 text to video with LiteFFN")
+    ckpt, clip, audio_vae = _loaders(g)
+    lite = g.node("LowRankFFNLoader", (0, 470), w=400, model=ckpt[0], compressed_file=COMPRESSED + ".safetensors")
+    g.group("LiteFFN", (-10, 430, 440, 160), PURPLE)
+    g.note((0, 640), title="Read me", size=(420, 260), text=(
+        "# LTX-2 text to video, FFNs compressed\n"
+        "ComfyUI's LTX-2 text-to-video with one node added: **Low-Rank FFN Loader** puts the compressed FFNs "
+        f"(`models/liteffn/{COMPRESSED}.safetensors`, made by ltx2_calibrate_and_compress) onto the checkpoint "
+        "they were made from; another checkpoint is refused with the reason.\n\n"
+        "Width and height: multiples of 32; frames: 8k+1."))
+    cond = _prompt(g, clip, PROMPT, (470, 0))
+    latent = _latent(g, audio_vae, (470, 480))
+    shared = _sampling(g, latent, (1200, 0))
+    _branch(g, lite[0], cond, shared, latent, ckpt, audio_vae, "t2v", (1200, 420))
+    return g
+
+
+GRAPHS = {"ltx2_compare_ranks": compare_ranks, "ltx2_calibrate_and_compress": calibrate_and_compress,
+          "ltx2_t2v_liteffn": t2v_liteffn}
+
+
+def object_info(source: str) -> dict:
+    if source.startswith("http"):
+        with urllib.request.urlopen(source.rstrip("/") + "/object_info", timeout=60) as r:
+            return json.loads(r.read())
+    with open(source) as f:
+        return json.load(f)
+
+
+def write(info: dict, out_dir: str = HERE) -> list[str]:
+    os.makedirs(os.path.join(out_dir, "api"), exist_ok=True)
+    written = []
+    for name, make in GRAPHS.items():
+        g = make()
+        for path, data in ((os.path.join(out_dir, name + ".json"), g.ui(info)),
+                           (os.path.join(out_dir, "api", name + ".json"), g.api())):
+            with open(path, "w") as f:
+                json.dump(data, f, indent=1)
+                f.write("\n")
+            written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--object-info", required=True, help="URL of a running ComfyUI, or a saved /object_info JSON")
+    ap.add_argument("--out", default=HERE)
+    a = ap.parse_args()
+    for p in write(object_info(a.object_info), a.out):
+        print("wrote", os.path.relpath(p))
