@@ -56,7 +56,8 @@ class Graph:
         self.nodes.append(Note(len(self.nodes) + 1, pos, text, title, size))
 
     def group(self, title: str, bounding, color=BLUE):
-        self.groups.append(dict(id=len(self.groups) + 1, title=title, bounding=list(bounding), color=color,
+        x, y, w, h = bounding  # nodes' area; the group's title bar goes above their title bars
+        self.groups.append(dict(id=len(self.groups) + 1, title=title, bounding=[x, y - 35, w, h + 35], color=color,
                                 font_size=24, flags={}))
 
     # ---------------------------------------------------------------- API format
@@ -234,9 +235,9 @@ def _branch(g: Graph, model, cond, shared, latent, ckpt, audio_vae, name: str, p
 def compare_ranks() -> Graph:
     g = Graph("LTX-2: baseline vs LiteFFN r=32, 64, 512")
     ckpt, clip, audio_vae = _loaders(g)
-    g.group("Prompt, size, seed (shared by every branch)", (460, -40, 1100, 560), GRAY)
+    g.group("Prompt, size, seed (shared by every branch)", (460, -40, 1700, 520), GRAY)
     cond = _prompt(g, clip, PROMPT, (470, 0))
-    latent = _latent(g, audio_vae, (470, 520 - 40 + 60))
+    latent = _latent(g, audio_vae, (1530, 0))
     shared = _sampling(g, latent, (1200, 0))
     g.note((0, 420), title="Read me", size=(440, 360), text=(
         "# LTX-2 baseline vs LiteFFN\n"
@@ -248,7 +249,7 @@ def compare_ranks() -> Graph:
         "The baseline branch is never altered: Compress Model returns a patched copy."))
     y = 780
     base = _branch(g, ckpt[0], cond, shared, latent, ckpt, audio_vae, "baseline", (470, y))
-    g.group("Baseline (the checkpoint as is)", (460, y - 40, 1140, 460), GREEN)
+    g.group("Baseline (the checkpoint as is)", (460, y - 40, 1140, 440), GREEN)
     for i, r in enumerate((32, 64, 512)):
         yy = y + 480 * (i + 1)
         lite = g.node("LiteFFNCompressModel", (20, yy), title=f"LiteFFN Compress r={r}", w=400,
@@ -258,7 +259,7 @@ def compare_ranks() -> Graph:
         cmp = g.node("LiteFFNCompare", (1200, yy + 200), reference=base[0], test=frames[0],
                      label=f"r={r} fp8", w=300)
         g.node("PreviewImage", (1530, yy + 200), images=cmp[3], w=400)
-        g.group(f"LiteFFN r={r}", (10, yy - 40, 1930, 460), PURPLE)
+        g.group(f"LiteFFN r={r}", (10, yy - 40, 1930, 440), PURPLE)
     return g
 
 
@@ -310,7 +311,7 @@ def t2v_liteffn() -> Graph:
     cond = _prompt(g, clip, PROMPT, (470, 0))
     latent = _latent(g, audio_vae, (470, 480))
     shared = _sampling(g, latent, (1200, 0))
-    _branch(g, lite[0], cond, shared, latent, ckpt, audio_vae, "t2v", (1200, 420))
+    _branch(g, lite[0], cond, shared, latent, ckpt, audio_vae, "t2v", (1200, 520))
     return g
 
 

@@ -148,3 +148,35 @@ def server(pack, tmp_path_factory):
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+# A CPU-size run of the shipped workflows: these inputs are overridden the way `liteffn-queue --set`
+# does; everything else runs as shipped.
+CPU_SIZE = {"EmptyLTXVLatentVideo": {"width": 64, "height": 64, "length": 9},
+            "LTXVEmptyLatentAudio": {"frames_number": 9},
+            "LTXVScheduler": {"steps": 2}, "LiteFFNCalibrate": {"steps": 2}}
+RUN_ORDER = ["ltx2_calibrate_and_compress", "ltx2_compare_ranks", "ltx2_t2v_liteffn"]
+
+
+def load_workflow(*parts):
+    import json
+
+    with open(os.path.join(ROOT, "workflows", *parts)) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def ran(server):
+    """Every shipped API workflow queued on the server, in the order a user runs them:
+    calibrate_and_compress writes the statistics and the compressed file that compare_ranks and
+    t2v_liteffn read. -> {name: client.run's result}. client.run raises WorkflowError with
+    ComfyUI's message when the server rejects the workflow or a node fails."""
+    from liteffn.headless import client
+
+    out = {}
+    for name in RUN_ORDER:
+        wf = load_workflow("api", name + ".json")
+        sets = [f"{nid}.{k}={v}" for nid, n in wf.items() for k, v in CPU_SIZE.get(n["class_type"], {}).items()]
+        out[name] = asyncio.run(client.run(server[0], client.apply_overrides(wf, sets), log=lambda *_: None,
+                                           timeout=900))
+    return out

@@ -2,59 +2,9 @@
 custom_nodes/. ComfyUI's own tests drive the server the same way."""
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
 
-from conftest import COMFYUI, ROOT
-
-
-@pytest.fixture(scope="module")
-def server(pack, tmp_path_factory):
-    import ltx2_tiny
-
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "models" / "diffusion_models").mkdir(parents=True)
-    ltx2_tiny.save(str(base / "models" / "diffusion_models" / "ltx2_tiny.safetensors"))
-    os.symlink(ROOT, base / "custom_nodes" / "ComfyUI-LiteFFN")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--disable-auto-launch"],
-                            cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                break
-            try:
-                urllib.request.urlopen(url + "/system_stats", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("ComfyUI did not start in 120 s")
-        if proc.poll() is not None:
-            pytest.fail("ComfyUI exited:\n" + (base / "server.log").read_text()[-3000:])
-        yield url, base
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
-
-
-def get(url):
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())
+from conftest import get
 
 
 def test_object_info_lists_the_nodes_with_their_inputs(server):
@@ -63,7 +13,7 @@ def test_object_info_lists_the_nodes_with_their_inputs(server):
     want = {
         "LiteFFNCalibrate": {"model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "sampler_name",
                              "scheduler", "seeds", "layers", "blocks", "memory_budget_gb", "storage", "filename",
-                             "append"},
+                             "append", "stats"},
         "LiteFFNCompressModel": {"model", "stats", "stats_file", "rank", "energy", "residual", "layers", "blocks",
                                  "save_name"},
         "LowRankFFNLoader": {"model", "compressed_file"},

@@ -3,27 +3,20 @@ file names the workflows use: UI files are valid for the server's nodes, UI and 
 same graph, the generator still writes what is committed, and every API workflow runs to the end."""
 from __future__ import annotations
 
-import asyncio
 import glob
-import json
 import os
 
 import pytest
 
-from conftest import ROOT, get
+from conftest import ROOT, RUN_ORDER, get, load_workflow
 
 WORKFLOWS = os.path.join(ROOT, "workflows")
 NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(WORKFLOWS, "*.json")))
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # drawn by the frontend, never sent to the server
-# A CPU-size run: these inputs are overridden the way `liteffn-queue --set` does; everything else runs as shipped.
-CPU_SIZE = {"EmptyLTXVLatentVideo": {"width": 64, "height": 64, "length": 9},
-            "LTXVEmptyLatentAudio": {"frames_number": 9},
-            "LTXVScheduler": {"steps": 2}, "LiteFFNCalibrate": {"steps": 2}}
 
 
 def load(*parts):
-    with open(os.path.join(WORKFLOWS, *parts)) as f:
-        return json.load(f)
+    return load_workflow(*parts)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +77,7 @@ def valid(value, spec) -> str | None:
 
 def test_every_workflow_ships_in_both_formats():
     assert set(NAMES) >= {"ltx2_compare_ranks", "ltx2_calibrate_and_compress", "ltx2_t2v_liteffn"}
+    assert sorted(RUN_ORDER) == NAMES, "a new workflow: add it to conftest.RUN_ORDER, so that it runs"
     assert NAMES == sorted(os.path.splitext(os.path.basename(p))[0]
                            for p in glob.glob(os.path.join(WORKFLOWS, "api", "*.json")))
 
@@ -138,24 +132,6 @@ def test_generator_writes_what_is_committed(info, tmp_path):
         rel = os.path.relpath(path, tmp_path)
         with open(path) as a, open(os.path.join(WORKFLOWS, rel)) as b:
             assert a.read() == b.read(), f"workflows/{rel} differs from what build.py writes; run build.py"
-
-
-def run(url, name, log):
-    from liteffn.headless import client
-
-    wf = load("api", name + ".json")
-    sets = [f"{nid}.{k}={v}" for nid, n in wf.items() for k, v in CPU_SIZE.get(n["class_type"], {}).items()]
-    return asyncio.run(client.run(url, client.apply_overrides(wf, sets), log=log, timeout=900))
-
-
-@pytest.fixture(scope="module")
-def ran(server):
-    """Every API workflow queued on the server, in the order a user runs them: calibrate_and_compress
-    writes the statistics and the compressed file that compare_ranks and t2v_liteffn read."""
-    order = ["ltx2_calibrate_and_compress", "ltx2_compare_ranks", "ltx2_t2v_liteffn"]
-    assert sorted(order) == NAMES, "a new workflow: add it here"
-    # client.run raises WorkflowError with ComfyUI's message when the server rejects or a node fails
-    return {name: run(server[0], name, lambda *_: None) for name in order}
 
 
 def test_api_workflows_run_to_the_end_with_their_outputs(server, ran):
