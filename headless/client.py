@@ -43,7 +43,7 @@ async def run(server: str, workflow: dict, out_dir: str | None = None, timeout: 
     """-> {"prompt_id", "outputs": {node_id: {...}}, "files": [paths downloaded]}."""
     if "nodes" in workflow and "links" in workflow:
         raise WorkflowError("this is a UI-format workflow (what the ComfyUI editor saves); queue the API-format "
-                            "file (*_api.json), or export one with 'Export (API)'")
+                            "file (this pack's are in workflows/api/), or export one with 'Export (API)'")
     import aiohttp
 
     server = server.rstrip("/")

@@ -166,7 +166,7 @@ def load_workflow(*parts):
 
 
 @pytest.fixture(scope="session")
-def ran(server):
+def ran(server, tmp_path_factory):
     """Every shipped API workflow queued on the server, in the order a user runs them:
     calibrate_and_compress writes the statistics and the compressed file that compare_ranks and
     t2v_liteffn read. -> {name: client.run's result}. client.run raises WorkflowError with
@@ -178,5 +178,5 @@ def ran(server):
         wf = load_workflow("api", name + ".json")
         sets = [f"{nid}.{k}={v}" for nid, n in wf.items() for k, v in CPU_SIZE.get(n["class_type"], {}).items()]
         out[name] = asyncio.run(client.run(server[0], client.apply_overrides(wf, sets), log=lambda *_: None,
-                                           timeout=900))
+                                           out_dir=str(tmp_path_factory.mktemp(name)), timeout=900))
     return out

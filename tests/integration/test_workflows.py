@@ -167,3 +167,5 @@ def test_api_workflows_run_to_the_end_with_their_outputs(server, ran):
     wf = load("api", "ltx2_t2v_liteffn.json")
     (save,) = [k for k, n in wf.items() if n["class_type"] == "SaveVideo"]
     assert t2v[save]
+    (video,) = out["ltx2_t2v_liteffn"]["files"]  # downloaded by the headless client
+    assert video.endswith(".mp4") and os.path.getsize(video) > 1000
