@@ -138,6 +138,18 @@ def test_ffn_kernels_match_reference(static, ranks):
     assert err < rel(other, want)  # closer to its own scheme than to the other one
 
 
+@pytest.mark.parametrize("ranks", [(24, 40), (0, 0)])
+def test_kernels_leave_the_layer_tensors_alone(ranks):
+    """On a GPU with autotuning (the default), the tuner zeroes the U2 buffer before each timing
+    run: it once got the layer's q_scale when the FFN had no second low rank (H100)."""
+    up, down = _layer(4 * 64, 64, ranks[0], seed=5), _layer(64, 4 * 64, ranks[1], seed=6)
+    before = {(i, k): v.clone() for i, t in enumerate((up, down)) for k, v in t.items()}
+    for hs in (fp8_ffn.static_scale(torch.tensor([2.0])).to(DEV), None):
+        fp8_ffn.ffn_fp8(_x(300, 64, seed=8), up, down, hs)
+    for (i, k), v in before.items():
+        assert torch.equal((up, down)[i][k].view(torch.uint8), v.view(torch.uint8)), (i, k)
+
+
 def test_static_scale_is_a_power_of_two_with_headroom():
     for amax in (1e-3, 0.7, 3.0, 448.0, 1e4):
         s = float(fp8_ffn.static_scale(torch.tensor([amax]))[0])
