@@ -111,3 +111,21 @@ def random_fp8_layer(n: int, k: int, rank: int, seed: int = 0, device="cpu") -> 
         t["A"] = (torch.randn(n, rank, generator=g, device=device) / rank**0.5 / 4).bfloat16()
         t["B"] = (torch.randn(rank, k, generator=g, device=device) / k**0.5).bfloat16()
     return t
+
+
+def random_fp4_layer(fmt: str, n: int, k: int, rank: int, seed: int = 0, device="cpu") -> dict:
+    """As random_fp8_layer, with the residual stored as MXFP4 or NVFP4 (round to nearest)."""
+    from ..kernels import formats as F
+
+    t = random_fp8_layer(n, k, rank, seed, device)
+    W = t.pop("q").float() * t.pop("q_scale")[:, None]
+    blk = F.BLOCK[fmt]
+    amax = W.abs().view(n, k // blk, blk).amax(-1)
+    ts = None
+    if fmt == "mxfp4":
+        scale = F.mxfp4_scale(amax)
+    else:
+        ts = F.nvfp4_tensor_scale(amax.max())
+        scale = F.nvfp4_block_scale(amax, ts)
+    grid = F.round_fp4((W.view(n, k // blk, blk) / scale[:, :, None]).view(n, k))
+    return {**t, **F.encode(fmt, grid, scale, ts)}
