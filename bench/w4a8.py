@@ -65,14 +65,13 @@ def main():
             xs = x[:CHECK_ROWS]
             xq_s, sx_s, u_s = K.act_quant_lowrank(xs, t0["B"])
             xf = xq_s.float() * sx_s[:, None]
-            lr = Fn.linear(Fn.linear(xs.float(), t0["B"].float()), t0["A"].float())
 
             def ref(wd, t):
                 return Fn.linear(xf, wd) + Fn.linear(Fn.linear(xs.float(), t["B"].float()), t["A"].float()) \
                     + t["bias"].float()
 
             e8 = rel(K.scaled_gemm(xq_s, sx_s, t0["q"], t0["q_scale"], u=u_s, A=t0["A"], bias=t0["bias"]),
-                     Fn.linear(xf, t0["q"].float() * t0["q_scale"][:, None]) + lr + t0["bias"].float())
+                     ref(t0["q"].float() * t0["q_scale"][:, None], t0))
             e4, fold = {}, None
             for f in l4:
                 t, w = l4[f].items[0], w4[f].items[0]

@@ -35,15 +35,14 @@ def prepare(fmt: str, t: dict) -> dict:
         e = bs.to(torch.int32)
         top = e.amax(dim=1)  # largest block exponent of each channel
         p = torch.exp2((top - 127 - 6).float())  # 6 * 2^(top-127) / p = 384
-        block_scale = bs.to(torch.uint8).contiguous()
+        block_scale, cn = bs.to(torch.uint8).contiguous(), 1.0 / p
     elif fmt == "nvfp4":
         ts = t["q_scale2"].float().reshape(())
         top = bs.float().amax(dim=1) * ts * F.FP4_MAX  # largest |w| of each channel
         p = torch.exp2(torch.ceil(torch.log2((top / F.FP8_MAX).clamp_min(2.0**-126))))
-        block_scale = bs.contiguous()
+        block_scale, cn = bs.contiguous(), ts / p
     else:
         raise ValueError(f"W4A8 takes mxfp4 or nvfp4 residuals, not {fmt!r}")
-    cn = (1.0 / p) if fmt == "mxfp4" else (ts / p)
     return {"w4": W4[fmt], "block": F.BLOCK[fmt], "q": q.contiguous(), "block_scale": block_scale,
             "cn": cn.float().contiguous(), "q_scale": p.float().contiguous()}
 

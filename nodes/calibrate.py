@@ -75,10 +75,13 @@ class LiteFFNCalibrate(io.ComfyNode):
         path = output_path(filename) if filename.strip() else None
         fp = M.model_fingerprint(model, names)
         if path and append and os.path.exists(path):
-            _check_appendable(path, fp)  # fail before sampling, not after
+            _check_same_model(ActivationStats.load_meta(path), fp, path,
+                              "(statistics of another model); choose another filename, or turn append off to "
+                              "replace the file")  # fail before sampling, not after
         earlier = stats
         if earlier is not None:
-            _check_chainable(earlier, fp)
+            _check_same_model(earlier.meta, fp, "the stats input", "(The stats input holds statistics of another "
+                              "model: connect this model's, or leave the input empty.)")
 
         latent = latent_image["samples"]
         latent = comfy.sample.fix_empty_latent_channels(model, latent, latent_image.get("downscale_ratio_spacial"),
@@ -147,18 +150,9 @@ def _step(pbar, done):
     pbar.update_absolute(done[0])
 
 
-def _check_chainable(earlier: ActivationStats, fp: dict) -> None:
+def _check_same_model(meta: dict, fp: dict, where: str, fix: str) -> None:
+    """Statistics made on another model (per-layer weight fingerprints) are refused before sampling."""
     try:
-        compare_fingerprints(earlier.meta.get("fingerprint") or {}, fp, "the stats input", common_only=True)
+        compare_fingerprints(meta.get("fingerprint") or {}, fp, where, common_only=True)
     except MismatchError as e:
-        raise ValueError(f"{e} (The stats input holds statistics of another model: connect this model's, or "
-                         "leave the input empty.)") from None
-
-
-def _check_appendable(path: str, fp: dict) -> None:
-    saved = ActivationStats.load_meta(path).get("fingerprint") or {}
-    try:
-        compare_fingerprints(saved, fp, path, common_only=True)
-    except MismatchError as e:
-        raise ValueError(f"{e} (statistics of another model); choose another filename, or turn append off "
-                         "to replace the file") from None
+        raise ValueError(f"{e} {fix}") from None

@@ -63,10 +63,12 @@ def test_w4a8_gemm_matches_reference(fmt, cfg, m, k, n, r):
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(1)) * 2).to(torch.bfloat16).to(DEV)
     xq, sx, u = fp8_ffn.act_quant_lowrank(x, t.get("B"))
     y = fp8_ffn.scaled_gemm(xq, sx, None, None, u=u, A=t.get("A"), bias=t.get("bias"), w4=w4, config=cfg)
-    # reference: the same quantized activations and the kernel's E4M3 weights, in fp32
-    ref = R.compressed_linear_ref(x, "bf16", dict(t, q=wfp4.dequant(w4)), dtype=torch.float32)
-    ref = ref - torch.nn.functional.linear(x.float(), wfp4.dequant(w4)) \
-        + torch.nn.functional.linear(xq.float() * sx[:, None], wfp4.dequant(w4))
+    # reference: the same quantized activations and the kernel's E4M3 weights, in fp32; the low rank
+    # sees the unquantized x
+    Fn = torch.nn.functional
+    ref = Fn.linear(xq.float() * sx[:, None], wfp4.dequant(w4)) + t["bias"].float()
+    if r:
+        ref = ref + Fn.linear(Fn.linear(x.float(), t["B"].float()), t["A"].float())
     assert y.shape == (m, n) and torch.isfinite(y.float()).all()
     assert rel(y, ref) < 1e-2, rel(y, ref)
     if fmt == "mxfp4":  # and the FP4 layer itself, through the reference path

@@ -45,10 +45,10 @@ GRAY, BLUE, GREEN, PURPLE = "#444", "#3f789e", "#3f7e4f", "#6a4f8e"
 
 class Graph:
     def __init__(self, title: str):
-        self.title, self.nodes, self.links, self.groups = title, [], [], []
+        self.title, self.nodes, self.groups = title, [], []
 
     def node(self, cls: str, pos, title: str | None = None, w: int = 320, **inputs) -> "Node":
-        n = Node(self, len(self.nodes) + 1, cls, pos, title, w, inputs)
+        n = Node(len(self.nodes) + 1, cls, pos, title, w, inputs)
         self.nodes.append(n)
         return n
 
@@ -88,7 +88,7 @@ class Graph:
                     link = None
                     if isinstance(v, Out):
                         link = len(links) + 1
-                        links.append([link, v.node.id, v.slot, n.id, len(inputs), kind_of_output(info, v)])
+                        links.append([link, v.node.id, v.slot, n.id, len(inputs), info[v.node.cls]["output"][v.slot]])
                     inputs.append({"localized_name": name, "name": name, "type": spec[name][0], "link": link})
                     continue
                 if name not in n.inputs:
@@ -122,9 +122,8 @@ class Out:
 
 
 class Node:
-    def __init__(self, graph, id, cls, pos, title, width, inputs):
-        self.graph, self.id, self.cls, self.pos, self.title, self.width, self.inputs = (
-            graph, id, cls, pos, title, width, inputs)
+    def __init__(self, id, cls, pos, title, width, inputs):
+        self.id, self.cls, self.pos, self.title, self.width, self.inputs = id, cls, pos, title, width, inputs
 
     def __getitem__(self, slot: int) -> Out:
         return Out(self, slot)
@@ -147,10 +146,6 @@ def _kind(spec):
     if isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
         return ("socket" if opts.get("forceInput") else "widget"), opts
     return "socket", opts
-
-
-def kind_of_output(info, out: Out) -> str:
-    return info[out.node.cls]["output"][out.slot]
 
 
 def _properties(n: Node) -> dict:

@@ -90,24 +90,6 @@ _SENTENCES = [
 ]
 
 
-def _random(sd: dict, seed: int, dtype=torch.bfloat16) -> dict:
-    """Random weights with ~unit-variance activations: N(0, 1/fan_in) for matrices and kernels,
-    N(0, 0.02^2) for vectors; normalisation statistics (std 1, mean 0) left sensible."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in sd.items():
-        if "std-of-means" in k:
-            t = torch.ones(v.shape)
-        elif "mean-of-means" in k:
-            t = torch.zeros(v.shape)
-        elif v.dim() > 1:
-            t = torch.randn(v.shape, generator=g) / v[0].numel() ** 0.5
-        else:
-            t = torch.randn(v.shape, generator=g) * 0.02
-        out[k] = t.to(dtype)
-    return out
-
-
 def spiece_model() -> torch.Tensor:
     """A tiny SentencePiece model with Gemma's special-token ids, serialised as ComfyUI stores it
     (uint8 tensor `spiece_model`)."""
@@ -139,7 +121,7 @@ def text_encoder_state_dict(seed=0) -> dict:
     import tiny_gemma  # noqa: F401  (Gemma3_12B builds tiny)
 
     m = comfy.text_encoders.llama.Gemma3_12B({}, torch.float32, "cpu", comfy.ops.disable_weight_init)
-    sd = _random(m.state_dict(), seed + 1)
+    sd = ltx2_tiny.random_like(m.state_dict(), seed + 1)
     sd["spiece_model"] = spiece_model()
     return sd
 
@@ -158,8 +140,9 @@ def checkpoint_state_dict(seed=0) -> tuple[dict, dict]:
     meta = {"config": json.dumps(config)}
 
     sd = ltx2_tiny.state_dict(TRANSFORMER, seed)
-    sd.update({"vae." + k: v for k, v in _random(VideoVAE(config=VIDEO_VAE).state_dict(), seed + 2).items()})
-    audio = _random(AudioVAE(metadata=meta).state_dict(), seed + 3)
+    video_vae = ltx2_tiny.random_like(VideoVAE(config=VIDEO_VAE).state_dict(), seed + 2)
+    sd.update({"vae." + k: v for k, v in video_vae.items()})
+    audio = ltx2_tiny.random_like(AudioVAE(metadata=meta).state_dict(), seed + 3)
     sd.update({("audio_vae." + k[len("autoencoder."):]) if k.startswith("autoencoder.") else k: v
                for k, v in audio.items()})
     g = torch.Generator().manual_seed(seed + 4)

@@ -24,11 +24,22 @@ def state_dict(config=CONFIG, seed=0, video_only=False) -> dict:
     cls = LTXVModel if video_only else LTXAVModel
     cfg = {k: v for k, v in config.items() if not (video_only and k.startswith("audio"))}
     m = cls(**cfg, operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+    return {"model.diffusion_model." + k: v for k, v in random_like(m.state_dict(), seed).items()}
+
+
+def random_like(sd: dict, seed: int, dtype=torch.bfloat16) -> dict:
+    """Random weights with ~unit-variance activations: N(0, 1/fan_in) for matrices and kernels,
+    N(0, 0.02^2) for vectors; normalisation statistics (std 1, mean 0) left sensible."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for k, v in m.state_dict().items():
-        scale = 1.0 / v.shape[-1] ** 0.5 if v.dim() > 1 else 0.02
-        out["model.diffusion_model." + k] = (torch.randn(v.shape, generator=g) * scale).to(torch.bfloat16)
+    for k, v in sd.items():
+        if "std-of-means" in k:
+            t = torch.ones(v.shape)
+        elif "mean-of-means" in k:
+            t = torch.zeros(v.shape)
+        else:
+            t = torch.randn(v.shape, generator=g) * (1.0 / v[0].numel() ** 0.5 if v.dim() > 1 else 0.02)
+        out[k] = t.to(dtype)
     return out
 
 

@@ -129,8 +129,8 @@ class _Server:
 
 
 def test_api_prompt_through_the_executor(model_set, tmp_path):
-    """ltx2_models.t2v_prompt (the API JSON the server test posts) validated and executed by
-    ComfyUI's own executor, SaveVideo writing an mp4."""
+    """ltx2_models.t2v_prompt (the template's text-to-video path, without this pack's nodes)
+    validated and executed by ComfyUI's own executor, SaveVideo writing an mp4."""
     import execution
     import folder_paths
 

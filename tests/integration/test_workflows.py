@@ -15,10 +15,6 @@ NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.pa
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # drawn by the frontend, never sent to the server
 
 
-def load(*parts):
-    return load_workflow(*parts)
-
-
 @pytest.fixture(scope="module")
 def info(server):
     return get(server[0] + "/object_info")
@@ -85,7 +81,7 @@ def test_every_workflow_ships_in_both_formats():
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_nodes_exist_with_valid_widget_values(server, ran, name):
     info = get(server[0] + "/object_info")  # after `ran`: lists the files calibrate_and_compress wrote
-    ui = load(name + ".json")
+    ui = load_workflow(name + ".json")
     problems = []
     for n in ui["nodes"]:
         if n["type"] in FRONTEND_ONLY:
@@ -115,9 +111,9 @@ def test_ui_workflow_nodes_exist_with_valid_widget_values(server, ran, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_and_api_describe_the_same_graph(info, name):
-    api = load("api", name + ".json")
-    assert ui_to_api(load(name + ".json"), info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
-                                                      for k, v in api.items()}
+    api = load_workflow("api", name + ".json")
+    want = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert ui_to_api(load_workflow(name + ".json"), info) == want
 
 
 def test_generator_writes_what_is_committed(info, tmp_path):
@@ -135,19 +131,19 @@ def test_generator_writes_what_is_committed(info, tmp_path):
 
 
 def test_api_workflows_run_to_the_end_with_their_outputs(server, ran):
-    url, base = server
+    _, base = server
     out = ran
     liteffn = base / "models" / "liteffn"
     assert (liteffn / "ltx-2-19b-dev_liteffn_stats.safetensors").is_file()
     assert (liteffn / "ltx-2-19b-dev_liteffn_r64.safetensors").is_file()
 
     cal = out["ltx2_calibrate_and_compress"]["outputs"]
-    wf = load("api", "ltx2_calibrate_and_compress.json")
+    wf = load_workflow("api", "ltx2_calibrate_and_compress.json")
     last = [k for k, n in wf.items() if n["class_type"] == "LiteFFNCalibrate" and n["inputs"]["filename"]][0]
     assert "with 2 earlier run(s)" in cal[last]["text"][0]  # three prompts in one file
 
     cmp_ = out["ltx2_compare_ranks"]["outputs"]
-    wf = load("api", "ltx2_compare_ranks.json")
+    wf = load_workflow("api", "ltx2_compare_ranks.json")
     videos = [k for k, n in wf.items() if n["class_type"] == "SaveVideo"]
     assert all(cmp_[k]["images"] or cmp_[k].get("videos") for k in videos), cmp_
     reports = {wf[k]["inputs"]["label"]: cmp_[k]["text"][0] for k, n in wf.items() if n["class_type"] == "LiteFFNCompare"}
@@ -164,7 +160,7 @@ def test_api_workflows_run_to_the_end_with_their_outputs(server, ran):
     assert len(plots) == 3 and all(cmp_[k]["images"] for k in plots)
 
     t2v = out["ltx2_t2v_liteffn"]["outputs"]
-    wf = load("api", "ltx2_t2v_liteffn.json")
+    wf = load_workflow("api", "ltx2_t2v_liteffn.json")
     (save,) = [k for k, n in wf.items() if n["class_type"] == "SaveVideo"]
     assert t2v[save]
     (video,) = out["ltx2_t2v_liteffn"]["files"]  # downloaded by the headless client
