@@ -200,48 +200,14 @@ if triton is not None:
                           sem="relaxed")
 
     @triton.jit
-    def _load_w(b_desc, QS, CN, on, k0, N, K, BN: tl.constexpr, BK: tl.constexpr, W4: tl.constexpr,
-                SB: tl.constexpr, INTERP: tl.constexpr):
-        """One [BN, BK] tile of the weights as E4M3 for the tensor cores. W4=0: stored FP8.
-        W4=1 (MXFP4) / 2 (NVFP4): packed E2M1 codes [BN, BK/2] and block scales [BN, BK/SB],
-        converted in registers: w = e2m1 * block_scale * CN[n] rounded to E4M3, the per-channel
-        power of two 1/CN[n] going to the epilogue. MXFP4's block scales are powers of two, so
-        this is exact (wfp4.py); NVFP4's E4M3 block scales round once more."""
-        if W4 == 0:  # (no early return: Triton 3.6 compiles the code after it for every W4)
-            w = b_desc.load([on, k0])
-        else:
-            p = b_desc.load([on, k0 // 2])
-            c = tl.reshape(tl.join(p & 0xF, p >> 4), (BN, BK))  # element 2i in the low nibble
-            mag = (c & 7).to(tl.int32)
-            e = mag >> 1
-            m = mag & 1
-            v = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)  # 2^(e-1) (1 + m/2)
-            v = tl.where(e == 0, m.to(tl.float32) * 0.5, v)
-            v = tl.where((c & 8) != 0, -v, v)
-            NB: tl.constexpr = BK // SB
-            cols = on + tl.arange(0, BN)
-            kb = k0 // SB + tl.arange(0, NB)
-            ptr = QS + cols[:, None] * (K // SB) + kb[None, :]
-            inside = (cols < N)[:, None] & (kb < K // SB)[None, :]
-            if W4 == 1:  # E8M0: the byte is the fp32 exponent field
-                bs = (tl.load(ptr, mask=inside, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            else:
-                bs = tl.load(ptr, mask=inside, other=0.0).to(tl.float32)
-            bs = bs * tl.load(CN + cols, mask=cols < N, other=0.0)[:, None]
-            bs = tl.reshape(tl.broadcast_to(bs[:, :, None], (BN, NB, SB)), (BN, BK))
-            w = _to_fp8(v * bs, INTERP)
-        return w
-
-    @triton.jit
-    def _scaled_gemm_kernel(a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, QS, CN,
+    def _scaled_gemm_kernel(a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH,
                             M, N, K, R, R2, M_KEY,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                             EPI_SPLIT: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr,
                             PRECISE_ACC: tl.constexpr, PROMOTE: tl.constexpr, WS: tl.constexpr,
                             ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr,
                             R_CHUNKS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
-                            R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, W4: tl.constexpr, SB: tl.constexpr,
-                            INTERP: tl.constexpr):
+                            R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, INTERP: tl.constexpr):
         num_pid_m = tl.cdiv(M, BM)
         num_pid_n = tl.cdiv(N, BN)
         num_tiles = num_pid_m * num_pid_n
@@ -259,7 +225,7 @@ if triton is not None:
             if PROMOTE == 0:
                 for ki in range(k_tiles):
                     a = a_desc.load([om, ki * BK])
-                    b = _load_w(b_desc, QS, CN, on, ki * BK, N, K, BN, BK, W4, SB, INTERP)
+                    b = b_desc.load([on, ki * BK])
                     if PRECISE_ACC:  # Triton's own promotion, every BK
                         acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BK)
                     else:  # Hopper's reduced-precision accumulation over all of K
@@ -270,7 +236,7 @@ if triton is not None:
                 for ki in range(0, k_tiles, PROMOTE):
                     for j in tl.static_range(PROMOTE):
                         a = a_desc.load([om, (ki + j) * BK])  # past K: zeros (TMA bounds)
-                        b = _load_w(b_desc, QS, CN, on, (ki + j) * BK, N, K, BN, BK, W4, SB, INTERP)
+                        b = b_desc.load([on, (ki + j) * BK])
                         if j == 0:
                             part = tl.dot(a, b.T)
                         else:
@@ -297,7 +263,7 @@ if triton is not None:
     def _set_block_shapes(nargs):
         bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
         nargs["a_desc"].block_shape = [bm, bk]
-        nargs["b_desc"].block_shape = [bn, bk // 2 if nargs.get("W4") else bk]
+        nargs["b_desc"].block_shape = [bn, bk]
         nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
 
     def _config(bm, bn, bk, warps, stages, split, persist, flatten=False, precise=False, ws=False, promote=1):
@@ -326,7 +292,7 @@ if triton is not None:
         small = nargs["M_KEY"] <= 256
         return [c for c in configs if (c.kwargs["BM"] == 64) == small]
 
-    _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=["M_KEY", "N", "K", "R", "R2", "GELU", "OUT_FP8", "W4"],
+    _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=["M_KEY", "N", "K", "R", "R2", "GELU", "OUT_FP8"],
                                   prune_configs_by={"early_config_prune": _prune},
                                   reset_to_zero=["U2"])(_scaled_gemm_kernel)
 
@@ -398,16 +364,14 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
 
 
 def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_scale=None, next_B=None,
-                u_next=None, out=None, out_dtype=torch.bfloat16, config: dict | None = None, w4=None):
+                u_next=None, out=None, out_dtype=torch.bfloat16, config: dict | None = None):
     """out = (xq Q^T) * sx * q_scale + u A^T + bias, optionally GELU(tanh).
 
     xq fp8 [M, K]; sx fp32 [M] (per token) or [1] (static); q fp8 [N, K]; q_scale fp32 [N];
     u [M, r] (bf16, or the fp32 sum) with A [N, r]; bias [N]. With h_scale (fp32 [1]) the output is FP8 codes of
     out / h_scale (saturating), and with next_B [r2, N] also u_next [M, r2] fp32 += out next_B^T
-    (u_next must hold zeros on entry). w4: FP4 weights (wfp4.prepare's dict; q, q_scale ignored)."""
+    (u_next must hold zeros on entry)."""
     M, K = xq.shape
-    if w4 is not None:
-        q, q_scale = w4["q"], w4["q_scale"]
     N = q.shape[0]
     r = 0 if A is None else A.shape[1]
     r2 = 0 if next_B is None else next_B.shape[0]
@@ -422,12 +386,9 @@ def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_
     # Block shapes are placeholders here; the config's pre_hook sets the real ones.
     descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (xq, q, out)]
     args = (*descs, sx, q_scale, u if r else dummy, A if r else dummy, bias if bias is not None else dummy,
-            next_B if r2 else dummy, u_next if r2 else dummy, h_scale if fp8_out else dummy,
-            w4["block_scale"] if w4 else dummy, w4["cn"] if w4 else dummy,
-            M, N, K, r, r2, min(_p2(M), 65536))
+            next_B if r2 else dummy, u_next if r2 else dummy, h_scale if fp8_out else dummy, M, N, K, r, r2, min(_p2(M), 65536))
     flags = dict(ROW_SCALAR=sx.numel() == 1, HAS_BIAS=bias is not None, RB=rb, R_CHUNKS=rc,
-                 GELU=gelu, OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, W4=w4["w4"] if w4 else 0,
-                 SB=w4["block"] if w4 else 32, INTERP=INTERP)
+                 GELU=gelu, OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, INTERP=INTERP)
     tiles = lambda m: triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"])  # noqa: E731
     if config is None and not INTERP and not AUTOTUNE:
         config = DEFAULT_CONFIGS[M > 256]
@@ -452,11 +413,19 @@ def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_
 
 
 # ---------------------------------------------------------------- whole layers
+def _gemm(xq, sx, t: dict, **kw):
+    """scaled_gemm of one kernel layer: FP8 weights (q, q_scale) or FP4 ones (w4a8.prepare)."""
+    if "sb" in t:
+        from . import w4a8
+        return w4a8.scaled_gemm(xq, sx, t, **kw)
+    return scaled_gemm(xq, sx, t["q"], t["q_scale"], **kw)
+
+
 def linear_fp8(x2: torch.Tensor, t: dict, config=None) -> torch.Tensor:
-    """One compressed linear (fp8 residual) on a [M, K] input: kernel 1 + kernel 2 -> bf16."""
+    """One compressed linear on a [M, K] input: kernel 1 + kernel 2 -> bf16. t: the layer's
+    q, q_scale (FP8 residual) or w4a8.prepare's operands (FP4), with A, B, bias."""
     xq, sx, u = act_quant_lowrank(x2, t.get("B"))
-    return scaled_gemm(xq, sx, t["q"], t["q_scale"], u=u, A=t.get("A"), bias=t.get("bias"),
-                       out_dtype=out_dtype(x2), config=config)
+    return _gemm(xq, sx, t, u=u, A=t.get("A"), bias=t.get("bias"), out_dtype=out_dtype(x2), config=config)
 
 
 def ffn_fp8(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, config=None) -> torch.Tensor:
@@ -467,14 +436,12 @@ def ffn_fp8(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None
     xq, sx, u = act_quant_lowrank(x2, up.get("B"))
     B2 = down.get("B")
     if h_scale is None:
-        h = scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up.get("A"), bias=up.get("bias"), gelu=True,
-                        out_dtype=y_dtype, config=config)
+        h = _gemm(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, out_dtype=y_dtype, config=config)
         hq, sh, u2 = act_quant_lowrank(h, B2)
     else:
         r2 = 0 if B2 is None else B2.shape[0]
         u2 = torch.zeros(x2.shape[0], r2, device=x2.device, dtype=torch.float32) if r2 else None
-        hq = scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up.get("A"), bias=up.get("bias"), gelu=True,
-                         h_scale=h_scale, next_B=B2, u_next=u2, config=config)
+        hq = _gemm(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, h_scale=h_scale, next_B=B2,
+                   u_next=u2, config=config)
         sh = h_scale
-    return scaled_gemm(hq, sh, down["q"], down["q_scale"], u=u2, A=down.get("A"), bias=down.get("bias"),
-                       out_dtype=y_dtype, config=config)
+    return _gemm(hq, sh, down, u=u2, A=down.get("A"), bias=down.get("bias"), out_dtype=y_dtype, config=config)

@@ -1,0 +1,352 @@
+"""FP4 residuals on FP8 tensor cores (W4A8): MXFP4 / NVFP4 codes stay 4-bit in memory and are
+converted in registers to E4M3, multiplied with the FP8 activations on the FP8 MMA, the
+low-rank branch fused as in the FP8 path (fp8_ffn.py). Reference beside it: `prepare` makes
+the kernel's operands from a stored residual, `dequant` gives the dense weights they encode.
+
+How it is fast (bench/w4a8.py):
+- The weights are wgmma's A operand, from registers (out^T = W x^T: weight rows are the MMA's
+  M, tokens its N). The codes come in through TMA like any tile; the converted E4M3 bytes never
+  go back to shared memory.
+- Conversion is integer work per 32-bit word of 8 codes: one PRMT byte lookup per 4 codes into
+  an 8-entry table of E4M3 bytes, the sign OR-ed in. `prepare` repacks the codes so that each
+  word holds 4 codes of the group's first half (magnitudes in nibbles 0-3, signs on bits
+  7/15/23/31) and 4 of its second half (magnitudes in nibbles 4-7, signs on bits 3/11/19/27),
+  groups being 128 values of K: the halves are two MMAs against two 64-wide activation tiles.
+- Block scales are folded into the table: each block has one byte b = E << 3 | j, its scale
+  2^E (1 + j/8) relative to a per-channel factor p[n] applied in the epilogue. The table holds
+  round_e4m3(v * 2^(E-5) * (1 + j/8)) for the 8 E2M1 magnitudes v, built from b with a few
+  integer operations per block. MXFP4 (j = 0) is exact; NVFP4's block mantissa makes v * (1 + j/8)
+  need up to 5 mantissa bits, so weights round once to E4M3 (its tensor scale is exact, in p).
+  Blocks more than 2^EMAX below the channel's largest cannot be represented (E < 0) and are
+  set to zero: their weights are below 2^-EMAX of the channel's largest block's, far under
+  FP4's own rounding error.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import formats as F
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from . import fp8_ffn as K8
+except ImportError:
+    triton = None
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+W4 = {"mxfp4": 1, "nvfp4": 2}
+GROUP = 128  # values of K per repacked group: two halves of 64, one MMA each
+# Largest block exponent: the table's largest byte is round(6 * 1.875 * 2^-5) + E << 3 (NVFP4)
+# or 6 * 2^-5 + E << 3 (MXFP4), which must stay <= 448.
+EMAX = {"mxfp4": 11, "nvfp4": 10}
+
+
+def _mag_table(j: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """E4M3 values of the 8 E2M1 magnitudes times 2^(e-5) (1 + j/8): [..., 8] fp32."""
+    v = torch.tensor(F.E2M1_VALUES, device=j.device)
+    return F.round_fp8(v * (1 + j.float()[..., None] / 8) * 2.0**-5) * torch.exp2(e.float()[..., None])
+
+
+def _r15() -> tuple[int, int]:
+    """E4M3 bytes of round(1.5 (1 + j/8) 2^-5), j = 0..7, as two little-endian words (PRMT's table)."""
+    b = F.round_fp8(1.5 * (1 + torch.arange(8) / 8) * 2.0**-5).to(torch.float8_e4m3fn).view(torch.uint8)
+    w = [int(sum(int(b[4 * h + i]) << (8 * i) for i in range(4))) for h in (0, 1)]
+    return w[0], w[1]
+
+
+R15 = _r15()
+
+
+def _words(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard packed codes [N, K/2] (element 2i in byte i's low nibble) -> the 16-bit pieces
+    (4 codes each) of every group's first and second half, int32 [N, K/128, 16] each."""
+    n = q.shape[0]
+    h = q.contiguous().view(n, -1, 2, 16, 2).to(torch.int32)  # [n, group, half, piece, byte]
+    h = h[..., 0] | (h[..., 1] << 8)
+    return h[:, :, 0], h[:, :, 1]
+
+
+def repack(q: torch.Tensor) -> torch.Tensor:
+    """Standard packed codes [N, K/2] (K a multiple of GROUP) -> the kernel's layout [N, K/2]:
+    word j of a group = codes 4j..4j+3 of its first half (magnitudes in nibbles 0-3, signs on bits
+    7/15/23/31) and of its second half (magnitudes in nibbles 4-7, signs on bits 3/11/19/27)."""
+    n = q.shape[0]
+    a, b = _words(q)
+    w = (a & 0x7777) | ((b & 0x7777) << 16)
+    for i in range(4):
+        w |= ((a >> (4 * i + 3)) & 1) << (8 * i + 7)
+        w |= ((b >> (4 * i + 3)) & 1) << (8 * i + 3)
+    return w.contiguous().view(torch.uint8).view(n, -1)
+
+
+def unrepack(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of repack: the kernel's layout -> standard packed codes [N, K/2]."""
+    n = q.shape[0]
+    w = q.contiguous().view(torch.int32).view(n, -1, 16)
+    a, b = w & 0x7777, (w >> 16) & 0x7777
+    for i in range(4):
+        a |= ((w >> (8 * i + 7)) & 1) << (4 * i + 3)
+        b |= ((w >> (8 * i + 3)) & 1) << (4 * i + 3)
+    h = torch.stack([a, b], 2)  # [n, group, half, piece]
+    return torch.stack([h & 0xFF, (h >> 8) & 0xFF], -1).to(torch.uint8).view(n, -1)
+
+
+def prepare(fmt: str, t: dict) -> dict:
+    """Kernel operands of a stored FP4 residual t (q packed [N, K/2], q_scale block scales,
+    q_scale2 NVFP4's tensor scale): q repacked, sb (uint8 [N, K/block], b = E << 3 | j per block),
+    q_scale (fp32 [N], p[n] for the epilogue), and t's A, B, bias: a layer for fp8_ffn.linear_fp8
+    and ffn_fp8."""
+    if fmt not in W4:
+        raise ValueError(f"W4A8 takes mxfp4 or nvfp4 residuals, not {fmt!r}")
+    q = t["q"]
+    n, k = q.shape[0], q.shape[1] * 2
+    if k % GROUP:
+        raise ValueError(f"W4A8 needs in_features divisible by {GROUP}, got {k}")
+    bs = F.e8m0_decode(t["q_scale"]) if fmt == "mxfp4" else t["q_scale"].float()
+    m, e = torch.frexp(bs)  # bs = m 2^e, m in [0.5, 1): 2^(e-1) (1 + j/8) with j = 16 m - 8
+    j = torch.where(bs > 0, (16 * m - 8).round(), torch.zeros_like(m)).to(torch.int32)
+    e = e - 1
+    e = torch.where(bs > 0, e, torch.full_like(e, -(1 << 20)))
+    top = e.amax(1, keepdim=True).clamp_min(-(1 << 19))
+    E = e - top + EMAX[fmt]
+    dead = E < 0  # below the table's range (or zero scale): the block's weights become zero
+    blk = F.BLOCK[fmt]
+    q = torch.where(dead[:, :, None], torch.zeros_like(q).view(n, -1, blk // 2), q.view(n, -1, blk // 2)).view(n, -1)
+    E = E.clamp_min(0)
+    p = torch.exp2((top - EMAX[fmt] + 5).float()).view(n)
+    if fmt == "nvfp4":
+        p = p * t["q_scale2"].float().reshape(())
+    extra = {k_: t[k_] for k_ in ("A", "B", "bias") if t.get(k_) is not None}
+    return {"w4": W4[fmt], "block": blk, "q": repack(q), "sb": ((E << 3) | j).to(torch.uint8).contiguous(),
+            "q_scale": p.float().contiguous(), **extra}
+
+
+def layer(fmt: str, t: dict) -> dict:
+    """Kernel operands of module tensors already in the kernel's layout (q, sb, q_scale = p)."""
+    return {**t, "w4": W4[fmt], "block": F.BLOCK[fmt]}
+
+
+def dequant(w4: dict) -> torch.Tensor:
+    """Dense fp32 weights [N, K] the kernel computes with (its reference)."""
+    codes = F.unpack_fp4(unrepack(w4["q"])).long()
+    sb = w4["sb"].long()
+    table = _mag_table(sb & 7, sb >> 3)  # [N, K/block, 8]
+    n, k = codes.shape
+    blk = w4["block"]
+    mag = torch.gather(table, 2, (codes & 7).view(n, k // blk, blk))
+    w = torch.where((codes >= 8).view(n, k // blk, blk), -mag, mag).view(n, k)
+    return w * w4["q_scale"][:, None]
+
+
+if triton is not None:
+    R15_0 = tl.constexpr(R15[0])
+    R15_1 = tl.constexpr(R15[1])
+
+    @triton.jit
+    def _tables(sb, MX: tl.constexpr, INTERP: tl.constexpr):
+        """PRMT tables (codes 0-3, codes 4-7) of blocks with bytes sb = E << 3 | j (int32):
+        [0, 0.5, 1, 1.5] and [2, 3, 4, 6] times 2^(E-5) (1 + j/8) as E4M3 bytes. The entries of
+        0.5, 1, 2, 4 are the block byte plus a constant; those of 1.5, 3, 6 are r = round(1.5 (1 + j/8))
+        (one PRMT lookup by j) plus the exponent."""
+        if MX:  # j = 0, r = 0x14 + sb: two multiply-adds per block
+            t0 = 0x14100800 + sb * 0x01010100
+            t1 = 0x24201C18 + sb * 0x01010101
+        else:
+            j = sb & 7
+            if INTERP:  # no inline asm in the interpreter
+                r = (tl.where(j < 4, R15_0, R15_1) >> ((j & 3) * 8)) & 0xFF
+            else:  # selector nibbles 1-3 = 8: the sign of byte 0 (positive), so the upper bytes are 0
+                r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                              [tl.full(sb.shape, R15_0, tl.int32), tl.full(sb.shape, R15_1, tl.int32),
+                                               j | 0x8880], dtype=tl.int32, is_pure=True, pack=1)
+            r = r + sb - j
+            t0 = 0x00100800 + sb * 0x00010100 + (r << 24)
+            t1 = 0x10200818 + sb * 0x00010001 + r * 0x01000100
+        return t0, t1
+
+    @triton.jit
+    def _convert(w, t0a, t1a, t0b, t1b, INTERP: tl.constexpr):
+        """Repacked codes [BN, 64] uint8 and the tables of each byte's block -> E4M3 weights of the
+        group's two halves, [BN, 64] each. Every 4 bytes (one word, 4 consecutive K in one register
+        of wgmma's A fragment) are converted together."""
+        if INTERP:
+            bn: tl.constexpr = w.shape[0]
+            w3 = tl.reshape(w.to(tl.int32), (bn, 16, 4))
+            word = tl.sum(w3 << (tl.arange(0, 4) * 8)[None, None, :], 2)[:, :, None]
+            i = tl.arange(0, 4)[None, None, :]
+            ta0 = tl.reshape(t0a, (bn, 16, 4))
+            ta1 = tl.reshape(t1a, (bn, 16, 4))
+            tb0 = tl.reshape(t0b, (bn, 16, 4))
+            tb1 = tl.reshape(t1b, (bn, 16, 4))
+            ma = (word >> (4 * i)) & 7
+            mb = (word >> (4 * i + 16)) & 7
+            a = (tl.where(ma < 4, ta0, ta1) >> ((ma & 3) * 8)) & 0xFF
+            b = (tl.where(mb < 4, tb0, tb1) >> ((mb & 3) * 8)) & 0xFF
+            a = a | ((word >> (8 * i)) & 0x80)
+            b = b | (((word << 4) >> (8 * i)) & 0x80)
+            a = tl.reshape(a, (bn, 64)).to(tl.uint8)
+            b = tl.reshape(b, (bn, 64)).to(tl.uint8)
+        else:
+            a, b = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 s, m, g;
+                and.b32 s, $2, 0x7777;
+                prmt.b32 m, $3, $7, s;
+                and.b32 g, $2, 0x80808080;
+                or.b32 $0, m, g;
+                shr.u32 s, $2, 16;
+                and.b32 s, s, 0x7777;
+                prmt.b32 m, $11, $15, s;
+                shl.b32 g, $2, 4;
+                and.b32 g, g, 0x80808080;
+                or.b32 $1, m, g;
+                }""",
+                "=r,=r,r" + ",r" * 16, [w, t0a, t1a, t0b, t1b], dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+        return a.to(tl.float8e4nv, bitcast=True), b.to(tl.float8e4nv, bitcast=True)
+
+    @triton.jit
+    def _spread(t, BN: tl.constexpr, NBH: tl.constexpr, SB: tl.constexpr):
+        """[BN, NBH] per-block values -> [BN, NBH * SB] (each block's value over its columns)."""
+        return tl.reshape(tl.broadcast_to(t[:, :, None], (BN, NBH, SB)), (BN, NBH * SB))
+
+    @triton.jit
+    def _w4a8_kernel(x_desc, w_desc, c_desc, SBY, SX, SW, U, LA, BIAS, LB2, U2, SH,
+                     M, N, K, R, R2, M_KEY,
+                     BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
+                     EPI_SPLIT: tl.constexpr, PROMOTE: tl.constexpr,
+                     ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr,
+                     R_CHUNKS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
+                     R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, SB: tl.constexpr, INTERP: tl.constexpr):
+        """out = x W^T (W: repacked FP4, weight rows as the MMA's M) with fp8_ffn's epilogue.
+        Tiles: BN weight rows x BM tokens, K in groups of 128 (two 64-wide MMAs)."""
+        NB: tl.constexpr = 128 // SB  # blocks per group
+        NBH: tl.constexpr = NB // 2
+        num_pid_m = tl.cdiv(M, BM)
+        num_pid_n = tl.cdiv(N, BN)
+        num_tiles = num_pid_m * num_pid_n
+        groups = K // 128
+        KB = K // SB
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            # grouped order over weight-row tiles: neighbouring programs share weight tiles in L2
+            group = GROUP_M * num_pid_m
+            first_n = (tile // group) * GROUP_M
+            gn = min(num_pid_n - first_n, GROUP_M)
+            pid_n = first_n + (tile % group) % gn
+            pid_m = (tile % group) // gn
+            om = pid_m * BM
+            on = pid_n * BN
+            wrows = on + tl.arange(0, BN)
+            sb_row = SBY + wrows[:, None].to(tl.int64) * KB
+            acc = tl.zeros([BN, BM], tl.float32)
+            for g0 in range(0, groups, PROMOTE):
+                for j in tl.static_range(PROMOTE):
+                    g = g0 + j
+                    kb = g * NB + tl.arange(0, NB)
+                    sb = tl.load(sb_row + kb[None, :], mask=(wrows < N)[:, None] & (kb < KB)[None, :], other=0)
+                    t0, t1 = _tables(sb.to(tl.int32), SB == 32, INTERP)
+                    t0a, t0b = tl.split(tl.permute(tl.reshape(t0, (BN, 2, NBH)), (0, 2, 1)))
+                    t1a, t1b = tl.split(tl.permute(tl.reshape(t1, (BN, 2, NBH)), (0, 2, 1)))
+                    wa, wb = _convert(w_desc.load([on, g * 64]), _spread(t0a, BN, NBH, SB), _spread(t1a, BN, NBH, SB),
+                                      _spread(t0b, BN, NBH, SB), _spread(t1b, BN, NBH, SB), INTERP)
+                    w = tl.reshape(tl.permute(tl.join(wa, wb), (0, 2, 1)), (BN, 128))
+                    x = x_desc.load([om, g * 128])  # past K: zeros (TMA bounds)
+                    if j == 0:
+                        part = tl.dot(w, x.T)
+                    else:
+                        part = tl.dot(w, x.T, part)
+                acc += part
+            acc = tl.trans(acc)  # [BM tokens, BN channels], as fp8_ffn's epilogue takes it
+            rows = om + tl.arange(0, BM)
+            if EPI_SPLIT:
+                acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+                cols0 = on + tl.arange(0, BN // 2)
+                cols1 = cols0 + BN // 2
+                h0 = K8._epilogue(acc0, rows, cols0, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
+                                  ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+                h1 = K8._epilogue(acc1, rows, cols1, c_desc, om, on + BN // 2, M, N, SX, SW, U, LA, BIAS, SH, R,
+                                  ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+                if R2_CHUNKS > 0:
+                    K8._next_lowrank(h0, h1, cols0, cols1, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, True, INTERP)
+            else:
+                cols = on + tl.arange(0, BN)
+                h = K8._epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
+                                 ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+                if R2_CHUNKS > 0:
+                    K8._next_lowrank(h, h, cols, cols, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, False, INTERP)
+
+    def _set_block_shapes(nargs):
+        bm, bn = nargs["BM"], nargs["BN"]
+        nargs["x_desc"].block_shape = [bm, 128]
+        nargs["w_desc"].block_shape = [bn, 64]
+        nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
+
+    def _config(bn, bm, warps, stages, promote=2, split=False, persist=True):
+        return triton.Config(dict(BN=bn, BM=bm, GROUP_M=8, PERSIST=persist, EPI_SPLIT=split, PROMOTE=promote),
+                             num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
+
+    # Candidates autotuned per shape; bench/w4a8.py --sweep times each (H100: 64x128 tiles, two
+    # CTAs per SM, win most shapes; 64x64 the audio down-projection at M = 126).
+    GEMM_CONFIGS = [
+        _config(128, 128, 8, 3, promote=2),
+        _config(64, 128, 4, 2, promote=2, persist=False),
+        _config(64, 128, 4, 3, promote=1, persist=False),
+        _config(64, 64, 4, 2, promote=2, persist=False),
+        _config(64, 64, 4, 4, promote=2, persist=False),
+    ]
+
+    def _prune(configs, nargs, **_):
+        small = nargs["M_KEY"] <= 256
+        return [c for c in configs if not (small and c.kwargs["PERSIST"])]
+
+    _tuned = triton.autotune(GEMM_CONFIGS, key=["M_KEY", "N", "K", "R", "R2", "GELU", "OUT_FP8", "SB"],
+                             prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["U2"])(_w4a8_kernel)
+    DEFAULT_CONFIGS = (dict(BN=64, BM=64, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, num_warps=4,
+                            num_stages=4),
+                       dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, num_warps=4,
+                            num_stages=2))
+    INTERP_CONFIG = dict(BN=32, BM=32, GROUP_M=2, PERSIST=True, EPI_SPLIT=True, PROMOTE=1, num_warps=4, num_stages=2)
+
+
+def scaled_gemm(xq, sx, w4, *, u=None, A=None, bias=None, gelu=False, h_scale=None, next_B=None, u_next=None,
+                out=None, out_dtype=torch.bfloat16, config: dict | None = None):
+    """fp8_ffn.scaled_gemm with FP4 weights w4 (prepare's dict) instead of FP8 ones."""
+    M, K = xq.shape
+    N = w4["q"].shape[0]
+    r = 0 if A is None else A.shape[1]
+    r2 = 0 if next_B is None else next_B.shape[0]
+    fp8_out = h_scale is not None
+    if out is None:
+        out = torch.empty(M, N, device=xq.device, dtype=torch.float8_e4m3fn if fp8_out else out_dtype)
+    rb, rc = K8._rank_chunk(r)
+    r2b, r2c = K8._rank_chunk(r2)
+    dummy = K8._scratch(xq.device)
+    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (xq, w4["q"], out)]
+    args = (*descs, w4["sb"], sx, w4["q_scale"], u if r else dummy, A if r else dummy,
+            bias if bias is not None else dummy, next_B if r2 else dummy, u_next if r2 else dummy,
+            h_scale if fp8_out else dummy, M, N, K, r, r2, min(K8._p2(M), 65536))
+    flags = dict(ROW_SCALAR=sx.numel() == 1, HAS_BIAS=bias is not None, RB=rb, R_CHUNKS=rc, GELU=gelu,
+                 OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, SB=w4["block"], INTERP=INTERP)
+    tiles = lambda m: triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"])  # noqa: E731
+    if config is None and not INTERP and not K8.AUTOTUNE:
+        config = DEFAULT_CONFIGS[M > 256]
+    if config is None and not INTERP:
+        sms = K8._num_sms(xq.device.index or 0)
+        grid = lambda m: (min(tiles(m), sms) if m["PERSIST"] else tiles(m),)  # noqa: E731
+        tuned = len(_tuned.cache)
+        _tuned[grid](*args, **flags)
+        if r2 and len(_tuned.cache) != tuned:  # see fp8_ffn.scaled_gemm
+            u_next.zero_()
+            _tuned[grid](*args, **flags)
+        return out
+    cfg = dict(INTERP_CONFIG, **(config or {}))
+    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "programs")}
+    _set_block_shapes({"x_desc": descs[0], "w_desc": descs[1], "c_desc": descs[2], **meta})
+    progs = K8._num_sms(xq.device.index or 0) if xq.is_cuda else 3
+    grid = (cfg.get("programs") or (min(tiles(cfg), progs) if cfg["PERSIST"] else tiles(cfg)),)
+    _w4a8_kernel[grid](*args, **meta, **flags, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
