@@ -1,17 +1,19 @@
 """W4A8: FP4 residuals (MXFP4, NVFP4) converted in registers to E4M3 and multiplied on FP8
-tensor cores (kernels/wfp4.py, fp8_ffn._load_w). On CPU under Triton's interpreter, on a GPU
-compiled: the kernel against the torch reference of the same FP4 tensors."""
+tensor cores (kernels/w4a8.py). The repacking and the weights' reference on CPU; the kernel
+against the fp32 reference of the same FP4 tensors, under Triton's interpreter on CPU and
+compiled on a GPU."""
 import pytest
 import torch
+import torch.nn.functional as Fn
 
 from liteffn.calibration.compress import compress_linear
 from liteffn.kernels import formats as F
-from liteffn.kernels import fp8_ffn, wfp4
+from liteffn.kernels import fp8_ffn, w4a8
 from liteffn.kernels import reference as R
 
-pytestmark = pytest.mark.skipif(not fp8_ffn.available(), reason="triton is not installed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-CONFIGS = [{}, dict(EPI_SPLIT=False, PERSIST=False), dict(BK=64, BN=32, programs=2), dict(PROMOTE=2)]
+needs_triton = pytest.mark.skipif(not fp8_ffn.available(), reason="triton is not installed")
+CONFIGS = [{}, dict(EPI_SPLIT=False, PERSIST=False), dict(PROMOTE=2, programs=2)]
 
 
 def rel(a, b):
@@ -20,8 +22,8 @@ def rel(a, b):
 
 
 def _fp4_layer(fmt, n, k, rank, seed=0, spread=2.0):
-    """A compressed linear with an FP4 residual; rows and column blocks of very different
-    magnitude (10^spread), so block scales and the per-channel fold both matter."""
+    """A compressed linear with an FP4 residual; columns of very different magnitude (10^spread),
+    so block scales and the per-channel factor both matter."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(n, k, generator=g) / k**0.5
     W = W * torch.logspace(-spread / 2, spread / 2, k)[torch.randperm(k, generator=g)][None, :]
@@ -29,13 +31,27 @@ def _fp4_layer(fmt, n, k, rank, seed=0, spread=2.0):
     return compress_linear(W, b, None, rank, fmt).tensors
 
 
+def test_repack_layout():
+    """One word holds codes 4j..4j+3 of a group's first half (magnitudes in nibbles 0-3, signs on
+    bits 7/15/23/31) and 4j..4j+3 of its second half (nibbles 4-7, signs on bits 3/11/19/27)."""
+    codes = torch.zeros(1, 128, dtype=torch.uint8)
+    codes[0, 4 + 1] = 0xB  # first half, word 1, i = 1: magnitude 3, negative
+    codes[0, 64 + 4 + 2] = 0x6  # second half, word 1, i = 2: magnitude 6, positive
+    codes[0, 64 + 4 + 3] = 0x8  # -0
+    w = w4a8.repack(F.pack_fp4(codes)).view(torch.int32)[0, 1].item() & 0xFFFFFFFF
+    assert w == (3 << 4) | (1 << 15) | (6 << 24) | (1 << 27)
+    q = F.pack_fp4(torch.randint(0, 16, (5, 384), dtype=torch.uint8))
+    assert torch.equal(w4a8.unrepack(w4a8.repack(q)), q)
+
+
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-def test_folded_weights_equal_the_fp4_weights(fmt):
-    """MXFP4: the E4M3 fold is exact. NVFP4: one more E4M3 rounding, at most 2^-4 per weight."""
+def test_kernel_weights_equal_the_fp4_weights(fmt):
+    """MXFP4: the kernel's E4M3 weights are exactly the stored ones. NVFP4: one more E4M3 rounding
+    of code x block-scale mantissa, at most 2^-4 per weight."""
     t = _fp4_layer(fmt, 48, 256, 0)
-    w4 = wfp4.prepare(fmt, t)
+    w4 = w4a8.prepare(fmt, t)
     exact = F.decode(fmt, t)
-    folded = wfp4.dequant(w4)
+    folded = w4a8.dequant(w4)
     assert folded.abs().max() <= 448 * w4["q_scale"].max()
     if fmt == "mxfp4":
         assert torch.equal(folded, exact)
@@ -45,31 +61,108 @@ def test_folded_weights_equal_the_fp4_weights(fmt):
         assert 0 < rel(folded, exact) < 0.03, rel(folded, exact)
 
 
-def test_mxfp4_fold_is_exact_over_a_wide_range_of_block_scales():
-    """Blocks 2^-14 below a channel's largest block still fold exactly."""
-    n, k = 16, 512
-    grid = F.e2m1_decode(torch.randint(0, 16, (n, k)))
-    e = 127 + torch.randint(-14, 1, (n, k // 32))
-    t = {"q": F.pack_fp4(F.e2m1_encode(grid)), "q_scale": e.to(torch.uint8)}
-    assert torch.equal(wfp4.dequant(wfp4.prepare("mxfp4", t)), F.decode("mxfp4", t))
+def test_mxfp4_range_and_flush():
+    """Blocks down to 2^-EMAX of a channel's largest are exact; smaller ones become zero."""
+    n, k, e = 16, 512, w4a8.EMAX["mxfp4"]
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    ex = 127 + torch.randint(-e, 1, (n, k // 32))
+    ex[:, 0] = 127
+    t = {"q": F.pack_fp4(codes), "q_scale": ex.to(torch.uint8)}
+    assert torch.equal(w4a8.dequant(w4a8.prepare("mxfp4", t)), F.decode("mxfp4", t))
+    ex[:, 1] = 127 - e - 1
+    t["q_scale"] = ex.to(torch.uint8)
+    d, exact = w4a8.dequant(w4a8.prepare("mxfp4", t)), F.decode("mxfp4", t)
+    assert not d[:, 32:64].any() and exact[:, 32:64].any()
+    assert torch.equal(d[:, 64:], exact[:, 64:])
 
 
+def test_nvfp4_tensor_scale_is_exact():
+    """NVFP4's fp32 tensor scale goes to the epilogue, not into the rounded weights."""
+    t = _fp4_layer("nvfp4", 32, 128, 0)
+    t2 = dict(t, q_scale2=t["q_scale2"] * 1.2345)
+    a, b = w4a8.dequant(w4a8.prepare("nvfp4", t)), w4a8.dequant(w4a8.prepare("nvfp4", t2))
+    assert torch.allclose(b, a * 1.2345, rtol=1e-6, atol=0)
+
+
+def test_rejects_what_it_cannot_run():
+    t = _fp4_layer("mxfp4", 16, 96, 0)
+    with pytest.raises(ValueError, match="divisible by 128"):
+        w4a8.prepare("mxfp4", t)
+    with pytest.raises(ValueError, match="mxfp4 or nvfp4"):
+        w4a8.prepare("fp8", t)
+
+
+def _layer(fmt, n, k, r, seed=0):
+    return {k_: v.to(DEV) for k_, v in _fp4_layer(fmt, n, k, r, seed).items()}
+
+
+@needs_triton
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-@pytest.mark.parametrize("m,k,n,r", [(50, 128, 96, 20), (40, 64, 128, 0), (33, 96, 64, 8)])
+@pytest.mark.parametrize("m,k,n,r", [(50, 256, 96, 20), (40, 128, 128, 0), (33, 384, 64, 8)])
 def test_w4a8_gemm_matches_reference(fmt, cfg, m, k, n, r):
-    t = {k_: v.to(DEV) for k_, v in _fp4_layer(fmt, n, k, r).items()}
-    w4 = wfp4.prepare(fmt, t)
+    t = _layer(fmt, n, k, r)
+    w4 = w4a8.prepare(fmt, t)
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(1)) * 2).to(torch.bfloat16).to(DEV)
     xq, sx, u = fp8_ffn.act_quant_lowrank(x, t.get("B"))
-    y = fp8_ffn.scaled_gemm(xq, sx, None, None, u=u, A=t.get("A"), bias=t.get("bias"), w4=w4, config=cfg)
-    # reference: the same quantized activations and the kernel's E4M3 weights, in fp32; the low rank
+    y = w4a8.scaled_gemm(xq, sx, w4, u=u, A=t.get("A"), bias=t.get("bias"), config=cfg)
+    # reference: the same quantized activations and the kernel's weights in fp32; the low rank
     # sees the unquantized x
-    Fn = torch.nn.functional
-    ref = Fn.linear(xq.float() * sx[:, None], wfp4.dequant(w4)) + t["bias"].float()
+    ref = Fn.linear(xq.float() * sx[:, None], w4a8.dequant(w4)) + t["bias"].float()
     if r:
         ref = ref + Fn.linear(Fn.linear(x.float(), t["B"].float()), t["A"].float())
     assert y.shape == (m, n) and torch.isfinite(y.float()).all()
     assert rel(y, ref) < 1e-2, rel(y, ref)
     if fmt == "mxfp4":  # and the FP4 layer itself, through the reference path
         assert rel(y, R.compressed_linear_ref(x, fmt, t, dtype=torch.float32)) < 1e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_w4a8_fused_ffn_matches_reference(fmt):
+    """Up-projection with GELU, static FP8 output and the down-projection's low rank (atomics),
+    then the down-projection: fp8_ffn.ffn_fp8's three launches with FP4 weights."""
+    m, d, hdim, r = 40, 128, 256, 16
+    up, down = _layer(fmt, hdim, d, r, 1), _layer(fmt, d, hdim, r, 2)
+    x = (torch.randn(m, d, generator=torch.Generator().manual_seed(3)) * 2).to(torch.bfloat16).to(DEV)
+    h = Fn.gelu(R.compressed_linear_ref(x, fmt, up, dtype=torch.float32), approximate="tanh")
+    h_scale = fp8_ffn.static_scale(h.abs().amax().reshape(1).to(DEV))
+    y = fp8_ffn.ffn_fp8(x, w4a8.prepare(fmt, up), w4a8.prepare(fmt, down), h_scale)
+    ref = R.compressed_ffn_ref(x, fmt, up, fmt, down, h_scale=h_scale, dtype=torch.float32)
+    assert y.dtype == torch.bfloat16 and rel(y, ref) < (2e-2 if fmt == "mxfp4" else 5e-2), rel(y, ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_fp4_modules_run_the_w4a8_kernels(fmt):
+    """A compressed FFN with FP4 residuals, built where the kernels can run: its tensors are
+    converted to the kernel's layout once, the fused path runs, and the reference path of the
+    same module computes the same function."""
+    from liteffn.kernels import dispatch
+    from liteffn.kernels.modules import CompressedFFN, CompressedLinear
+
+    d, hdim, r = 128, 256, 16
+    up, down = _fp4_layer(fmt, hdim, d, r, 1), _fp4_layer(fmt, d, hdim, r, 2)
+    x = (torch.randn(2, 20, d, generator=torch.Generator().manual_seed(3)) * 2).to(torch.bfloat16)
+    h = Fn.gelu(R.compressed_linear_ref(x.float(), fmt, up), approximate="tanh")
+    down["input_amax"] = h.abs().amax().reshape(1)
+    dispatch.set_mode("triton")
+    try:
+        ffn = CompressedFFN(CompressedLinear(fmt, d, hdim, up), CompressedLinear(fmt, hdim, d, down)).to(DEV)
+        assert ffn.up.sb is not None and ffn.up.q_scale2 is None and ffn.up.q.shape == up["q"].shape
+        if fmt == "mxfp4":  # same residual weights as stored
+            assert torch.equal(R.dequant_weight(fmt, ffn.up.tensors(), torch.float32).cpu(), F.decode(fmt, up))
+        before = dispatch.counts["ffn:triton"]
+        y = ffn(x.to(DEV))
+        assert dispatch.counts["ffn:triton"] == before + 1
+        dispatch.set_mode("reference")
+        ref = ffn(x.to(DEV))
+        assert y.shape == x.shape and rel(y, ref) < 2e-2, rel(y, ref)
+    finally:
+        dispatch.set_mode(None)
+    # built where no kernel runs, the module keeps the stored layout
+    dispatch.set_mode("reference")
+    try:
+        assert CompressedLinear(fmt, d, hdim, up).sb is None
+    finally:
+        dispatch.set_mode(None)
