@@ -2,9 +2,10 @@
 torch reference (reference.py).
 
 Triton runs when the input is on a CUDA GPU with FP8 tensor cores (compute capability >= 8.9),
-Triton is installed, every residual is FP8 and the shapes suit the kernels' tensor
-descriptors. Everything else (CPU, older GPUs, FP4/bf16 residuals until their kernels exist)
-takes the reference, which computes the same function. If a kernel fails to compile or launch
+Triton is installed, every residual is FP8, or FP4 in the W4A8 kernel's layout (w4a8.py;
+modules.py converts MXFP4/NVFP4 residuals when `w4a8_possible`), and the shapes suit the
+kernels' tensor descriptors. Everything else (CPU, older GPUs, bf16 residuals) takes the
+reference, which computes the same function. If a kernel fails to compile or launch
 on this GPU, the failure is logged once and the reference takes over for the rest of the
 process: a pack that falls back never crashes a workflow.
 
@@ -24,6 +25,7 @@ from . import fp8_ffn
 log = logging.getLogger("liteffn")
 
 MODES = ("auto", "triton", "reference")
+W4A8_FORMATS = ("mxfp4", "nvfp4")
 _mode_override: str | None = None
 _disabled_reason: str | None = None
 counts: Counter = Counter()  # which path ran, by name (not updated inside torch.compile)
@@ -48,12 +50,26 @@ def fp8_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _suits(x: torch.Tensor, tensors: dict) -> bool:
+def _suits(x: torch.Tensor, fmt: str, tensors: dict) -> bool:
     q, s = tensors.get("q"), tensors.get("q_scale")
-    if q is None or q.dtype != torch.float8_e4m3fn or s is None or s.dtype != torch.float32:
+    if q is None or s is None or s.dtype != torch.float32 or q.device != x.device:
         return False
     n, k = q.shape
-    return n % 16 == 0 and k % 16 == 0 and q.device == x.device
+    if fmt == "fp8":
+        return q.dtype == torch.float8_e4m3fn and n % 16 == 0 and k % 16 == 0
+    return fmt in W4A8_FORMATS and "sb" in tensors and n % 16 == 0 and (2 * k) % 128 == 0
+
+
+def in_features(t: dict) -> int:
+    return t["q"].shape[1] * (2 if "sb" in t else 1)
+
+
+def w4a8_possible(fmt: str, in_features: int, act_quant: bool = True) -> bool:
+    """Whether an FP4 residual should be kept in the W4A8 kernel's layout on this machine:
+    Triton and a GPU with FP8 tensor cores present, kernels not turned off, shapes it takes."""
+    return (fmt in W4A8_FORMATS and act_quant and in_features % 128 == 0 and mode() != "reference"
+            and fp8_ffn.available() and (mode() == "triton" or (torch.cuda.is_available()
+                                                               and fp8_tensor_cores(torch.device("cuda")))))
 
 
 def choose(x: torch.Tensor, layers) -> str:
@@ -61,9 +77,9 @@ def choose(x: torch.Tensor, layers) -> str:
     m = mode()
     if m == "reference" or not fp8_ffn.available():
         return "reference"
-    if not all(fmt == "fp8" and aq and _suits(x, t) for fmt, aq, t in layers):
+    if not all(aq and _suits(x, fmt, t) for fmt, aq, t in layers):
         return "reference"
-    if x.shape[-1] != layers[0][2]["q"].shape[1] or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if x.shape[-1] != in_features(layers[0][2]) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return "reference"  # let the reference raise its own shape error
     if m == "triton":
         return "triton"

@@ -7,7 +7,9 @@ factors keep their stored dtypes. When the tensors live on another device than t
 (a partially loaded model keeps some modules offloaded), forward copies them for that call.
 
 forward() asks dispatch.py for the path: the fused Triton kernels on GPUs with FP8 tensor
-cores, the torch reference elsewhere.
+cores, the torch reference elsewhere. On such machines an MXFP4/NVFP4 residual is converted once,
+when the module is built, to the W4A8 kernel's layout (w4a8.py: same bytes, codes repacked,
+block scales as table bytes); the reference then computes with the same weights.
 """
 from __future__ import annotations
 
@@ -17,15 +19,30 @@ import torch.nn.functional as Fn
 from . import dispatch, ops
 from . import formats as F
 from .fp8_ffn import static_scale
-from .reference import compressed_ffn_ref, compressed_linear_ref
+from .reference import compressed_ffn_ref, compressed_linear_ref, dequant_weight
 
 # input_amax: the calibrated max |input| of the linear (absent without statistics).
-TENSOR_NAMES = ("A", "B", "q", "q_scale", "q_scale2", "bias", "input_amax")
+# sb: block bytes of an FP4 residual in the W4A8 layout (q_scale is then its per-channel factor).
+TENSOR_NAMES = ("A", "B", "q", "q_scale", "q_scale2", "sb", "bias", "input_amax")
 
 
 def _on(t, device):
     """t on device for this call (a copy when the module sits offloaded elsewhere)."""
     return t if t is None or device is None or t.device == device else t.to(device, non_blocking=True)
+
+
+def _w4a8_layout(fmt: str, tensors: dict) -> dict:
+    """The residual in the W4A8 kernel's layout, converted on the GPU when there is one (a second
+    on the CPU for a 4096x16384 linear, milliseconds on the GPU), left on the tensors' device."""
+    from . import w4a8
+
+    dev = tensors["q"].device
+    work = torch.device("cuda") if torch.cuda.is_available() else dev
+    res = {k: v.to(work) for k, v in tensors.items() if k in ("q", "q_scale", "q_scale2")}
+    w = w4a8.prepare(fmt, res)
+    out = {k: v for k, v in tensors.items() if k != "q_scale2"}
+    out.update(q=w["q"].to(dev), sb=w["sb"].to(dev), q_scale=w["q_scale"].to(dev))
+    return out
 
 
 class CompressedLinear(torch.nn.Module):
@@ -37,6 +54,8 @@ class CompressedLinear(torch.nn.Module):
         self.fmt = F.check_format(fmt)
         self.in_features, self.out_features = in_features, out_features
         self.act_quant = act_quant
+        if "sb" not in tensors and dispatch.w4a8_possible(self.fmt, in_features, act_quant):
+            tensors = _w4a8_layout(self.fmt, tensors)
         for name in TENSOR_NAMES:
             self._frozen(name, tensors.get(name))
         amax = tensors.get("input_amax")
@@ -69,13 +88,18 @@ class CompressedLinear(torch.nn.Module):
         ref = lambda: compressed_linear_ref(x, self.fmt, t, self.act_quant)  # noqa: E731
         if dispatch.choose(x, [self.kernel_layer(t)]) == "triton":
             return dispatch.run("linear", lambda: ops.fp8_linear(x, t["q"], t["q_scale"], t.get("A"), t.get("B"),
-                                                                 t.get("bias")).to(x.dtype), ref)
+                                                                 t.get("bias"), t.get("sb"), self.block).to(x.dtype),
+                                ref)
         dispatch.note_reference("linear")
         return ref()
 
+    @property
+    def block(self) -> int:
+        return F.BLOCK[self.fmt] or 0
+
     def dense_weight(self, dtype=torch.float32) -> torch.Tensor:
         """W' = A B + dequant(Q), for inspection and tests."""
-        w = F.decode(self.fmt, self.tensors(), dtype)
+        w = dequant_weight(self.fmt, self.tensors(), dtype)
         return w + (self.A.to(dtype) @ self.B.to(dtype)) if self.rank else w
 
     def extra_repr(self) -> str:
@@ -107,7 +131,8 @@ class CompressedFFN(torch.nn.Module):
         if dispatch.choose(x, [up.kernel_layer(t1), down.kernel_layer(t2)]) == "triton":
             return dispatch.run("ffn", lambda: ops.fp8_ffn_op(
                 x, t1["q"], t1["q_scale"], t1.get("A"), t1.get("B"), t1.get("bias"),
-                t2["q"], t2["q_scale"], t2.get("A"), t2.get("B"), t2.get("bias"), hs).to(x.dtype), ref)
+                t2["q"], t2["q_scale"], t2.get("A"), t2.get("B"), t2.get("bias"), hs, t1.get("sb"), t2.get("sb"),
+                up.block, down.block).to(x.dtype), ref)
         dispatch.note_reference("ffn")
         return ref()
 

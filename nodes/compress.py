@@ -51,7 +51,8 @@ class LiteFFNCompressModel(io.ComfyNode):
                                        "of its (whitened) spectral energy, at most `rank`."),
                 io.Combo.Input("residual", options=list(FORMATS), default="fp8",
                                tooltip="fp8: E4M3 per channel (fused kernels on Hopper/Ada); nvfp4/mxfp4: "
-                                       "4-bit blocks; bf16: no quantization."),
+                                       "4-bit blocks, half of fp8's memory (W4A8 kernels on Hopper/Ada, "
+                                       "slower than fp8); bf16: no quantization."),
                 *selection_inputs(),
                 io.String.Input("save_name", default="",
                                 tooltip="Saved as models/liteffn/<save_name>.safetensors; empty: not saved."),
