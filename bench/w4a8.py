@@ -1,14 +1,16 @@
-"""W4A8 (FP4 residual converted in registers, FP8 tensor cores) against the FP8 path and bf16
-at LTX-2 shapes, on the device GPU; issue 6's first measurement.
+"""W4A8 (FP4 residual, converted in registers, FP8 tensor cores) against the FP8 path and bf16
+at LTX-2 shapes, on the device GPU (issue 6).
 
-    python bench/w4a8.py [--out bench/w4a8_h100.md]
+    python bench/w4a8.py [--out bench/w4a8_h100.md]    # the table
+    python bench/w4a8.py --sweep                       # every candidate configuration, timed
 
 Per linear at rank 64, from an input already quantized to FP8 (the GEMM alone; quantizing the
 input is the same launch for every residual format): bf16 F.linear, our FP8 GEMM, W4A8 with
-MXFP4 and NVFP4 residuals. Times: median device time of CUDA-graph replays, weights rotating
-over copies that exceed the L2 cache; autotuned like the FP8 path. Errors: each kernel against
-the fp32 reference of the same stored tensors (first 2048 rows), and for W4A8 also against the
-exact FP4 weights (NVFP4's fold rounds once more)."""
+MXFP4 and NVFP4 residuals. Per FFN (bf16 input -> bf16 output, static hidden scale, three
+launches): FP8 against W4A8 residuals. Times: median device time of CUDA-graph replays,
+weights rotating over copies that exceed the L2 cache; autotuned. Errors: each kernel against
+the fp32 reference of the same stored tensors (first 2048 rows); for NVFP4 also how far its
+kernel weights are from the exact FP4 ones (one more E4M3 rounding; MXFP4 is exact)."""
 from __future__ import annotations
 
 import argparse
@@ -26,65 +28,116 @@ from ffn_kernels import CHECK_ROWS, Rot, act, copies_for, rel, us  # noqa: E402
 from liteffn.calibration.synthetic import random_fp4_layer, random_fp8_layer  # noqa: E402
 from liteffn.kernels import formats as F  # noqa: E402
 from liteffn.kernels import fp8_ffn as K  # noqa: E402
-from liteffn.kernels import wfp4  # noqa: E402
+from liteffn.kernels import w4a8  # noqa: E402
 
 SHAPES = [((4096, 16384), (6144, 24576)), ((16384, 4096), (6144,)), ((2048, 8192), (126, 5600)),
           ((8192, 2048), (126, 5600))]
+FFNS = [((4096, 16384), (6144, 24576)), ((2048, 8192), (126, 5600))]
 RANK = 64
+FMTS = ("mxfp4", "nvfp4")
+
+
+def layers(n, k, device="cuda"):
+    c = copies_for(n, k)
+    l8 = Rot([random_fp8_layer(n, k, RANK, seed=i, device=device) for i in range(c)])
+    l4 = {f: Rot([w4a8.prepare(f, random_fp4_layer(f, n, k, RANK, seed=i, device=device)) for i in range(c)])
+          for f in FMTS}
+    return l8, l4
+
+
+def gemm_row(k, n, m, l8, l4, W, b, lines, t_bf=None):
+    x = act(m, k)
+    if t_bf is None:
+        t_bf = us(lambda: Fn.linear(x, W(), b))
+    t0 = l8.items[0]
+    xq, sx, u = K.act_quant_lowrank(x, t0["B"])
+    t_8 = us(lambda: K._gemm(xq, sx, l8(), u=u, A=t0["A"], bias=t0["bias"]))
+    t_4 = {f: us(lambda f=f: K._gemm(xq, sx, l4[f](), u=u, A=t0["A"], bias=t0["bias"])) for f in FMTS}
+    xs = x[:CHECK_ROWS]
+    xq_s, sx_s, _ = K.act_quant_lowrank(xs, t0["B"])
+    xf = xq_s.float() * sx_s[:, None]
+
+    def err(t, wd):
+        _, _, u_s = K.act_quant_lowrank(xs, t["B"])
+        y = K._gemm(xq_s, sx_s, t, u=u_s, A=t["A"], bias=t["bias"])
+        ref = Fn.linear(xf, wd) + Fn.linear(Fn.linear(xs.float(), t["B"].float()), t["A"].float()) + t["bias"].float()
+        return rel(y, ref)
+
+    e8 = err(t0, t0["q"].float() * t0["q_scale"][:, None])
+    e4 = {f: err(l4[f].items[0], w4a8.dequant(l4[f].items[0])) for f in FMTS}
+    g = lambda t: f"{t:.1f} ({t_bf / t:.2f}x)"  # noqa: E731
+    lines.append(f"| {k}->{n} | {m} | {t_bf:.1f} | {g(t_8)} | {g(t_4['mxfp4'])} | {g(t_4['nvfp4'])} | "
+                 f"**{t_8 / t_4['mxfp4']:.2f}x** | {t_8 / t_4['nvfp4']:.2f}x | {e8:.1e} | {e4['mxfp4']:.1e} | "
+                 f"{e4['nvfp4']:.1e} |")
+    print(lines[-1], flush=True)
+
+
+def ffn_row(d, hdim, m, lines):
+    up8, up4 = layers(hdim, d)
+    dn8, dn4 = layers(d, hdim)
+    x = act(m, d)
+    hs = torch.tensor([0.25], device="cuda")
+    t_8 = us(lambda: K.ffn_fp8(x, up8(), dn8(), hs))
+    t_4 = {f: us(lambda f=f: K.ffn_fp8(x, up4[f](), dn4[f](), hs)) for f in FMTS}
+    mib = lambda ls: sum(F.stored_bytes({k: v for k, v in t.items() if k in ("q", "q_scale", "sb")})  # noqa: E731
+                         for t in (ls[0].items[0], ls[1].items[0])) / 2**20
+    lines.append(f"| {d}->{hdim}->{d} | {m} | {t_8:.1f} | {t_4['mxfp4']:.1f} | {t_4['nvfp4']:.1f} | "
+                 f"**{t_8 / t_4['mxfp4']:.2f}x** | {t_8 / t_4['nvfp4']:.2f}x | {mib((up8, dn8)):.1f} / "
+                 f"{mib((up4['mxfp4'], dn4['mxfp4'])):.1f} / {mib((up4['nvfp4'], dn4['nvfp4'])):.1f} |")
+    print(lines[-1], flush=True)
+
+
+def sweep():
+    """Every W4A8 candidate configuration at each shape (rank 64, MXFP4), and the FP8 path tuned."""
+    for (k, n), ms in SHAPES:
+        l8, l4 = layers(n, k)
+        for m in ms:
+            x = act(m, k)
+            t0 = l8.items[0]
+            xq, sx, u = K.act_quant_lowrank(x, t0["B"])
+            row = [f"{k}->{n} M={m}: FP8 {us(lambda: K._gemm(xq, sx, l8(), u=u, A=t0['A'], bias=t0['bias'])):.1f}"]
+            for c in w4a8.GEMM_CONFIGS:
+                cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                name = "BN{BN} BM{BM} w{num_warps} s{num_stages} p{PROMOTE}{s}{q}".format(
+                    **cfg, s=" split" if cfg["EPI_SPLIT"] else "", q=" persist" if cfg["PERSIST"] else "")
+                try:
+                    t = us(lambda: w4a8.scaled_gemm(xq, sx, l4["mxfp4"](), u=u, A=t0["A"], bias=t0["bias"],
+                                                    config=cfg))
+                    row.append(f"{name}: {t:.1f}")
+                except Exception as e:  # out of shared memory and the like
+                    row.append(f"{name}: {type(e).__name__}")
+            print(" | ".join(row), flush=True)
+        torch.cuda.empty_cache()
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--sweep", action="store_true")
     a = ap.parse_args()
+    if a.sweep:
+        return sweep()
     dev = torch.cuda.get_device_name()
-    lines = [f"# W4A8 vs FP8 vs bf16, per linear, rank {RANK}", "",
+    lines = [f"# W4A8 vs FP8 vs bf16 (rank {RANK})", "",
              f"{dev}, torch {torch.__version__}, {datetime.date.today()}; us (ratio = bf16 time / this time)", "",
-             "| shape | M | bf16 | FP8 | W4A8 MXFP4 | W4A8 NVFP4 | MX vs FP8 | NV vs FP8 | weight MiB FP8 / FP4 | "
-             "err FP8 | err MX | err NV | NV fold vs exact FP4 |", "|---" * 13 + "|"]
+             "## Per linear (input already in FP8)", "",
+             "| shape | M | bf16 | FP8 | W4A8 MXFP4 | W4A8 NVFP4 | MX vs FP8 | NV vs FP8 | err FP8 | err MX | err NV |",
+             "|---" * 11 + "|"]
     for (k, n), ms in SHAPES:
         c = copies_for(n, k)
         W = Rot([(torch.randn(n, k, device="cuda") / k**0.5).bfloat16() for _ in range(c)])
         b = (torch.randn(n, device="cuda") / 8).bfloat16()
-        l8 = Rot([random_fp8_layer(n, k, RANK, seed=i, device="cuda") for i in range(c)])
-        l4 = {f: Rot([random_fp4_layer(f, n, k, RANK, seed=i, device="cuda") for i in range(c)])
-              for f in ("mxfp4", "nvfp4")}
-        w4 = {f: Rot([wfp4.prepare(f, t) for t in l4[f].items]) for f in l4}
-        mib8 = F.stored_bytes({k_: v for k_, v in l8.items[0].items() if k_.startswith("q")}) / 2**20
-        mib4 = F.stored_bytes({k_: v for k_, v in l4["mxfp4"].items[0].items() if k_.startswith("q")}) / 2**20
+        l8, l4 = layers(n, k)
         for m in ms:
-            x = act(m, k)
-            t_bf = us(lambda: Fn.linear(x, W(), b))
-            t0 = l8.items[0]
-            xq, sx, u = K.act_quant_lowrank(x, t0["B"])
-            t_8 = us(lambda: (lambda t: K.scaled_gemm(xq, sx, t["q"], t["q_scale"], u=u, A=t["A"], bias=t["bias"]))(l8()))
-            t_4 = {}
-            for f in l4:
-                t_4[f] = us(lambda f=f: (lambda t, w: K.scaled_gemm(xq, sx, None, None, u=u, A=t["A"], bias=t["bias"],
-                                                                     w4=w))(l4[f].items[0], w4[f]()))
-            xs = x[:CHECK_ROWS]
-            xq_s, sx_s, u_s = K.act_quant_lowrank(xs, t0["B"])
-            xf = xq_s.float() * sx_s[:, None]
-
-            def ref(wd, t):
-                return Fn.linear(xf, wd) + Fn.linear(Fn.linear(xs.float(), t["B"].float()), t["A"].float()) \
-                    + t["bias"].float()
-
-            e8 = rel(K.scaled_gemm(xq_s, sx_s, t0["q"], t0["q_scale"], u=u_s, A=t0["A"], bias=t0["bias"]),
-                     ref(t0["q"].float() * t0["q_scale"][:, None], t0))
-            e4, fold = {}, None
-            for f in l4:
-                t, w = l4[f].items[0], w4[f].items[0]
-                _, _, u4 = K.act_quant_lowrank(xs, t["B"])
-                y = K.scaled_gemm(xq_s, sx_s, None, None, u=u4, A=t["A"], bias=t["bias"], w4=w)
-                e4[f] = rel(y, ref(wfp4.dequant(w), t))
-                if f == "nvfp4":
-                    fold = rel(ref(wfp4.dequant(w), t), ref(F.decode(f, t), t))
-            g = lambda t: f"{t:.1f} ({t_bf / t:.2f}x)"  # noqa: E731
-            lines.append(f"| {k}->{n} | {m} | {t_bf:.1f} | {g(t_8)} | {g(t_4['mxfp4'])} | {g(t_4['nvfp4'])} | "
-                         f"{t_8 / t_4['mxfp4']:.2f}x | {t_8 / t_4['nvfp4']:.2f}x | {mib8:.1f} / {mib4:.1f} | "
-                         f"{e8:.1e} | {e4['mxfp4']:.1e} | {e4['nvfp4']:.1e} | {fold:.1e} |")
-            print(lines[-1], flush=True)
+            gemm_row(k, n, m, l8, l4, W, b, lines)
+        del W, l8, l4
+        torch.cuda.empty_cache()
+    lines += ["", "## Per FFN (bf16 in, bf16 out, three launches)", "",
+              "| FFN | M | FP8 | W4A8 MXFP4 | W4A8 NVFP4 | MX vs FP8 | NV vs FP8 | residual MiB FP8 / MX / NV |",
+              "|---" * 8 + "|"]
+    for (d, hdim), ms in FFNS:
+        for m in ms:
+            ffn_row(d, hdim, m, lines)
         torch.cuda.empty_cache()
     text = "\n".join(lines) + "\n"
     if a.out:
