@@ -21,11 +21,11 @@ from collections import Counter
 import torch
 
 from . import fp8_ffn
+from .w4a8 import FORMATS as W4A8_FORMATS
 
 log = logging.getLogger("liteffn")
 
 MODES = ("auto", "triton", "reference")
-W4A8_FORMATS = ("mxfp4", "nvfp4")
 _mode_override: str | None = None
 _disabled_reason: str | None = None
 counts: Counter = Counter()  # which path ran, by name (not updated inside torch.compile)

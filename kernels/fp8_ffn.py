@@ -200,6 +200,30 @@ if triton is not None:
                           sem="relaxed")
 
     @triton.jit
+    def _store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2,
+                    BM: tl.constexpr, BN: tl.constexpr, EPI_SPLIT: tl.constexpr, ROW_SCALAR: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, RB: tl.constexpr, R_CHUNKS: tl.constexpr, GELU: tl.constexpr,
+                    OUT_FP8: tl.constexpr, R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, INTERP: tl.constexpr):
+        """Epilogue of one [BM tokens, BN channels] accumulator tile (this GEMM's and W4A8's)."""
+        rows = om + tl.arange(0, BM)
+        if EPI_SPLIT:  # two half-width epilogues: fewer live registers, smaller store tile
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            cols0 = on + tl.arange(0, BN // 2)
+            cols1 = cols0 + BN // 2
+            h0 = _epilogue(acc0, rows, cols0, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
+                           ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+            h1 = _epilogue(acc1, rows, cols1, c_desc, om, on + BN // 2, M, N, SX, SW, U, LA, BIAS, SH, R,
+                           ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+            if R2_CHUNKS > 0:
+                _next_lowrank(h0, h1, cols0, cols1, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, True, INTERP)
+        else:
+            cols = on + tl.arange(0, BN)
+            h = _epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
+                          ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+            if R2_CHUNKS > 0:
+                _next_lowrank(h, h, cols, cols, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, False, INTERP)
+
+    @triton.jit
     def _scaled_gemm_kernel(a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH,
                             M, N, K, R, R2, M_KEY,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -242,23 +266,8 @@ if triton is not None:
                         else:
                             part = tl.dot(a, b.T, part)
                     acc += part
-            rows = om + tl.arange(0, BM)
-            if EPI_SPLIT:  # two half-width epilogues: fewer live registers, smaller store tile
-                acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
-                cols0 = on + tl.arange(0, BN // 2)
-                cols1 = cols0 + BN // 2
-                h0 = _epilogue(acc0, rows, cols0, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
-                               ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
-                h1 = _epilogue(acc1, rows, cols1, c_desc, om, on + BN // 2, M, N, SX, SW, U, LA, BIAS, SH, R,
-                               ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
-                if R2_CHUNKS > 0:
-                    _next_lowrank(h0, h1, cols0, cols1, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, True, INTERP)
-            else:
-                cols = on + tl.arange(0, BN)
-                h = _epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
-                              ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
-                if R2_CHUNKS > 0:
-                    _next_lowrank(h, h, cols, cols, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, False, INTERP)
+            _store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN, EPI_SPLIT,
+                        ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
 
     def _set_block_shapes(nargs):
         bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
@@ -389,27 +398,37 @@ def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_
             next_B if r2 else dummy, u_next if r2 else dummy, h_scale if fp8_out else dummy, M, N, K, r, r2, min(_p2(M), 65536))
     flags = dict(ROW_SCALAR=sx.numel() == 1, HAS_BIAS=bias is not None, RB=rb, R_CHUNKS=rc,
                  GELU=gelu, OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, INTERP=INTERP)
+    _launch(_scaled_gemm_kernel, _gemm_tuned, DEFAULT_CONFIGS, INTERP_CONFIG, _set_block_shapes,
+            dict(a_desc=descs[0], b_desc=descs[1], c_desc=descs[2]), args, flags, M, N, xq.device, config,
+            u_next if r2 else None)
+    return out
+
+
+def _launch(kernel, tuned, defaults, interp_config, set_block_shapes, descs: dict, args, flags, M, N, device,
+            config, u_next=None):
+    """Launch a scaled-GEMM kernel (this file's or w4a8's): autotuned with `tuned`; with
+    LITEFFN_AUTOTUNE=0 the fixed `defaults` (few rows, many rows); a given config completes
+    the interpreter's small one."""
     tiles = lambda m: triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"])  # noqa: E731
     if config is None and not INTERP and not AUTOTUNE:
-        config = DEFAULT_CONFIGS[M > 256]
+        config = defaults[M > 256]
     if config is None and not INTERP:
-        sms = _num_sms(xq.device.index or 0)
+        sms = _num_sms(device.index or 0)
         grid = lambda m: (min(tiles(m), sms) if m["PERSIST"] else tiles(m),)  # noqa: E731
-        tuned = len(_gemm_tuned.cache)
-        _gemm_tuned[grid](*args, **flags)
-        if r2 and len(_gemm_tuned.cache) != tuned:
+        n = len(tuned.cache)
+        tuned[grid](*args, **flags)
+        if u_next is not None and len(tuned.cache) != n:
             # This call tuned: its timing runs added into u_next too, and Triton 3.6 leaves their
             # sum there (newer versions zero it); seen on the H100 as a wrong first FFN per shape.
             u_next.zero_()
-            _gemm_tuned[grid](*args, **flags)
-        return out
-    cfg = dict(INTERP_CONFIG, **(config or {}))
+            tuned[grid](*args, **flags)
+        return
+    cfg = dict(interp_config, **(config or {}))
     meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "programs")}
-    _set_block_shapes({"a_desc": descs[0], "b_desc": descs[1], "c_desc": descs[2], **meta, **flags})
-    progs = _num_sms(xq.device.index or 0) if xq.is_cuda else 3  # persistent: few programs, many tiles
+    set_block_shapes({**descs, **meta})
+    progs = _num_sms(device.index or 0) if device.type == "cuda" else 3  # persistent: few programs, many tiles
     grid = (cfg.get("programs") or (min(tiles(cfg), progs) if cfg["PERSIST"] else tiles(cfg)),)
-    _scaled_gemm_kernel[grid](*args, **meta, **flags, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out
+    kernel[grid](*args, **meta, **flags, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # ---------------------------------------------------------------- whole layers

@@ -23,8 +23,6 @@ How it is fast (bench/w4a8.py):
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import formats as F
@@ -38,8 +36,7 @@ try:
 except ImportError:
     triton = None
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-W4 = {"mxfp4": 1, "nvfp4": 2}
+FORMATS = ("mxfp4", "nvfp4")
 GROUP = 128  # values of K per repacked group: two halves of 64, one MMA each
 # Largest block exponent: the table's largest byte is round(6 * 1.875 * 2^-5) + E << 3 (NVFP4)
 # or 6 * 2^-5 + E << 3 (MXFP4), which must stay <= 448.
@@ -101,7 +98,7 @@ def prepare(fmt: str, t: dict) -> dict:
     q_scale2 NVFP4's tensor scale): q repacked, sb (uint8 [N, K/block], b = E << 3 | j per block),
     q_scale (fp32 [N], p[n] for the epilogue), and t's A, B, bias: a layer for fp8_ffn.linear_fp8
     and ffn_fp8."""
-    if fmt not in W4:
+    if fmt not in FORMATS:
         raise ValueError(f"W4A8 takes mxfp4 or nvfp4 residuals, not {fmt!r}")
     q = t["q"]
     n, k = q.shape[0], q.shape[1] * 2
@@ -122,13 +119,13 @@ def prepare(fmt: str, t: dict) -> dict:
     if fmt == "nvfp4":
         p = p * t["q_scale2"].float().reshape(())
     extra = {k_: t[k_] for k_ in ("A", "B", "bias") if t.get(k_) is not None}
-    return {"w4": W4[fmt], "block": blk, "q": repack(q), "sb": ((E << 3) | j).to(torch.uint8).contiguous(),
+    return {"block": blk, "q": repack(q), "sb": ((E << 3) | j).to(torch.uint8).contiguous(),
             "q_scale": p.float().contiguous(), **extra}
 
 
 def layer(fmt: str, t: dict) -> dict:
     """Kernel operands of module tensors already in the kernel's layout (q, sb, q_scale = p)."""
-    return {**t, "w4": W4[fmt], "block": F.BLOCK[fmt]}
+    return {**t, "block": F.BLOCK[fmt]}
 
 
 def dequant(w4: dict) -> torch.Tensor:
@@ -261,23 +258,8 @@ if triton is not None:
                         part = tl.dot(w, x.T, part)
                 acc += part
             acc = tl.trans(acc)  # [BM tokens, BN channels], as fp8_ffn's epilogue takes it
-            rows = om + tl.arange(0, BM)
-            if EPI_SPLIT:
-                acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
-                cols0 = on + tl.arange(0, BN // 2)
-                cols1 = cols0 + BN // 2
-                h0 = K8._epilogue(acc0, rows, cols0, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
-                                  ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
-                h1 = K8._epilogue(acc1, rows, cols1, c_desc, om, on + BN // 2, M, N, SX, SW, U, LA, BIAS, SH, R,
-                                  ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
-                if R2_CHUNKS > 0:
-                    K8._next_lowrank(h0, h1, cols0, cols1, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, True, INTERP)
-            else:
-                cols = on + tl.arange(0, BN)
-                h = K8._epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
-                                 ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
-                if R2_CHUNKS > 0:
-                    K8._next_lowrank(h, h, cols, cols, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, False, INTERP)
+            K8._store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN, EPI_SPLIT,
+                           ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
 
     def _set_block_shapes(nargs):
         bm, bn = nargs["BM"], nargs["BN"]
@@ -330,23 +312,8 @@ def scaled_gemm(xq, sx, w4, *, u=None, A=None, bias=None, gelu=False, h_scale=No
             bias if bias is not None else dummy, next_B if r2 else dummy, u_next if r2 else dummy,
             h_scale if fp8_out else dummy, M, N, K, r, r2, min(K8._p2(M), 65536))
     flags = dict(ROW_SCALAR=sx.numel() == 1, HAS_BIAS=bias is not None, RB=rb, R_CHUNKS=rc, GELU=gelu,
-                 OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, SB=w4["block"], INTERP=INTERP)
-    tiles = lambda m: triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"])  # noqa: E731
-    if config is None and not INTERP and not K8.AUTOTUNE:
-        config = DEFAULT_CONFIGS[M > 256]
-    if config is None and not INTERP:
-        sms = K8._num_sms(xq.device.index or 0)
-        grid = lambda m: (min(tiles(m), sms) if m["PERSIST"] else tiles(m),)  # noqa: E731
-        tuned = len(_tuned.cache)
-        _tuned[grid](*args, **flags)
-        if r2 and len(_tuned.cache) != tuned:  # see fp8_ffn.scaled_gemm
-            u_next.zero_()
-            _tuned[grid](*args, **flags)
-        return out
-    cfg = dict(INTERP_CONFIG, **(config or {}))
-    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "programs")}
-    _set_block_shapes({"x_desc": descs[0], "w_desc": descs[1], "c_desc": descs[2], **meta})
-    progs = K8._num_sms(xq.device.index or 0) if xq.is_cuda else 3
-    grid = (cfg.get("programs") or (min(tiles(cfg), progs) if cfg["PERSIST"] else tiles(cfg)),)
-    _w4a8_kernel[grid](*args, **meta, **flags, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                 OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, SB=w4["block"], INTERP=K8.INTERP)
+    K8._launch(_w4a8_kernel, _tuned, DEFAULT_CONFIGS, INTERP_CONFIG, _set_block_shapes,
+               dict(x_desc=descs[0], w_desc=descs[1], c_desc=descs[2]), args, flags, M, N, xq.device, config,
+               u_next if r2 else None)
     return out
