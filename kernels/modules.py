@@ -61,6 +61,7 @@ class CompressedLinear(torch.nn.Module):
         amax = tensors.get("input_amax")
         self._frozen("input_scale", static_scale(amax) if amax is not None else None)
         self.rank = 0 if self.A is None else int(self.A.shape[1])
+        self._extra = None  # (A, B) with a runtime LoRA's terms appended (set_lora), else None
 
     def _frozen(self, name, t):
         self.register_parameter(name, None if t is None else torch.nn.Parameter(t, requires_grad=False))
@@ -75,7 +76,26 @@ class CompressedLinear(torch.nn.Module):
         return self
 
     def tensors(self, device=None) -> dict:
-        return {n: _on(getattr(self, n), device) for n in TENSOR_NAMES if getattr(self, n) is not None}
+        t = {n: _on(getattr(self, n), device) for n in TENSOR_NAMES if getattr(self, n) is not None}
+        if self._extra is not None:
+            t["A"], t["B"] = (_on(e, device) for e in self._extra)
+        return t
+
+    def set_lora(self, up: torch.Tensor | None, down: torch.Tensor | None = None) -> None:
+        """Add a LoRA's delta up @ down ([N, r'] with its scale folded in, [r', K]) to the low-rank
+        branch until cleared with None: the branch becomes [A, up] [B; down], so the fused kernels
+        run it as a rank r + r' branch. The stored factors are not modified."""
+        if up is None:
+            self._extra = None
+            return
+        if up.shape[0] != self.out_features or down.shape[1] != self.in_features or up.shape[1] != down.shape[0]:
+            raise ValueError(f"LoRA of shape {tuple(up.shape)} x {tuple(down.shape)} does not fit a "
+                             f"{self.in_features}->{self.out_features} linear")
+        dev = (self.A if self.A is not None else self.q).device
+        up, down = up.to(dev, torch.bfloat16), down.to(dev, torch.bfloat16)
+        if self.A is not None:
+            up, down = torch.cat([self.A.to(torch.bfloat16), up], 1), torch.cat([self.B.to(torch.bfloat16), down], 0)
+        self._extra = (up.contiguous(), down.contiguous())
 
     def scale_on(self, device):
         return _on(self.input_scale, device)
@@ -98,12 +118,14 @@ class CompressedLinear(torch.nn.Module):
         return F.BLOCK[self.fmt] or 0
 
     def dense_weight(self, dtype=torch.float32) -> torch.Tensor:
-        """W' = A B + dequant(Q), for inspection and tests."""
-        w = dequant_weight(self.fmt, self.tensors(), dtype)
-        return w + (self.A.to(dtype) @ self.B.to(dtype)) if self.rank else w
+        """W' = A B + dequant(Q) (with a runtime LoRA's terms, if set), for inspection and tests."""
+        t = self.tensors()
+        w = dequant_weight(self.fmt, t, dtype)
+        return w + (t["A"].to(dtype) @ t["B"].to(dtype)) if "A" in t else w
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}->{self.out_features}, rank={self.rank}, residual={self.fmt}"
+        lora = f", lora rank={self._extra[0].shape[1] - self.rank}" if self._extra is not None else ""
+        return f"{self.in_features}->{self.out_features}, rank={self.rank}, residual={self.fmt}{lora}"
 
 
 class CompressedFFN(torch.nn.Module):

@@ -67,7 +67,7 @@ class LiteFFNCompressModel(io.ComfyNode):
         names = [f"{f}.{sub}" for f in ffns for sub in (ltx2.UP, ltx2.DOWN)]
         policy = RankPolicy(rank=None, energy=energy, max_rank=rank) if energy > 0 else RankPolicy(rank=rank)
         stats_of, notes = _stats_source(stats, stats_file, model, names)
-        notes += M.warn_about_lora(model, names)
+        notes += M.lora_notes(model, names)
         device = comfy.model_management.get_torch_device()
         path = output_path(save_name) if save_name.strip() else None
         pbar = comfy.utils.ProgressBar(len(names))

@@ -49,6 +49,6 @@ def load_onto(model, path: str):
                          "LiteFFN replaces whole FFNs: compress both linears")
     patched = M.patched(model, {f: ffn_from_layers(p[ltx2.UP], p[ltx2.DOWN]) for f, p in ffns.items()})
     dense = sum(2 * i["in_features"] * i["out_features"] for i in meta["layers"].values())
-    notes = M.warn_about_lora(model, list(layers))
+    notes = M.lora_notes(model, list(layers))
     report = format_report(meta["layers"], dense, f"loaded {path.rsplit('/', 1)[-1]} ({meta.get('policy', '?')})", notes)
     return patched, report

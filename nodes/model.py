@@ -96,14 +96,67 @@ def model_fingerprint(model, linears) -> dict:
     return out
 
 
-def warn_about_lora(model, linears) -> list[str]:
-    keys = [PREFIX + n + ".weight" for n in linears]
-    hit = [k for k in keys if k in model.patches]
+class LoRAError(ValueError):
+    pass
+
+
+def lora_terms(model, ffn: str) -> dict[str, tuple | None]:
+    """{UP/DOWN: (up, down) or None}: the LoRA patches that ComfyUI's LoRA loaders put on this FFN's
+    weights, as one low-rank delta per linear (strength and alpha/rank folded into `up`).
+
+    A compressed FFN has no dense weight for ComfyUI to patch, so a LoRA's low-rank delta is added
+    to the compressed low-rank branch instead (CompressedLinear.set_lora): the same function as the
+    patched dense weight, whatever the order of the loaders. Patches that are not a low-rank delta
+    (full weight diffs, LoHa/LoKr/OFT, DoRA, bias diffs, a scaled base weight) raise LoRAError."""
+    prefix = PREFIX + ffn + "."
+    out = {ltx2.UP: None, ltx2.DOWN: None}
+    for key, entries in model.patches.items():
+        if not key.startswith(prefix):
+            continue
+        sub = key[len(prefix):].removesuffix(".weight")
+        if sub not in out or not key.endswith(".weight"):
+            raise LoRAError(_unsupported(key, "a patch of a tensor other than the weight"))
+        ups, downs = [], []
+        for strength, v, strength_model, offset, function in entries:
+            w = getattr(v, "weights", None)
+            if getattr(v, "name", None) != "lora" or not isinstance(w, tuple) or len(w) < 3:
+                raise LoRAError(_unsupported(key, f"a {getattr(v, 'name', None) or _patch_kind(v)} patch"))
+            if any(x is not None for x in w[3:6]):
+                raise LoRAError(_unsupported(key, "a LoRA with DoRA scale, mid weight or reshape"))
+            if offset is not None or function is not None or strength_model != 1.0:
+                raise LoRAError(_unsupported(key, "a patch with offset, function or model strength != 1"))
+            if strength == 0:
+                continue
+            up, down, alpha = w[0].float().flatten(1), w[1].float().flatten(1), w[2]
+            ups.append(up * (strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)))
+            downs.append(down)
+        if ups:
+            out[sub] = (torch.cat(ups, 1), torch.cat(downs, 0))
+    return out
+
+
+def _patch_kind(v) -> str:
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
+        return f"'{v[0]}'"
+    return "full weight diff" if isinstance(v, tuple) and len(v) == 1 else type(v).__name__
+
+
+def _unsupported(key: str, what: str) -> str:
+    return (f"{key} carries {what}, which a compressed FFN cannot apply: LiteFFN adds plain LoRAs (up/down "
+            "factors) to the compressed FFNs' low-rank branch. Merge this patch into the model first (its "
+            "loader, then ComfyUI's Save Checkpoint) and compress that model, or load it without its FFN part.")
+
+
+def lora_notes(model, linears) -> list[str]:
+    """Check that the LoRA patches on these FFN linears can run on compressed FFNs (raises LoRAError
+    if not) and say so in the report."""
+    ffns = sorted({ltx2.ffn_of(n) for n in linears})
+    hit = [f for f in ffns if any(lora_terms(model, f).values())]
     if not hit:
         return []
-    msg = (f"{len(hit)} FFN weights carry LoRA/weight patches (e.g. {hit[0]}); they are not in the compressed "
-           "FFNs (runtime LoRA on compressed FFNs is not implemented yet), so the LoRA's FFN part is ignored")
-    log.warning("LiteFFN: %s", msg)
+    msg = (f"a LoRA patches {len(hit)} of the FFNs (e.g. {hit[0]}): it runs on the compressed FFNs, added "
+           "to their low-rank branch at sampling time (strength changes need no re-compression)")
+    log.info("LiteFFN: %s", msg)
     return [msg]
 
 
@@ -128,6 +181,19 @@ class _FFNProxy(torch.nn.Module):
         except AttributeError:
             return getattr(self.__dict__["original"], name)
 
+    def __setattr__(self, name, value):
+        # Another pack's object patch of `ff.forward` applied after ours (KJNodes' chunked FFN) lands here;
+        # it would call the dense FFN that is no longer loaded. The compressed FFN needs no chunking.
+        if name == "forward":  # _before_sampling names the patch in a warning
+            return
+        super().__setattr__(name, value)
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        # ComfyUI maps and accepts LoRA keys by the live state_dict (model_lora_keys_unet, add_patches),
+        # which holds this proxy while the compressed MODEL is loaded: the FFN's keys must stay there.
+        return self.__dict__["original"].state_dict(*args, destination=destination, prefix=prefix,
+                                                    keep_vars=keep_vars)
+
     def forward(self, x):
         return self.target(x)
 
@@ -143,6 +209,7 @@ def patched(model, modules: dict[str, CompressedFFN]):
     Sizes are what ComfyUI plans VRAM with: the clone's drops by the dense FFNs it no longer
     loads, the compressed tensors are counted by their own patcher."""
     import comfy.model_patcher
+    from comfy.patcher_extension import CallbacksMP
 
     m = model.clone()
     container = torch.nn.ModuleDict({_key(f): mod for f, mod in modules.items()})
@@ -155,6 +222,8 @@ def patched(model, modules: dict[str, CompressedFFN]):
             del m.object_patches[k]
         m.add_object_patch(key, _FFNProxy(mod, orig))
         saved += _nbytes(orig)
+    m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, ADDITIONAL_KEY, _before_sampling)
+    m.add_callback_with_key(CallbacksMP.ON_CLEANUP, ADDITIONAL_KEY, _after_sampling)
     m.set_additional_models(ADDITIONAL_KEY, [comfy.model_patcher.CoreModelPatcher(
         container, load_device=model.load_device, offload_device=model.offload_device)])
     m.size = max(model.model_size() - saved, 1)
@@ -163,6 +232,50 @@ def patched(model, modules: dict[str, CompressedFFN]):
     # weights, CUDA input). A new uuid makes a switch reload, as a LoRA or a dtype change does.
     m.patches_uuid = uuid.uuid4()
     return m
+
+
+def _proxies(model):
+    return [(k[len(PREFIX):], v) for k, v in model.object_patches.items() if isinstance(v, _FFNProxy)]
+
+
+def _before_sampling(model) -> None:
+    """ON_PRE_RUN of the MODEL being sampled (after loading): its LoRA patches go into the compressed
+    FFNs, which clones share, so they are set for this run and cleared after it."""
+    proxies = _proxies(model)
+    for ffn, proxy in proxies:
+        terms = lora_terms(model, ffn)
+        proxy.target.up.set_lora(*(terms[ltx2.UP] or (None,)))
+        proxy.target.down.set_lora(*(terms[ltx2.DOWN] or (None,)))
+    ours = {PREFIX + f for f, _ in proxies}
+    for k in model.object_patches:
+        if k not in ours and any(k.startswith(o + ".") for o in ours):
+            _warn_once(f"another node's patch {k} is ignored: that FFN is compressed by LiteFFN")
+    for ffn, proxy in proxies:
+        for sub in (ltx2.UP, ltx2.DOWN):
+            if "forward" in vars(proxy.original.get_submodule(sub)):  # e.g. Load LoRA (Bypass)'s injection
+                raise LoRAError(f"another node replaced the forward of {ffn}.{sub} (a bypass LoRA or similar), an "
+                                "FFN linear that LiteFFN compressed, so it would be ignored. Use ComfyUI's Load LoRA "
+                                "for LoRAs (LiteFFN adds them to the compressed FFNs), or apply that node to the "
+                                "uncompressed MODEL.")
+    hooked = [k for hp in model.hook_patches.values() for k in hp if any(k.startswith(o + ".") for o in ours)]
+    if hooked:
+        raise LoRAError(f"a hook LoRA (Create Hook LoRA / Set Model Hooks) patches {hooked[0]}, an FFN that LiteFFN "
+                        "compressed; hooks cannot reach compressed FFNs. Use a LoRA loader node instead.")
+
+
+def _after_sampling(model) -> None:
+    for _, proxy in _proxies(model):
+        proxy.target.up.set_lora(None)
+        proxy.target.down.set_lora(None)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning("LiteFFN: %s", msg)
 
 
 def compressed_modules(model) -> dict[str, CompressedFFN]:

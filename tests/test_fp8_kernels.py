@@ -244,3 +244,33 @@ def test_compression_records_the_input_range_for_the_static_scale():
     c = compress_linear(torch.randn(64, 32, generator=g), None, st, 8, "fp8")
     assert torch.equal(c.tensors["input_amax"], X.abs().max().reshape(1))
     assert "input_amax" not in compress_linear(torch.randn(64, 32, generator=g), None, None, 8, "fp8").tensors
+
+
+@pytest.mark.parametrize("ranks", [(16, 16), (0, 0)])
+def test_runtime_lora_joins_the_low_rank_branch(ranks):
+    """set_lora(up, down): the module computes with W' + up down, in the fused kernels (rank r + r')
+    and the reference alike; clearing it gives back the stored function exactly."""
+    d = 64
+    ffn = _ffn_module(d, ranks)
+    x = _x(2 * 13, d, seed=4).reshape(2, 13, d)
+    g = torch.Generator().manual_seed(5)
+    lora = {m: (torch.randn(m.out_features, 6, generator=g) * 0.3, torch.randn(6, m.in_features, generator=g) / 8)
+            for m in (ffn.up, ffn.down)}
+    dispatch.set_mode("reference")
+    before = ffn(x)
+    w_up = ffn.up.dense_weight()
+    for m, (u, v) in lora.items():
+        m.set_lora(u, v)
+    want = (w_up + lora[ffn.up][0].bfloat16().float() @ lora[ffn.up][1].bfloat16().float()).to(DEV)
+    assert torch.allclose(ffn.up.dense_weight(), want, atol=1e-6)
+    y_ref = ffn(x)
+    dispatch.set_mode("triton")
+    y_tri = ffn(x)
+    assert rel(y_ref, before) > 0.05 and rel(y_tri, y_ref) < 2e-2
+    assert "lora rank=6" in repr(ffn)
+    with pytest.raises(ValueError, match="does not fit"):
+        ffn.up.set_lora(lora[ffn.down][0], lora[ffn.down][1])
+    for m in lora:
+        m.set_lora(None)
+    dispatch.set_mode("reference")
+    assert torch.equal(ffn(x), before)
