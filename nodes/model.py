@@ -244,19 +244,17 @@ def _before_sampling(model) -> None:
     proxies = _proxies(model)
     for ffn, proxy in proxies:
         terms = lora_terms(model, ffn)
-        proxy.target.up.set_lora(*(terms[ltx2.UP] or (None,)))
-        proxy.target.down.set_lora(*(terms[ltx2.DOWN] or (None,)))
-    ours = {PREFIX + f for f, _ in proxies}
-    for k in model.object_patches:
-        if k not in ours and any(k.startswith(o + ".") for o in ours):
-            _warn_once(f"another node's patch {k} is ignored: that FFN is compressed by LiteFFN")
-    for ffn, proxy in proxies:
-        for sub in (ltx2.UP, ltx2.DOWN):
+        for sub, linear in ((ltx2.UP, proxy.target.up), (ltx2.DOWN, proxy.target.down)):
+            linear.set_lora(*(terms[sub] or (None,)))
             if "forward" in vars(proxy.original.get_submodule(sub)):  # e.g. Load LoRA (Bypass)'s injection
                 raise LoRAError(f"another node replaced the forward of {ffn}.{sub} (a bypass LoRA or similar), an "
                                 "FFN linear that LiteFFN compressed, so it would be ignored. Use ComfyUI's Load LoRA "
                                 "for LoRAs (LiteFFN adds them to the compressed FFNs), or apply that node to the "
                                 "uncompressed MODEL.")
+    ours = {PREFIX + f for f, _ in proxies}
+    for k in model.object_patches:
+        if k not in ours and any(k.startswith(o + ".") for o in ours):
+            _warn_once(f"another node's patch {k} is ignored: that FFN is compressed by LiteFFN")
     hooked = [k for hp in model.hook_patches.values() for k in hp if any(k.startswith(o + ".") for o in ours)]
     if hooked:
         raise LoRAError(f"a hook LoRA (Create Hook LoRA / Set Model Hooks) patches {hooked[0]}, an FFN that LiteFFN "
@@ -280,11 +278,7 @@ def _warn_once(msg: str) -> None:
 
 def compressed_modules(model) -> dict[str, CompressedFFN]:
     """{ffn name: CompressedFFN} of a MODEL patched by LiteFFN ({} for any other)."""
-    out = {}
-    for k, v in model.object_patches.items():
-        if isinstance(v, _FFNProxy):
-            out[k[len(PREFIX):]] = v.target
-    return out
+    return {ffn: proxy.target for ffn, proxy in _proxies(model)}
 
 
 def _key(ffn: str) -> str:
