@@ -261,7 +261,7 @@ def test_runtime_lora_joins_the_low_rank_branch(ranks):
     w_up = ffn.up.dense_weight()
     for m, (u, v) in lora.items():
         m.set_lora(u, v)
-    want = (w_up + lora[ffn.up][0].bfloat16().float() @ lora[ffn.up][1].bfloat16().float()).to(DEV)
+    want = w_up + (lora[ffn.up][0].bfloat16().float() @ lora[ffn.up][1].bfloat16().float()).to(w_up.device)
     assert torch.allclose(ffn.up.dense_weight(), want, atol=1e-6)
     y_ref = ffn(x)
     dispatch.set_mode("triton")
