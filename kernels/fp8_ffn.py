@@ -409,7 +409,7 @@ def _launch(kernel, tuned, defaults, interp_config, set_block_shapes, descs: dic
     """Launch a scaled-GEMM kernel (this file's or w4a8's): autotuned with `tuned`; with
     LITEFFN_AUTOTUNE=0 the fixed `defaults` (few rows, many rows); a given config completes
     the interpreter's small one."""
-    tiles = lambda m: triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"])  # noqa: E731
+    tiles = lambda m: triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]) * m.get("SPLIT_K", 1)  # noqa: E731
     if config is None and not INTERP and not AUTOTUNE:
         config = defaults[M > 256]
     if config is None and not INTERP:

@@ -3,7 +3,14 @@ converted in registers to E4M3, multiplied with the FP8 activations on the FP8 M
 low-rank branch fused as in the FP8 path (fp8_ffn.py). Reference beside it: `prepare` makes
 the kernel's operands from a stored residual, `dequant` gives the dense weights they encode.
 
-How it is fast (bench/w4a8.py):
+Two paths (scaled_gemm picks by token count; bench/w4a8.py):
+- Few tokens: the in-register kernel below (weights read once, 4-bit), K split across programs
+  when its tiles would leave SMs idle.
+- From MATERIALIZE_M tokens: to_fp8 writes the same E4M3 weights to a transient copy and
+  fp8_ffn's GEMM runs on it. The in-register kernel stays near 0.7x that GEMM there: it is
+  latency-bound in Triton 3.6 (bench/w4a8_ncu_h100.txt, bench/w4a8_explore_h100.log).
+
+The in-register kernel:
 - The weights are wgmma's A operand, from registers (out^T = W x^T: weight rows are the MMA's
   M, tokens its N). The codes come in through TMA like any tile; the converted E4M3 bytes never
   go back to shared memory.
@@ -41,6 +48,11 @@ GROUP = 128  # values of K per repacked group: two halves of 64, one MMA each
 # Largest block exponent: the table's largest byte is round(6 * 1.875 * 2^-5) + E << 3 (NVFP4)
 # or 6 * 2^-5 + E << 3 (MXFP4), which must stay <= 448.
 EMAX = {"mxfp4": 11, "nvfp4": 10}
+# From this many tokens the weights go through a transient E4M3 copy and the FP8 GEMM (scaled_gemm).
+MATERIALIZE_M = 1024
+# Up to this many tokens the in-register kernel takes a fixed tile and splits K when its tiles
+# would leave SMs idle (few_tokens_config; the tuner's timings of these tiny launches were erratic).
+SPLIT_K_MAX_M = 256
 
 
 def _mag_table(j: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -212,15 +224,35 @@ if triton is not None:
         return tl.reshape(tl.broadcast_to(t[:, :, None], (BN, NBH, SB)), (BN, NBH * SB))
 
     @triton.jit
-    def _w4a8_kernel(x_desc, w_desc, c_desc, SBY, SX, SW, U, LA, BIAS, LB2, U2, SH,
+    def _scales(sb_row, wrows, g, N, KB, NB: tl.constexpr):
+        """Block bytes [BN, NB] of K group g (past K: 0)."""
+        kb = g * NB + tl.arange(0, NB)
+        return tl.load(sb_row + kb[None, :], mask=(wrows < N)[:, None] & (kb < KB)[None, :], other=0)
+
+    @triton.jit
+    def _group_weights(w_desc, sb, on, g, BN: tl.constexpr, NB: tl.constexpr, NBH: tl.constexpr,
+                       SB: tl.constexpr, INTERP: tl.constexpr):
+        """E4M3 weights [BN, 128] of K group g from its codes and block bytes sb."""
+        t0, t1 = _tables(sb.to(tl.int32), SB == 32, INTERP)
+        t0a, t0b = tl.split(tl.permute(tl.reshape(t0, (BN, 2, NBH)), (0, 2, 1)))
+        t1a, t1b = tl.split(tl.permute(tl.reshape(t1, (BN, 2, NBH)), (0, 2, 1)))
+        wa, wb = _convert(w_desc.load([on, g * 64]), _spread(t0a, BN, NBH, SB), _spread(t1a, BN, NBH, SB),
+                          _spread(t0b, BN, NBH, SB), _spread(t1b, BN, NBH, SB), INTERP)
+        return tl.reshape(tl.permute(tl.join(wa, wb), (0, 2, 1)), (BN, 128))
+
+    @triton.jit
+    def _w4a8_kernel(x_desc, w_desc, c_desc, SBY, SX, SW, U, LA, BIAS, LB2, U2, SH, WS, CNT,
                      M, N, K, R, R2, M_KEY,
                      BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
-                     EPI_SPLIT: tl.constexpr, PROMOTE: tl.constexpr,
+                     EPI_SPLIT: tl.constexpr, PROMOTE: tl.constexpr, SPLIT_K: tl.constexpr,
                      ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr,
                      R_CHUNKS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
                      R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, SB: tl.constexpr, INTERP: tl.constexpr):
         """out = x W^T (W: repacked FP4, weight rows as the MMA's M) with fp8_ffn's epilogue.
-        Tiles: BN weight rows x BM tokens, K in groups of 128 (two 64-wide MMAs)."""
+        Tiles: BN weight rows x BM tokens, K in groups of 128 (two 64-wide MMAs).
+        SPLIT_K > 1 (few tokens, few tiles): SPLIT_K programs per tile share K; each adds its part
+        into the fp32 workspace WS [M, N], and the last one to arrive (counter CNT[tile]) runs the
+        epilogue on the sum and leaves WS and CNT zeroed for the next launch."""
         NB: tl.constexpr = 128 // SB  # blocks per group
         NBH: tl.constexpr = NB // 2
         num_pid_m = tl.cdiv(M, BM)
@@ -228,7 +260,10 @@ if triton is not None:
         num_tiles = num_pid_m * num_pid_n
         groups = K // 128
         KB = K // SB
-        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        gps = tl.cdiv(tl.cdiv(groups, SPLIT_K), PROMOTE) * PROMOTE  # groups per split
+        for item in tl.range(tl.program_id(0), num_tiles * SPLIT_K, tl.num_programs(0)):
+            tile = item // SPLIT_K
+            g_lo = (item % SPLIT_K) * gps
             # grouped order over weight-row tiles: neighbouring programs share weight tiles in L2
             group = GROUP_M * num_pid_m
             first_n = (tile // group) * GROUP_M
@@ -240,17 +275,10 @@ if triton is not None:
             wrows = on + tl.arange(0, BN)
             sb_row = SBY + wrows[:, None].to(tl.int64) * KB
             acc = tl.zeros([BN, BM], tl.float32)
-            for g0 in range(0, groups, PROMOTE):
+            for g0 in range(g_lo, min(g_lo + gps, groups), PROMOTE):
                 for j in tl.static_range(PROMOTE):
                     g = g0 + j
-                    kb = g * NB + tl.arange(0, NB)
-                    sb = tl.load(sb_row + kb[None, :], mask=(wrows < N)[:, None] & (kb < KB)[None, :], other=0)
-                    t0, t1 = _tables(sb.to(tl.int32), SB == 32, INTERP)
-                    t0a, t0b = tl.split(tl.permute(tl.reshape(t0, (BN, 2, NBH)), (0, 2, 1)))
-                    t1a, t1b = tl.split(tl.permute(tl.reshape(t1, (BN, 2, NBH)), (0, 2, 1)))
-                    wa, wb = _convert(w_desc.load([on, g * 64]), _spread(t0a, BN, NBH, SB), _spread(t1a, BN, NBH, SB),
-                                      _spread(t0b, BN, NBH, SB), _spread(t1b, BN, NBH, SB), INTERP)
-                    w = tl.reshape(tl.permute(tl.join(wa, wb), (0, 2, 1)), (BN, 128))
+                    w = _group_weights(w_desc, _scales(sb_row, wrows, g, N, KB, NB), on, g, BN, NB, NBH, SB, INTERP)
                     x = x_desc.load([om, g * 128])  # past K: zeros (TMA bounds)
                     if j == 0:
                         part = tl.dot(w, x.T)
@@ -258,8 +286,38 @@ if triton is not None:
                         part = tl.dot(w, x.T, part)
                 acc += part
             acc = tl.trans(acc)  # [BM tokens, BN channels], as fp8_ffn's epilogue takes it
-            K8._store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN, EPI_SPLIT,
-                           ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
+            last = True
+            if SPLIT_K > 1:
+                rows = om + tl.arange(0, BM)
+                cols = on + tl.arange(0, BN)
+                ws = WS + rows[:, None].to(tl.int64) * N + cols[None, :]
+                inside = (rows < M)[:, None] & (cols < N)[None, :]
+                tl.atomic_add(ws, acc, mask=inside, sem="relaxed")
+                tl.debug_barrier()  # every thread's part is in before the counter says so
+                last = tl.atomic_add(CNT + tile, 1, sem="acq_rel") == SPLIT_K - 1
+                if last:
+                    tl.debug_barrier()
+                    acc = tl.load(ws, mask=inside, other=0.0, cache_modifier=".cg")
+                    tl.store(ws, tl.zeros_like(acc), mask=inside)
+                    tl.store(CNT + tile, 0)
+            if last:
+                K8._store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN, EPI_SPLIT,
+                               ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
+
+    @triton.jit
+    def _to_fp8_kernel(w_desc, o_desc, SBY, N, K, BN: tl.constexpr, GPP: tl.constexpr, SB: tl.constexpr,
+                       INTERP: tl.constexpr):
+        """The E4M3 weights the GEMM above computes with, written out: [N, K] (GPP groups per program)."""
+        NB: tl.constexpr = 128 // SB
+        KB = K // SB
+        on = tl.program_id(0) * BN
+        wrows = on + tl.arange(0, BN)
+        sb_row = SBY + wrows[:, None].to(tl.int64) * KB
+        for i in tl.static_range(GPP):
+            g = tl.program_id(1) * GPP + i
+            if g < K // 128:
+                w = _group_weights(w_desc, _scales(sb_row, wrows, g, N, KB, NB), on, g, BN, NB, NB // 2, SB, INTERP)
+                o_desc.store([on, g * 128], w)
 
     def _set_block_shapes(nargs):
         bm, bn = nargs["BM"], nargs["BN"]
@@ -267,8 +325,9 @@ if triton is not None:
         nargs["w_desc"].block_shape = [bn, 64]
         nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
 
-    def _config(bn, bm, warps, stages, promote=2, split=False, persist=True):
-        return triton.Config(dict(BN=bn, BM=bm, GROUP_M=8, PERSIST=persist, EPI_SPLIT=split, PROMOTE=promote),
+    def _config(bn, bm, warps, stages, promote=2, split=False, persist=True, split_k=1):
+        return triton.Config(dict(BN=bn, BM=bm, GROUP_M=8, PERSIST=persist, EPI_SPLIT=split, PROMOTE=promote,
+                                  SPLIT_K=split_k),
                              num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
 
     # Candidates autotuned per shape; bench/w4a8.py --sweep times each (H100: 64x128 tiles, two
@@ -287,17 +346,66 @@ if triton is not None:
 
     _tuned = triton.autotune(GEMM_CONFIGS, key=["M_KEY", "N", "K", "R", "R2", "GELU", "OUT_FP8", "SB"],
                              prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["U2"])(_w4a8_kernel)
-    DEFAULT_CONFIGS = (dict(BN=64, BM=64, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, num_warps=4,
+    DEFAULT_CONFIGS = (dict(BN=64, BM=64, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, SPLIT_K=1, num_warps=4,
                             num_stages=4),
-                       dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, num_warps=4,
+                       dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, SPLIT_K=1, num_warps=4,
                             num_stages=2))
-    INTERP_CONFIG = dict(BN=32, BM=32, GROUP_M=2, PERSIST=True, EPI_SPLIT=True, PROMOTE=1, num_warps=4, num_stages=2)
+    INTERP_CONFIG = dict(BN=32, BM=32, GROUP_M=2, PERSIST=True, EPI_SPLIT=True, PROMOTE=1, SPLIT_K=1, num_warps=4, num_stages=2)
+
+
+_WORKSPACES: dict = {}
+
+
+def _split_workspace(device, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split K's fp32 sums [M, N] and per-tile counters, kept per device and zero between launches
+    (the kernel zeroes what it used). One stream at a time, as ComfyUI samples."""
+    tiles = triton.cdiv(M, 32) * triton.cdiv(N, 32)  # the smallest tiles (the interpreter's)
+    ws, cnt = _WORKSPACES.get(device, (None, None))
+    if ws is None or ws.numel() < M * N or cnt.numel() < tiles:
+        ws = torch.zeros(max(M * N, 0 if ws is None else ws.numel()), device=device, dtype=torch.float32)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), device=device, dtype=torch.int32)
+        _WORKSPACES[device] = (ws, cnt)
+    return ws, cnt
+
+
+def few_tokens_config(M: int, N: int, sms: int) -> dict:
+    """64 x 128 tiles, K split 2 or 4 ways when there are fewer tiles than SMs (H100: 8192->2048 at
+    M=126, 32 tiles, 31 -> 16 us; 2048->8192, 128 tiles, stays unsplit; bench/w4a8_sweep_h100.log)."""
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 64)
+    split = 4 if 4 * tiles <= sms else 2 if 2 * tiles <= sms else 1
+    return dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=1, SPLIT_K=split, num_warps=4,
+                num_stages=3)
+
+
+def to_fp8(w4: dict) -> torch.Tensor:
+    """The E4M3 weights [N, K] the W4A8 GEMM computes with (times q_scale per channel), on the GPU:
+    dequant's values without the fp32 detour, as the FP8 GEMM's operand."""
+    q = w4["q"]
+    n, k = q.shape[0], q.shape[1] * 2
+    out = torch.empty(n, k, device=q.device, dtype=torch.float8_e4m3fn)
+    bn, gpp = (32, 1) if K8.INTERP else (64, 4)
+    w_desc = TensorDescriptor.from_tensor(q, [bn, 64])
+    o_desc = TensorDescriptor.from_tensor(out, [bn, 128])
+    grid = (triton.cdiv(n, bn), triton.cdiv(k // GROUP, gpp))
+    _to_fp8_kernel[grid](w_desc, o_desc, w4["sb"], n, k, BN=bn, GPP=gpp, SB=w4["block"], INTERP=K8.INTERP,
+                         num_warps=4)
+    return out
 
 
 def scaled_gemm(xq, sx, w4, *, u=None, A=None, bias=None, gelu=False, h_scale=None, next_B=None, u_next=None,
-                out=None, out_dtype=torch.bfloat16, config: dict | None = None):
-    """fp8_ffn.scaled_gemm with FP4 weights w4 (prepare's dict) instead of FP8 ones."""
+                out=None, out_dtype=torch.bfloat16, config: dict | None = None, materialize: bool | None = None):
+    """fp8_ffn.scaled_gemm with FP4 weights w4 (prepare's dict) instead of FP8 ones.
+
+    Many tokens (M >= MATERIALIZE_M, or materialize=True): the weights are converted once into a
+    transient E4M3 copy (to_fp8) for fp8_ffn's GEMM, whose larger tiles the in-register kernel
+    cannot reach (bench/w4a8.py). Few tokens: the in-register kernel, which reads half the bytes.
+    config: the in-register kernel's."""
     M, K = xq.shape
+    if materialize is None:
+        materialize = M >= MATERIALIZE_M
+    if materialize:
+        return K8.scaled_gemm(xq, sx, to_fp8(w4), w4["q_scale"], u=u, A=A, bias=bias, gelu=gelu, h_scale=h_scale,
+                              next_B=next_B, u_next=u_next, out=out, out_dtype=out_dtype)
     N = w4["q"].shape[0]
     r = 0 if A is None else A.shape[1]
     r2 = 0 if next_B is None else next_B.shape[0]
@@ -308,9 +416,13 @@ def scaled_gemm(xq, sx, w4, *, u=None, A=None, bias=None, gelu=False, h_scale=No
     r2b, r2c = K8._rank_chunk(r2)
     dummy = K8._scratch(xq.device)
     descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (xq, w4["q"], out)]
+    if config is None and M <= SPLIT_K_MAX_M and not K8.INTERP:
+        config = few_tokens_config(M, N, K8._num_sms(xq.device.index or 0))
+    split = (config or {}).get("SPLIT_K", 1) > 1
+    ws, cnt = _split_workspace(xq.device, M, N) if split else (dummy, dummy)
     args = (*descs, w4["sb"], sx, w4["q_scale"], u if r else dummy, A if r else dummy,
             bias if bias is not None else dummy, next_B if r2 else dummy, u_next if r2 else dummy,
-            h_scale if fp8_out else dummy, M, N, K, r, r2, min(K8._p2(M), 65536))
+            h_scale if fp8_out else dummy, ws, cnt, M, N, K, r, r2, min(K8._p2(M), 65536))
     flags = dict(ROW_SCALAR=sx.numel() == 1, HAS_BIAS=bias is not None, RB=rb, R_CHUNKS=rc, GELU=gelu,
                  OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, SB=w4["block"], INTERP=K8.INTERP)
     K8._launch(_w4a8_kernel, _tuned, DEFAULT_CONFIGS, INTERP_CONFIG, _set_block_shapes,
