@@ -1,0 +1,37 @@
+"""Where the W4A8 GEMM's time goes: one launch per configuration at the video up-projection
+(4096->16384, M=6144, rank 64, MXFP4), and the FP8 path's GEMM, for Nsight Compute:
+
+    ncu --clock-control none -k regex:'_w4a8_kernel|_scaled_gemm_kernel' --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy python bench/w4a8_ncu.py
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _package  # noqa: E402,F401
+from ffn_kernels import act  # noqa: E402
+
+from liteffn.calibration.synthetic import random_fp4_layer, random_fp8_layer  # noqa: E402
+from liteffn.kernels import fp8_ffn as K  # noqa: E402
+from liteffn.kernels import w4a8  # noqa: E402
+
+# The tuner's usual winner, and a two-warpgroup tile.
+CONFIGS = [dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, num_warps=4, num_stages=2),
+           dict(BN=128, BM=128, GROUP_M=8, PERSIST=True, EPI_SPLIT=False, PROMOTE=2, num_warps=8, num_stages=3)]
+FP8 = dict(BM=128, BN=256, BK=256, GROUP_M=8, EPI_SPLIT=True, PERSIST=True, FLATTEN=False, PRECISE_ACC=False,
+           PROMOTE=1, WS=False, num_warps=8, num_stages=2)
+
+if __name__ == "__main__":
+    n, k, m = 16384, 4096, 6144
+    t8 = random_fp8_layer(n, k, 64, seed=0, device="cuda")
+    t4 = w4a8.prepare("mxfp4", random_fp4_layer("mxfp4", n, k, 64, seed=0, device="cuda"))
+    xq, sx, u = K.act_quant_lowrank(act(m, k), t8["B"])
+    for cfg in CONFIGS:
+        print(cfg, flush=True)
+        w4a8.scaled_gemm(xq, sx, t4, u=u, A=t4["A"], bias=t4["bias"], config=cfg, materialize=False)
+    K.scaled_gemm(xq, sx, t8["q"], t8["q_scale"], u=u, A=t8["A"], bias=t8["bias"], config=FP8)
+    torch.cuda.synchronize()
