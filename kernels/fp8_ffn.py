@@ -75,6 +75,15 @@ def static_scale(amax: torch.Tensor, margin: float = H_SCALE_MARGIN) -> torch.Te
 if triton is not None:
 
     @triton.jit
+    def _grouped_tile(tile, num_grouped, num_other, GROUP: tl.constexpr):
+        """Tile index -> (pid along the grouped axis, pid along the other), GROUP tiles of the grouped
+        axis at a time: neighbouring programs share the other axis's operand in L2."""
+        group = GROUP * num_other
+        first = (tile // group) * GROUP
+        size = min(num_grouped - first, GROUP)
+        return first + (tile % group) % size, (tile % group) // size
+
+    @triton.jit
     def _dot(a, b, acc, INTERP: tl.constexpr):
         """bf16 MMA with fp32 accumulation (fp32 operands under the interpreter)."""
         if INTERP:
@@ -238,11 +247,8 @@ if triton is not None:
         k_tiles = tl.cdiv(K, BK)
         # One loop for both launch styles: persistent (grid = #SMs) or one tile per program.
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WS):
-            group = GROUP_M * num_pid_n  # grouped order: neighbouring programs share A rows in L2
-            first_m = (tile // group) * GROUP_M
-            gm = min(num_pid_m - first_m, GROUP_M)
-            pid_m = first_m + (tile % group) % gm
-            pid_n = (tile % group) // gm
+            # grouped order: neighbouring programs share A rows in L2
+            pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
             om = pid_m * BM
             on = pid_n * BN
             acc = tl.zeros([BM, BN], tl.float32)

@@ -265,11 +265,7 @@ if triton is not None:
             tile = item // SPLIT_K
             g_lo = (item % SPLIT_K) * gps
             # grouped order over weight-row tiles: neighbouring programs share weight tiles in L2
-            group = GROUP_M * num_pid_m
-            first_n = (tile // group) * GROUP_M
-            gn = min(num_pid_n - first_n, GROUP_M)
-            pid_n = first_n + (tile % group) % gn
-            pid_m = (tile % group) // gn
+            pid_n, pid_m = K8._grouped_tile(tile, num_pid_n, num_pid_m, GROUP_M)
             om = pid_m * BM
             on = pid_n * BN
             wrows = on + tl.arange(0, BN)
@@ -340,16 +336,13 @@ if triton is not None:
         _config(64, 64, 4, 4, promote=2, persist=False),
     ]
 
-    def _prune(configs, nargs, **_):
-        small = nargs["M_KEY"] <= 256
-        return [c for c in configs if not (small and c.kwargs["PERSIST"])]
-
+    # The tuner and LITEFFN_AUTOTUNE=0's fixed configuration only see more than SPLIT_K_MAX_M tokens:
+    # scaled_gemm gives fewer few_tokens_config.
     _tuned = triton.autotune(GEMM_CONFIGS, key=["M_KEY", "N", "K", "R", "R2", "GELU", "OUT_FP8", "SB"],
-                             prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["U2"])(_w4a8_kernel)
-    DEFAULT_CONFIGS = (dict(BN=64, BM=64, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, SPLIT_K=1, num_warps=4,
-                            num_stages=4),
-                       dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, SPLIT_K=1, num_warps=4,
-                            num_stages=2))
+                             reset_to_zero=["U2"])(_w4a8_kernel)
+    _MANY_TOKENS = dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, SPLIT_K=1, num_warps=4,
+                        num_stages=2)
+    DEFAULT_CONFIGS = (_MANY_TOKENS, _MANY_TOKENS)
     INTERP_CONFIG = dict(BN=32, BM=32, GROUP_M=2, PERSIST=True, EPI_SPLIT=True, PROMOTE=1, SPLIT_K=1, num_warps=4, num_stages=2)
 
 
@@ -370,7 +363,7 @@ def _split_workspace(device, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor
 
 def few_tokens_config(M: int, N: int, sms: int) -> dict:
     """64 x 128 tiles, K split 2 or 4 ways when there are fewer tiles than SMs (H100: 8192->2048 at
-    M=126, 32 tiles, 31 -> 16 us; 2048->8192, 128 tiles, stays unsplit; bench/w4a8_sweep_h100.log)."""
+    M=126, 32 tiles, 31 -> 16 us; 2048->8192, 128 tiles, stays unsplit; bench/w4a8_explore_h100.log)."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 64)
     split = 4 if 4 * tiles <= sms else 2 if 2 * tiles <= sms else 1
     return dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=1, SPLIT_K=split, num_warps=4,
