@@ -163,22 +163,41 @@ if triton is not None:
 
     # ------------------------------------------------------------ 2./3. scaled FP8 GEMM
     @triton.jit
-    def _epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
-                  ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr, R_CHUNKS: tl.constexpr,
-                  GELU: tl.constexpr, OUT_FP8: tl.constexpr, INTERP: tl.constexpr):
+    def _scale_lowrank(acc, rows, cols, M, N, SX, SW, U, LA, R, ROW_SCALAR: tl.constexpr, RB: tl.constexpr,
+                       R_CHUNKS: tl.constexpr, SWAP: tl.constexpr, INTERP: tl.constexpr):
+        """acc * sx[row] * sw[col] + U[rows] LA[cols]^T. SWAP: acc is [cols, rows] (w4a8's tiles) and
+        the low-rank MMA runs as LA U^T, accumulating in acc's own layout."""
         rmask = rows < M
         cmask = cols < N
         if ROW_SCALAR:
             acc = acc * tl.load(SX)
+        elif SWAP:
+            acc = acc * tl.load(SX + rows, mask=rmask, other=0.0)[None, :]
         else:
             acc = acc * tl.load(SX + rows, mask=rmask, other=0.0)[:, None]
-        acc = acc * tl.load(SW + cols, mask=cmask, other=0.0)[None, :]
+        if SWAP:
+            acc = acc * tl.load(SW + cols, mask=cmask, other=0.0)[:, None]
+        else:
+            acc = acc * tl.load(SW + cols, mask=cmask, other=0.0)[None, :]
         for j in tl.static_range(R_CHUNKS):  # low-rank up-projection into the same accumulator
             rr = j * RB + tl.arange(0, RB)
+            a = tl.load(LA + cols[:, None] * R + rr[None, :], mask=cmask[:, None] & (rr < R)[None, :], other=0.0)
             u = tl.load(U + rows[:, None] * R + rr[None, :], mask=rmask[:, None] & (rr < R)[None, :], other=0.0)
             u = _to_bf16(u, INTERP)  # u2 arrives as the fp32 atomic sum
-            a = tl.load(LA + cols[:, None] * R + rr[None, :], mask=cmask[:, None] & (rr < R)[None, :], other=0.0)
-            acc = _dot(u, tl.trans(a), acc, INTERP)
+            if SWAP:
+                acc = _dot(a, tl.trans(u), acc, INTERP)
+            else:
+                acc = _dot(u, tl.trans(a), acc, INTERP)
+        return acc
+
+    @triton.jit
+    def _epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
+                  ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr, R_CHUNKS: tl.constexpr,
+                  GELU: tl.constexpr, OUT_FP8: tl.constexpr, INTERP: tl.constexpr, SCALED: tl.constexpr):
+        """SCALED: acc already holds the scaled product plus the low-rank term (w4a8's tiles)."""
+        cmask = cols < N
+        if not SCALED:
+            acc = _scale_lowrank(acc, rows, cols, M, N, SX, SW, U, LA, R, ROW_SCALAR, RB, R_CHUNKS, False, INTERP)
         if HAS_BIAS:
             acc = acc + tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if GELU:
@@ -212,7 +231,8 @@ if triton is not None:
     def _store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2,
                     BM: tl.constexpr, BN: tl.constexpr, EPI_SPLIT: tl.constexpr, ROW_SCALAR: tl.constexpr,
                     HAS_BIAS: tl.constexpr, RB: tl.constexpr, R_CHUNKS: tl.constexpr, GELU: tl.constexpr,
-                    OUT_FP8: tl.constexpr, R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, INTERP: tl.constexpr):
+                    OUT_FP8: tl.constexpr, R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, INTERP: tl.constexpr,
+                    SCALED: tl.constexpr = False):
         """Epilogue of one [BM tokens, BN channels] accumulator tile (this GEMM's and W4A8's)."""
         rows = om + tl.arange(0, BM)
         if EPI_SPLIT:  # two half-width epilogues: fewer live registers, smaller store tile
@@ -220,15 +240,15 @@ if triton is not None:
             cols0 = on + tl.arange(0, BN // 2)
             cols1 = cols0 + BN // 2
             h0 = _epilogue(acc0, rows, cols0, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
-                           ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+                           ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP, SCALED)
             h1 = _epilogue(acc1, rows, cols1, c_desc, om, on + BN // 2, M, N, SX, SW, U, LA, BIAS, SH, R,
-                           ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+                           ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP, SCALED)
             if R2_CHUNKS > 0:
                 _next_lowrank(h0, h1, cols0, cols1, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, True, INTERP)
         else:
             cols = on + tl.arange(0, BN)
             h = _epilogue(acc, rows, cols, c_desc, om, on, M, N, SX, SW, U, LA, BIAS, SH, R,
-                          ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP)
+                          ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, INTERP, SCALED)
             if R2_CHUNKS > 0:
                 _next_lowrank(h, h, cols, cols, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, False, INTERP)
 
@@ -431,7 +451,7 @@ def _launch(kernel, tuned, defaults, interp_config, set_block_shapes, descs: dic
         return
     cfg = dict(interp_config, **(config or {}))
     meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages", "programs")}
-    set_block_shapes({**descs, **meta})
+    set_block_shapes({**descs, **meta, **flags})
     progs = _num_sms(device.index or 0) if device.type == "cuda" else 3  # persistent: few programs, many tiles
     grid = (cfg.get("programs") or (min(tiles(cfg), progs) if cfg["PERSIST"] else tiles(cfg)),)
     kernel[grid](*args, **meta, **flags, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -12,8 +12,10 @@ Two paths (scaled_gemm picks by token count; bench/w4a8.py):
 
 The in-register kernel:
 - The weights are wgmma's A operand, from registers (out^T = W x^T: weight rows are the MMA's
-  M, tokens its N). The codes come in through TMA like any tile; the converted E4M3 bytes never
-  go back to shared memory.
+  M, tokens its N). The codes come in through TMA like any tile, and so do the block bytes
+  (stored group-major for that); the converted E4M3 bytes never go back to shared memory.
+- Scales and the low-rank term are applied in that swapped orientation too (fp8_ffn._scale_lowrank),
+  before fp8_ffn's epilogue does bias, GELU, output and the next low-rank input.
 - Conversion is integer work per 32-bit word of 8 codes: one PRMT byte lookup per 4 codes into
   an 8-entry table of E4M3 bytes, the sign OR-ed in. `prepare` repacks the codes so that each
   word holds 4 codes of the group's first half (magnitudes in nibbles 0-3, signs on bits
@@ -107,7 +109,8 @@ def unrepack(q: torch.Tensor) -> torch.Tensor:
 
 def prepare(fmt: str, t: dict) -> dict:
     """Kernel operands of a stored FP4 residual t (q packed [N, K/2], q_scale block scales,
-    q_scale2 NVFP4's tensor scale): q repacked, sb (uint8 [N, K/block], b = E << 3 | j per block),
+    q_scale2 NVFP4's tensor scale): q repacked, sb (uint8 [K/128, N, 128/block], b = E << 3 | j per block,
+    group-major so that a tile's bytes of one group are one TMA box),
     q_scale (fp32 [N], p[n] for the epilogue), and t's A, B, bias: a layer for fp8_ffn.linear_fp8
     and ffn_fp8."""
     if fmt not in FORMATS:
@@ -131,7 +134,8 @@ def prepare(fmt: str, t: dict) -> dict:
     if fmt == "nvfp4":
         p = p * t["q_scale2"].float().reshape(())
     extra = {k_: t[k_] for k_ in ("A", "B", "bias") if t.get(k_) is not None}
-    return {"block": blk, "q": repack(q), "sb": ((E << 3) | j).to(torch.uint8).contiguous(),
+    sb = ((E << 3) | j).to(torch.uint8).view(n, k // GROUP, GROUP // blk).transpose(0, 1).contiguous()
+    return {"block": blk, "q": repack(q), "sb": sb,
             "q_scale": p.float().contiguous(), **extra}
 
 
@@ -140,10 +144,20 @@ def layer(fmt: str, t: dict) -> dict:
     return {**t, "block": F.BLOCK[fmt]}
 
 
+def _sb_rows(sb: torch.Tensor) -> torch.Tensor:
+    """Block bytes [K/128, N, 128/block] -> [N, K/block]."""
+    return sb.transpose(0, 1).reshape(sb.shape[1], -1)
+
+
+def _sb_desc(sb: torch.Tensor, bn: int) -> "TensorDescriptor":
+    """TMA view of the block bytes: rows of 16 bytes, a tile's bytes of one group being bn * nb / 16 of them."""
+    return TensorDescriptor.from_tensor(sb.view(-1, 16), [bn * sb.shape[2] // 16, 16])
+
+
 def dequant(w4: dict) -> torch.Tensor:
     """Dense fp32 weights [N, K] the kernel computes with (its reference)."""
     codes = F.unpack_fp4(unrepack(w4["q"])).long()
-    sb = w4["sb"].long()
+    sb = _sb_rows(w4["sb"]).long()
     table = _mag_table(sb & 7, sb >> 3)  # [N, K/block, 8]
     n, k = codes.shape
     blk = w4["block"]
@@ -224,10 +238,10 @@ if triton is not None:
         return tl.reshape(tl.broadcast_to(t[:, :, None], (BN, NBH, SB)), (BN, NBH * SB))
 
     @triton.jit
-    def _scales(sb_row, wrows, g, N, KB, NB: tl.constexpr):
-        """Block bytes [BN, NB] of K group g (past K: 0)."""
-        kb = g * NB + tl.arange(0, NB)
-        return tl.load(sb_row + kb[None, :], mask=(wrows < N)[:, None] & (kb < KB)[None, :], other=0)
+    def _scales(sb_desc, on, g, N, BN: tl.constexpr, NB: tl.constexpr):
+        """Block bytes [BN, NB] of K group g, through TMA like the codes (rows past N: another group's
+        bytes or zeros, multiplying zero codes)."""
+        return tl.reshape(sb_desc.load([(g * N + on) * NB // 16, 0]), (BN, NB))
 
     @triton.jit
     def _group_weights(w_desc, sb, on, g, BN: tl.constexpr, NB: tl.constexpr, NBH: tl.constexpr,
@@ -241,7 +255,7 @@ if triton is not None:
         return tl.reshape(tl.permute(tl.join(wa, wb), (0, 2, 1)), (BN, 128))
 
     @triton.jit
-    def _w4a8_kernel(x_desc, w_desc, c_desc, SBY, SX, SW, U, LA, BIAS, LB2, U2, SH, WS, CNT,
+    def _w4a8_kernel(x_desc, w_desc, c_desc, sb_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, WS, CNT,
                      M, N, K, R, R2, M_KEY,
                      BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, PERSIST: tl.constexpr,
                      EPI_SPLIT: tl.constexpr, PROMOTE: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -259,7 +273,6 @@ if triton is not None:
         num_pid_n = tl.cdiv(N, BN)
         num_tiles = num_pid_m * num_pid_n
         groups = K // 128
-        KB = K // SB
         gps = tl.cdiv(tl.cdiv(groups, SPLIT_K), PROMOTE) * PROMOTE  # groups per split
         for item in tl.range(tl.program_id(0), num_tiles * SPLIT_K, tl.num_programs(0)):
             tile = item // SPLIT_K
@@ -268,28 +281,37 @@ if triton is not None:
             pid_n, pid_m = K8._grouped_tile(tile, num_pid_n, num_pid_m, GROUP_M)
             om = pid_m * BM
             on = pid_n * BN
-            wrows = on + tl.arange(0, BN)
-            sb_row = SBY + wrows[:, None].to(tl.int64) * KB
             acc = tl.zeros([BN, BM], tl.float32)
             for g0 in range(g_lo, min(g_lo + gps, groups), PROMOTE):
                 for j in tl.static_range(PROMOTE):
                     g = g0 + j
-                    w = _group_weights(w_desc, _scales(sb_row, wrows, g, N, KB, NB), on, g, BN, NB, NBH, SB, INTERP)
+                    w = _group_weights(w_desc, _scales(sb_desc, on, g, N, BN, NB), on, g, BN, NB, NBH, SB, INTERP)
                     x = x_desc.load([om, g * 128])  # past K: zeros (TMA bounds)
                     if j == 0:
                         part = tl.dot(w, x.T)
                     else:
                         part = tl.dot(w, x.T, part)
                 acc += part
+            # Scales and the low-rank term in the swapped orientation (in [BM, BN], as fp8_ffn does, the
+            # low-rank MMA needed the accumulator moved through shared memory, and registers spilled),
+            # and before any sum over splits (the first split adds the low-rank term): the program
+            # finishing a tile then only loads the sum and runs the rest of the epilogue.
+            rows = om + tl.arange(0, BM)
+            cols = on + tl.arange(0, BN)
+            if g_lo == 0:
+                acc = K8._scale_lowrank(acc, rows, cols, M, N, SX, SW, U, LA, R, ROW_SCALAR, RB, R_CHUNKS, True, INTERP)
+            else:
+                acc = K8._scale_lowrank(acc, rows, cols, M, N, SX, SW, U, LA, R, ROW_SCALAR, RB, 0, True, INTERP)
             acc = tl.trans(acc)  # [BM tokens, BN channels], as fp8_ffn's epilogue takes it
             last = True
             if SPLIT_K > 1:
-                rows = om + tl.arange(0, BM)
-                cols = on + tl.arange(0, BN)
                 ws = WS + rows[:, None].to(tl.int64) * N + cols[None, :]
                 inside = (rows < M)[:, None] & (cols < N)[None, :]
                 tl.atomic_add(ws, acc, mask=inside, sem="relaxed")
-                tl.debug_barrier()  # every thread's part is in before the counter says so
+                # As cooperative groups' grid sync: a CTA barrier, then one thread's acq_rel atomic
+                # (cumulative: it publishes the whole CTA's adds, and its acquire covers all threads'
+                # reads after the next barrier).
+                tl.debug_barrier()
                 last = tl.atomic_add(CNT + tile, 1, sem="acq_rel") == SPLIT_K - 1
                 if last:
                     tl.debug_barrier()
@@ -297,28 +319,26 @@ if triton is not None:
                     tl.store(ws, tl.zeros_like(acc), mask=inside)
                     tl.store(CNT + tile, 0)
             if last:
-                K8._store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN, EPI_SPLIT,
-                               ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
+                K8._store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN,
+                               EPI_SPLIT, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP, True)
 
     @triton.jit
-    def _to_fp8_kernel(w_desc, o_desc, SBY, N, K, BN: tl.constexpr, GPP: tl.constexpr, SB: tl.constexpr,
+    def _to_fp8_kernel(w_desc, o_desc, sb_desc, N, K, BN: tl.constexpr, GPP: tl.constexpr, SB: tl.constexpr,
                        INTERP: tl.constexpr):
         """The E4M3 weights the GEMM above computes with, written out: [N, K] (GPP groups per program)."""
         NB: tl.constexpr = 128 // SB
-        KB = K // SB
         on = tl.program_id(0) * BN
-        wrows = on + tl.arange(0, BN)
-        sb_row = SBY + wrows[:, None].to(tl.int64) * KB
         for i in tl.static_range(GPP):
             g = tl.program_id(1) * GPP + i
             if g < K // 128:
-                w = _group_weights(w_desc, _scales(sb_row, wrows, g, N, KB, NB), on, g, BN, NB, NB // 2, SB, INTERP)
+                w = _group_weights(w_desc, _scales(sb_desc, on, g, N, BN, NB), on, g, BN, NB, NB // 2, SB, INTERP)
                 o_desc.store([on, g * 128], w)
 
     def _set_block_shapes(nargs):
         bm, bn = nargs["BM"], nargs["BN"]
         nargs["x_desc"].block_shape = [bm, 128]
         nargs["w_desc"].block_shape = [bn, 64]
+        nargs["sb_desc"].block_shape = [bn * 8 // nargs["SB"], 16]
         nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
 
     def _config(bn, bm, warps, stages, promote=2, split=False, persist=True, split_k=1):
@@ -363,11 +383,11 @@ def _split_workspace(device, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor
 
 def few_tokens_config(M: int, N: int, sms: int) -> dict:
     """64 x 128 tiles, K split 2 or 4 ways when there are fewer tiles than SMs (H100: 8192->2048 at
-    M=126, 32 tiles, 31 -> 16 us; 2048->8192, 128 tiles, stays unsplit; bench/w4a8_explore_h100.log)."""
+    M=126, 32 tiles, 31 -> 14 us; 2048->8192, 128 tiles, stays unsplit; bench/w4a8_explore_h100.log)."""
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 64)
     split = 4 if 4 * tiles <= sms else 2 if 2 * tiles <= sms else 1
     return dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=1, SPLIT_K=split, num_warps=4,
-                num_stages=3)
+                num_stages=4 if split > 1 else 3)
 
 
 def to_fp8(w4: dict) -> torch.Tensor:
@@ -380,7 +400,7 @@ def to_fp8(w4: dict) -> torch.Tensor:
     w_desc = TensorDescriptor.from_tensor(q, [bn, 64])
     o_desc = TensorDescriptor.from_tensor(out, [bn, 128])
     grid = (triton.cdiv(n, bn), triton.cdiv(k // GROUP, gpp))
-    _to_fp8_kernel[grid](w_desc, o_desc, w4["sb"], n, k, BN=bn, GPP=gpp, SB=w4["block"], INTERP=K8.INTERP,
+    _to_fp8_kernel[grid](w_desc, o_desc, _sb_desc(w4["sb"], bn), n, k, BN=bn, GPP=gpp, SB=w4["block"], INTERP=K8.INTERP,
                          num_warps=4)
     return out
 
@@ -412,13 +432,18 @@ def scaled_gemm(xq, sx, w4, *, u=None, A=None, bias=None, gelu=False, h_scale=No
     if config is None and M <= SPLIT_K_MAX_M and not K8.INTERP:
         config = few_tokens_config(M, N, K8._num_sms(xq.device.index or 0))
     split = (config or {}).get("SPLIT_K", 1) > 1
+    bm = dict(INTERP_CONFIG, **(config or {}))["BM"]
+    if split and bm != 128 and not K8.INTERP:
+        # On the H100, 64-token tiles with split K gave wrong pairs of rows in some launches (with
+        # the low-rank term; bench/w4a8_explore_h100.log section 4); 128-token tiles were exact.
+        raise ValueError(f"W4A8 split K needs 128-token tiles (BM=128), got BM={bm}")
     ws, cnt = _split_workspace(xq.device, M, N) if split else (dummy, dummy)
-    args = (*descs, w4["sb"], sx, w4["q_scale"], u if r else dummy, A if r else dummy,
+    args = (*descs, _sb_desc(w4["sb"], 16), sx, w4["q_scale"], u if r else dummy, A if r else dummy,
             bias if bias is not None else dummy, next_B if r2 else dummy, u_next if r2 else dummy,
             h_scale if fp8_out else dummy, ws, cnt, M, N, K, r, r2, min(K8._p2(M), 65536))
     flags = dict(ROW_SCALAR=sx.numel() == 1, HAS_BIAS=bias is not None, RB=rb, R_CHUNKS=rc, GELU=gelu,
                  OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, SB=w4["block"], INTERP=K8.INTERP)
     K8._launch(_w4a8_kernel, _tuned, DEFAULT_CONFIGS, INTERP_CONFIG, _set_block_shapes,
-               dict(x_desc=descs[0], w_desc=descs[1], c_desc=descs[2]), args, flags, M, N, xq.device, config,
+               dict(x_desc=descs[0], w_desc=descs[1], c_desc=descs[2], sb_desc=args[3]), args, flags, M, N, xq.device, config,
                u_next if r2 else None)
     return out

@@ -13,8 +13,9 @@ from liteffn.kernels import reference as R
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not fp8_ffn.available(), reason="triton is not installed")
-CONFIGS = [{}, dict(EPI_SPLIT=False, PERSIST=False), dict(PROMOTE=2, programs=2), dict(SPLIT_K=2, PERSIST=False),
-           dict(SPLIT_K=3, PROMOTE=2, PERSIST=False)]
+GPU_SPLIT = {"BM": 128} if DEV == "cuda" else {}  # the GPU takes split K with 128-token tiles only
+CONFIGS = [{}, dict(EPI_SPLIT=False, PERSIST=False), dict(PROMOTE=2, programs=2), dict(SPLIT_K=2, PERSIST=False, **GPU_SPLIT),
+           dict(SPLIT_K=3, PROMOTE=2, PERSIST=False, **GPU_SPLIT)]
 
 
 def rel(a, b):
@@ -140,12 +141,24 @@ def test_split_k_sums_in_a_workspace_it_leaves_zeroed():
     xq, sx, u = fp8_ffn.act_quant_lowrank(x, t["B"])
     run = lambda cfg: w4a8.scaled_gemm(xq, sx, w4, u=u, A=t["A"], bias=t["bias"], config=cfg,  # noqa: E731
                                        materialize=False)
-    one = run(dict(PERSIST=False))
-    a, b = run(dict(SPLIT_K=4, PERSIST=False)), run(dict(SPLIT_K=4, PERSIST=False))
+    one = run(dict(PERSIST=False, **GPU_SPLIT))
+    a, b = run(dict(SPLIT_K=4, PERSIST=False, **GPU_SPLIT)), run(dict(SPLIT_K=4, PERSIST=False, **GPU_SPLIT))
     ws, cnt = w4a8._WORKSPACES[xq.device]
     assert not ws.any() and not cnt.any()
     assert torch.equal(a, b) or rel(a, b) < 1e-3  # fp32 atomics: the order of the four parts may vary
     assert rel(a, one) < 5e-3, rel(a, one)
+
+
+@needs_triton
+def test_split_k_refuses_small_token_tiles_on_the_gpu(monkeypatch):
+    """64-token tiles with split K gave wrong rows on the H100: the compiled path refuses them
+    before launching anything."""
+    monkeypatch.setattr(fp8_ffn, "INTERP", False)
+    t = _layer("mxfp4", 64, 256, 0)
+    w4 = w4a8.prepare("mxfp4", t)
+    xq = torch.zeros(8, 256, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="BM=128"):
+        w4a8.scaled_gemm(xq, torch.ones(8), w4, config=dict(BM=64, SPLIT_K=2), materialize=False)
 
 
 @needs_triton
