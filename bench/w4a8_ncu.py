@@ -3,6 +3,11 @@
 
     ncu --clock-control none -k regex:'_w4a8_kernel|_scaled_gemm_kernel' --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy python bench/w4a8_ncu.py
+
+--audio: the audio FFN's up-projection at M=126 as the fused FFN runs it (GELU, FP8 output, the
+down-projection's low-rank input), W4A8 with its few-token configuration and FP8 with the one
+given as JSON in --fp8 (what its tuner picked; add --section SourceCounters for stalls per
+instruction, ncu --page source --print-source sass to read them).
 """
 from __future__ import annotations
 
@@ -25,7 +30,26 @@ CONFIGS = [dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOT
 FP8 = dict(BM=128, BN=256, BK=256, GROUP_M=8, EPI_SPLIT=True, PERSIST=True, FLATTEN=False, PRECISE_ACC=False,
            PROMOTE=1, WS=False, num_warps=8, num_stages=2)
 
+def audio(fp8_cfg: dict):
+    n, k, m = 8192, 2048, 126
+    t8 = random_fp8_layer(n, k, 64, seed=0, device="cuda")
+    t4 = w4a8.prepare("mxfp4", random_fp4_layer("mxfp4", n, k, 64, seed=0, device="cuda"))
+    xq, sx, u = K.act_quant_lowrank(act(m, k), t8["B"])
+    hs = torch.tensor([0.25], device="cuda")
+    b2 = (torch.randn(64, n, device="cuda") / n**0.5).bfloat16()
+    u2 = torch.zeros(m, 64, device="cuda")
+    w4a8.scaled_gemm(xq, sx, t4, u=u, A=t4["A"], bias=t4["bias"], gelu=True, h_scale=hs, next_B=b2, u_next=u2,
+                     materialize=False)
+    K.scaled_gemm(xq, sx, t8["q"], t8["q_scale"], u=u, A=t8["A"], bias=t8["bias"], gelu=True, h_scale=hs,
+                  next_B=b2, u_next=u2, config=fp8_cfg)
+    torch.cuda.synchronize()
+
+
 if __name__ == "__main__":
+    if "--audio" in sys.argv:
+        import json
+        audio(json.loads(sys.argv[sys.argv.index("--fp8") + 1]))
+        sys.exit()
     n, k, m = 16384, 4096, 6144
     t8 = random_fp8_layer(n, k, 64, seed=0, device="cuda")
     t4 = w4a8.prepare("mxfp4", random_fp4_layer("mxfp4", n, k, 64, seed=0, device="cuda"))
