@@ -406,8 +406,20 @@ def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_
     u [M, r] (bf16, or the fp32 sum) with A [N, r]; bias [N]. With h_scale (fp32 [1]) the output is FP8 codes of
     out / h_scale (saturating), and with next_B [r2, N] also u_next [M, r2] fp32 += out next_B^T
     (u_next must hold zeros on entry)."""
+    M, N = xq.shape[0], q.shape[0]
+    out, ptrs, sizes, flags = _gemm_operands(xq, sx, N, u, A, bias, gelu, h_scale, next_B, u_next, out, out_dtype)
+    # Block shapes are placeholders here; the config's pre_hook sets the real ones.
+    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (xq, q, out)]
+    _launch(_scaled_gemm_kernel, _gemm_tuned, DEFAULT_CONFIGS, INTERP_CONFIG, _set_block_shapes,
+            dict(a_desc=descs[0], b_desc=descs[1], c_desc=descs[2]), (*descs, sx, q_scale, *ptrs, *sizes), flags,
+            M, N, xq.device, config, u_next if next_B is not None else None)
+    return out
+
+
+def _gemm_operands(xq, sx, N, u, A, bias, gelu, h_scale, next_B, u_next, out, out_dtype):
+    """What the scaled-GEMM kernels (this file's and w4a8's) take alike: the output, the epilogue's
+    pointers (U, LA, BIAS, LB2, U2, SH), the sizes (M, N, K, R, R2, M_KEY) and the epilogue's flags."""
     M, K = xq.shape
-    N = q.shape[0]
     r = 0 if A is None else A.shape[1]
     r2 = 0 if next_B is None else next_B.shape[0]
     fp8_out = h_scale is not None
@@ -418,16 +430,11 @@ def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_
     # Unused pointers get a scratch buffer, never a caller's tensor: the tuner zeroes U2 before its
     # timing runs (reset_to_zero), which once zeroed the layer's q_scale when U2 had no use.
     dummy = _scratch(xq.device)
-    # Block shapes are placeholders here; the config's pre_hook sets the real ones.
-    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (xq, q, out)]
-    args = (*descs, sx, q_scale, u if r else dummy, A if r else dummy, bias if bias is not None else dummy,
-            next_B if r2 else dummy, u_next if r2 else dummy, h_scale if fp8_out else dummy, M, N, K, r, r2, min(_p2(M), 65536))
+    ptrs = (u if r else dummy, A if r else dummy, bias if bias is not None else dummy, next_B if r2 else dummy,
+            u_next if r2 else dummy, h_scale if fp8_out else dummy)
     flags = dict(ROW_SCALAR=sx.numel() == 1, HAS_BIAS=bias is not None, RB=rb, R_CHUNKS=rc,
                  GELU=gelu, OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, INTERP=INTERP)
-    _launch(_scaled_gemm_kernel, _gemm_tuned, DEFAULT_CONFIGS, INTERP_CONFIG, _set_block_shapes,
-            dict(a_desc=descs[0], b_desc=descs[1], c_desc=descs[2]), args, flags, M, N, xq.device, config,
-            u_next if r2 else None)
-    return out
+    return out, ptrs, (M, N, K, r, r2, min(_p2(M), 65536)), flags
 
 
 def _launch(kernel, tuned, defaults, interp_config, set_block_shapes, descs: dict, args, flags, M, N, device,

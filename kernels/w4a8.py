@@ -413,22 +413,16 @@ def scaled_gemm(xq, sx, w4, *, u=None, A=None, bias=None, gelu=False, h_scale=No
     transient E4M3 copy (to_fp8) for fp8_ffn's GEMM, whose larger tiles the in-register kernel
     cannot reach (bench/w4a8.py). Few tokens: the in-register kernel, which reads half the bytes.
     config: the in-register kernel's."""
-    M, K = xq.shape
+    M = xq.shape[0]
     if materialize is None:
         materialize = M >= MATERIALIZE_M
     if materialize:
         return K8.scaled_gemm(xq, sx, to_fp8(w4), w4["q_scale"], u=u, A=A, bias=bias, gelu=gelu, h_scale=h_scale,
                               next_B=next_B, u_next=u_next, out=out, out_dtype=out_dtype)
     N = w4["q"].shape[0]
-    r = 0 if A is None else A.shape[1]
-    r2 = 0 if next_B is None else next_B.shape[0]
-    fp8_out = h_scale is not None
-    if out is None:
-        out = torch.empty(M, N, device=xq.device, dtype=torch.float8_e4m3fn if fp8_out else out_dtype)
-    rb, rc = K8._rank_chunk(r)
-    r2b, r2c = K8._rank_chunk(r2)
-    dummy = K8._scratch(xq.device)
-    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (xq, w4["q"], out)]
+    out, ptrs, sizes, flags = K8._gemm_operands(xq, sx, N, u, A, bias, gelu, h_scale, next_B, u_next, out, out_dtype)
+    # Block shapes are placeholders here; the config's pre_hook sets the real ones.
+    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (xq, w4["q"], out)] + [_sb_desc(w4["sb"], 16)]
     if config is None and M <= SPLIT_K_MAX_M and not K8.INTERP:
         config = few_tokens_config(M, N, K8._num_sms(xq.device.index or 0))
     split = (config or {}).get("SPLIT_K", 1) > 1
@@ -437,13 +431,9 @@ def scaled_gemm(xq, sx, w4, *, u=None, A=None, bias=None, gelu=False, h_scale=No
         # On the H100, 64-token tiles with split K gave wrong pairs of rows in some launches (with
         # the low-rank term; bench/w4a8_explore_h100.log section 4); 128-token tiles were exact.
         raise ValueError(f"W4A8 split K needs 128-token tiles (BM=128), got BM={bm}")
-    ws, cnt = _split_workspace(xq.device, M, N) if split else (dummy, dummy)
-    args = (*descs, _sb_desc(w4["sb"], 16), sx, w4["q_scale"], u if r else dummy, A if r else dummy,
-            bias if bias is not None else dummy, next_B if r2 else dummy, u_next if r2 else dummy,
-            h_scale if fp8_out else dummy, ws, cnt, M, N, K, r, r2, min(K8._p2(M), 65536))
-    flags = dict(ROW_SCALAR=sx.numel() == 1, HAS_BIAS=bias is not None, RB=rb, R_CHUNKS=rc, GELU=gelu,
-                 OUT_FP8=fp8_out, R2B=r2b, R2_CHUNKS=r2c, SB=w4["block"], INTERP=K8.INTERP)
+    ws, cnt = _split_workspace(xq.device, M, N) if split else (K8._scratch(xq.device),) * 2
     K8._launch(_w4a8_kernel, _tuned, DEFAULT_CONFIGS, INTERP_CONFIG, _set_block_shapes,
-               dict(x_desc=descs[0], w_desc=descs[1], c_desc=descs[2], sb_desc=args[3]), args, flags, M, N, xq.device, config,
-               u_next if r2 else None)
+               dict(zip(("x_desc", "w_desc", "c_desc", "sb_desc"), descs)),
+               (*descs, sx, w4["q_scale"], *ptrs, ws, cnt, *sizes), dict(flags, SB=w4["block"]), M, N, xq.device,
+               config, u_next if next_B is not None else None)
     return out
