@@ -272,26 +272,20 @@ if triton is not None:
             om = pid_m * BM
             on = pid_n * BN
             acc = tl.zeros([BM, BN], tl.float32)
-            if PROMOTE == 0:
+            if PROMOTE == 0:  # Hopper's reduced-precision accumulation over all of K
                 for ki in range(k_tiles):
-                    a = a_desc.load([om, ki * BK])
-                    b = b_desc.load([on, ki * BK])
-                    if PRECISE_ACC:  # Triton's own promotion, every BK
-                        acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BK)
-                    else:  # Hopper's reduced-precision accumulation over all of K
-                        acc = tl.dot(a, b.T, acc)
+                    acc = tl.dot(a_desc.load([om, ki * BK]), b_desc.load([on, ki * BK]).T, acc)
             else:
-                # Promote every PROMOTE K-tiles: the tensor cores accumulate into a fresh `part`
-                # (reduced precision over PROMOTE * BK products only), added to acc in fp32.
-                for ki in range(0, k_tiles, PROMOTE):
-                    for j in tl.static_range(PROMOTE):
-                        a = a_desc.load([om, (ki + j) * BK])  # past K: zeros (TMA bounds)
-                        b = b_desc.load([on, (ki + j) * BK])
-                        if j == 0:
-                            part = tl.dot(a, b.T)
-                        else:
-                            part = tl.dot(a, b.T, part)
-                    acc += part
+                # The tensor cores accumulate into `part` (reduced precision over PROMOTE * BK products
+                # only), added to acc in fp32 every PROMOTE tiles. One tile per iteration, so the
+                # pipeliner streams one K tile at a time and keeps the MMAs async between promotions.
+                part = tl.zeros([BM, BN], tl.float32)
+                for ki in range(k_tiles):
+                    part = tl.dot(a_desc.load([om, ki * BK]), b_desc.load([on, ki * BK]).T, part)
+                    if ki % PROMOTE == PROMOTE - 1:
+                        acc += part
+                        part = tl.zeros([BM, BN], tl.float32)
+                acc += part
             _store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN, EPI_SPLIT,
                         ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
 

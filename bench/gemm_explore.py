@@ -1,0 +1,269 @@
+"""Exploration on the device: accuracy of each promotion interval on stress inputs, speed of GEMM
+variants (tiles, promotion interval, flattening), and where the host time of a small FFN goes.
+
+    python bench/gemm_explore.py [--out DIR] [--quick]
+
+Writes explore.log (everything, as it goes) under --out. Not a timed test; the tables that
+decide defaults are copied into bench/gemm_explore_h200.log.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import torch
+import torch.nn.functional as Fn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _package  # noqa: E402,F401
+
+from triton.testing import do_bench_cudagraph  # noqa: E402
+
+from liteffn.calibration.synthetic import random_fp8_layer  # noqa: E402
+from liteffn.kernels import fp8_ffn as K  # noqa: E402
+
+SHAPES = ((4096, 16384), (16384, 4096), (2048, 8192), (8192, 2048))
+LOG = None
+
+
+def say(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG.write(s + "\n")
+    LOG.flush()
+
+
+def us(fn):
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=25, return_mode="median") * 1e3
+
+
+def dense_of(t):
+    return t["q"].float() * t["q_scale"][:, None]
+
+
+def inputs(kind, m, k, W, g):
+    """Stress inputs: 'coherent' rows are the weight's rows (same-sign sums), the worst case."""
+    mag = torch.rand(m, 1, generator=g, device="cuda") * 4 + 0.1
+    if kind == "independent":
+        x = torch.randn(m, k, generator=g, device="cuda")
+    elif kind == "coherent":
+        x = W[torch.arange(m, device="cuda") % W.shape[0]] * k**0.5
+    elif kind == "partly":
+        w = W[torch.arange(m, device="cuda") % W.shape[0]]
+        x = 0.3 * w / w.norm(dim=1, keepdim=True) * k**0.5 + torch.randn(m, k, generator=g, device="cuda")
+    elif kind == "gelu":
+        x = Fn.gelu(torch.randn(m, k, generator=g, device="cuda") * 2, approximate="tanh")
+    elif kind == "mean":
+        x = 1.0 + 0.5 * torch.randn(m, k, generator=g, device="cuda")
+    elif kind == "outliers":
+        x = torch.randn(m, k, generator=g, device="cuda")
+        x[:, torch.randperm(k, generator=g, device="cuda")[:8]] *= 80
+    return (x * mag).bfloat16()
+
+
+def cfg(bm, bn, bk, warps, stages, promote, split=None, persist=True, flatten=False, ws=False):
+    return dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, EPI_SPLIT=(bn >= 256) if split is None else split, PERSIST=persist,
+                FLATTEN=flatten, PRECISE_ACC=False, PROMOTE=promote, WS=ws, num_warps=warps, num_stages=stages)
+
+
+def accuracy(quick):
+    say("\n## Accuracy: relative Frobenius error of the fp32 GEMM output against fp64 of the same FP8 codes and scales")
+    say("| K->N | M | inputs | promote every 128 | 256 | 512 | 1024 | never (fast) |")
+    say("|---|---|---|---|---|---|---|---|")
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    m = 2048 if quick else 4096
+    for k, n in SHAPES:
+        t = random_fp8_layer(n, k, 0, seed=7, device="cuda")
+        W = dense_of(t)
+        Wd = t["q"].double() * t["q_scale"].double()[:, None]
+        for kind in ("independent", "gelu", "mean", "outliers", "partly", "coherent"):
+            x = inputs(kind, m, k, W, g)
+            xq, sx, _ = K.act_quant_lowrank(x)
+            ref = (xq.double() * sx.double()[:, None]) @ Wd.T
+            errs = []
+            for p in (1, 2, 4, 8, 0):
+                out = K.scaled_gemm(xq, sx, t["q"], t["q_scale"], out_dtype=torch.float32,
+                                    config=cfg(128, 128, 128, 8, 4, p))
+                errs.append(float((out.double() - ref).norm() / ref.norm()))
+            say(f"| {k}->{n} | {m} | {kind} | " + " | ".join(f"{e:.1e}" for e in errs) + " |")
+            del ref
+        torch.cuda.empty_cache()
+
+
+def speed(quick):
+    say("\n## GEMM variants, input already FP8, r=64 + bias epilogue, bf16 out (device us, CUDA graphs)")
+    variants = {
+        "cur 128x256x128 s3 P1": cfg(128, 256, 128, 8, 3, 1),
+        "cur 128x256x256 s2 P1": cfg(128, 256, 256, 8, 2, 1),
+        "cur 128x128x256 s3 P1": cfg(128, 128, 256, 8, 3, 1),
+        "fast 128x256x128 s3": cfg(128, 256, 128, 8, 3, 0),
+        "fast 128x256x128 s4": cfg(128, 256, 128, 8, 4, 0),
+        "fast 128x128x128 s4": cfg(128, 128, 128, 8, 4, 0),
+        "fast 128x256x128 s3 flat": cfg(128, 256, 128, 8, 3, 0, flatten=True),
+        "flat 128x256x128 s3 P2": cfg(128, 256, 128, 8, 3, 2),
+        "flat 128x256x128 s3 P4": cfg(128, 256, 128, 8, 3, 4),
+        "flat 128x128x128 s4 P2": cfg(128, 128, 128, 8, 4, 2),
+        "flat 128x128x128 s4 P4": cfg(128, 128, 128, 8, 4, 4),
+        "flat 128x128x128 s5 P4": cfg(128, 128, 128, 8, 5, 4),
+        "flat 128x128x128 s4 P4 split": cfg(128, 128, 128, 8, 4, 4, split=True),
+        "flat 128x128x128 s4 P4 flatten": cfg(128, 128, 128, 8, 4, 4, flatten=True),
+        "flat 128x128x128 s4 P4 ws": cfg(128, 128, 128, 8, 4, 4, ws=True),
+        "flat 128x128x128 s4 P4 nonpersist": cfg(128, 128, 128, 8, 4, 4, persist=False),
+        "flat 128x128x256 s3 P2": cfg(128, 128, 256, 8, 3, 2),
+        "flat 64x128x128 w4 s4 P4 nonpersist": cfg(64, 128, 128, 4, 4, 4, persist=False),
+        "flat 64x256x128 w4 s3 P4 nonpersist": cfg(64, 256, 128, 4, 3, 4, persist=False),
+        "flat 256x128x128 s3 P4": cfg(256, 128, 128, 8, 3, 4),
+    }
+    if quick:
+        variants = dict(list(variants.items())[:6])
+    res = {}
+    for (k, n) in SHAPES[:2]:
+        for m in (6144, 24576) if not quick else (6144,):
+            x8 = (torch.randn(m, k, device="cuda") * 2).to(torch.float8_e4m3fn)
+            sx = torch.rand(m, device="cuda") + 0.5
+            ts = [random_fp8_layer(n, k, 64, seed=i, device="cuda") for i in range(3)]
+            u = torch.randn(m, 64, device="cuda").bfloat16()
+            W = [(torch.randn(n, k, device="cuda") / k**0.5).bfloat16() for _ in range(3)]
+            xb = torch.randn(m, k, device="cuda").bfloat16()
+            i = [0]
+
+            def nxt(lst):
+                i[0] = (i[0] + 1) % len(lst)
+                return lst[i[0]]
+            t_bf = us(lambda: Fn.linear(xb, nxt(W)))
+            sxc = sx[:, None]
+            t_fast = us(lambda: (lambda t: torch._scaled_mm(x8, t["q"].t(), scale_a=sxc, scale_b=t["q_scale"][None, :],
+                                                            bias=t["bias"], out_dtype=torch.bfloat16,
+                                                            use_fast_accum=True))(nxt(ts)))
+            t_prom = us(lambda: (lambda t: torch._scaled_mm(x8, t["q"].t(), scale_a=sxc, scale_b=t["q_scale"][None, :],
+                                                            bias=t["bias"], out_dtype=torch.bfloat16,
+                                                            use_fast_accum=False))(nxt(ts)))
+            say(f"\n{k}->{n} M={m}: bf16 {t_bf:.1f} us, cuBLAS fast {t_fast:.1f} ({t_bf / t_fast:.2f}x), "
+                f"promoted {t_prom:.1f} ({t_bf / t_prom:.2f}x)")
+            ref = K.scaled_gemm(x8, sx, ts[0]["q"], ts[0]["q_scale"], u=u, A=ts[0]["A"], bias=ts[0]["bias"],
+                                config=cfg(128, 128, 128, 8, 4, 1)).float()
+            for name, c in variants.items():
+                try:
+                    out = K.scaled_gemm(x8, sx, ts[0]["q"], ts[0]["q_scale"], u=u, A=ts[0]["A"], bias=ts[0]["bias"],
+                                        config=c).float()
+                    e = float((out - ref).norm() / ref.norm())
+                    t = us(lambda c=c: (lambda t: K.scaled_gemm(x8, sx, t["q"], t["q_scale"], u=u, A=t["A"],
+                                                                bias=t["bias"], config=c))(nxt(ts)))
+                    res[(k, n, m, name)] = t
+                    say(f"  {name:40s} {t:8.1f} us  {t_bf / t:.2f}x bf16  {t_prom / t:.2f}x cuBLAS-promoted  "
+                        f"(vs P1 ref {e:.1e})")
+                except Exception as ex:  # noqa: BLE001
+                    say(f"  {name:40s} failed: {type(ex).__name__}: {str(ex)[:120]}")
+            del x8, ts, W, xb
+            torch.cuda.empty_cache()
+    return res
+
+
+def ffn(quick):
+    say("\n## Whole FFN (device us, CUDA graphs), per config of both GEMMs")
+    from liteffn.kernels import modules as Mo  # noqa: F401
+    for dim, ms in ((4096, (6144,)), (2048, (5600, 126))):
+        hid = 4 * dim
+        for m in ms:
+            up = random_fp8_layer(hid, dim, 64, seed=1, device="cuda")
+            dn = random_fp8_layer(dim, hid, 64, seed=2, device="cuda")
+            hs = torch.tensor([2.0**-6], device="cuda")
+            x = (torch.randn(m, dim, device="cuda") * 2).bfloat16()
+            W1 = (torch.randn(hid, dim, device="cuda") / dim**0.5).bfloat16()
+            W2 = (torch.randn(dim, hid, device="cuda") / hid**0.5).bfloat16()
+            b1, b2 = up["bias"], dn["bias"]
+            t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, b1), approximate="tanh"), W2, b2))
+            line = f"FFN {dim} M={m}: bf16 {t_bf:.1f}"
+            for name, c in (("cur P1", None), ("flat 128x128 P4", cfg(128, 128, 128, 8, 4, 4)),
+                            ("flat 128x128 P2", cfg(128, 128, 128, 8, 4, 2)),
+                            ("fast 128x256", cfg(128, 256, 128, 8, 3, 0))):
+                if m <= 256 and c is not None:
+                    continue
+                try:
+                    t = us(lambda c=c: K.ffn_fp8(x, up, dn, hs, config=c))
+                    line += f"; {name} {t:.1f} ({t_bf / t:.2f}x)"
+                except Exception as ex:  # noqa: BLE001
+                    line += f"; {name} failed {type(ex).__name__}"
+            t = us(lambda: K.act_quant_lowrank(x, up["B"]))
+            line += f"; act_quant {t:.1f}"
+            say(line)
+
+
+def host(quick):
+    say("\n## Host time per call at M=126 (audio FFN), no CUDA graph: wall us per call over 300 calls")
+    from liteffn.kernels import modules as Mo
+    from liteffn.kernels import ops
+    dim, hid, m = 2048, 8192, 126
+    up = random_fp8_layer(hid, dim, 64, seed=1, device="cuda")
+    dn = random_fp8_layer(dim, hid, 64, seed=2, device="cuda")
+    up["input_amax"] = torch.tensor([8.0], device="cuda")
+    dn["input_amax"] = torch.tensor([8.0], device="cuda")
+    mod = Mo.CompressedFFN(Mo.CompressedLinear("fp8", dim, hid, up), Mo.CompressedLinear("fp8", hid, dim, dn))
+    x = (torch.randn(1, m, dim, device="cuda")).bfloat16()
+    W1 = (torch.randn(hid, dim, device="cuda") / dim**0.5).bfloat16()
+    W2 = (torch.randn(dim, hid, device="cuda") / hid**0.5).bfloat16()
+    hs = mod.h_scale
+    x2 = x.reshape(-1, dim)
+    xq, sx, u = K.act_quant_lowrank(x2, up["B"])
+    cases = {
+        "dense bf16 FFN (3 torch ops)": lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2,
+                                                          dn["bias"]),
+        "CompressedFFN.forward": lambda: mod(x),
+        "ops.fp8_ffn_op": lambda: ops.fp8_ffn_op(x, up["q"], up["q_scale"], up["A"], up["B"], up["bias"], dn["q"],
+                                                 dn["q_scale"], dn["A"], dn["B"], dn["bias"], hs),
+        "fp8_ffn.ffn_fp8": lambda: K.ffn_fp8(x2, up, dn, hs),
+        "act_quant_lowrank": lambda: K.act_quant_lowrank(x2, up["B"]),
+        "scaled_gemm (up, r=64)": lambda: K.scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up["A"], bias=up["bias"]),
+        "torch.empty x3": lambda: (torch.empty(m, hid, device="cuda"), torch.zeros(m, 64, device="cuda"),
+                                   torch.empty(m, device="cuda")),
+    }
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(300):
+            fn()
+        t_host = (time.perf_counter() - t0) / 300 * 1e6
+        torch.cuda.synchronize()
+        t_all = (time.perf_counter() - t0) / 300 * 1e6
+        say(f"  {name:32s} host {t_host:7.1f} us/call, with sync {t_all:7.1f}")
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(200):
+        mod(x)
+    pr.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
+    say(s.getvalue()[:6000])
+
+
+def main():
+    global LOG
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", default="host,accuracy,speed,ffn")
+    a = ap.parse_args()
+    LOG = open(os.path.join(a.out, "explore.log"), "a")
+    say(f"# {torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M')}")
+    for part in a.parts.split(","):
+        t0 = time.time()
+        try:
+            globals()[part](a.quick)
+        except Exception as ex:  # noqa: BLE001
+            import traceback
+            say(f"{part} FAILED: {traceback.format_exc()[-2000:]}")
+        say(f"[{part}: {time.time() - t0:.0f} s]")
+
+
+if __name__ == "__main__":
+    main()
