@@ -166,6 +166,44 @@ def speed(quick):
     return res
 
 
+def speed2(quick):
+    say("\n## GEMM variants, round 2 (same setup as above)")
+    variants = {
+        "flat 128x256x128 s3 P4": cfg(128, 256, 128, 8, 3, 4),
+        "flat 128x256x128 s4 P4": cfg(128, 256, 128, 8, 4, 4),
+        "flat 128x256x64 s5 P8": cfg(128, 256, 64, 8, 5, 8),
+        "flat 128x256x64 s6 P8": cfg(128, 256, 64, 8, 6, 8),
+        "flat 128x256x128 s3 P4 nosplit": cfg(128, 256, 128, 8, 3, 4, split=False),
+        "flat 128x256x128 s3 P2": cfg(128, 256, 128, 8, 3, 2),
+        "fast 128x256x128 s3": cfg(128, 256, 128, 8, 3, 0),
+    }
+    for (k, n) in SHAPES:
+        m = 6144 if k >= 4096 else 5600
+        x8 = (torch.randn(m, k, device="cuda") * 2).to(torch.float8_e4m3fn)
+        sx = torch.rand(m, device="cuda") + 0.5
+        ts = [random_fp8_layer(n, k, 64, seed=i, device="cuda") for i in range(3)]
+        u = torch.randn(m, 64, device="cuda").bfloat16()
+        i = [0]
+
+        def nxt(lst):
+            i[0] = (i[0] + 1) % len(lst)
+            return lst[i[0]]
+        sxc = sx[:, None]
+        t_prom = us(lambda: (lambda t: torch._scaled_mm(x8, t["q"].t(), scale_a=sxc, scale_b=t["q_scale"][None, :],
+                                                        bias=t["bias"], out_dtype=torch.bfloat16,
+                                                        use_fast_accum=False))(nxt(ts)))
+        say(f"\n{k}->{n} M={m}: cuBLAS promoted {t_prom:.1f}")
+        for name, c in variants.items():
+            try:
+                t = us(lambda c=c: (lambda t: K.scaled_gemm(x8, sx, t["q"], t["q_scale"], u=u, A=t["A"],
+                                                            bias=t["bias"], config=c))(nxt(ts)))
+                say(f"  {name:40s} {t:8.1f} us  {t_prom / t:.2f}x cuBLAS-promoted")
+            except Exception as ex:  # noqa: BLE001
+                say(f"  {name:40s} failed: {type(ex).__name__}: {str(ex)[:120]}")
+        del x8, ts
+        torch.cuda.empty_cache()
+
+
 def ffn(quick):
     say("\n## Whole FFN (device us, CUDA graphs), per config of both GEMMs")
     from liteffn.kernels import modules as Mo  # noqa: F401
