@@ -9,6 +9,8 @@ so calibration and held-out sets share a distribution but no rows.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 
@@ -91,18 +93,27 @@ class SyntheticLTX2(torch.nn.Module):
         return video, audio
 
 
+def generator(purpose: str, seed: int = 0, device="cpu") -> torch.Generator:
+    """A torch.Generator for (purpose, seed). The seed is hashed with the purpose, so streams of
+    different purposes are unrelated at any seeds: activations and weights drawn with the same
+    seed number are independent (a plain manual_seed(seed) for both made x's rows equal W's)."""
+    h = hashlib.blake2b(f"liteffn.synthetic/{purpose}/{int(seed)}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") >> 1)
+
+
 def random_activations(m: int, k: int, seed: int = 0, device="cpu") -> torch.Tensor:
     """bf16 [m, k] rows of very different magnitudes (per-token scales matter), for the same
-    kernel tests and benchmarks."""
-    g = torch.Generator(device=device).manual_seed(seed)
+    kernel tests and benchmarks. Its stream is unrelated to the layers' at any seed."""
+    g = generator("activations", seed, device)
     return (torch.randn(m, k, generator=g, device=device) * torch.rand(m, 1, generator=g, device=device) * 4).bfloat16()
 
 
 def random_fp8_layer(n: int, k: int, rank: int, seed: int = 0, device="cpu") -> dict:
     """Stored tensors of a compressed linear (fp8 residual, per-row scales, bf16 factors) drawn
     at random with LTX-2-like magnitudes, without running compression: for kernel tests and
-    benchmarks at full size, where only shapes and value ranges matter."""
-    g = torch.Generator(device=device).manual_seed(seed)
+    benchmarks at full size, where only shapes and value ranges matter. Its stream is unrelated
+    to the activations' at any seed (see generator)."""
+    g = generator("fp8_layer", seed, device)
     W = torch.randn(n, k, generator=g, device=device) / k**0.5
     s = W.abs().amax(1) / 448
     t = {"q": (W / s[:, None]).to(torch.float8_e4m3fn), "q_scale": s.float().contiguous(),
