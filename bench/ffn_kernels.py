@@ -30,7 +30,8 @@ import _package  # noqa: E402,F401
 import triton  # noqa: E402
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
-from liteffn.calibration.synthetic import random_activations, random_fp8_layer  # noqa: E402
+from liteffn.calibration.synthetic import (dense_weight, kernel_inputs, random_activations,  # noqa: E402
+                                           random_fp8_layer)
 from liteffn.kernels import fp8_ffn as K  # noqa: E402
 from liteffn.kernels import reference as R  # noqa: E402
 
@@ -234,20 +235,22 @@ def sweep():
 
 
 def explore():
-    """Accumulation variants (time and error on inputs where Hopper's fast accumulation is far
-    off) and shapes of the quantize kernels."""
+    """Accumulation variants (time and error) on coherent inputs, x rows along W rows, where
+    Hopper's fast accumulation is far off (calibration/synthetic.py kernel_inputs; these runs
+    once got them by accident from equal seeds), and on independent ones; shapes of the
+    quantize kernels."""
     cases = []
     for (k, n, m, seed) in ((4096, 16384, 6144, 1), (16384, 4096, 6144, 1), (8192, 2048, 1400, 0)):
-        t = random_fp8_layer(n, k, 64, 0 if k == 8192 else 1, "cuda")
-        x = act(m, k, seed)
-        cases.append((k, n, m, t, x))
+        t = random_fp8_layer(n, k, 64, seed, "cuda")
+        for kind in ("coherent", "independent"):
+            cases.append((k, n, m, kind, t, kernel_inputs(kind, m, k, dense_weight(t), seed, "cuda")))
     base = K.DEFAULT_CONFIGS[1]
     variants = {"fast": dict(base, PROMOTE=0), "triton max_num_imprecise_acc=BK": dict(base, PROMOTE=0, PRECISE_ACC=True),
                 "promote 1": base, "promote 2": dict(base, PROMOTE=2), "promote 4": dict(base, PROMOTE=4),
                 "promote 1, 128x128 s4": dict(base, PROMOTE=1, BN=128, EPI_SPLIT=False, num_stages=4),
                 "promote 2, 128x128 s4": dict(base, PROMOTE=2, BN=128, EPI_SPLIT=False, num_stages=4),
                 "promote 1, not persistent": dict(base, PERSIST=False)}
-    for k, n, m, t, x in cases:
+    for k, n, m, kind, t, x in cases:
         xq, sx, u = K.act_quant_lowrank(x, t["B"])
         ref = R.compressed_linear_ref(x[:CHECK_ROWS], "fp8", t, dtype=torch.float32)
         cfgs = dict(variants) if m > 256 else {"fast": dict(K.DEFAULT_CONFIGS[0], PROMOTE=0), "promote 1": K.DEFAULT_CONFIGS[0]}
@@ -258,9 +261,9 @@ def explore():
             try:
                 f = lambda: K.scaled_gemm(xq, sx, t["q"], t["q_scale"], u=u, A=t["A"], bias=t["bias"], config=cfg)  # noqa
                 err = rel(f()[:CHECK_ROWS], ref)
-                print(f"{k}->{n} M={m} [{name}]: {us(f):.1f} us, err {err:.2e}", flush=True)
+                print(f"{k}->{n} M={m} {kind} [{name}]: {us(f):.1f} us, err {err:.2e}", flush=True)
             except Exception as e:
-                print(f"{k}->{n} M={m} [{name}]: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
+                print(f"{k}->{n} M={m} {kind} [{name}]: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
     for m, k in ((6144, 4096), (6144, 16384), (126, 2048), (126, 8192), (1400, 2048), (43400, 4096)):
         x = act(m, k)
         B = (torch.randn(64, k, device="cuda") / k**0.5).bfloat16()

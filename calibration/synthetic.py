@@ -9,6 +9,8 @@ so calibration and held-out sets share a distribution but no rows.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 
@@ -91,18 +93,85 @@ class SyntheticLTX2(torch.nn.Module):
         return video, audio
 
 
+def generator(purpose: str, seed: int = 0, device="cpu") -> torch.Generator:
+    """A torch.Generator for (purpose, seed). The seed is hashed with the purpose, so streams of
+    different purposes are unrelated at any seeds: activations and weights drawn with the same
+    seed number are independent (a plain manual_seed(seed) for both made x's rows equal W's)."""
+    h = hashlib.blake2b(f"liteffn.synthetic/{purpose}/{int(seed)}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") >> 1)
+
+
 def random_activations(m: int, k: int, seed: int = 0, device="cpu") -> torch.Tensor:
     """bf16 [m, k] rows of very different magnitudes (per-token scales matter), for the same
-    kernel tests and benchmarks."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    return (torch.randn(m, k, generator=g, device=device) * torch.rand(m, 1, generator=g, device=device) * 4).bfloat16()
+    kernel tests and benchmarks: kernel_inputs("independent", ...)."""
+    return kernel_inputs("independent", m, k, seed=seed, device=device)
+
+
+# Inputs for kernel accuracy tests and benchmarks. Hopper's FP8 MMA accumulates in truncated
+# precision, so its error depends on how the products x_i w_j line up: independent data
+# cancels, same-sign sums (x rows along W rows) are its worst case.
+INPUT_KINDS = (
+    "independent",      # gaussian rows, per-token magnitudes (random_activations)
+    "gelu",             # GELU(tanh) of gaussian pre-activations: positive mean, as the down-projection sees
+    "coherent",         # rows of the dense weight W, cycled: same-sign sums, the worst case (needs weight)
+    "partly_coherent",  # 0.3 x a W row (unit RMS) plus unit noise: cosine ~0.3 with that row (needs weight)
+    "mean",             # one mean vector shared by all tokens plus as much noise: outputs share a component
+    "outliers",         # gaussian with a few channels 50-100x larger, as DiT activations have
+)
+_NEEDS_WEIGHT = ("coherent", "partly_coherent")
+
+
+def dense_weight(t: dict) -> torch.Tensor:
+    """The fp32 [N, K] weight of an FP8 layer dict (random_fp8_layer): codes times row scales."""
+    return t["q"].float() * t["q_scale"].float()[:, None]
+
+
+def _weight_rows(weight: torch.Tensor, m: int, k: int, g: torch.Generator, device) -> torch.Tensor:
+    """m rows of weight, cycled from a seeded offset, scaled to unit RMS."""
+    n = weight.shape[0]
+    off = int(torch.randint(n, (1,), generator=g, device=device))
+    rows = weight[(off + torch.arange(m, device=weight.device)) % n].to(device=device, dtype=torch.float32)
+    return rows * (k**0.5 / rows.norm(dim=1, keepdim=True).clamp_min(1e-30))
+
+
+def kernel_inputs(kind: str, m: int, k: int, weight: torch.Tensor | None = None, seed: int = 0,
+                  device="cpu") -> torch.Tensor:
+    """bf16 [m, k] activations of one of INPUT_KINDS for kernel tests and benchmarks. Every kind
+    scales its rows (gelu: its pre-activations) by a per-token magnitude in [0, 4), as per-token
+    FP8 scales matter. `weight` [N, k], the layer's dense weight (dense_weight(t)), is needed by
+    the coherent kinds. Each (kind, seed) has its own stream, unrelated to the layers' streams."""
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"unknown input kind {kind!r}; choose one of {', '.join(INPUT_KINDS)}")
+    if kind in _NEEDS_WEIGHT and (weight is None or weight.dim() != 2 or weight.shape[1] != k):
+        got = None if weight is None else tuple(weight.shape)
+        raise ValueError(f"input kind {kind!r} needs the layer's dense weight [N, {k}], got {got}")
+    g = generator(f"inputs/{kind}", seed, device)
+    z = torch.randn(m, k, generator=g, device=device)
+    mag = torch.rand(m, 1, generator=g, device=device) * 4
+    if kind == "gelu":
+        return torch.nn.functional.gelu(z * mag, approximate="tanh").bfloat16()
+    if kind == "coherent":
+        x = _weight_rows(weight, m, k, g, device)
+    elif kind == "partly_coherent":
+        x = 0.3 * _weight_rows(weight, m, k, g, device) + z
+    elif kind == "mean":
+        x = torch.randn(1, k, generator=g, device=device) + z
+    elif kind == "outliers":
+        idx = torch.randperm(k, generator=g, device=device)[: max(2, k // 512)]
+        ch = torch.ones(k, device=device)
+        ch[idx] = 50 + 50 * torch.rand(len(idx), generator=g, device=device)
+        x = z * ch
+    else:
+        x = z
+    return (x * mag).bfloat16()
 
 
 def random_fp8_layer(n: int, k: int, rank: int, seed: int = 0, device="cpu") -> dict:
     """Stored tensors of a compressed linear (fp8 residual, per-row scales, bf16 factors) drawn
     at random with LTX-2-like magnitudes, without running compression: for kernel tests and
-    benchmarks at full size, where only shapes and value ranges matter."""
-    g = torch.Generator(device=device).manual_seed(seed)
+    benchmarks at full size, where only shapes and value ranges matter. Its stream is unrelated
+    to the activations' at any seed (see generator)."""
+    g = generator("fp8_layer", seed, device)
     W = torch.randn(n, k, generator=g, device=device) / k**0.5
     s = W.abs().amax(1) / 448
     t = {"q": (W / s[:, None]).to(torch.float8_e4m3fn), "q_scale": s.float().contiguous(),
@@ -118,7 +187,8 @@ def random_fp4_layer(fmt: str, n: int, k: int, rank: int, seed: int = 0, device=
     from ..kernels import formats as F
 
     t = random_fp8_layer(n, k, rank, seed, device)
-    W = t.pop("q").float() * t.pop("q_scale")[:, None]
+    W = dense_weight(t)
+    del t["q"], t["q_scale"]
     blk = F.BLOCK[fmt]
     amax = W.abs().view(n, k // blk, blk).amax(-1)
     ts = None

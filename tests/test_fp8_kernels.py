@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from liteffn.calibration.compress import compress_linear
+from liteffn.calibration.synthetic import INPUT_KINDS, dense_weight, kernel_inputs, random_fp8_layer
 from liteffn.calibration.stats import LayerStats
 from liteffn.kernels import dispatch, fp8_ffn, ops
 from liteffn.kernels import reference as R
@@ -96,6 +97,20 @@ def test_linear_kernel_matches_reference(cfg, m, k, n, r):
     # and it is not just close to anything: without the low-rank branch it is far off
     if r:
         assert rel(R.compressed_linear_ref(x, "fp8", {**t, "A": None}, dtype=torch.float32), want) > 0.05
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+def test_gemm_matches_fp64_product_of_its_codes(kind):
+    """As the GPU test at LTX-2 shapes (test_gpu_fp8.py), small: the GEMM alone against the fp64
+    product of the same FP8 codes and scales, on stress inputs (calibration/synthetic.py)."""
+    m, k, n = 64, 256, 128
+    t = {k_: v.to(DEV) for k_, v in random_fp8_layer(n, k, 0, seed=3).items()}
+    x = kernel_inputs(kind, m, k, dense_weight(t).cpu(), seed=3).to(DEV)
+    xq, sx, _ = fp8_ffn.act_quant_lowrank(x)
+    y = fp8_ffn.scaled_gemm(xq, sx, t["q"], t["q_scale"], out=_poisoned((m, n), torch.bfloat16))
+    want = (xq.double() * sx.double()[:, None]) @ (t["q"].double() * t["q_scale"].double()[:, None]).T
+    assert torch.isfinite(y.float()).all()
+    assert rel(y, want) <= 5e-3, rel(y, want)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
