@@ -1,0 +1,259 @@
+"""Warp-specialized FP8 GEMM for Hopper (sm_90), written in Gluon: the many-token path of the
+scaled GEMM (fp8_ffn.scaled_gemm computes the same function; its Triton kernel is the reference
+this one is tested against, and the path everywhere else).
+
+Why a second kernel: Hopper's FP8 MMA accumulates in reduced precision, so the partial sums are
+added into an fp32 accumulator every few K tiles ("promotion", docs/kernels.md). In Triton 3.6 a
+read of an MMA accumulator inside the K loop makes every warp wait for every in-flight MMA, so each
+promotion idles the tensor cores: promoting every 512 of K cost 16-18%. Here, as in DeepGEMM, two
+math warpgroups each own 64 rows of a 128 x 128 tile and run as separate partitions; one warp issues
+the TMA loads into a ring of stages. A warpgroup waits for its own MMA and promotes while the other
+warpgroup's MMA keeps the tensor cores busy, so promoting after every 128 of K (the most precise
+interval) costs nothing measurable: 0.93-1.02x cuBLAS with promoted accumulation on the H200
+(bench/gluon_explore_h200.log), where the Triton kernel reaches 0.78-0.90x promoting every 512.
+
+Epilogue, per warpgroup on its 64 x 128 part of the tile (the same steps as fp8_ffn's): scales
+(per token or one static scale, per channel), the low-rank up-projection U A^T as bf16 wgmmas into
+the same accumulator, bias, GELU(tanh), output in bf16/fp16/fp32 or FP8 codes of out / h_scale
+through shared memory and TMA, and the next linear's low-rank input u_next += h B2^T (bf16 wgmma,
+fp32 atomics).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except Exception:  # no Triton, or a Triton without Gluon's Hopper API: the Triton kernel runs instead
+    gluon = None
+
+BM, BN, BK = 128, 128, 128
+# (128 + 128) x 128 bytes per stage: 5 stages measured level with 4 and 6 (bench/gluon_explore_h200.log); with
+# the low-rank epilogues' staging buffers only 4 fit in shared memory.
+STAGES = 5
+STAGES_LOWRANK = 4
+MIN_M = 257  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) fill the GPU better
+
+
+def available() -> bool:
+    return gluon is not None
+
+
+def supports(device: torch.device) -> bool:
+    """wgmma and setmaxnreg are sm_90 instructions: Hopper only (Ada and Blackwell take the Triton kernel)."""
+    return gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+if gluon is not None:
+
+    @gl.constexpr_function
+    def _swizzle(inner_bytes):
+        return 128 if inner_bytes % 128 == 0 else 64 if inner_bytes % 64 == 0 else 32
+
+    @gluon.jit
+    def _tile(tile, M, N, GROUP_M: gl.constexpr):
+        """Grouped order: GROUP_M row tiles at a time share the weights' column tiles in L2."""
+        num_pid_m = gl.cdiv(M, BM)
+        num_pid_n = gl.cdiv(N, BN)
+        group = GROUP_M * num_pid_n
+        first = (tile // group) * GROUP_M
+        size = gl.minimum(num_pid_m - first, GROUP_M)
+        return (first + (tile % group) % size) * BM, ((tile % group) // size) * BN
+
+    @gluon.jit
+    def _gelu_tanh(y):
+        z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=gl.float32, is_pure=True,
+                                      pack=1)
+        return 0.5 * y * (1.0 + t)
+
+    @gluon.jit
+    def _epilogue(acc, om, on, p, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  RB: gl.constexpr, R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr,
+                  R2B: gl.constexpr, R2_CHUNKS: gl.constexpr):
+        (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty) = p
+        HM: gl.constexpr = BM // 2
+        mma16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BN, 16])
+        acc = gl.convert_layout(acc, mma16)
+        rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma16))
+        cols = on + gl.arange(0, BN, layout=gl.SliceLayout(0, mma16))
+        rmask = rows < M
+        cmask = cols < N
+        if ROW_SCALAR:
+            acc = acc * gl.load(SX)
+        else:
+            acc = acc * gl.expand_dims(gl.load(SX + rows, mask=rmask, other=0.0), 1)
+        acc = acc * gl.expand_dims(gl.load(SW + cols, mask=cmask, other=0.0), 0)
+        if R_CHUNKS > 0:  # low-rank up-projection into the same accumulator: acc += U[rows] A[cols]^T
+            blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            u_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma16, k_width=2)
+            br = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, blk))
+            bc = on + gl.arange(0, BN, layout=gl.SliceLayout(1, blk))
+            la_s = la_bufs.index(WG)
+            for j in gl.static_range(R_CHUNKS):
+                rr = j * RB + gl.arange(0, RB, layout=gl.SliceLayout(0, blk))
+                u = gl.load(U + gl.expand_dims(br, 1) * R + gl.expand_dims(rr, 0),
+                            mask=gl.expand_dims(br < M, 1) & gl.expand_dims(rr < R, 0), other=0.0)
+                la = gl.load(LA + gl.expand_dims(bc, 1) * R + gl.expand_dims(rr, 0),
+                             mask=gl.expand_dims(bc < N, 1) & gl.expand_dims(rr < R, 0), other=0.0)
+                la_s.store(la.to(gl.bfloat16))
+                fence_async_shared()
+                acc = warpgroup_mma(gl.convert_layout(u.to(gl.bfloat16), u_op), la_s.permute((1, 0)), acc)
+        if HAS_BIAS:
+            acc = acc + gl.expand_dims(gl.load(BIAS + cols, mask=cmask, other=0.0).to(gl.float32), 0)
+        if GELU:
+            acc = _gelu_tanh(acc)
+        c_s = c_bufs.index(WG)
+        tma.store_wait(pendings=0)  # this warpgroup's previous store has left c_s
+        if OUT_FP8:
+            c_s.store(gl.minimum(gl.maximum(acc * (1.0 / gl.load(SH)), -448.0), 448.0).to(gl.float8e4nv))
+        else:
+            c_s.store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [om + WG * HM, on], c_s)
+        if R2_CHUNKS > 0:  # the next linear's low-rank input from the unquantized output: u2 += h B2[:, cols]^T
+            mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, R2B, 16])
+            h_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma2, k_width=2)
+            blk2: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+            h = gl.convert_layout(acc.to(gl.bfloat16), h_op)
+            b2_s = b2_bufs.index(WG)
+            bcol = on + gl.arange(0, BN, layout=gl.SliceLayout(0, blk2))
+            r2rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma2))
+            for j in gl.static_range(R2_CHUNKS):
+                rr = j * R2B + gl.arange(0, R2B, layout=gl.SliceLayout(1, blk2))
+                b2 = gl.load(LB2 + gl.expand_dims(rr, 1) * N + gl.expand_dims(bcol, 0),
+                             mask=gl.expand_dims(rr < R2, 1) & gl.expand_dims(bcol < N, 0), other=0.0)
+                b2_s.store(b2)
+                fence_async_shared()
+                part = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
+                rc = j * R2B + gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
+                gl.atomic_add(U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0), part,
+                              mask=gl.expand_dims(r2rows < M, 1) & gl.expand_dims(rc < R2, 0), sem="relaxed")
+
+    @gluon.jit
+    def _math(p, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr,
+              R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr,
+              R2_CHUNKS: gl.constexpr, PROMOTE: gl.constexpr):
+        """One math warpgroup: rows WG*64..+64 of every tile. The tensor cores sum PROMOTE K tiles into
+        `part` (reduced precision), then it is added to the fp32 accumulator; waiting for its own MMAs
+        stalls only this warpgroup."""
+        (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty) = p
+        HM: gl.constexpr = BM // 2
+        NS: gl.constexpr = a_bufs.type.shape[0]
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
+        k_tiles = gl.cdiv(K, BK)
+        num_tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+        g = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            om, on = _tile(tile, M, N, GROUP_M)
+            acc = gl.zeros([HM, BN], gl.float32, mma)
+            part = gl.zeros([HM, BN], gl.float32, mma)
+            for kk in range(k_tiles):
+                s = g % NS
+                mbarrier.wait(ready.index(s), (g // NS) & 1)
+                part = warpgroup_mma(a_bufs.index(s).slice(WG * HM, HM), b_bufs.index(s).permute((1, 0)), part,
+                                     use_acc=(kk % PROMOTE) != 0, is_async=True)
+                part = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
+                mbarrier.arrive(empty.index(s), count=1)
+                if kk % PROMOTE == PROMOTE - 1:
+                    acc += part
+                g += 1
+            if k_tiles % PROMOTE != 0:
+                acc += part
+            _epilogue(acc, om, on, p, WG, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _math1(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
+               GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
+               PROMOTE: gl.constexpr):
+        _math(p, 1, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE)
+
+    @gluon.jit
+    def _loader(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
+                GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
+                PROMOTE: gl.constexpr):
+        """One warp: TMA loads of the activation [BM, BK] and weight [BN, BK] tiles into the stage ring,
+        each stage freed when both math warpgroups have finished their MMAs on it."""
+        (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty) = p
+        NS: gl.constexpr = a_bufs.type.shape[0]
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        k_tiles = gl.cdiv(K, BK)
+        num_tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+        g = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            om, on = _tile(tile, M, N, GROUP_M)
+            for kk in range(k_tiles):
+                s = g % NS
+                mbarrier.wait(empty.index(s), ((g // NS) & 1) ^ 1)  # a new barrier counts as freed once
+                mbarrier.expect(ready.index(s), nbytes)
+                tma.async_copy_global_to_shared(a_desc, [om, kk * BK], ready.index(s), a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [on, kk * BK], ready.index(s), b_bufs.index(s))
+                g += 1
+
+    @gluon.jit
+    def _ws_gemm_kernel(a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
+                        GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, PROMOTE: gl.constexpr,
+                        ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
+                        GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
+                        num_warps: gl.constexpr):
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NSTAGES] + b_desc.block_type.shape, b_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
+        la_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(RB * 2), element_bitwidth=16,
+                                                       rank=2)
+        la_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BN, RB], la_layout)
+        b2_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(BN * 2), element_bitwidth=16,
+                                                       rank=2)
+        b2_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, R2B, BN], b2_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(NSTAGES):
+            mbarrier.init(ready.index(j), count=1)
+            mbarrier.init(empty.index(j), count=2)  # both math warpgroups release a stage
+        p = (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
+             a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty)
+        flags = (ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE)
+        gl.warp_specialize([(_math, (p, 0) + flags), (_math1, (p, ) + flags), (_loader, (p, ) + flags)],
+                           [4, 1], [232, 40])
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(shape: tuple, dtype: torch.dtype):
+    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
+           torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(shape), gdt)
+
+
+def _desc(t: torch.Tensor, block: tuple):
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), _layout(block, t.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
+    """The GEMM of fp8_ffn.scaled_gemm with this kernel: ptrs (U, LA, BIAS, LB2, U2, SH), sizes
+    (M, N, K, R, R2) and flags (ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS)
+    as fp8_ffn._gemm_operands makes them. promote_k: promotion interval in K (a multiple of 128)."""
+    M, N = sizes[0], sizes[1]
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    grid = (min(tiles, _num_sms(xq.device.index or 0)),)
+    stages = STAGES_LOWRANK if flags["R_CHUNKS"] or flags["R2_CHUNKS"] else STAGES
+    _ws_gemm_kernel[grid](_desc(xq, (BM, BK)), _desc(q, (BN, BK)), _desc(out, (BM // 2, BN)), sx, q_scale, *ptrs,
+                          *sizes, GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK), **flags,
+                          num_warps=4, maxnreg=168)
