@@ -161,8 +161,8 @@ class ResidualFormat:
         raise TypeError(f"{self.name} has no block scales")
 
     def block_scale(self, amax: torch.Tensor, tensor_scale=None) -> torch.Tensor:
-        """The round-to-nearest block scale (no search)."""
-        return self.scale_candidates(amax, tensor_scale)[0]
+        """The round-to-nearest block scale (no search): the first candidate."""
+        raise TypeError(f"{self.name} has no block scales")
 
     def apply_scale(self, grid: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         """grid [N, K] times its scales (per row [N], per block [N, K/block], or None)."""
@@ -257,6 +257,9 @@ class NVFP4(BlockFP4):
     def tensor_scale_for(self, amax):
         return nvfp4_tensor_scale(amax)
 
+    def block_scale(self, amax, tensor_scale=None):
+        return nvfp4_block_scale(amax, tensor_scale)
+
     def scale_candidates(self, amax, tensor_scale=None):
         return [nvfp4_block_scale(amax * c, tensor_scale) for c in NVFP4_SHRINK]
 
@@ -275,9 +278,12 @@ class MXFP4(BlockFP4):
     tensor_names: ClassVar[tuple[str, ...]] = ("q", "q_scale")
     pow2_scales: ClassVar[bool] = True
 
+    def block_scale(self, amax, tensor_scale=None):
+        return mxfp4_scale(amax)
+
     def scale_candidates(self, amax, tensor_scale=None):
         base = mxfp4_scale(amax)
-        return [base, base / 2]
+        return [base, base / 2]  # ceil's power of two, or one below it (clips the largest)
 
     def encode_scales(self, scale, tensor_scale):
         return {"q_scale": e8m0_encode(scale)}

@@ -114,3 +114,11 @@ def test_unknown_format_names_the_choices(bad):
         F.get(bad)
     with pytest.raises(ValueError, match="unknown residual format"):
         F.check_format(bad)
+
+
+@pytest.mark.parametrize("name", [n for n, f in F.FORMATS.items() if f.block])
+def test_block_scale_is_the_first_candidate(name):
+    f = F.get(name)
+    amax = torch.rand(64, generator=torch.Generator().manual_seed(4)) * 30
+    ts = f.tensor_scale_for(amax.max())
+    assert torch.equal(f.block_scale(amax, ts), f.scale_candidates(amax, ts)[0])
