@@ -124,11 +124,11 @@ class ResidualFormat:
     pow2_scales: ClassVar[bool] = False  # block scales are powers of two (E8M0)
     fp8_kernel: ClassVar[bool] = False  # the FP8 kernels (fp8_ffn.py) take q, q_scale as stored
     w4a8: ClassVar[bool] = False  # may be converted to the W4A8 kernel's layout (w4a8.py)
-    # GPTQ error feedback and compress.py's low-rank refit apply (not for bf16, whose rounding
-    # error is negligible next to FP8's).
+    # GPTQ error feedback and compress.py's low-rank refit apply; bf16 is always rounded to
+    # nearest (its rounding error is far below the FP8/FP4 formats', nothing to feed back).
     error_feedback: ClassVar[bool] = True
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # messages print the name, as when formats were plain strings
         return self.name
 
     @property
