@@ -9,9 +9,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401  (registers the package)
 from liteffn.calibration.lowrank import Whitening  # noqa: E402
 from liteffn.calibration.residual import quantize_residual  # noqa: E402
+from liteffn.kernels import gptq  # noqa: E402
+from liteffn.kernels.formats import FORMATS  # noqa: E402
 
 torch.manual_seed(0)
-for fmt in ("fp8", "nvfp4", "mxfp4"):
+for fmt in [name for name, f in FORMATS.items() if gptq.supports(f)]:  # fp8, nvfp4, mxfp4
     n, k = 1024, 2048 + 96
     E = torch.randn(n, k, device="cuda") * torch.rand(n, 1, device="cuda")
     X = torch.randn(4096, k, device="cuda") @ (torch.randn(k, k, device="cuda") / k**0.5)

@@ -15,6 +15,8 @@ def _policy(a):
 
 
 def main(argv=None) -> int:
+    from ..kernels.formats import FORMATS
+
     ap = argparse.ArgumentParser(prog="liteffn", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="calibrate + compress a small synthetic LTX-2-shaped stack, print errors and bytes")
@@ -31,7 +33,7 @@ def main(argv=None) -> int:
     c.add_argument("--rank", type=int, default=64, help="fixed rank per layer (default 64; 0 = no low-rank branch)")
     c.add_argument("--energy", type=float, help="choose each layer's rank to keep this fraction of spectral energy")
     c.add_argument("--max-rank", type=int, default=512, help="cap for --energy")
-    c.add_argument("--format", default="fp8", choices=["fp8", "nvfp4", "mxfp4", "bf16"])
+    c.add_argument("--format", default="fp8", choices=list(FORMATS))
     c.add_argument("--layers", default="all", choices=["all", "video", "audio"])
     c.add_argument("--device", help="cuda / cpu (default: cuda if available)")
     c.add_argument("--damp", type=float, default=0.01)

@@ -65,7 +65,7 @@ def compress_linear(
     bias: torch.Tensor | None = None,
     stats: LayerStats | None = None,
     policy: RankPolicy | int = 64,
-    fmt: str = "fp8",
+    fmt: str | F.ResidualFormat = "fp8",
     damp: float = 0.01,
     gptq: bool = True,
     device: str | torch.device | None = None,
@@ -74,7 +74,7 @@ def compress_linear(
     refit: int = 2,
     whiten: str = "cholesky",
 ) -> CompressedLayer:
-    F.check_format(fmt)
+    form = F.get(fmt)
     policy = RankPolicy(rank=policy) if isinstance(policy, int) else policy
     device = torch.device(device) if device is not None else weight.device
     W = source_weight(weight.to(device), weight_scale)
@@ -94,15 +94,15 @@ def compress_linear(
     A, B, info = lowrank_factors(W, wh, policy, name)
     A, B = A.bfloat16(), B.bfloat16()
     Hinv = wh.inverse() if (wh is not None and gptq) else None
-    q, Eq = quantize_residual(W - A.float() @ B.float(), fmt, Hinv)
-    refit = refit if (Hinv is not None and info["rank"] and fmt != "bf16") else 0
+    q, Eq = quantize_residual(W - A.float() @ B.float(), form, Hinv)
+    refit = refit if (Hinv is not None and info["rank"] and form.error_feedback) else 0
     for it in range(refit):
         # The best rank-r correction of what the quantized residual misses: the low-rank branch
         # buys back part of the rounding error (most useful for FP4).
         A, B, _ = lowrank_factors(W - Eq, wh, RankPolicy(rank=info["rank"]), name)
         A, B = A.bfloat16(), B.bfloat16()
         if it < refit - 1:
-            q, Eq = quantize_residual(W - A.float() @ B.float(), fmt, Hinv)
+            q, Eq = quantize_residual(W - A.float() @ B.float(), form, Hinv)
     dW = W - A.float() @ B.float() - Eq
     tensors = {k_: v.contiguous().cpu() for k_, v in q.items()}
     if info["rank"]:
@@ -112,9 +112,9 @@ def compress_linear(
     if bias is not None:
         tensors["bias"] = bias.detach().to(torch.bfloat16).contiguous().cpu()
     info.update(
-        format=fmt,
+        format=form.name,  # the name: what the compressed file stores
         calibrated=stats is not None,
-        gptq=bool(stats is not None and gptq and fmt != "bf16"),
+        gptq=bool(stats is not None and gptq and form.error_feedback),
         refit=refit,
         whiten=whiten if stats is not None else None,
         in_features=k,

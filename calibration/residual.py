@@ -16,38 +16,28 @@ from ..kernels import gptq as gptq_kernel
 
 
 class Quantizer:
-    """Holds a format's scales for one residual and rounds columns with them."""
+    """Holds a format's scales for one residual and rounds columns with them. The format object
+    (kernels/formats.py) gives the grid, the initial scales and the block-scale candidates."""
 
-    def __init__(self, fmt: str, E: torch.Tensor):
-        self.fmt = F.check_format(fmt)
-        self.block = F.BLOCK[fmt]
+    def __init__(self, fmt: str | F.ResidualFormat, E: torch.Tensor):
+        self.format = F.get(fmt)
+        self.fmt = self.format.name
+        self.block = self.format.block
         n, k = E.shape
         if self.block and k % self.block:
-            raise ValueError(f"{fmt} needs the input width ({k}) to be a multiple of {self.block}")
-        self.tensor_scale = None
-        if fmt == "fp8":
-            self.scale = (E.abs().amax(1) / F.FP8_MAX).clamp_min(1e-12)
-        elif fmt in ("nvfp4", "mxfp4"):
-            self.scale = E.new_zeros(n, k // self.block)
-            if fmt == "nvfp4":
-                self.tensor_scale = F.nvfp4_tensor_scale(E.abs().amax())
-        else:
-            self.scale = None
+            raise ValueError(f"{self.fmt} needs the input width ({k}) to be a multiple of {self.block}")
+        self.tensor_scale = self.format.tensor_scale_for(E.abs().amax()) if self.format.tensor_scale else None
+        self.scale = self.format.init_scales(E)  # per row (final), per block (filled below) or None
         self._cur = None  # scale of the block being quantized
 
     def grid(self, x: torch.Tensor) -> torch.Tensor:
-        return F.round_fp8(x) if self.fmt == "fp8" else F.round_fp4(x)
+        return self.format.round(x)
 
     def fit_block(self, Wb: torch.Tensor, j: int) -> torch.Tensor:
         """Choose the scales [N] of block j from its current values Wb [N, block] (least MSE)."""
         amax = Wb.abs().amax(1)
-        if self.fmt == "mxfp4":
-            base = F.mxfp4_scale(amax)
-            cands = [base, base / 2]
-        else:
-            cands = [F.nvfp4_block_scale(amax * c, self.tensor_scale) for c in gptq_kernel.NVFP4_SHRINK]
         best, best_err = None, None
-        for s in cands:
+        for s in self.format.scale_candidates(amax, self.tensor_scale):
             s = s[:, None]
             err = ((self.grid(Wb / s) * s - Wb) ** 2).sum(1)
             if best is None:
@@ -61,18 +51,18 @@ class Quantizer:
 
     def round_col(self, w: torch.Tensor):
         """(grid value, dequantized value) of one column."""
-        if self.fmt == "bf16":
-            q = w.bfloat16().float()
+        if self.scale is None:
+            q = self.grid(w)
             return q, q
-        s = self.scale if self.fmt == "fp8" else self._cur
+        s = self.scale if self.block is None else self._cur
         g = self.grid(w / s)
         return g, g * s
 
     def rtn(self, E: torch.Tensor) -> torch.Tensor:
         """Round-to-nearest of the whole matrix; returns grid values."""
-        if self.fmt == "bf16":
-            return E.bfloat16().float()
-        if self.fmt == "fp8":
+        if self.scale is None:
+            return self.grid(E)
+        if self.block is None:
             return self.grid(E / self.scale[:, None])
         n, k = E.shape
         Eb = E.view(n, k // self.block, self.block)
@@ -81,15 +71,10 @@ class Quantizer:
         return self.grid(Eb / self.scale[:, :, None]).view(n, k)
 
     def dequant(self, G: torch.Tensor) -> torch.Tensor:
-        if self.fmt == "bf16":
-            return G
-        if self.fmt == "fp8":
-            return G * self.scale[:, None]
-        n, k = G.shape
-        return (G.view(n, k // self.block, self.block) * self.scale[:, :, None]).view(n, k)
+        return self.format.apply_scale(G, self.scale)
 
     def encode(self, G: torch.Tensor) -> dict:
-        return F.encode(self.fmt, G, self.scale, self.tensor_scale)
+        return self.format.encode(G, self.scale, self.tensor_scale)
 
 
 def upper_cholesky(Hinv: torch.Tensor) -> torch.Tensor:
@@ -122,7 +107,7 @@ def _block_triton(qz: Quantizer, W1: torch.Tensor, U1: torch.Tensor, i1: int):
         U1p[:width, :width] = U1
         U1 = U1p
     ts = float(qz.tensor_scale) if qz.tensor_scale is not None else 1.0
-    G1, Err, S = gptq_kernel.gptq_block_triton(W1, U1, qz.fmt, qz.scale if qz.fmt == "fp8" else None, ts,
+    G1, Err, S = gptq_kernel.gptq_block_triton(W1, U1, qz.format, qz.scale if qz.block is None else None, ts,
                                                qz.block or 1)
     if S is not None:
         j0 = i1 // qz.block
@@ -131,30 +116,32 @@ def _block_triton(qz: Quantizer, W1: torch.Tensor, U1: torch.Tensor, i1: int):
     return G1[:, :width], Err[:, :width]
 
 
-def _use_triton(E: torch.Tensor, backend: str) -> bool:
+def _use_triton(E: torch.Tensor, fmt: F.ResidualFormat, backend: str) -> bool:
     if backend == "triton":
         if not gptq_kernel.available():
             raise RuntimeError("backend='triton' asked for, but triton is not installed")
+        if not gptq_kernel.supports(fmt):
+            raise RuntimeError(f"backend='triton' asked for, but the GPTQ kernel does not quantize {fmt.name}")
         return True
-    return backend == "auto" and E.is_cuda and gptq_kernel.available()
+    return backend == "auto" and E.is_cuda and gptq_kernel.available() and gptq_kernel.supports(fmt)
 
 
 @torch.no_grad()
-def quantize_residual(E: torch.Tensor, fmt: str, Hinv: torch.Tensor | None = None, blocksize: int = 128,
+def quantize_residual(E: torch.Tensor, fmt: str | F.ResidualFormat, Hinv: torch.Tensor | None = None, blocksize: int = 128,
                       backend: str = "auto"):
     """Quantize E [N, K] in format fmt. Hinv: inverse of the damped input covariance; with it,
     GPTQ error feedback, without it round-to-nearest. backend: auto (Triton on CUDA), torch,
     triton. Returns (stored tensors, dequantized E)."""
     E = E.float()
     qz = Quantizer(fmt, E)
-    if Hinv is None or fmt == "bf16":
+    if Hinv is None or not qz.format.error_feedback:
         G = qz.rtn(E)
         return qz.encode(G), qz.dequant(G)
     n, k = E.shape
     U = upper_cholesky(Hinv.float())
     W = E.clone()
     G = torch.empty_like(W)
-    triton_path = _use_triton(E, backend)
+    triton_path = _use_triton(E, qz.format, backend)
     block_fn = _block_triton if triton_path else _block_torch
     blocksize = gptq_kernel.BLOCK_COLS if triton_path else max(qz.block or 1, blocksize // (qz.block or 1) * (qz.block or 1))
     for i1 in range(0, k, blocksize):

@@ -189,13 +189,10 @@ def random_fp4_layer(fmt: str, n: int, k: int, rank: int, seed: int = 0, device=
     t = random_fp8_layer(n, k, rank, seed, device)
     W = dense_weight(t)
     del t["q"], t["q_scale"]
-    blk = F.BLOCK[fmt]
+    f = F.get(fmt)
+    blk = f.block
     amax = W.abs().view(n, k // blk, blk).amax(-1)
-    ts = None
-    if fmt == "mxfp4":
-        scale = F.mxfp4_scale(amax)
-    else:
-        ts = F.nvfp4_tensor_scale(amax.max())
-        scale = F.nvfp4_block_scale(amax, ts)
-    grid = F.round_fp4((W.view(n, k // blk, blk) / scale[:, :, None]).view(n, k))
-    return {**t, **F.encode(fmt, grid, scale, ts)}
+    ts = f.tensor_scale_for(amax.max())  # NVFP4's; None for MXFP4
+    scale = f.block_scale(amax, ts)
+    grid = f.round((W.view(n, k // blk, blk) / scale[:, :, None]).view(n, k))
+    return {**t, **f.encode(grid, scale, ts)}

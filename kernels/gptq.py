@@ -6,14 +6,18 @@ and walks the block's columns in order, keeping the tile in registers. The torch
 launches ~12 small kernels per column; at LTX-2's 16384-wide down-projections that was
 2.4 s per layer on an H100 (bench/compress_time_h100.md), the whole block here is one launch.
 
-Formats: 0 = fp8 (fixed per-row scale), 1 = nvfp4 (16-blocks, E4M3 block scale times a
-tensor scale, least-MSE of six shrink factors), 2 = mxfp4 (32-blocks, power-of-two scale,
-least-MSE of two). Rounding is written out in arithmetic (not casts), because the Triton
+Kinds of format (the kernel's FMT, by the format's class in formats.py, so any block size or
+copy of a registered format runs): 0 = ChannelFP8 (fixed per-row scale), 1 = NVFP4 (E4M3
+block scale times a tensor scale, least-MSE of six shrink factors), 2 = MXFP4 (power-of-two
+block scale, least-MSE of two). Other classes take the torch loop (supports()). Rounding is written out in arithmetic (not casts), because the Triton
 interpreter's fp32 -> fp8 cast does not round like the hardware; the CPU tests run it.
 """
 from __future__ import annotations
 
 import torch
+
+from . import formats as F
+from .formats import NVFP4_CANDIDATES, NVFP4_SHRINK  # noqa: F401  (the kernel unrolls the same search)
 
 try:
     import triton
@@ -21,10 +25,8 @@ try:
 except ImportError:  # torch-only installs (CPU): calibration/residual.py uses the torch loop
     triton = None
 
-FMT_ID = {"fp8": 0, "nvfp4": 1, "mxfp4": 2}
-# NVFP4 block-scale candidates: amax * (1 - 0.05 c), c < 6; the torch reference uses the same tuple.
-NVFP4_CANDIDATES = 6
-NVFP4_SHRINK = tuple(1.0 - 0.05 * c for c in range(NVFP4_CANDIDATES))
+# The kernel's FMT per format class: exact classes only, since a subclass may round differently.
+_KERNEL_FMT = {F.ChannelFP8: 0, F.NVFP4: 1, F.MXFP4: 2}
 BLOCK_COLS = 128
 
 if triton is not None:
@@ -120,16 +122,27 @@ def available() -> bool:
     return triton is not None
 
 
-def gptq_block_triton(W1: torch.Tensor, U1: torch.Tensor, fmt: str, rowscale: torch.Tensor | None,
+def supports(fmt: str | F.ResidualFormat) -> bool:
+    """Whether the kernel quantizes this format (else calibration/residual.py runs the torch loop)."""
+    return type(F.get(fmt)) in _KERNEL_FMT
+
+
+def gptq_block_triton(W1: torch.Tensor, U1: torch.Tensor, fmt: str | F.ResidualFormat, rowscale: torch.Tensor | None,
                       tensor_scale: float = 1.0, block: int = 1, rows_per_program: int = 16):
     """One block of BLOCK_COLS columns. W1 [N, BS] (current values), U1 [BS, BS] upper.
-    Returns (grid values [N, BS], scaled errors [N, BS], block scales [N, BS/block] or None)."""
+    rowscale: the per-row scales of a format without blocks (fixed); block formats choose
+    theirs here. Returns (grid values [N, BS], scaled errors [N, BS], block scales [N, BS/block]
+    or None)."""
+    f = F.get(fmt)
+    if not supports(f):
+        raise ValueError(f"the GPTQ kernel does not quantize {f.name} ({type(f).__name__})")
+    per_row = f.block is None
     n, bs = W1.shape
     W1, U1 = W1.float().contiguous(), U1.float().contiguous()
     G, Err = torch.empty_like(W1), torch.empty_like(W1)
-    S = torch.empty(n, bs // block, device=W1.device) if fmt != "fp8" else W1.new_empty(1)
-    rs = rowscale.float().contiguous() if fmt == "fp8" else W1.new_empty(1)
+    S = W1.new_empty(1) if per_row else torch.empty(n, bs // block, device=W1.device)
+    rs = rowscale.float().contiguous() if per_row else W1.new_empty(1)
     grid = (triton.cdiv(n, rows_per_program),)
-    _gptq_block_kernel[grid](W1, U1, G, Err, S, rs, float(tensor_scale), n, FMT=FMT_ID[fmt], BS=bs,
+    _gptq_block_kernel[grid](W1, U1, G, Err, S, rs, float(tensor_scale), n, FMT=_KERNEL_FMT[type(f)], BS=bs,
                              BLK=block, BR=rows_per_program, num_warps=4)
-    return G, Err, (S if fmt != "fp8" else None)
+    return G, Err, (None if per_row else S)

@@ -21,11 +21,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "cpu" else x.dtype
 
 
-def dequant_weight(fmt: str, t: dict, dtype) -> torch.Tensor:
-    if "sb" in t:  # an FP4 residual in the W4A8 kernel's layout (modules.py converts it)
+def dequant_weight(fmt: str | F.ResidualFormat, t: dict, dtype) -> torch.Tensor:
+    f = F.get(fmt)
+    if f.in_w4a8_layout(t):  # an FP4 residual modules.py converted for the W4A8 kernel
         from . import w4a8
-        return w4a8.dequant(w4a8.layer(fmt, t)).to(dtype)
-    return F.decode(fmt, t, dtype)
+        return w4a8.dequant(w4a8.layer(f.name, t)).to(dtype)
+    return f.decode(t, dtype)
 
 
 def quant_act_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -41,14 +42,14 @@ def act_quant_lowrank_ref(x: torch.Tensor, B: torch.Tensor | None):
     return q, s.reshape(-1), u
 
 
-def compressed_linear_ref(x: torch.Tensor, fmt: str, t: dict, act_quant: bool = True,
+def compressed_linear_ref(x: torch.Tensor, fmt: str | F.ResidualFormat, t: dict, act_quant: bool = True,
                           act_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., K] -> [..., N] in x.dtype. t: stored tensors (q, q_scale, q_scale2, A, B, bias).
     act_scale: static FP8 scale of x (else per token). dtype: compute dtype (default: fp32 on
     CPU, x.dtype on GPU; fp32 gives the exact value of the same quantized tensors)."""
     dt = dtype or compute_dtype(x)
     xc = x.to(dt)
-    if act_quant and F.ACT_QUANT[fmt]:
+    if act_quant and F.get(fmt).act_quant:
         xq = (quant_act_static(x, act_scale) if act_scale is not None else F.fake_quant_act_fp8(x)).to(dt)
     else:
         xq = xc
@@ -62,7 +63,8 @@ def compressed_linear_ref(x: torch.Tensor, fmt: str, t: dict, act_quant: bool = 
     return y if dtype is not None else y.to(x.dtype)
 
 
-def compressed_ffn_ref(x: torch.Tensor, up_fmt: str, up: dict, down_fmt: str, down: dict,
+def compressed_ffn_ref(x: torch.Tensor, up_fmt: str | F.ResidualFormat, up: dict,
+                       down_fmt: str | F.ResidualFormat, down: dict,
                        h_scale: torch.Tensor | None = None, act_quant: bool = True,
                        dtype: torch.dtype | None = None, h_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Linear -> GELU(tanh) -> Linear. h_scale: static FP8 scale of the hidden activation.

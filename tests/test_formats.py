@@ -72,3 +72,53 @@ def test_act_quant_per_token():
     assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 1)
     rel = (q.float() * s - x).norm(dim=1) / x.norm(dim=1)
     assert rel.max() < 0.05
+
+
+# ---------------------------------------------------------------- the registry
+def _on_grid(f, n, k, g):
+    """Random values on format f's grid, and scales of the kind it stores, chosen by f itself."""
+    grid = f.round(torch.randn(n, k, generator=g) * 4)
+    ts = f.tensor_scale_for(torch.tensor(50.0))
+    if f.block is None:
+        scale = f.init_scales(torch.randn(n, k, generator=g))  # per row, or None
+    else:
+        scale = f.block_scale(torch.rand(n, k // f.block, generator=g) * 50 + 1e-3, ts)
+    return grid, scale, ts
+
+
+@pytest.mark.parametrize("name", list(F.FORMATS))
+def test_every_format_round_trips_on_its_grid(name):
+    f = F.get(name)
+    assert f.name == name and F.check_format(name) == name and F.get(f) is f
+    n, k = 8, 64
+    grid, scale, ts = _on_grid(f, n, k, torch.Generator().manual_seed(3))
+    assert torch.equal(f.round(grid), grid)
+    t = f.encode(grid, scale, ts)
+    assert tuple(t) == f.tensor_names and ("q_scale2" in t) == f.tensor_scale
+    assert f.in_features(t) == k and t["q"].element_size() * t["q"].numel() * 8 == n * k * f.bits
+    torch.testing.assert_close(f.decode(t), f.apply_scale(grid, scale), rtol=1e-6, atol=0)
+    assert torch.equal(F.decode(name, F.encode(name, grid, scale, ts)), f.decode(t))  # the by-name wrappers
+
+
+def test_registry_order_and_old_tables():
+    assert list(F.FORMATS) == ["fp8", "nvfp4", "mxfp4", "bf16"]
+    assert dict(F.BLOCK) == {"fp8": None, "nvfp4": 16, "mxfp4": 32, "bf16": None}
+    assert dict(F.ACT_QUANT) == {"fp8": True, "nvfp4": True, "mxfp4": True, "bf16": False}
+    with pytest.raises(KeyError):
+        F.BLOCK["fp16"]
+
+
+@pytest.mark.parametrize("bad", ["fp16", "FP8", "", None])
+def test_unknown_format_names_the_choices(bad):
+    with pytest.raises(ValueError, match="fp8, nvfp4, mxfp4, bf16"):
+        F.get(bad)
+    with pytest.raises(ValueError, match="unknown residual format"):
+        F.check_format(bad)
+
+
+@pytest.mark.parametrize("name", [n for n, f in F.FORMATS.items() if f.block])
+def test_block_scale_is_the_first_candidate(name):
+    f = F.get(name)
+    amax = torch.rand(64, generator=torch.Generator().manual_seed(4)) * 30
+    ts = f.tensor_scale_for(amax.max())
+    assert torch.equal(f.block_scale(amax, ts), f.scale_candidates(amax, ts)[0])
