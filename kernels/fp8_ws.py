@@ -34,7 +34,7 @@ try:
 except Exception:  # no Triton, or a Triton without Gluon's Hopper API: the Triton kernel runs instead
     gluon = None
 
-BM, BN, BK = 128, 128, 128
+BM, BN, BK = 128, 128, 128  # plain ints for the host side; the kernels see the constexpr copies below
 # (128 + 128) x 128 bytes per stage: 5 stages measured level with 4 and 6 (bench/gluon_explore_h200.log); with
 # the low-rank epilogues' staging buffers only 4 fit in shared memory.
 STAGES = 5
@@ -52,20 +52,21 @@ def supports(device: torch.device) -> bool:
 
 
 if gluon is not None:
+    _BM, _BN, _BK = gl.constexpr(BM), gl.constexpr(BN), gl.constexpr(BK)
 
-    @gl.constexpr_function
+    @gluon.constexpr_function
     def _swizzle(inner_bytes):
         return 128 if inner_bytes % 128 == 0 else 64 if inner_bytes % 64 == 0 else 32
 
     @gluon.jit
     def _tile(tile, M, N, GROUP_M: gl.constexpr):
         """Grouped order: GROUP_M row tiles at a time share the weights' column tiles in L2."""
-        num_pid_m = gl.cdiv(M, BM)
-        num_pid_n = gl.cdiv(N, BN)
+        num_pid_m = gl.cdiv(M, _BM)
+        num_pid_n = gl.cdiv(N, _BN)
         group = GROUP_M * num_pid_n
         first = (tile // group) * GROUP_M
         size = gl.minimum(num_pid_m - first, GROUP_M)
-        return (first + (tile % group) % size) * BM, ((tile % group) // size) * BN
+        return (first + (tile % group) % size) * _BM, ((tile % group) // size) * _BN
 
     @gluon.jit
     def _gelu_tanh(y):
@@ -80,12 +81,12 @@ if gluon is not None:
                   R2B: gl.constexpr, R2_CHUNKS: gl.constexpr):
         (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
          a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty) = p
-        HM: gl.constexpr = BM // 2
+        HM: gl.constexpr = _BM // 2
         mma16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BN, 16])
+                                                        instr_shape=[16, _BN, 16])
         acc = gl.convert_layout(acc, mma16)
         rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma16))
-        cols = on + gl.arange(0, BN, layout=gl.SliceLayout(0, mma16))
+        cols = on + gl.arange(0, _BN, layout=gl.SliceLayout(0, mma16))
         rmask = rows < M
         cmask = cols < N
         if ROW_SCALAR:
@@ -97,7 +98,7 @@ if gluon is not None:
             blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
             u_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma16, k_width=2)
             br = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, blk))
-            bc = on + gl.arange(0, BN, layout=gl.SliceLayout(1, blk))
+            bc = on + gl.arange(0, _BN, layout=gl.SliceLayout(1, blk))
             la_s = la_bufs.index(WG)
             for j in gl.static_range(R_CHUNKS):
                 rr = j * RB + gl.arange(0, RB, layout=gl.SliceLayout(0, blk))
@@ -127,7 +128,7 @@ if gluon is not None:
             blk2: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
             h = gl.convert_layout(acc.to(gl.bfloat16), h_op)
             b2_s = b2_bufs.index(WG)
-            bcol = on + gl.arange(0, BN, layout=gl.SliceLayout(0, blk2))
+            bcol = on + gl.arange(0, _BN, layout=gl.SliceLayout(0, blk2))
             r2rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma2))
             for j in gl.static_range(R2_CHUNKS):
                 rr = j * R2B + gl.arange(0, R2B, layout=gl.SliceLayout(1, blk2))
@@ -149,16 +150,16 @@ if gluon is not None:
         stalls only this warpgroup."""
         (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
          a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty) = p
-        HM: gl.constexpr = BM // 2
+        HM: gl.constexpr = _BM // 2
         NS: gl.constexpr = a_bufs.type.shape[0]
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
-        k_tiles = gl.cdiv(K, BK)
-        num_tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _BN, 32])
+        k_tiles = gl.cdiv(K, _BK)
+        num_tiles = gl.cdiv(M, _BM) * gl.cdiv(N, _BN)
         g = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             om, on = _tile(tile, M, N, GROUP_M)
-            acc = gl.zeros([HM, BN], gl.float32, mma)
-            part = gl.zeros([HM, BN], gl.float32, mma)
+            acc = gl.zeros([HM, _BN], gl.float32, mma)
+            part = gl.zeros([HM, _BN], gl.float32, mma)
             for kk in range(k_tiles):
                 s = g % NS
                 mbarrier.wait(ready.index(s), (g // NS) & 1)
@@ -184,14 +185,14 @@ if gluon is not None:
     def _loader(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                 GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
                 PROMOTE: gl.constexpr):
-        """One warp: TMA loads of the activation [BM, BK] and weight [BN, BK] tiles into the stage ring,
+        """One warp: TMA loads of the activation [_BM, _BK] and weight [_BN, _BK] tiles into the stage ring,
         each stage freed when both math warpgroups have finished their MMAs on it."""
         (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
          a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty) = p
         NS: gl.constexpr = a_bufs.type.shape[0]
         nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
-        k_tiles = gl.cdiv(K, BK)
-        num_tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
+        k_tiles = gl.cdiv(K, _BK)
+        num_tiles = gl.cdiv(M, _BM) * gl.cdiv(N, _BN)
         g = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             om, on = _tile(tile, M, N, GROUP_M)
@@ -199,8 +200,8 @@ if gluon is not None:
                 s = g % NS
                 mbarrier.wait(empty.index(s), ((g // NS) & 1) ^ 1)  # a new barrier counts as freed once
                 mbarrier.expect(ready.index(s), nbytes)
-                tma.async_copy_global_to_shared(a_desc, [om, kk * BK], ready.index(s), a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [on, kk * BK], ready.index(s), b_bufs.index(s))
+                tma.async_copy_global_to_shared(a_desc, [om, kk * _BK], ready.index(s), a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [on, kk * _BK], ready.index(s), b_bufs.index(s))
                 g += 1
 
     @gluon.jit
@@ -214,10 +215,10 @@ if gluon is not None:
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
         la_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(RB * 2), element_bitwidth=16,
                                                        rank=2)
-        la_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BN, RB], la_layout)
-        b2_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(BN * 2), element_bitwidth=16,
+        la_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, _BN, RB], la_layout)
+        b2_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(_BN * 2), element_bitwidth=16,
                                                        rank=2)
-        b2_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, R2B, BN], b2_layout)
+        b2_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, R2B, _BN], b2_layout)
         ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
         for j in gl.static_range(NSTAGES):
@@ -225,9 +226,12 @@ if gluon is not None:
             mbarrier.init(empty.index(j), count=2)  # both math warpgroups release a stage
         p = (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
              a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty)
-        flags = (ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE)
-        gl.warp_specialize([(_math, (p, 0) + flags), (_math1, (p, ) + flags), (_loader, (p, ) + flags)],
-                           [4, 1], [232, 40])
+        # (the flags are spelled out: a tuple built by concatenation reaches the partitions as tensors)
+        gl.warp_specialize([
+            (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE)),
+            (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE)),
+            (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE)),
+        ], [4, 1], [232, 40])
 
 
 @functools.lru_cache(maxsize=None)

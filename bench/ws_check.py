@@ -1,0 +1,149 @@
+"""Device check of kernels/fp8_ws.py (the warp-specialized Gluon GEMM) against the Triton scaled GEMM
+of fp8_ffn, with every epilogue the FFN uses, and their times. Exploration step before dispatch.
+
+    python bench/ws_check.py [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as Fn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _package  # noqa: E402,F401
+
+from triton.testing import do_bench_cudagraph  # noqa: E402
+
+from liteffn.calibration.synthetic import random_fp8_layer  # noqa: E402
+from liteffn.kernels import fp8_ffn as K  # noqa: E402
+from liteffn.kernels import fp8_ws as W  # noqa: E402
+
+try:
+    from liteffn.kernels.gemm import _gemm_operands  # after the core refactor
+except ImportError:
+    _gemm_operands = K._gemm_operands
+
+
+def us(fn):
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=25, return_mode="median") * 1e3
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def ws_gemm(xq, sx, q, qs, promote_k=128, **kw):
+    out, ptrs, sizes, flags = _gemm_operands(xq, sx, q.shape[0], kw.get("u"), kw.get("A"), kw.get("bias"),
+                                             kw.get("gelu", False), kw.get("h_scale"), kw.get("next_B"),
+                                             kw.get("u_next"), None, kw.get("out_dtype", torch.bfloat16))
+    W.launch(xq, q, out, sx, qs, ptrs, sizes[:5], {k: v for k, v in flags.items() if k != "INTERP"}, promote_k)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    log = open(os.path.join(a.out, "ws_check.log"), "a")
+
+    def say(s):
+        print(s, flush=True)
+        log.write(s + "\n")
+        log.flush()
+    say(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')}")
+    tri = dict(BM=128, BN=256, BK=128, GROUP_M=8, EPI_SPLIT=True, PERSIST=True, FLATTEN=False, PRECISE_ACC=False,
+               PROMOTE=1, WS=False, num_warps=8, num_stages=3)
+    tri4 = dict(tri, PROMOTE=4)
+    for (k, n) in ((4096, 16384), (16384, 4096), (2048, 8192), (8192, 2048)):
+        for m in (6144, 1000):
+            g = torch.Generator(device="cuda").manual_seed(k + m)
+            x = (torch.randn(m, k, generator=g, device="cuda") * (torch.rand(m, 1, generator=g, device="cuda") * 3 + .1)
+                 ).bfloat16()
+            t = random_fp8_layer(n, k, 64, seed=n + 1, device="cuda")
+            xq, sx, u = K.act_quant_lowrank(x, t["B"])
+            nb = random_fp8_layer(512, n, 64, seed=3, device="cuda")["B"]  # a next layer's B [64, n]
+            hs = torch.tensor([2.0**-4], device="cuda")
+            cases = {
+                "r0": dict(),
+                "r64+bias": dict(u=u, A=t["A"], bias=t["bias"]),
+                "r80 (LoRA-like, masked chunks)": dict(u=torch.cat([u, u[:, :16]], 1).contiguous(),
+                                                       A=torch.cat([t["A"], t["A"][:, :16]], 1).contiguous(),
+                                                       bias=t["bias"]),
+                "up: r64 bias gelu fp8-out next64": dict(u=u, A=t["A"], bias=t["bias"], gelu=True, h_scale=hs,
+                                                         next_B=nb),
+                "down: static sx, fp32 u": dict(u=u, A=t["A"], bias=t["bias"], static=True),
+            }
+            for name, kw in cases.items():
+                try:
+                    kw = dict(kw)
+                    sxx = hs if kw.pop("static", False) else sx
+                    if "next_B" in kw:
+                        kw_t, kw_w = dict(kw, u_next=torch.zeros(m, 64, device="cuda")), dict(kw, u_next=torch.zeros(m, 64, device="cuda"))
+                    else:
+                        kw_t, kw_w = kw, kw
+                    ref = K.scaled_gemm(xq, sxx, t["q"], t["q_scale"], config=tri, **kw_t)
+                    out = ws_gemm(xq, sxx, t["q"], t["q_scale"], **kw_w)
+                    torch.cuda.synchronize()
+                    if "h_scale" in kw:
+                        e = rel(out.float() * hs, ref.float() * hs)
+                        codes = float((out.view(torch.uint8) == ref.view(torch.uint8)).float().mean())
+                        e2 = rel(kw_w["u_next"], kw_t["u_next"])
+                        msg = f"out rel {e:.1e} (codes equal {codes:.3f}), u_next rel {e2:.1e}"
+                    else:
+                        msg = f"out rel {rel(out, ref):.1e}, NaN {bool(out.float().isnan().any())}"
+                    line = f"{k}->{n} M={m} {name:34s} {msg}"
+                    if m == 6144 and name != "r80 (LoRA-like, masked chunks)":
+                        kwt = dict(kw_t)
+                        if "u_next" in kwt:
+                            kwt["u_next"] = torch.zeros(m, 64, device="cuda")
+                        t_t = us(lambda: K.scaled_gemm(xq, sxx, t["q"], t["q_scale"], config=tri4, **kwt))
+                        t_w = us(lambda: ws_gemm(xq, sxx, t["q"], t["q_scale"], **kwt))
+                        t_w4 = us(lambda: ws_gemm(xq, sxx, t["q"], t["q_scale"], promote_k=512, **kwt))
+                        line += (f" | triton (every 512) {t_t:.1f} us, gluon ws every 128 {t_w:.1f} us "
+                                 f"({t_t / t_w:.2f}x), every 512 {t_w4:.1f}")
+                    say(line)
+                except Exception as ex:  # noqa: BLE001
+                    import traceback
+                    say(f"{k}->{n} M={m} {name}: FAILED {type(ex).__name__}: {str(ex)[:300]}")
+                    say(traceback.format_exc()[-1500:])
+            del x, xq, u, t
+            torch.cuda.empty_cache()
+    # whole FFN with both GEMMs on the Gluon kernel vs bf16
+    for dim, m in ((4096, 6144), (4096, 24576), (2048, 5600)):
+        hid = 4 * dim
+        up = random_fp8_layer(hid, dim, 64, seed=1, device="cuda")
+        dn = random_fp8_layer(dim, hid, 64, seed=2, device="cuda")
+        hs = torch.tensor([2.0**-6], device="cuda")
+        x = (torch.randn(m, dim, device="cuda") * 2).bfloat16()
+        W1 = (torch.randn(hid, dim, device="cuda") / dim**0.5).bfloat16()
+        W2 = (torch.randn(dim, hid, device="cuda") / hid**0.5).bfloat16()
+
+        def ffn_ws():
+            xq, sx, u = K.act_quant_lowrank(x, up["B"])
+            u2 = torch.zeros(m, 64, device="cuda")
+            hq = ws_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up["A"], bias=up["bias"], gelu=True, h_scale=hs,
+                         next_B=dn["B"], u_next=u2)
+            return ws_gemm(hq, hs, dn["q"], dn["q_scale"], u=u2, A=dn["A"], bias=dn["bias"])
+        try:
+            ref = K.ffn_fp8(x, up, dn, hs) if hasattr(K, "ffn_fp8") else None
+            got = ffn_ws()
+            err = rel(got, ref) if ref is not None else float("nan")
+            t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
+            t_tr = us(lambda: K.ffn_fp8(x, up, dn, hs, config=tri4))
+            t_ws = us(ffn_ws)
+            say(f"FFN {dim} M={m}: bf16 {t_bf:.1f} us; triton (every 512) {t_tr:.1f} ({t_bf / t_tr:.2f}x); "
+                f"gluon ws (every 128) {t_ws:.1f} ({t_bf / t_ws:.2f}x); rel diff ws vs triton {err:.1e}")
+        except Exception as ex:  # noqa: BLE001
+            import traceback
+            say(f"FFN {dim} M={m}: FAILED {type(ex).__name__}: {str(ex)[:300]}")
+            say(traceback.format_exc()[-1500:])
+
+
+if __name__ == "__main__":
+    main()
