@@ -105,8 +105,13 @@ def main():
                         t_t = us(lambda: K.scaled_gemm(xq, sxx, t["q"], t["q_scale"], config=tri4, **kwt))
                         t_w = us(lambda: ws_gemm(xq, sxx, t["q"], t["q_scale"], **kwt))
                         t_w4 = us(lambda: ws_gemm(xq, sxx, t["q"], t["q_scale"], promote_k=512, **kwt))
+                        W.PREFETCH = False
+                        t_np = us(lambda: ws_gemm(xq, sxx, t["q"], t["q_scale"], promote_k=512, **kwt))
+                        o_np = ws_gemm(xq, sxx, t["q"], t["q_scale"], **kw_w if "u_next" not in kw_w else dict(kw_w, u_next=torch.zeros(m, 64, device="cuda")))
+                        W.PREFETCH = True
                         line += (f" | triton (every 512) {t_t:.1f} us, gluon ws every 128 {t_w:.1f} us "
-                                 f"({t_t / t_w:.2f}x), every 512 {t_w4:.1f}")
+                                 f"({t_t / t_w:.2f}x), every 512 {t_w4:.1f}, every 512 without prefetch {t_np:.1f} "
+                                 f"(out equal {bool((o_np.view(torch.uint8) == out.view(torch.uint8)).all())})")
                     say(line)
                 except Exception as ex:  # noqa: BLE001
                     import traceback
@@ -131,9 +136,13 @@ def main():
                          next_B=dn["B"], u_next=u2)
             return ws_gemm(hq, hs, dn["q"], dn["q_scale"], u=u2, A=dn["A"], bias=dn["bias"])
         try:
+            from liteffn.kernels.reference import compressed_ffn_ref
             ref = K.ffn_fp8(x, up, dn, hs) if hasattr(K, "ffn_fp8") else None
             got = ffn_ws()
             err = rel(got, ref) if ref is not None else float("nan")
+            xs = x[:2048]
+            r32 = compressed_ffn_ref(xs, "fp8", up, "fp8", dn, hs, dtype=torch.float32)
+            say(f"FFN {dim} M={m}: vs fp32 reference: triton {rel(ref[:2048], r32):.2e}, gluon ws {rel(got[:2048], r32):.2e}")
             t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
             t_tr = us(lambda: K.ffn_fp8(x, up, dn, hs, config=tri4))
             t_ws = us(ffn_ws)

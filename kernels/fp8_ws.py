@@ -39,7 +39,8 @@ BM, BN, BK = 128, 128, 128  # plain ints for the host side; the kernels see the 
 # the low-rank epilogues' staging buffers only 4 fit in shared memory.
 STAGES = 5
 STAGES_LOWRANK = 4
-MIN_M = 257  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) fill the GPU better
+MIN_M = 257
+PREFETCH = True  # TMA-prefetch the epilogue's operands (ranks up to 64); benches turn it off to compare  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) fill the GPU better
 
 
 def available() -> bool:
@@ -76,11 +77,12 @@ if gluon is not None:
         return 0.5 * y * (1.0 + t)
 
     @gluon.jit
-    def _epilogue(acc, om, on, p, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr,
+    def _epilogue(acc, om, on, t, p, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr,
                   RB: gl.constexpr, R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr,
-                  R2B: gl.constexpr, R2_CHUNKS: gl.constexpr):
-        (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty) = p
+                  R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, PREFETCH: gl.constexpr):
+        """t: this program's tile count (the phase of the prefetched epilogue operands)."""
+        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
         HM: gl.constexpr = _BM // 2
         mma16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, _BN, 16])
@@ -94,7 +96,14 @@ if gluon is not None:
         else:
             acc = acc * gl.expand_dims(gl.load(SX + rows, mask=rmask, other=0.0), 1)
         acc = acc * gl.expand_dims(gl.load(SW + cols, mask=cmask, other=0.0), 0)
-        if R_CHUNKS > 0:  # low-rank up-projection into the same accumulator: acc += U[rows] A[cols]^T
+        if PREFETCH:  # the loader warp brought U, A and B2's tiles for this tile into shared memory
+            mbarrier.wait(epi_ready, t & 1)
+        if PREFETCH and R_CHUNKS > 0:
+            blk_u: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+            u_op1: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma16, k_width=2)
+            u = u_s.slice(WG * HM, HM).load(blk_u)
+            acc = warpgroup_mma(gl.convert_layout(u.to(gl.bfloat16), u_op1), la_s.permute((1, 0)), acc)
+        if (not PREFETCH) and R_CHUNKS > 0:  # low-rank up-projection into the same accumulator: acc += U[rows] A[cols]^T
             blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
             u_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma16, k_width=2)
             br = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, blk))
@@ -127,16 +136,22 @@ if gluon is not None:
             h_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma2, k_width=2)
             blk2: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
             h = gl.convert_layout(acc.to(gl.bfloat16), h_op)
-            b2_s = b2_bufs.index(WG)
-            bcol = on + gl.arange(0, _BN, layout=gl.SliceLayout(0, blk2))
             r2rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma2))
+        if PREFETCH and R2_CHUNKS > 0:
+            part = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
+            rc = gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
+            gl.atomic_add(U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0), part,
+                          mask=gl.expand_dims(r2rows < M, 1) & gl.expand_dims(rc < R2, 0), sem="relaxed")
+        if (not PREFETCH) and R2_CHUNKS > 0:
+            b2_stage = b2_bufs.index(WG)
+            bcol = on + gl.arange(0, _BN, layout=gl.SliceLayout(0, blk2))
             for j in gl.static_range(R2_CHUNKS):
                 rr = j * R2B + gl.arange(0, R2B, layout=gl.SliceLayout(1, blk2))
                 b2 = gl.load(LB2 + gl.expand_dims(rr, 1) * N + gl.expand_dims(bcol, 0),
                              mask=gl.expand_dims(rr < R2, 1) & gl.expand_dims(bcol < N, 0), other=0.0)
-                b2_s.store(b2)
+                b2_stage.store(b2)
                 fence_async_shared()
-                part = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
+                part = warpgroup_mma(h, b2_stage.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
                 rc = j * R2B + gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
                 gl.atomic_add(U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0), part,
                               mask=gl.expand_dims(r2rows < M, 1) & gl.expand_dims(rc < R2, 0), sem="relaxed")
@@ -144,18 +159,19 @@ if gluon is not None:
     @gluon.jit
     def _math(p, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr,
               R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr,
-              R2_CHUNKS: gl.constexpr, PROMOTE: gl.constexpr):
+              R2_CHUNKS: gl.constexpr, PROMOTE: gl.constexpr, PREFETCH: gl.constexpr):
         """One math warpgroup: rows WG*64..+64 of every tile. The tensor cores sum PROMOTE K tiles into
         `part` (reduced precision), then it is added to the fp32 accumulator; waiting for its own MMAs
         stalls only this warpgroup."""
-        (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty) = p
+        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
         HM: gl.constexpr = _BM // 2
         NS: gl.constexpr = a_bufs.type.shape[0]
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _BN, 32])
         k_tiles = gl.cdiv(K, _BK)
         num_tiles = gl.cdiv(M, _BM) * gl.cdiv(N, _BN)
         g = 0
+        t = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             om, on = _tile(tile, M, N, GROUP_M)
             acc = gl.zeros([HM, _BN], gl.float32, mma)
@@ -172,28 +188,37 @@ if gluon is not None:
                 g += 1
             if k_tiles % PROMOTE != 0:
                 acc += part
-            _epilogue(acc, om, on, p, WG, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS)
+            _epilogue(acc, om, on, t, p, WG, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS,
+                      PREFETCH)
+            if PREFETCH:
+                mbarrier.arrive(epi_empty, count=1)
+            t += 1
         tma.store_wait(pendings=0)
 
     @gluon.jit
     def _math1(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-               PROMOTE: gl.constexpr):
-        _math(p, 1, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE)
+               PROMOTE: gl.constexpr, PREFETCH: gl.constexpr):
+        _math(p, 1, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH)
 
     @gluon.jit
     def _loader(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                 GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-                PROMOTE: gl.constexpr):
+                PROMOTE: gl.constexpr, PREFETCH: gl.constexpr):
         """One warp: TMA loads of the activation [_BM, _BK] and weight [_BN, _BK] tiles into the stage ring,
-        each stage freed when both math warpgroups have finished their MMAs on it."""
-        (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty) = p
+        each stage freed when both math warpgroups have finished their MMAs on it. With PREFETCH, after a
+        tile's last K tile also the epilogue's operands (U's rows, A's and B2's columns of the tile), so
+        they arrive while the math warpgroups finish the tile instead of being fetched by the epilogue."""
+        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
         NS: gl.constexpr = a_bufs.type.shape[0]
         nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         k_tiles = gl.cdiv(K, _BK)
         num_tiles = gl.cdiv(M, _BM) * gl.cdiv(N, _BN)
+        epi_bytes: gl.constexpr = ((la_desc.block_type.nbytes + u_desc.block_type.nbytes if R_CHUNKS > 0 else 0)
+                                   + (b2_desc.block_type.nbytes if R2_CHUNKS > 0 else 0))
         g = 0
+        t = 0
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             om, on = _tile(tile, M, N, GROUP_M)
             for kk in range(k_tiles):
@@ -203,34 +228,55 @@ if gluon is not None:
                 tma.async_copy_global_to_shared(a_desc, [om, kk * _BK], ready.index(s), a_bufs.index(s))
                 tma.async_copy_global_to_shared(b_desc, [on, kk * _BK], ready.index(s), b_bufs.index(s))
                 g += 1
+            if PREFETCH:
+                mbarrier.wait(epi_empty, (t & 1) ^ 1)  # both epilogues of the previous tile are done
+                mbarrier.expect(epi_ready, epi_bytes)
+                if R_CHUNKS > 0:
+                    tma.async_copy_global_to_shared(la_desc, [on, 0], epi_ready, la_s)
+                    tma.async_copy_global_to_shared(u_desc, [om, 0], epi_ready, u_s)
+                if R2_CHUNKS > 0:
+                    tma.async_copy_global_to_shared(b2_desc, [0, on], epi_ready, b2_s)
+            t += 1
 
     @gluon.jit
-    def _ws_gemm_kernel(a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
-                        GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, PROMOTE: gl.constexpr,
+    def _ws_gemm_kernel(a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH,
+                        M, N, K, R, R2, GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, PROMOTE: gl.constexpr,
+                        PREFETCH: gl.constexpr,
                         ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                         GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
                         num_warps: gl.constexpr):
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NSTAGES] + b_desc.block_type.shape, b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
-        la_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(RB * 2), element_bitwidth=16,
+        la_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle((16 if PREFETCH else RB) * 2),
+                                                       element_bitwidth=16,
                                                        rank=2)
-        la_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, _BN, RB], la_layout)
+        LBR: gl.constexpr = 16 if PREFETCH else RB  # staging for the unprefetched path only
+        la_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, _BN, LBR], la_layout)
         b2_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(_BN * 2), element_bitwidth=16,
                                                        rank=2)
-        b2_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, R2B, _BN], b2_layout)
+        LB2R: gl.constexpr = 16 if PREFETCH else R2B
+        b2_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, LB2R, _BN], b2_layout)
+        # prefetched epilogue operands (placeholder 16 x 16 descriptors when unused)
+        la_s = gl.allocate_shared_memory(la_desc.dtype, la_desc.block_type.shape, la_desc.layout)
+        u_s = gl.allocate_shared_memory(u_desc.dtype, u_desc.block_type.shape, u_desc.layout)
+        b2_s = gl.allocate_shared_memory(b2_desc.dtype, b2_desc.block_type.shape, b2_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
+        epi_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        epi_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for j in gl.static_range(NSTAGES):
             mbarrier.init(ready.index(j), count=1)
             mbarrier.init(empty.index(j), count=2)  # both math warpgroups release a stage
-        p = (a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-             a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, ready, empty)
+        mbarrier.init(epi_ready, count=1)
+        mbarrier.init(epi_empty, count=2)
+        p = (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
+             GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty)
         # (the flags are spelled out: a tuple built by concatenation reaches the partitions as tensors)
         gl.warp_specialize([
-            (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE)),
-            (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE)),
-            (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE)),
+            (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH)),
+            (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH)),
+            (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH)),
         ], [4, 1], [232, 40])
 
 
@@ -250,14 +296,29 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _placeholder(device: torch.device) -> torch.Tensor:
+    return torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
+
+
 def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     """The GEMM of fp8_ffn.scaled_gemm with this kernel: ptrs (U, LA, BIAS, LB2, U2, SH), sizes
     (M, N, K, R, R2) and flags (ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS)
-    as fp8_ffn._gemm_operands makes them. promote_k: promotion interval in K (a multiple of 128)."""
-    M, N = sizes[0], sizes[1]
+    as fp8_ffn._gemm_operands makes them. promote_k: promotion interval in K (a multiple of 128).
+    Low ranks up to 64 (one chunk) have their epilogue operands prefetched by TMA (their rows must be
+    16-byte aligned); larger ones (a LoRA appended) are loaded by the epilogue."""
+    M, N, K, R, R2 = sizes
+    U, LA, _, LB2, _, _ = ptrs
+    rc, r2c = flags["R_CHUNKS"], flags["R2_CHUNKS"]
+    ph = _desc(_placeholder(xq.device), (16, 16))
+    prefetch = PREFETCH and (rc <= 1 and r2c <= 1 and (rc or r2c) and (not rc or (R * 2 % 16 == 0 and R * U.element_size() % 16 == 0))
+                and U.dtype in (torch.float32, torch.bfloat16))
+    la_d = _desc(LA, (BN, flags["RB"])) if prefetch and rc else ph
+    u_d = _desc(U, (BM, flags["RB"])) if prefetch and rc else ph
+    b2_d = _desc(LB2, (flags["R2B"], BN)) if prefetch and r2c else ph
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     grid = (min(tiles, _num_sms(xq.device.index or 0)),)
-    stages = STAGES_LOWRANK if flags["R_CHUNKS"] or flags["R2_CHUNKS"] else STAGES
-    _ws_gemm_kernel[grid](_desc(xq, (BM, BK)), _desc(q, (BN, BK)), _desc(out, (BM // 2, BN)), sx, q_scale, *ptrs,
-                          *sizes, GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK), **flags,
-                          num_warps=4, maxnreg=168)
+    stages = STAGES_LOWRANK if rc or r2c else STAGES
+    _ws_gemm_kernel[grid](_desc(xq, (BM, BK)), _desc(q, (BN, BK)), _desc(out, (BM // 2, BN)), la_d, u_d, b2_d,
+                          sx, q_scale, *ptrs, *sizes, GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK),
+                          PREFETCH=bool(prefetch), **flags, num_warps=4, maxnreg=168)
