@@ -31,6 +31,10 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # Triton 3.6 names the TMA copies async_copy_*; newer versions async_load / async_store.
+    _tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
+    _tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
 except Exception:  # no Triton, or a Triton without Gluon's Hopper API: the Triton kernel runs instead
     gluon = None
 
@@ -129,7 +133,7 @@ if gluon is not None:
         else:
             c_s.store(acc.to(c_desc.dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(c_desc, [om + WG * HM, on], c_s)
+        _tma_store(c_desc, [om + WG * HM, on], c_s)
         if R2_CHUNKS > 0:  # the next linear's low-rank input from the unquantized output: u2 += h B2[:, cols]^T
             mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, R2B, 16])
@@ -225,17 +229,17 @@ if gluon is not None:
                 s = g % NS
                 mbarrier.wait(empty.index(s), ((g // NS) & 1) ^ 1)  # a new barrier counts as freed once
                 mbarrier.expect(ready.index(s), nbytes)
-                tma.async_copy_global_to_shared(a_desc, [om, kk * _BK], ready.index(s), a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [on, kk * _BK], ready.index(s), b_bufs.index(s))
+                _tma_load(a_desc, [om, kk * _BK], ready.index(s), a_bufs.index(s))
+                _tma_load(b_desc, [on, kk * _BK], ready.index(s), b_bufs.index(s))
                 g += 1
             if PREFETCH:
                 mbarrier.wait(epi_empty, (t & 1) ^ 1)  # both epilogues of the previous tile are done
                 mbarrier.expect(epi_ready, epi_bytes)
                 if R_CHUNKS > 0:
-                    tma.async_copy_global_to_shared(la_desc, [on, 0], epi_ready, la_s)
-                    tma.async_copy_global_to_shared(u_desc, [om, 0], epi_ready, u_s)
+                    _tma_load(la_desc, [on, 0], epi_ready, la_s)
+                    _tma_load(u_desc, [om, 0], epi_ready, u_s)
                 if R2_CHUNKS > 0:
-                    tma.async_copy_global_to_shared(b2_desc, [0, on], epi_ready, b2_s)
+                    _tma_load(b2_desc, [0, on], epi_ready, b2_s)
             t += 1
 
     @gluon.jit

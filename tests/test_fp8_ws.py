@@ -1,0 +1,65 @@
+"""The warp-specialized Gluon GEMM (kernels/fp8_ws.py) on the CPU: Triton's interpreter cannot run
+Gluon, so CI checks that it compiles for Hopper (sm_90, through the ptxas that Triton ships) with
+every epilogue the FFN uses, within the shared-memory limit and without register spills; the GPU
+tests compare its outputs with the Triton GEMM's (tests/test_gpu_fp8.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from liteffn.kernels import fp8_ws as W
+
+pytestmark = pytest.mark.skipif(not W.available(), reason="this Triton has no Gluon Hopper API")
+
+SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on sm_90
+
+
+def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: bool, prefetch: bool):
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend, GPUTarget
+        from triton.experimental.gluon._runtime import GluonASTSource
+        import triton
+    except ImportError as e:  # internal APIs of this Triton version
+        pytest.skip(f"compile-only check needs Triton internals: {e}")
+    from liteffn.kernels.fp8_ffn import _rank_chunk
+
+    rb, rc = _rank_chunk(rank)
+    r2b, r2c = _rank_chunk(rank_next)
+    xq = torch.empty(256, 512, dtype=torch.float8_e4m3fn)
+    out = torch.empty(256, 256, dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16)
+    ph = W._desc(torch.zeros(16, 16, dtype=torch.bfloat16), (16, 16))
+    la = W._desc(torch.empty(256, rank or 16, dtype=torch.bfloat16), (W.BN, rb)) if prefetch and rc else ph
+    ud = W._desc(torch.empty(256, rank or 16, dtype=torch.float32), (W.BM, rb)) if prefetch and rc else ph
+    b2 = W._desc(torch.empty(rank_next or 16, 256, dtype=torch.bfloat16), (r2b, W.BN)) if prefetch and r2c else ph
+    descs = [W._desc(xq, (W.BM, W.BK)), W._desc(xq, (W.BN, W.BK)), W._desc(out, (W.BM // 2, W.BN)), la, ud, b2]
+    ty = lambda v: native_specialize_impl(BaseBackend, v, False, True, True)[0]  # noqa: E731
+    names = "a_desc b_desc c_desc la_desc u_desc b2_desc SX SW U LA BIAS LB2 U2 SH M N K R R2".split()
+    types = [ty(d) for d in descs] + ["*fp32", "*fp32", "*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32"] + ["i32"] * 5
+    sig = dict(zip(names, types))
+    cx = dict(GROUP_M=8, NSTAGES=W.STAGES_LOWRANK if (rc or r2c) else W.STAGES, PROMOTE=4, PREFETCH=prefetch,
+              ROW_SCALAR=row_scalar, HAS_BIAS=True, RB=rb, R_CHUNKS=rc, GELU=gelu, OUT_FP8=fp8_out, R2B=r2b,
+              R2_CHUNKS=r2c, num_warps=4)
+    sig.update({k: "constexpr" for k in cx})
+    return triton.compile(GluonASTSource(W._ws_gemm_kernel, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4, maxnreg=168))
+
+
+@pytest.mark.parametrize("case", [
+    dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True),  # FFN up-projection
+    dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=True, prefetch=True),  # FFN down-projection
+    dict(rank=0, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False),  # residual only
+    dict(rank=80, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False),  # rank + a LoRA
+], ids=["up", "down", "r0", "lora"])
+def test_compiles_for_hopper(case):
+    ck = _compile(**case)
+    assert ck.metadata.shared <= SMEM_LIMIT
+    ptx = ck.asm["ptx"]
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx  # FP8 tensor cores
+    assert "setmaxnreg" in ptx  # warp specialization took effect
+    if case["rank"]:
+        assert ".bf16.bf16" in ptx  # the low-rank branch on bf16 tensor cores
+
+
+def test_only_hopper_runs_it():
+    assert not W.supports(torch.device("cpu"))
