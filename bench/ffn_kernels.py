@@ -1,55 +1,186 @@
-"""Fused FP8 FFN kernels against bf16 and cuBLAS FP8 at LTX-2 shapes, on the device GPU.
+"""The pack's FP8 kernels against bf16, cuBLAS FP8 and ComfyUI's FP8 linear at LTX-2 shapes, in one run.
 
-    python bench/ffn_kernels.py [--out bench/ffn_kernels_h100.md]       # full tables
-    python bench/ffn_kernels.py --sweep                                 # per-config timings
+    python bench/ffn_kernels.py [--out bench/ffn_kernels_h200.md] [--json bench/results/ffn_kernels_h200.json]
+                                [--autotune] [--sections linear,ffn] [--families video,audio]
+    python bench/ffn_kernels.py --dry-run        # tiny shapes on the CPU (Triton interpreter): checks the writers
 
-Per linear (video 4096<->16384 at M = 6144, 24576, 43400; audio 2048<->8192 at M = 126, 1400,
-5600): bf16 F.linear; cuBLAS FP8 (torch._scaled_mm, input already FP8, row-wise scales), with
-Hopper's fast accumulation and with promoted accumulation (what our kernels do, for accuracy); ours from a bf16 input (quantize + low-rank down-projection, then the GEMM) at
-ranks 0/32/64/256; ours from an input already in FP8 (how the second linear runs inside the
-FFN). Per FFN: bf16 Linear -> GELU -> Linear against ours fused (static hidden scale) at each
-rank and unfused (per-token hidden scale) at rank 64. Every time is the median device time of
-CUDA-graph replays (triton.testing.do_bench_cudagraph), so Python launch overhead is out of
-the numbers, and weights rotate over enough copies to exceed the L2 cache. Correctness: each
-kernel against the fp32 reference of the same compressed tensors (first 2048 rows).
+Shapes: video linears 4096->16384 and 16384->4096 at M = 6144, 24576, 43400; audio 2048->8192 and
+8192->2048 at M = 126, 1400, 5600; the video FFN 4096->16384->4096 and the audio FFN 2048->8192->2048
+at the same M. Each implementation is timed two ways, in microseconds:
+
+  device  median device time of CUDA-graph replays (triton.testing.do_bench_cudagraph): no host cost;
+  python  as ComfyUI calls it, from Python without graphs: the median over repeats of (wall time of
+          N back-to-back calls + synchronize) / N after warm-up; includes the host's launch cost,
+          which dominates at small M.
+
+Weights (and with them the low-rank factors) rotate over enough copies per timed set of calls to
+exceed the 50 MB L2, in both modes, so every call reads its weights from HBM as in a model.
+
+Per linear: bf16 F.linear(x, W, b); cuBLAS FP8 with the input already in FP8 and row-wise scales
+(torch._scaled_mm, fast accumulation and promoted accumulation); ComfyUI's FP8 linear as it runs an
+fp8_e4m3fn_fast checkpoint (x clamped to +-448 and cast to FP8 at scale 1 in a separate pass, then
+_scaled_mm with scalar scales and its default promoted accumulation; the cast is timed); the pack's
+linear from a bf16 input (quantize + low-rank down-projection, then the GEMM) at r = 0, 64, 256; the
+pack's GEMM with the input already in FP8 (its quantization done once, outside the timing) at r = 0
+and 64; in python mode also the CompressedLinear module at r = 64.
+Per FFN (Linear -> GELU(tanh) -> Linear): bf16; the pack's fused FFN (static FP8 scale of the hidden
+activation from the absmax of the dense bf16 FFN's hidden activation on the same input) at r = 0, 64,
+256; ComfyUI-style unfused FP8 (its FP8 linear twice, torch GELU between); in python mode also the
+CompressedFFN module at r = 64 (two CompressedLinear with input_amax: the fused path), which is what
+ComfyUI calls. Ratios are bf16 time / this time, in the same mode of the same run.
+
+Correctness (r = 64, first 2048 rows): relative Frobenius error of the pack's output against the fp32
+torch reference of the same compressed tensors (kernels/reference.py); for the FFN also the error of
+the pack's FFN against the dense FFN of the dequantized weights (rounded to bf16, computed in fp32)
+divided by the same error of the fp32 torch reference ("kernel/reference error ratio"; the bf16
+reference path's error is reported too).
+
+Environment: LITEFFN_AUTOTUNE is set to 0 unless --autotune (the kernels then run their fixed default
+configurations); LITEFFN_PROMOTE_K, if set, is reported. With $OUT set, the markdown, the JSON and a
+log are also written there. Outputs are rewritten after every case, so a run cut short keeps what it
+measured; a failing case prints its error and the run goes on.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
+import json
 import math
 import os
+import statistics
 import sys
+import tempfile
+import time
+import traceback
 
 import torch
 import torch.nn.functional as Fn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _package  # noqa: E402,F401
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
-import triton  # noqa: E402
-from triton.testing import do_bench_cudagraph  # noqa: E402
-
-from liteffn.calibration.synthetic import (dense_weight, kernel_inputs, random_activations,  # noqa: E402
-                                           random_fp8_layer)
-from liteffn.kernels import fp8_ffn as K  # noqa: E402
-from liteffn.kernels import reference as R  # noqa: E402
-
-VIDEO, AUDIO = ((4096, 16384), (16384, 4096)), ((2048, 8192), (8192, 2048))
-M_VIDEO, M_AUDIO = (6144, 24576, 43400), (126, 1400, 5600)
-RANKS = (0, 32, 64, 256)
-ROT_BYTES = 200 * 2**20  # weights of one timed set of calls: several times the 50 MB L2
+FULL = dict(linear={"video": ((4096, 16384), (16384, 4096)), "audio": ((2048, 8192), (8192, 2048))},
+            ffn={"video": 4096, "audio": 2048},
+            M={"video": (6144, 24576, 43400), "audio": (126, 1400, 5600)})
+# --dry-run: tiny shapes, CPU, Triton interpreter: exercises every call and the writers, times nothing real
+DRY = dict(linear={"video": ((128, 256), (256, 128)), "audio": ((64, 128), (128, 64))},
+           ffn={"video": 128, "audio": 64},
+           M={"video": (48,), "audio": (16, 40)})
+RANKS = (0, 64, 256)  # the pack's linear and FFN
+GEMM_RANKS = (0, 64)  # the pack's GEMM with the input already in FP8
 CHECK_ROWS = 2048
+ROT_BYTES = 200 * 2**20  # bf16 weight bytes per rotation: several times the 50 MB L2
+LOG = []  # open log files
 
 
-def us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
+def say(*a):
+    s = " ".join(str(v) for v in a)
+    print(s, flush=True)
+    for f in LOG:
+        f.write(s + "\n")
+        f.flush()
 
 
-def rel(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+# ------------------------------------------------------------------ the kernels (shim over the move to fused.py)
+class Kernels:
+    """linear(x2, t) and ffn(x2, up, down, h_scale) from kernels/fused.py when it exists, else
+    fp8_ffn.linear_fp8 / ffn_fp8; act_quant_lowrank, scaled_gemm, static_scale from whichever
+    module has them (fp8_ffn first)."""
+
+    def __init__(self):
+        from liteffn.kernels import dispatch, modules, reference
+
+        self.R, self.Mo, self.dispatch = reference, modules, dispatch
+        self.fp8_ffn = self.fused = None
+        self.notes = []
+        try:
+            from liteffn.kernels import fp8_ffn
+            self.fp8_ffn = fp8_ffn
+        except Exception as e:  # noqa: BLE001
+            self.notes.append(f"kernels.fp8_ffn not importable ({type(e).__name__}: {e})")
+        try:
+            present = importlib.util.find_spec("liteffn.kernels.fused") is not None
+        except Exception:  # noqa: BLE001
+            present = False
+        if present:
+            try:
+                from liteffn.kernels import fused
+                self.fused = fused
+            except Exception as e:  # noqa: BLE001  (a module in the middle of a move)
+                self.notes.append(f"kernels/fused.py failed to import ({type(e).__name__}: {e}); "
+                                  "using fp8_ffn's names")
+        if self.fused is not None and hasattr(self.fused, "linear") and hasattr(self.fused, "ffn"):
+            self.linear, self.ffn, self.source = self.fused.linear, self.fused.ffn, "kernels.fused (linear, ffn)"
+        else:
+            self.linear = self._pick("linear_fp8")
+            self.ffn = self._pick("ffn_fp8")
+            self.source = "kernels.fp8_ffn (linear_fp8, ffn_fp8)" + ("" if present else "; no kernels/fused.py")
+        self.act_quant_lowrank = self._pick("act_quant_lowrank")
+        self.scaled_gemm = self._pick("scaled_gemm")
+        self.static_scale = self._pick("static_scale")
+
+    def _pick(self, name):
+        """fp8_ffn's (or fused's) `name`; if neither has it, a stand-in that raises when called,
+        so that the cases without it still run."""
+        for mod in (self.fp8_ffn, self.fused):
+            if mod is not None and hasattr(mod, name):
+                return getattr(mod, name)
+        self.notes.append(f"no kernels module has {name}: its cases fail")
+
+        def missing(*a, **k):
+            raise RuntimeError(f"no kernels module has {name}")
+        return missing
+
+    def attr(self, name, default=None):
+        for mod in (self.fp8_ffn, self.fused):
+            if mod is not None and hasattr(mod, name):
+                return getattr(mod, name)
+        return default
+
+
+# ------------------------------------------------------------------ timing
+class Timer:
+    def __init__(self, a, gpu: bool):
+        self.gpu, self.rep, self.target, self.repeats = gpu, a.rep, a.target_ms / 1e3, a.repeats
+        self.max_n = a.max_calls
+
+    def sync(self):
+        if self.gpu:
+            torch.cuda.synchronize()
+
+    def device(self, fn) -> float:
+        fn()
+        self.sync()
+        if not self.gpu:  # dry run: no graphs on the CPU; one call (the interpreter is slow)
+            return self._wall(fn, 1, 1)
+        from triton.testing import do_bench_cudagraph
+        return do_bench_cudagraph(fn, rep=self.rep, return_mode="median") * 1e3
+
+    def python(self, fn) -> float:
+        if not self.gpu:
+            return self._wall(fn, 1, 1)
+        for _ in range(2):
+            fn()
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        self.sync()
+        per = (time.perf_counter() - t0) / 3
+        n = max(2, min(self.max_n, math.ceil(self.target / max(per, 1e-7))))
+        return self._wall(fn, n, self.repeats)
+
+    def _wall(self, fn, n, repeats) -> float:
+        ts = []
+        for _ in range(repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            self.sync()
+            ts.append((time.perf_counter() - t0) / n)
+        return statistics.median(ts) * 1e6
 
 
 class Rot:
@@ -63,269 +194,594 @@ class Rot:
         return self.items[self.i]
 
 
-def copies_for(n, k) -> int:
-    return max(1, math.ceil(ROT_BYTES / (n * k * 2)))
+def copies_for(n, k, dry=False) -> int:
+    return 2 if dry else min(64, max(2, math.ceil(ROT_BYTES / (n * k * 2))))
 
 
-def act(m, k, seed=0):
-    return random_activations(m, k, seed, "cuda")
+def rel(a, b) -> float:
+    """Relative Frobenius error of a against b (4 significant digits)."""
+    a, b = a.float(), b.float()
+    return float(f"{float((a - b).norm() / b.norm()):.4g}")
 
 
-def quant_torch(x):
-    s = x.float().abs().amax(1, keepdim=True) / 448
-    return (x.float() / s).to(torch.float8_e4m3fn), s
-
-
-def linear_table(lines, summary):
-    lines += ["", "## Per linear (us; ratio = bf16 time / this time)", "",
-              "| shape | M | bf16 | cuBLAS FP8, fast acc. (x in FP8) | cuBLAS FP8, promoted acc. | ours r=0 | r=32 | r=64 | "
-              "r=256 | ours, x in FP8: r=0 | r=64 | err r=64 vs fp32 ref |", "|---" * 12 + "|"]
-    for (k, n), ms in [(s, M_VIDEO) for s in VIDEO] + [(s, M_AUDIO) for s in AUDIO]:
-        c = copies_for(n, k)
-        W = Rot([(torch.randn(n, k, device="cuda") / k**0.5).bfloat16() for _ in range(c)])
-        b = (torch.randn(n, device="cuda") / 8).bfloat16()
-        layers = {r: Rot([random_fp8_layer(n, k, r, seed=i, device="cuda") for i in range(c)]) for r in RANKS}
-        for m in ms:
-            x = act(m, k)
-            t_bf = us(lambda: Fn.linear(x, W(), b))
-            xq, sx = quant_torch(x)
-            t_cb, t_cbp = (us(lambda fa=fa: (lambda t: torch._scaled_mm(
-                xq, t["q"].t(), scale_a=sx, scale_b=t["q_scale"][None, :], bias=t["bias"], out_dtype=torch.bfloat16,
-                use_fast_accum=fa))(layers[0]())) for fa in (True, False))
-            t_r = {r: us(lambda r=r: K.linear_fp8(x, layers[r]())) for r in RANKS}
-            pre = {}
-            for r in (0, 64):
-                t0 = layers[r].items[0]
-                xq8, sx8, u8 = K.act_quant_lowrank(x, t0.get("B"))
-                pre[r] = us(lambda r=r, xq8=xq8, sx8=sx8, u8=u8: (lambda t: K.scaled_gemm(
-                    xq8, sx8, t["q"], t["q_scale"], u=u8, A=t.get("A"), bias=t["bias"]))(layers[r]()))
-            t64 = layers[64].items[0]
-            xs = x[:CHECK_ROWS]
-            err = rel(K.linear_fp8(xs, t64), R.compressed_linear_ref(xs, "fp8", t64, dtype=torch.float32))
-            kind = "video" if (k, n) in VIDEO else "audio"
-            summary.append(dict(kind=kind, k=k, n=n, m=m, bf16=t_bf, cublas=t_cb, cublas_p=t_cbp,
-                                **{f"r{r}": t_r[r] for r in RANKS},
-                                pre0=pre[0], pre64=pre[64], err=err))
-            f = lambda t: f"{t:.1f} ({t_bf / t:.2f}x)"  # noqa: E731
-            lines.append(f"| {kind} {k}->{n} | {m} | {t_bf:.1f} | {f(t_cb)} | {f(t_cbp)} | "
-                         + " | ".join(f(t_r[r]) for r in RANKS)
-                         + f" | {f(pre[0])} | {f(pre[64])} | {err:.2e} |")
-            print(lines[-1], flush=True)
+def free():
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def ffn_table(lines, summary):
-    lines += ["", "## Whole FFN, Linear -> GELU(tanh) -> Linear (us; ratio = bf16 time / this time)", "",
-              "| FFN | M | bf16 | fused r=0 | r=32 | r=64 | r=256 | unfused r=64 (per-token h) | err fused r=64 | "
-              "err unfused r=64 |", "|---" * 10 + "|"]
-    for dim, ms in ((4096, M_VIDEO), (2048, M_AUDIO)):
-        hid = 4 * dim
-        c = copies_for(hid, dim)
-        dense = Rot([tuple((torch.randn(*s, device="cuda") / s[1]**0.5).bfloat16() for s in ((hid, dim), (dim, hid)))
-                     for _ in range(c)])
-        b1, b2 = (torch.randn(hid, device="cuda") / 8).bfloat16(), (torch.randn(dim, device="cuda") / 8).bfloat16()
-        ffns = {r: Rot([(random_fp8_layer(hid, dim, r, 2 * i, "cuda"), random_fp8_layer(dim, hid, r, 2 * i + 1, "cuda"))
-                        for i in range(c)]) for r in RANKS}
-        for m in ms:
-            x = act(m, dim)
-
-            def bf16_ffn():
-                w1, w2 = dense()
-                return Fn.linear(Fn.gelu(Fn.linear(x, w1, b1), approximate="tanh"), w2, b2)
-
-            t_bf = us(bf16_ffn)
-            # static hidden scale from the hidden activation's range (what calibration records)
-            up0, down0 = ffns[64].items[0]
-            xs = x[:CHECK_ROWS]
-            h = Fn.gelu(R.compressed_linear_ref(xs, "fp8", up0, dtype=torch.float32), approximate="tanh")
-            hs = K.static_scale(h.abs().amax())
-            t_f = {r: us(lambda r=r: K.ffn_fp8(x, *ffns[r](), hs)) for r in RANKS}
-            t_dyn = us(lambda: K.ffn_fp8(x, *ffns[64](), None))
-            e_f = rel(K.ffn_fp8(xs, up0, down0, hs),
-                      R.compressed_ffn_ref(xs, "fp8", up0, "fp8", down0, h_scale=hs, dtype=torch.float32))
-            e_d = rel(K.ffn_fp8(xs, up0, down0, None),
-                      R.compressed_ffn_ref(xs, "fp8", up0, "fp8", down0, dtype=torch.float32, h_dtype=torch.bfloat16))
-            summary.append(dict(kind="ffn", dim=dim, m=m, bf16=t_bf, **{f"r{r}": t_f[r] for r in RANKS}, dyn=t_dyn,
-                                err=e_f, err_dyn=e_d))
-            f = lambda t: f"{t:.1f} ({t_bf / t:.2f}x)"  # noqa: E731
-            lines.append(f"| {'video' if dim == 4096 else 'audio'} {dim} | {m} | {t_bf:.1f} | "
-                         + " | ".join(f(t_f[r]) for r in RANKS) + f" | {f(t_dyn)} | {e_f:.2e} | {e_d:.2e} |")
-            print(lines[-1], flush=True)
-        torch.cuda.empty_cache()
+# ------------------------------------------------------------------ results and writers
+LIN_IMPLS = [  # (impl, rank, column title)
+    ("bf16", None, "bf16"),
+    ("cublas_fp8_fast", None, "cuBLAS FP8 fast acc. (x FP8)"),
+    ("cublas_fp8_promoted", None, "cuBLAS FP8 promoted (x FP8)"),
+    ("comfy_fp8", None, "ComfyUI FP8 (cast + GEMM)"),
+    ("ours", 0, "ours r=0"), ("ours", 64, "ours r=64"), ("ours", 256, "ours r=256"),
+    ("ours_gemm_fp8in", 0, "our GEMM x FP8 r=0"), ("ours_gemm_fp8in", 64, "our GEMM x FP8 r=64"),
+]
+FFN_IMPLS = [
+    ("bf16", None, "bf16"),
+    ("ours_fused", 0, "ours fused r=0"), ("ours_fused", 64, "r=64"), ("ours_fused", 256, "r=256"),
+    ("comfy_fp8", None, "ComfyUI FP8 unfused"),
+]
 
 
-def goals(lines, summary):
-    vid = [s for s in summary if s["kind"] == "video"]
-    ffn = [s for s in summary if s["kind"] == "ffn"]
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    lines += ["", "## Against the goals (H100 goals of the kernels issue)", ""]
-    lines.append(f"- Per linear, r=64, mean ratio over the {len(vid)} video (shape, M) cases (each runs once per "
-                 f"block): from bf16 input {mean([s['bf16'] / s['r64'] for s in vid]):.2f}x; with the input already in "
-                 f"FP8 (as inside the FFN) {mean([s['bf16'] / s['pre64'] for s in vid]):.2f}x; cuBLAS FP8 GEMM alone "
-                 f"{mean([s['bf16'] / s['cublas'] for s in vid]):.2f}x with fast accumulation, "
-                 f"{mean([s['bf16'] / s['cublas_p'] for s in vid]):.2f}x promoted (goal 1.8x)")
-    lines.append("- Whole FFN, r=64: " + ", ".join(f"{'video' if s['dim'] == 4096 else 'audio'} M={s['m']} "
-                                                   f"{s['bf16'] / s['r64']:.2f}x" for s in ffn) + " (goal 1.9x)")
-    lines.append("- Rank-64 branch over r=0, fused FFN: " + ", ".join(
-        f"M={s['m']} {100 * (s['r64'] / s['r0'] - 1):+.1f}%" for s in ffn) + "; per linear from FP8 input: " + ", ".join(
-        f"{s['k']}->{s['n']} M={s['m']} {100 * (s['pre64'] / s['pre0'] - 1):+.1f}%" for s in vid) + " (goal <= 5%)")
+class Report:
+    def __init__(self, header: dict, cfg: dict, md_paths, json_paths, t_start):
+        self.header, self.cfg, self.recs = header, cfg, []
+        self.md_paths, self.json_paths, self.t_start = md_paths, json_paths, t_start
 
+    def add(self, **rec):
+        self.recs.append(rec)
+        return rec
 
-def chosen_configs(lines):
-    lines += ["", "## Autotuned GEMM configurations chosen", "",
-              "| M bucket, N, K, r, r2, GELU, FP8 out | BM x BN x BK, warps, stages, split epilogue, persistent |",
-              "|---|---|"]
-    for key, cfg in sorted(K._gemm_tuned.cache.items(), key=str):
-        kw = cfg.kwargs
-        lines.append(f"| {', '.join(str(v) for v in key[:7])} | {kw['BM']}x{kw['BN']}x{kw['BK']}, {cfg.num_warps}, "
-                     f"{cfg.num_stages}, {kw['EPI_SPLIT']}, {kw['PERSIST']} |")
+    def find(self, kind, shape, M, mode, impl, rank=None):
+        for r in self.recs:
+            if (r["kind"], r["shape"], r["M"], r["mode"], r["impl"], r["rank"]) == (kind, shape, M, mode, impl, rank):
+                return r
+        return None
 
+    def us(self, *key, **kw):
+        r = self.find(*key, **kw)
+        return None if r is None else r.get("us")
 
-def sweep():
-    """Every candidate configuration (fixed, no autotuning) at the video shapes, M = 6144, and
-    the cost and error of promoting Hopper's FP8 accumulation every BK."""
-    m = 6144
-    print("| shape | r | config | us | vs bf16 | err vs fp32 ref |\n|---|---|---|---|---|---|")
-    for k, n in VIDEO:
-        W = (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
-        x = act(m, k)
-        t_bf = us(lambda: Fn.linear(x, W))
-        xq, sx = quant_torch(x)
-        s = W.float().abs().amax(1) / 448
-        wq = (W.float() / s[:, None]).to(torch.float8_e4m3fn)
-        t_cb = us(lambda: torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=s[None, :], out_dtype=torch.bfloat16,
-                                           use_fast_accum=True))
-        print(f"| {k}->{n} | - | bf16 {t_bf:.1f} us, cuBLAS FP8 {t_cb:.1f} us ({t_bf / t_cb:.2f}x) | | | |", flush=True)
-        for r in (0, 64):
-            t = random_fp8_layer(n, k, r, seed=1, device="cuda")
-            xq8, sx8, u8 = K.act_quant_lowrank(x, t.get("B"))
-            ref = R.compressed_linear_ref(x[:CHECK_ROWS], "fp8", t, dtype=torch.float32)
-            cfgs = [(c.kwargs, c.num_warps, c.num_stages) for c in K.GEMM_CONFIGS if c.kwargs["BM"] == 128]
-            cfgs += [(dict(cfgs[0][0], PRECISE_ACC=True), cfgs[0][1], cfgs[0][2]),
-                     (dict(cfgs[0][0], FLATTEN=True), cfgs[0][1], cfgs[0][2])]
-            for kw, w, st in cfgs:
-                cfg = dict(kw, num_warps=w, num_stages=st)
-                name = (f"{kw['BM']}x{kw['BN']}x{kw['BK']} w{w} s{st} split={kw['EPI_SPLIT']} "
-                        f"persist={kw['PERSIST']} flatten={kw['FLATTEN']} precise={kw['PRECISE_ACC']}")
+    # ---- markdown
+    def cell(self, t, base):
+        if t is None:
+            return "-"
+        return f"{t:.1f} ({base / t:.2f}x)" if base else f"{t:.1f}"
+
+    def linear_table(self, mode, lines):
+        cols = list(LIN_IMPLS) + ([("module", 64, "CompressedLinear r=64")] if mode == "python" else [])
+        extra = ["cuBLAS promoted / our GEMM r=64", "rank-64 overhead: GEMM x FP8, linear"]
+        if mode == "device":
+            extra.append("err r=64 vs fp32 ref: linear, GEMM")
+        lines += ["| shape | M | " + " | ".join(c[2] for c in cols) + " | " + " | ".join(extra) + " |",
+                  "|---" * (2 + len(cols) + len(extra)) + "|"]
+        for fam, shapes in self.cfg["linear"].items():
+            for k, n in shapes:
+                shape = f"{k}x{n}"
+                for m in self.cfg["M"][fam]:
+                    if not any(r["kind"] == "linear" and r["shape"] == shape and r["M"] == m and r["mode"] == mode
+                               for r in self.recs):
+                        continue
+                    t = {(i, rk): self.us("linear", shape, m, mode, i, rank=rk) for i, rk, _ in cols}
+                    b = t[("bf16", None)]
+                    row = [f"{fam} {k}->{n}", str(m)] + [self.cell(t[(i, rk)], b) for i, rk, _ in cols]
+                    row.append(ratio(t[("cublas_fp8_promoted", None)], t[("ours_gemm_fp8in", 64)]))
+                    row.append(f"{pct(t[('ours_gemm_fp8in', 64)], t[('ours_gemm_fp8in', 0)])}, "
+                               f"{pct(t[('ours', 64)], t[('ours', 0)])}")
+                    if mode == "device":
+                        e1 = (self.find("linear", shape, m, mode, "ours", 64) or {}).get("err")
+                        e2 = (self.find("linear", shape, m, mode, "ours_gemm_fp8in", 64) or {}).get("err")
+                        row.append(f"{fmt_e(e1)}, {fmt_e(e2)}")
+                    lines.append("| " + " | ".join(row) + " |")
+
+    def ffn_table(self, lines):
+        cols = list(FFN_IMPLS) + [("module", 64, "CompressedFFN r=64 (python)")]
+        extra = ["rank-64 overhead", "err r=64 vs fp32 ref", "err vs dense: kernel / fp32 ref / bf16 ref",
+                 "kernel/reference error ratio"]
+        lines += ["| FFN | M | mode | " + " | ".join(c[2] for c in cols) + " | " + " | ".join(extra) + " |",
+                  "|---" * (3 + len(cols) + len(extra)) + "|"]
+        for fam, dim in self.cfg["ffn"].items():
+            for m in self.cfg["M"][fam]:
+                for mode in ("device", "python"):
+                    if not any(r["kind"] == "ffn" and r["shape"] == str(dim) and r["M"] == m and r["mode"] == mode
+                               for r in self.recs):
+                        continue
+                    t = {(i, rk): self.us("ffn", str(dim), m, mode, i, rank=rk) for i, rk, _ in cols}
+                    b = t[("bf16", None)]
+                    row = [f"{fam} {dim}->{4 * dim}->{dim}", str(m), mode] + [self.cell(t[(i, rk)], b)
+                                                                             for i, rk, _ in cols]
+                    row.append(pct(t[("ours_fused", 64)], t[("ours_fused", 0)]))
+                    c = self.find("ffn", str(dim), m, "device", "ours_fused", 64) or {}
+                    if mode == "device":
+                        row += [fmt_e(c.get("err")), " / ".join(fmt_e(c.get(x)) for x in
+                                                                ("err_dense", "err_dense_ref", "err_dense_ref_bf16")),
+                                "-" if c.get("err_ratio") is None else
+                                f"{c['err_ratio']:.3f} (vs bf16 ref {fmt_f(c.get('err_ratio_bf16_ref'))})"]
+                    else:
+                        row += ["", "", ""]
+                    lines.append("| " + " | ".join(row) + " |")
+
+    def goals(self, lines):
+        cfg, out = self.cfg, []
+        mv, ma = cfg["M"]["video"], cfg["M"]["audio"]
+        verdict = lambda ok: "not measured" if ok is None else ("**met**" if ok else "**not met**")  # noqa: E731
+
+        def allok(vals, good):
+            vals = [v for v in vals if v is not None]
+            return None if not vals else all(good(v) for v in vals)
+
+        # 1. our GEMM r=64 (x FP8) >= cuBLAS promoted, per video shape
+        for k, n in cfg["linear"].get("video", ()):
+            shape = f"{k}x{n}"
+            rs = {m: rdiv(self.us("linear", shape, m, "device", "cublas_fp8_promoted"),
+                          self.us("linear", shape, m, "device", "ours_gemm_fp8in", rank=64)) for m in mv}
+            out.append(f"- Our FP8 GEMM r=64 (x already FP8) at least as fast as cuBLAS promoted, video {k}->{n}: "
+                       + ", ".join(f"M={m} {fmt_x(v)}" for m, v in rs.items())
+                       + f" (cuBLAS time / ours, goal >= 1.00x): {verdict(allok(rs.values(), lambda v: v >= 1.0))}")
+        # 2. video FFN r=64 >= 1.8x bf16 (device)
+        dv, da = str(cfg["ffn"].get("video")), str(cfg["ffn"].get("audio"))
+        fr = lambda d, m, mode, impl="ours_fused": rdiv(self.us("ffn", d, m, mode, "bf16"),  # noqa: E731
+                                                         self.us("ffn", d, m, mode, impl, rank=64))
+        if "video" in cfg["ffn"]:
+            rs = {m: fr(dv, m, "device") for m in mv}
+            out.append("- Video FFN r=64 >= 1.8x bf16 (device time): " + ", ".join(
+                f"M={m} {fmt_x(v)}" for m, v in rs.items()) + f": {verdict(allok(rs.values(), lambda v: v >= 1.8))}")
+        if "audio" in cfg["ffn"]:
+            v = fr(da, ma[-1], "device")
+            out.append(f"- Audio FFN r=64 at M={ma[-1]} >= 1.5x bf16 (device time): {fmt_x(v)}: "
+                       f"{verdict(allok([v], lambda x: x >= 1.5))}")
+            vm, vd = fr(da, ma[0], "python", "module"), fr(da, ma[0], "python")
+            out.append(f"- Audio FFN r=64 at M={ma[0]} called from Python without graphs >= 1.0x bf16: "
+                       f"CompressedFFN module {fmt_x(vm)} (the kernels' ffn called directly {fmt_x(vd)}): "
+                       f"{verdict(allok([vm], lambda x: x >= 1.0))}")
+        # 3. rank-64 overhead <= 5% (device time)
+        groups = {"fused FFN": [], "our GEMM x FP8": [], "our linear from bf16": []}
+        for fam, dim in cfg["ffn"].items():
+            for m in cfg["M"][fam]:
+                t = {rk: self.us("ffn", str(dim), m, "device", "ours_fused", rank=rk) for rk in (0, 64)}
+                groups["fused FFN"].append((f"{fam} M={m}", ovh(t[64], t[0])))
+        for fam, shapes in cfg["linear"].items():
+            for k, n in shapes:
+                for m in cfg["M"][fam]:
+                    s = f"{k}x{n}"
+                    groups["our GEMM x FP8"].append((f"{k}->{n} M={m}", ovh(
+                        self.us("linear", s, m, "device", "ours_gemm_fp8in", rank=64),
+                        self.us("linear", s, m, "device", "ours_gemm_fp8in", rank=0))))
+                    groups["our linear from bf16"].append((f"{k}->{n} M={m}", ovh(
+                        self.us("linear", s, m, "device", "ours", rank=64),
+                        self.us("linear", s, m, "device", "ours", rank=0))))
+        for name, vals in groups.items():
+            got = [(w, v) for w, v in vals if v is not None]
+            if not got:
+                out.append(f"- Rank-64 branch <= 5% over r=0, {name}: not measured")
+                continue
+            worst = max(got, key=lambda wv: wv[1])
+            out.append(f"- Rank-64 branch <= 5% over r=0 (device time), {name}: worst {100 * worst[1]:+.1f}% "
+                       f"({worst[0]}); all: " + ", ".join(f"{w} {100 * v:+.1f}%" for w, v in got)
+                       + f": {verdict(all(v <= 0.05 for _, v in got))}")
+        # 4. accuracy of the fused FFN relative to the torch reference
+        rs = [(f"{fam} M={m}", (self.find("ffn", str(dim), m, "device", "ours_fused", 64) or {}).get("err_ratio"))
+              for fam, dim in cfg["ffn"].items() for m in cfg["M"][fam]]
+        got = [(w, v) for w, v in rs if v is not None]
+        out.append("- FFN kernel/reference error ratio <= 1.05 (error vs the dense FFN, kernel over the fp32 "
+                   "torch reference; not an issue-17 goal): "
+                   + (", ".join(f"{w} {v:.3f}" for w, v in got) if got else "-")
+                   + f": {verdict(None if not got else all(v <= 1.05 for _, v in got))}")
+        lines += out
+
+    def markdown(self) -> str:
+        h = self.header
+        promote = (f"LITEFFN_PROMOTE_K={h['promote_k']}" if h["promote_k"]
+                   else "kernel default (LITEFFN_PROMOTE_K unset)")
+        lines = [f"# FP8 kernels at LTX-2 shapes: {h['device']}, {h['date']}, torch {h['torch']}, "
+                 f"triton {h['triton']}, "
+                 f"autotune {'on' if h['autotune'] else 'off'}, promotion interval {promote}"
+                 + (", DRY RUN (CPU, interpreter: times mean nothing)" if h["dry_run"] else ""),
+                 "",
+                 f"Kernels from {h['kernels']}; default configs {h.get('default_configs', '-')}. "
+                 f"Command: `{h['command']}`. Elapsed {h.get('elapsed_s', 0):.0f} s"
+                 + ("" if h.get("complete") else " (run incomplete: tables hold what was measured so far)") + ".",
+                 ""]
+        lines += [f"- {n}" for n in h.get("notes", [])]
+        lines += ["", __doc__.strip().split("\n\n", 2)[2].split("\n\nEnvironment")[0], ""]
+        lines += ["## Per linear, device time (us; CUDA-graph replay medians; ratio = bf16 / this)", ""]
+        self.linear_table("device", lines)
+        lines += ["", "## Per linear, called from Python (us; no graphs, host cost included; ratio = bf16 / this)", ""]
+        self.linear_table("python", lines)
+        lines += ["", "## Whole FFN, Linear -> GELU(tanh) -> Linear (us; both modes; ratio = bf16 / this, same mode)",
+                  ""]
+        self.ffn_table(lines)
+        lines += ["", "## Goals (issue 17)", ""]
+        self.goals(lines)
+        fails = [r for r in self.recs if r.get("error")]
+        if fails:
+            lines += ["", "## Failures", ""]
+            lines += [f"- {r['kind']} {r['shape']} M={r['M']} {r['impl']} r={r['rank']} {r['mode']}: {r['error']}"
+                      for r in fails]
+        if h.get("tuned_configs"):
+            lines += ["", "## Autotuned GEMM configurations chosen", "",
+                      "| key (M bucket, N, K, r, r2, GELU, FP8 out) | config |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in h["tuned_configs"]]
+        if h.get("dispatch_counts"):
+            lines += ["", f"Module paths taken (dispatch.counts): {h['dispatch_counts']}"]
+        return "\n".join(lines) + "\n"
+
+    def write(self):
+        self.header["elapsed_s"] = round(time.time() - self.t_start, 1)
+        text = self.markdown()
+        js = json.dumps([dict(kind="header", **self.header)] + self.recs, indent=1)
+        for paths, data in ((self.md_paths, text), (self.json_paths, js)):
+            for p in paths:
                 try:
-                    f = lambda: K.scaled_gemm(xq8, sx8, t["q"], t["q_scale"], u=u8, A=t.get("A"), bias=t["bias"],  # noqa
-                                              config=cfg)
-                    y = f()
-                    err = rel(y[:CHECK_ROWS], ref)
-                    tt = us(f)
-                    print(f"| {k}->{n} | {r} | {name} | {tt:.1f} | {t_bf / tt:.2f}x | {err:.2e} |", flush=True)
-                except Exception as e:  # a configuration that does not compile here is a result too
-                    print(f"| {k}->{n} | {r} | {name} | failed: {type(e).__name__}: {str(e)[:120]} | | |", flush=True)
-    # the quantize + low-rank pass alone, and the fused FFN with the default (untuned) configs
-    for dim in (4096, 2048):
-        x = act(m, dim)
-        B = (torch.randn(64, dim, device="cuda") / dim**0.5).bfloat16()
-        tq = us(lambda: K.act_quant_lowrank(x, B))
-        print(f"act_quant_lowrank M={m} K={dim} r=64: {tq:.1f} us ({m * dim * 3 / tq / 1e3:.0f} GB/s counting 3 B/elem)")
-        w1, w2 = (torch.randn(4 * dim, dim, device="cuda") / dim**0.5).bfloat16(), (torch.randn(
-            dim, 4 * dim, device="cuda") / (4 * dim)**0.5).bfloat16()
-        t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, w1), approximate="tanh"), w2))
-        up, down = random_fp8_layer(4 * dim, dim, 64, 1, "cuda"), random_fp8_layer(dim, 4 * dim, 64, 2, "cuda")
-        hs = K.static_scale(torch.tensor([4.0], device="cuda"))
-        for cfg in K.DEFAULT_CONFIGS[1:] + (dict(K.DEFAULT_CONFIGS[1], EPI_SPLIT=False, BN=128, num_stages=4),):
-            tf = us(lambda: K.ffn_fp8(x, up, down, hs, config=cfg))
-            td = us(lambda: K.ffn_fp8(x, up, down, None, config=cfg))
-            print(f"FFN dim={dim} M={m} r=64 cfg={cfg}: bf16 {t_bf:.1f} us, fused {tf:.1f} us ({t_bf / tf:.2f}x), "
-                  f"unfused {td:.1f} us ({t_bf / td:.2f}x)", flush=True)
+                    os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+                    with open(p + ".tmp", "w") as f:
+                        f.write(data)
+                    os.replace(p + ".tmp", p)
+                except OSError as e:
+                    say(f"! could not write {p}: {e}")
 
 
-def explore():
-    """Accumulation variants (time and error) on coherent inputs, x rows along W rows, where
-    Hopper's fast accumulation is far off (calibration/synthetic.py kernel_inputs; these runs
-    once got them by accident from equal seeds), and on independent ones; shapes of the
-    quantize kernels."""
-    cases = []
-    for (k, n, m, seed) in ((4096, 16384, 6144, 1), (16384, 4096, 6144, 1), (8192, 2048, 1400, 0)):
-        t = random_fp8_layer(n, k, 64, seed, "cuda")
-        for kind in ("coherent", "independent"):
-            cases.append((k, n, m, kind, t, kernel_inputs(kind, m, k, dense_weight(t), seed, "cuda")))
-    base = K.DEFAULT_CONFIGS[1]
-    variants = {"fast": dict(base, PROMOTE=0), "triton max_num_imprecise_acc=BK": dict(base, PROMOTE=0, PRECISE_ACC=True),
-                "promote 1": base, "promote 2": dict(base, PROMOTE=2), "promote 4": dict(base, PROMOTE=4),
-                "promote 1, 128x128 s4": dict(base, PROMOTE=1, BN=128, EPI_SPLIT=False, num_stages=4),
-                "promote 2, 128x128 s4": dict(base, PROMOTE=2, BN=128, EPI_SPLIT=False, num_stages=4),
-                "promote 1, not persistent": dict(base, PERSIST=False)}
-    for k, n, m, kind, t, x in cases:
-        xq, sx, u = K.act_quant_lowrank(x, t["B"])
-        ref = R.compressed_linear_ref(x[:CHECK_ROWS], "fp8", t, dtype=torch.float32)
-        cfgs = dict(variants) if m > 256 else {"fast": dict(K.DEFAULT_CONFIGS[0], PROMOTE=0), "promote 1": K.DEFAULT_CONFIGS[0]}
-        if m <= 1400:
-            cfgs.update({"small fast": dict(K.DEFAULT_CONFIGS[0], PROMOTE=0), "small promote 1": K.DEFAULT_CONFIGS[0],
-                         "small promote 2": dict(K.DEFAULT_CONFIGS[0], PROMOTE=2)})
-        for name, cfg in cfgs.items():
+def rdiv(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def ovh(t64, t0):
+    r = rdiv(t64, t0)
+    return None if r is None else r - 1
+
+
+def ratio(a, b):
+    v = rdiv(a, b)
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def pct(t64, t0):
+    v = ovh(t64, t0)
+    return "-" if v is None else f"{100 * v:+.1f}%"
+
+
+def fmt_e(e):
+    return "-" if e is None else f"{e:.2e}"
+
+
+def fmt_f(v):
+    return "-" if v is None else f"{v:.3f}"
+
+
+def fmt_x(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
+# ------------------------------------------------------------------ measuring
+class Bench:
+    def __init__(self, a, kern: Kernels, report: Report, timer: Timer, dev):
+        self.a, self.K, self.rep, self.T, self.dev = a, kern, report, timer, dev
+
+    def act(self, m, k, seed):
+        from liteffn.calibration.synthetic import random_activations
+        try:
+            return random_activations(m, k, seed=seed, device=self.dev)
+        except TypeError:  # a changed signature: same distribution, drawn here
+            g = torch.Generator(device=self.dev).manual_seed(seed)
+            return (torch.randn(m, k, generator=g, device=self.dev)
+                    * torch.rand(m, 1, generator=g, device=self.dev) * 4).bfloat16()
+
+    def layer(self, n, k, r, seed):
+        from liteffn.calibration.synthetic import random_fp8_layer
+        return random_fp8_layer(n, k, r, seed=seed, device=self.dev)
+
+    @staticmethod
+    def dense(t):
+        """bf16 W' = dequant(q) + A B (the bf16 model the compressed layer stands for)."""
+        w = t["q"].float() * t["q_scale"].float()[:, None]
+        if t.get("A") is not None:
+            w = w + t["A"].float() @ t["B"].float()
+        return w.bfloat16()
+
+    def measure(self, base, impl, rank, fn, modes=("device", "python"), **extra):
+        """Times fn in each mode; a failure is recorded and printed, never raised."""
+        out = {}
+        for mode in modes:
+            rec = self.rep.add(**base, rank=rank, mode=mode, impl=impl, us=None, **extra)
             try:
-                f = lambda: K.scaled_gemm(xq, sx, t["q"], t["q_scale"], u=u, A=t["A"], bias=t["bias"], config=cfg)  # noqa
-                err = rel(f()[:CHECK_ROWS], ref)
-                print(f"{k}->{n} M={m} {kind} [{name}]: {us(f):.1f} us, err {err:.2e}", flush=True)
-            except Exception as e:
-                print(f"{k}->{n} M={m} {kind} [{name}]: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
-    for m, k in ((6144, 4096), (6144, 16384), (126, 2048), (126, 8192), (1400, 2048), (43400, 4096)):
-        x = act(m, k)
-        B = (torch.randn(64, k, device="cuda") / k**0.5).bfloat16()
-        for bm, split in ((32, 512), (64, 512), (32, 1024), (32, 256), (16, 256)):
-            tq = us(lambda: K.act_quant_lowrank(x, B, bm=bm, split=split))
-            print(f"act_quant M={m} K={k} r=64 bm={bm} split={split}: {tq:.1f} us ({m * k * 5 / tq / 1e3:.0f} GB/s "
-                  f"counting 5 B/elem)", flush=True)
+                rec["us"] = round(getattr(self.T, mode)(fn), 2)
+            except Exception as e:  # noqa: BLE001
+                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                say(f"  ! {base['kind']} {base['shape']} M={base['M']} {impl} r={rank} {mode}: {rec['error']}")
+                say("    " + traceback.format_exc().strip().splitlines()[-3][:300])
+            out[mode] = rec["us"]
+        return out
+
+    def check(self, what, fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            say(f"  ! correctness {what}: {type(e).__name__}: {str(e)[:300]}")
+            return None
+
+    # ---- linears
+    def linears(self, fam, k, n, ms, si):
+        c = copies_for(n, k, self.a.dry_run)
+        layers = {r: Rot([self.layer(n, k, r, seed=100 * si + i) for i in range(c)]) for r in RANKS}
+        W = Rot([(self.dense(t), t["bias"]) for t in layers[64].items])
+        one = torch.ones((), device=self.dev, dtype=torch.float32)
+        comfy_w = Rot([(t["q"], t["q_scale"].amax().reshape(()).contiguous(), t["bias"]) for t in layers[0].items])
+        for m in ms:
+            t0 = time.time()
+            try:
+                self.linear_case(fam, k, n, m, layers, W, comfy_w, one)
+            except Exception:  # noqa: BLE001
+                say(f"! linear {k}->{n} M={m} failed:\n{traceback.format_exc()[-1500:]}")
+            self.rep.write()
+            self.say_case("linear", fam, f"{k}->{n}", f"{k}x{n}", m, LIN_IMPLS + [("module", 64, "module")],
+                          time.time() - t0)
+            free()
+        del layers, W, comfy_w
+        free()
+
+    def linear_case(self, fam, k, n, m, layers, W, comfy_w, one):
+        """One (shape, M): correctness at r=64, then every implementation in both modes."""
+        K, R = self.K, self.K.R
+        shape = f"{k}x{n}"
+        base = dict(kind="linear", shape=shape, M=m)
+        x = self.act(m, k, seed=20_000 + 7 * m + k)
+        # correctness at r=64 on the first rows (also compiles the kernels of this shape)
+        t64, xs = layers[64].items[0], x[:CHECK_ROWS]
+        ref = self.check("reference", lambda: R.compressed_linear_ref(xs, "fp8", t64, dtype=torch.float32))
+        e_lin = e_gemm = None
+        if ref is not None:
+            e_lin = self.check("linear", lambda: rel(K.linear(xs, t64), ref))
+            e_gemm = self.check("gemm", lambda: (lambda q, s, u: rel(K.scaled_gemm(
+                q, s, t64["q"], t64["q_scale"], u=u, A=t64["A"], bias=t64["bias"]), ref))(
+                *K.act_quant_lowrank(xs, t64["B"])))
+        # inputs already in FP8 (quantized once, outside the timing)
+        pre = {}
+        for r in GEMM_RANKS:
+            pre[r] = self.check(f"act_quant r={r}", lambda r=r: K.act_quant_lowrank(x, layers[r].items[0].get("B")))
+        cb_err = {}
+        if pre.get(0) is not None:
+            xq, sx, _ = pre[0]
+            sxc = sx[:, None]
+            t0l = layers[0].items[0]
+            ref0 = self.check("reference r=0", lambda: R.compressed_linear_ref(xs, "fp8", t0l, dtype=torch.float32))
+            for fa in (True, False):
+                if ref0 is not None:
+                    cb_err[fa] = self.check("cuBLAS", lambda fa=fa: rel(torch._scaled_mm(
+                        xq[:CHECK_ROWS], t0l["q"].t(), scale_a=sxc[:CHECK_ROWS], scale_b=t0l["q_scale"][None, :],
+                        bias=t0l["bias"], out_dtype=torch.bfloat16, use_fast_accum=fa), ref0))
+
+        self.measure(base, "bf16", None, lambda: (lambda w: Fn.linear(x, w[0], w[1]))(W()))
+        if pre.get(0) is not None:
+            for fa, name in ((True, "cublas_fp8_fast"), (False, "cublas_fp8_promoted")):
+                self.measure(base, name, None, lambda fa=fa: (lambda t: torch._scaled_mm(
+                    xq, t["q"].t(), scale_a=sxc, scale_b=t["q_scale"][None, :], bias=t["bias"],
+                    out_dtype=torch.bfloat16, use_fast_accum=fa))(layers[0]()), err=cb_err.get(fa))
+        self.measure(base, "comfy_fp8", None, lambda: comfy_linear(x, *comfy_w(), one))
+        for r in RANKS:
+            self.measure(base, "ours", r, lambda r=r: K.linear(x, layers[r]()), err=e_lin if r == 64 else None)
+        for r in GEMM_RANKS:
+            if pre.get(r) is None:
+                continue
+            xq8, sx8, u8 = pre[r]
+            self.measure(base, "ours_gemm_fp8in", r, lambda r=r, xq8=xq8, sx8=sx8, u8=u8: (lambda t: K.scaled_gemm(
+                xq8, sx8, t["q"], t["q_scale"], u=u8, A=t.get("A"), bias=t["bias"]))(layers[r]()),
+                err=e_gemm if r == 64 else None)
+        try:
+            mods = Rot([K.Mo.CompressedLinear("fp8", k, n, dict(t)) for t in layers[64].items])
+            x3 = x[None]
+            self.measure(base, "module", 64, lambda: mods()(x3), modes=("python",))
+        except Exception as e:  # noqa: BLE001
+            say(f"  ! linear module: {type(e).__name__}: {e}")
+
+    # ---- FFNs
+    def ffns(self, fam, dim, ms, si):
+        hid = 4 * dim
+        c = copies_for(hid, dim, self.a.dry_run)
+        layers = {r: Rot([(self.layer(hid, dim, r, seed=1000 * si + 2 * i),
+                           self.layer(dim, hid, r, seed=1000 * si + 2 * i + 1)) for i in range(c)]) for r in RANKS}
+        dense = Rot([(self.dense(u), u["bias"], self.dense(d), d["bias"]) for u, d in layers[64].items])
+        one = torch.ones((), device=self.dev, dtype=torch.float32)
+        comfy_w = Rot([(u["q"], u["q_scale"].amax().reshape(()).contiguous(), u["bias"],
+                        d["q"], d["q_scale"].amax().reshape(()).contiguous(), d["bias"]) for u, d in layers[0].items])
+        for m in ms:
+            t0 = time.time()
+            try:
+                self.ffn_case(dim, m, layers, dense, comfy_w, one)
+            except Exception:  # noqa: BLE001
+                say(f"! ffn {dim} M={m} failed:\n{traceback.format_exc()[-1500:]}")
+            self.rep.write()
+            self.say_case("ffn", fam, f"{dim}->{hid}->{dim}", str(dim), m, FFN_IMPLS + [("module", 64, "module")],
+                          time.time() - t0)
+            free()
+        del layers, dense, comfy_w
+        free()
+
+    def ffn_case(self, dim, m, layers, dense, comfy_w, one):
+        """One M: hidden scale, correctness at r=64, then every implementation in both modes."""
+        K, R = self.K, self.K.R
+        hid = 4 * dim
+        base = dict(kind="ffn", shape=str(dim), M=m)
+        x = self.act(m, dim, seed=40_000 + 7 * m + dim)
+        W1, b1, W2, b2 = dense.items[0]
+        # static hidden scale from the absmax of the dense bf16 FFN's hidden activation on this input
+        h_amax = torch.stack([Fn.gelu(Fn.linear(xc, W1, b1), approximate="tanh").abs().amax().float()
+                              for xc in x.split(8192)]).amax().reshape(1)
+        hs = K.static_scale(h_amax)
+        x_amax = x.abs().amax().float().reshape(1)
+        # correctness at r=64 on the first rows
+        up, dn = layers[64].items[0]
+        xs = x[:CHECK_ROWS]
+        acc = {}
+        try:
+            y = K.ffn(xs, up, dn, hs)
+            ref32 = R.compressed_ffn_ref(xs, "fp8", up, "fp8", dn, h_scale=hs, dtype=torch.float32)
+            refbf = R.compressed_ffn_ref(xs, "fp8", up, "fp8", dn, h_scale=hs)  # the path as the pack runs it
+            dense32 = Fn.linear(Fn.gelu(Fn.linear(xs.float(), W1.float(), b1.float()), approximate="tanh"),
+                                W2.float(), b2.float())
+            acc = dict(err=rel(y, ref32), err_dense=rel(y, dense32), err_dense_ref=rel(ref32, dense32),
+                       err_dense_ref_bf16=rel(refbf, dense32))
+            acc["err_ratio"] = rdiv(acc["err_dense"], acc["err_dense_ref"])
+            acc["err_ratio_bf16_ref"] = rdiv(acc["err_dense"], acc["err_dense_ref_bf16"])
+            acc = {k: (None if v is None else float(f"{v:.4g}")) for k, v in acc.items()}
+            del y, ref32, refbf, dense32
+        except Exception as e:  # noqa: BLE001
+            say(f"  ! correctness ffn {dim} M={m}: {type(e).__name__}: {str(e)[:300]}")
+
+        self.measure(base, "bf16", None, lambda: bf16_ffn(x, *dense()))
+        for r in RANKS:
+            self.measure(base, "ours_fused", r, lambda r=r: K.ffn(x, *layers[r](), hs), **(acc if r == 64 else {}))
+        self.measure(base, "comfy_fp8", None, lambda: comfy_ffn(x, *comfy_w(), one))
+        try:
+            mk = K.Mo.CompressedLinear
+            mods = Rot([K.Mo.CompressedFFN(mk("fp8", dim, hid, dict(u, input_amax=x_amax)),
+                                           mk("fp8", hid, dim, dict(d, input_amax=h_amax)))
+                        for u, d in layers[64].items])
+            if mods.items[0].h_scale is None:
+                say("  ! CompressedFFN has no h_scale: it would take the unfused path")
+            x3 = x[None]
+            self.measure(base, "module", 64, lambda: mods()(x3), modes=("python",))
+        except Exception as e:  # noqa: BLE001
+            say(f"  ! ffn module: {type(e).__name__}: {e}")
+
+    def say_case(self, kind, fam, label, shape, m, impls, secs):
+        for mode in ("device", "python"):
+            b = self.rep.us(kind, shape, m, mode, "bf16")
+            parts = []
+            for impl, rk, _ in impls:
+                t = self.rep.us(kind, shape, m, mode, impl, rank=rk)
+                if t is not None:
+                    parts.append(f"{impl}{'' if rk is None else f'@{rk}'} {t:.1f}" + (f" ({b / t:.2f}x)" if b else ""))
+            say(f"{kind} {fam} {label} M={m} [{mode}] " + ", ".join(parts))
+        say(f"  ({secs:.1f} s, total {time.time() - self.rep.t_start:.0f} s)")
 
 
-def diag():
-    """Accuracy of the fused FFN at the GPU test's case (M=700) and at M=2048: the first GEMM's
-    unquantized output, fast vs promoted FP8 accumulation, per-row errors."""
-    dim, r = 4096, 64
-    hid = 4 * dim
-    up, down = random_fp8_layer(hid, dim, r, 1, "cuda"), random_fp8_layer(dim, hid, r, 2, "cuda")
-    for m, seed in ((700, 1), (2048, 0), (1024, 1)):
-        x = act(m, dim, seed)
-        h = Fn.gelu(R.compressed_linear_ref(x, "fp8", up, dtype=torch.float32), approximate="tanh")
-        hs = K.static_scale(h.abs().amax())
-        want = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, dtype=torch.float32, h_scale=hs)
-        bf = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, h_scale=hs)
-        print(f"M={m}: bf16 torch reference {rel(bf, want):.2e}", flush=True)
-        for name, cfg in (("fast acc", K.DEFAULT_CONFIGS[1]), ("promoted acc", dict(K.DEFAULT_CONFIGS[1], PRECISE_ACC=True)),
-                          ("fast, 64-row tiles", K.DEFAULT_CONFIGS[0])):
-            xq, sx, u = K.act_quant_lowrank(x, up["B"])
-            hb = K.scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up["A"], bias=up["bias"], gelu=True, config=cfg)
-            y = K.ffn_fp8(x, up, down, hs, config=cfg)
-            rows = ((y.float() - want).norm(dim=1) / want.norm(dim=1))
-            top = rows.topk(3)
-            print(f"   {name}: h before FP8 {rel(hb, h):.2e}; FFN {rel(y, want):.2e}; worst rows "
-                  f"{[(int(i), round(float(v), 4)) for v, i in zip(top.values, top.indices)]}; "
-                  f"median row {float(rows.median()):.2e}", flush=True)
+def bf16_ffn(x, W1, b1, W2, b2):
+    return Fn.linear(Fn.gelu(Fn.linear(x, W1, b1), approximate="tanh"), W2, b2)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--explore", action="store_true")
-    ap.add_argument("--diag", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+def comfy_linear(x, w8, w_scale, b, one):
+    """ComfyUI's fp8_linear for an fp8_e4m3fn_fast checkpoint without an input scale: clamp in
+    place to +-448, cast to FP8 at scale 1, _scaled_mm with scalar scales (default accumulation)."""
+    x8 = torch.clamp(x, min=-448, max=448, out=x).reshape(-1, x.shape[-1]).to(torch.float8_e4m3fn).contiguous()
+    return torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=w_scale, bias=b, out_dtype=torch.bfloat16)
+
+
+def comfy_ffn(x, w1, s1, b1, w2, s2, b2, one):
+    h = Fn.gelu(comfy_linear(x, w1, s1, b1, one), approximate="tanh")
+    return comfy_linear(h, w2, s2, b2, one)
+
+
+# ------------------------------------------------------------------ main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="markdown report (default bench/ffn_kernels_h200.md; "
+                                                 "dry run: $TMPDIR/ffn_kernels_dryrun.md)")
+    ap.add_argument("--json", default=None, help="JSON records (default bench/results/ffn_kernels_h200.json; "
+                                                  "dry run: $TMPDIR/ffn_kernels_dryrun.json)")
+    ap.add_argument("--autotune", action="store_true", help="LITEFFN_AUTOTUNE=1 (default 0: fixed configs)")
+    ap.add_argument("--sections", default="linear,ffn", help="comma list of linear, ffn, run in the order given")
+    ap.add_argument("--families", default="video,audio", help="comma list of video, audio")
+    ap.add_argument("--rep", type=int, default=20, help="ms of graph replays per device timing (do_bench_cudagraph)")
+    ap.add_argument("--target-ms", type=float, default=15.0, help="wall ms per repeat of the python timing")
+    ap.add_argument("--repeats", type=int, default=5, help="repeats of the python timing (median)")
+    ap.add_argument("--max-calls", type=int, default=200, help="most back-to-back calls per python repeat")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    t_start = time.time()
+    # before any kernel module is imported: they read these at import
+    os.environ["LITEFFN_AUTOTUNE"] = "1" if a.autotune else "0"
+    if a.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import _package  # noqa: F401  (registers the repository as `liteffn`)
+
+    gpu = torch.cuda.is_available() and not a.dry_run
+    if not gpu and not a.dry_run:
+        sys.exit("no CUDA device: use --dry-run to check the script on the CPU")
+    dev = "cuda" if gpu else "cpu"
+    cfg = DRY if a.dry_run else FULL
+    fams = [f for f in a.families.split(",") if f]
+    cfg = dict(linear={f: cfg["linear"][f] for f in fams}, ffn={f: cfg["ffn"][f] for f in fams}, M=cfg["M"])
+    tmp = tempfile.gettempdir()
+    md = a.out or (os.path.join(tmp, "ffn_kernels_dryrun.md") if a.dry_run
+                   else os.path.join(HERE, "ffn_kernels_h200.md"))
+    js = a.json or (os.path.join(tmp, "ffn_kernels_dryrun.json") if a.dry_run
+                    else os.path.join(HERE, "results", "ffn_kernels_h200.json"))
+    md_paths, js_paths = [md], [js]
+    if os.environ.get("OUT"):
+        o = os.environ["OUT"]
+        os.makedirs(o, exist_ok=True)
+        md_paths.append(os.path.join(o, os.path.basename(md)))
+        js_paths.append(os.path.join(o, os.path.basename(js)))
+        LOG.append(open(os.path.join(o, os.path.splitext(os.path.basename(md))[0] + ".log"), "a"))
+
+    import triton
+
+    kern = Kernels()
+    kern.dispatch.set_mode("triton")  # the module timings must run the kernels, never fall back silently
+    dc = kern.attr("DEFAULT_CONFIGS")
+    header = dict(
+        device=torch.cuda.get_device_name() if gpu else "CPU (dry run)",
+        date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), torch=torch.__version__, triton=triton.__version__,
+        autotune=bool(kern.attr("AUTOTUNE", a.autotune)), promote_k=os.environ.get("LITEFFN_PROMOTE_K"),
+        kernels=kern.source, dry_run=a.dry_run, command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+        default_configs=None if not dc else "; ".join(
+            f"{'few' if i == 0 else 'many'} rows: {c.get('BM')}x{c.get('BN')}x{c.get('BK')} promote={c.get('PROMOTE')}"
+            for i, c in enumerate(dc)),
+        rot_bytes=ROT_BYTES, rep_ms=a.rep, python_target_ms=a.target_ms, python_repeats=a.repeats,
+        notes=kern.notes, complete=False)
+    report = Report(header, cfg, md_paths, js_paths, t_start)
+    say(f"# {header['device']} torch {header['torch']} triton {header['triton']} autotune={header['autotune']} "
+        f"LITEFFN_PROMOTE_K={header['promote_k']} kernels={header['kernels']}")
+    for n in kern.notes:
+        say(f"  note: {n}")
+    report.write()
     torch.manual_seed(0)
-    dev = torch.cuda.get_device_name()
-    head = (f"# Fused FP8 FFN kernels, {dev}, {datetime.date.today()}, torch {torch.__version__}, "
-            f"triton {triton.__version__}")
-    print(head, flush=True)
-    if args.sweep:
-        return sweep()
-    if args.explore:
-        return explore()
-    if args.diag:
-        return diag()
-    lines, summary = [head, "", __doc__.strip().split("\n\n", 1)[1]], []
-    linear_table(lines, summary)
-    ffn_table(lines, summary)
-    goals(lines, summary)
-    chosen_configs(lines)
-    text = "\n".join(lines) + "\n"
-    print("\n".join(lines[-12:]))
-    for path in filter(None, (args.out, os.path.join(os.environ["OUT"], "ffn_kernels.md") if os.environ.get("OUT") else None)):
-        with open(path, "w") as f:
-            f.write(text)
+    bench = Bench(a, kern, report, Timer(a, gpu), dev)
+    for section in [s for s in a.sections.split(",") if s]:
+        ts = time.time()
+        say(f"\n## {section}")
+        try:
+            if section == "linear":
+                for si, (fam, shapes) in enumerate(cfg["linear"].items()):
+                    for j, (k, n) in enumerate(shapes):
+                        try:
+                            bench.linears(fam, k, n, cfg["M"][fam], 10 * si + j)
+                        except Exception:  # noqa: BLE001
+                            say(f"! linear {k}->{n} failed:\n{traceback.format_exc()[-1500:]}")
+                        free()
+            elif section == "ffn":
+                for si, (fam, dim) in enumerate(cfg["ffn"].items()):
+                    try:
+                        bench.ffns(fam, dim, cfg["M"][fam], si)
+                    except Exception:  # noqa: BLE001
+                        say(f"! ffn {dim} failed:\n{traceback.format_exc()[-1500:]}")
+                    free()
+            else:
+                say(f"! unknown section {section}")
+        except Exception:  # noqa: BLE001
+            say(f"! section {section} failed:\n{traceback.format_exc()[-1500:]}")
+        say(f"[{section}: {time.time() - ts:.0f} s]")
+        report.write()
+    tuned = kern.attr("_gemm_tuned")
+    if a.autotune and tuned is not None:
+        try:
+            header["tuned_configs"] = [(", ".join(str(v) for v in key[:7]), f"{c.kwargs}, warps {c.num_warps}, "
+                                        f"stages {c.num_stages}") for key, c in sorted(tuned.cache.items(), key=str)]
+        except Exception as e:  # noqa: BLE001
+            say(f"! tuned configs: {e}")
+    header["dispatch_counts"] = dict(kern.dispatch.counts)
+    header["complete"] = True
+    report.write()
+    goals = []
+    report.goals(goals)
+    say("\n## Goals\n" + "\n".join(goals))
+    say(f"\nwrote {', '.join(md_paths + js_paths)} in {time.time() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
-from ffn_kernels import act  # noqa: E402
+from _common import act  # noqa: E402
 
 from liteffn.calibration.synthetic import random_fp4_layer, random_fp8_layer  # noqa: E402
 from liteffn.kernels import fp8_ffn as K  # noqa: E402
