@@ -32,6 +32,7 @@ from triton.testing import do_bench_cudagraph  # noqa: E402
 
 from liteffn.calibration.synthetic import random_activations, random_fp8_layer  # noqa: E402
 from liteffn.kernels import fp8_ffn as K  # noqa: E402
+from liteffn.kernels import fused  # noqa: E402
 from liteffn.kernels import reference as R  # noqa: E402
 
 VIDEO, AUDIO = ((4096, 16384), (16384, 4096)), ((2048, 8192), (8192, 2048))
@@ -91,7 +92,7 @@ def linear_table(lines, summary):
             t_cb, t_cbp = (us(lambda fa=fa: (lambda t: torch._scaled_mm(
                 xq, t["q"].t(), scale_a=sx, scale_b=t["q_scale"][None, :], bias=t["bias"], out_dtype=torch.bfloat16,
                 use_fast_accum=fa))(layers[0]())) for fa in (True, False))
-            t_r = {r: us(lambda r=r: K.linear_fp8(x, layers[r]())) for r in RANKS}
+            t_r = {r: us(lambda r=r: fused.linear(x, layers[r]())) for r in RANKS}
             pre = {}
             for r in (0, 64):
                 t0 = layers[r].items[0]
@@ -100,7 +101,7 @@ def linear_table(lines, summary):
                     xq8, sx8, t["q"], t["q_scale"], u=u8, A=t.get("A"), bias=t["bias"]))(layers[r]()))
             t64 = layers[64].items[0]
             xs = x[:CHECK_ROWS]
-            err = rel(K.linear_fp8(xs, t64), R.compressed_linear_ref(xs, "fp8", t64, dtype=torch.float32))
+            err = rel(fused.linear(xs, t64), R.compressed_linear_ref(xs, "fp8", t64, dtype=torch.float32))
             kind = "video" if (k, n) in VIDEO else "audio"
             summary.append(dict(kind=kind, k=k, n=n, m=m, bf16=t_bf, cublas=t_cb, cublas_p=t_cbp,
                                 **{f"r{r}": t_r[r] for r in RANKS},
@@ -138,11 +139,11 @@ def ffn_table(lines, summary):
             xs = x[:CHECK_ROWS]
             h = Fn.gelu(R.compressed_linear_ref(xs, "fp8", up0, dtype=torch.float32), approximate="tanh")
             hs = K.static_scale(h.abs().amax())
-            t_f = {r: us(lambda r=r: K.ffn_fp8(x, *ffns[r](), hs)) for r in RANKS}
-            t_dyn = us(lambda: K.ffn_fp8(x, *ffns[64](), None))
-            e_f = rel(K.ffn_fp8(xs, up0, down0, hs),
+            t_f = {r: us(lambda r=r: fused.ffn(x, *ffns[r](), hs)) for r in RANKS}
+            t_dyn = us(lambda: fused.ffn(x, *ffns[64](), None))
+            e_f = rel(fused.ffn(xs, up0, down0, hs),
                       R.compressed_ffn_ref(xs, "fp8", up0, "fp8", down0, h_scale=hs, dtype=torch.float32))
-            e_d = rel(K.ffn_fp8(xs, up0, down0, None),
+            e_d = rel(fused.ffn(xs, up0, down0, None),
                       R.compressed_ffn_ref(xs, "fp8", up0, "fp8", down0, dtype=torch.float32, h_dtype=torch.bfloat16))
             summary.append(dict(kind="ffn", dim=dim, m=m, bf16=t_bf, **{f"r{r}": t_f[r] for r in RANKS}, dyn=t_dyn,
                                 err=e_f, err_dyn=e_d))
@@ -200,12 +201,12 @@ def sweep():
             xq8, sx8, u8 = K.act_quant_lowrank(x, t.get("B"))
             ref = R.compressed_linear_ref(x[:CHECK_ROWS], "fp8", t, dtype=torch.float32)
             cfgs = [(c.kwargs, c.num_warps, c.num_stages) for c in K.GEMM_CONFIGS if c.kwargs["BM"] == 128]
-            cfgs += [(dict(cfgs[0][0], PRECISE_ACC=True), cfgs[0][1], cfgs[0][2]),
+            cfgs += [(dict(cfgs[0][0], PROMOTE=0), cfgs[0][1], cfgs[0][2]),
                      (dict(cfgs[0][0], FLATTEN=True), cfgs[0][1], cfgs[0][2])]
             for kw, w, st in cfgs:
                 cfg = dict(kw, num_warps=w, num_stages=st)
                 name = (f"{kw['BM']}x{kw['BN']}x{kw['BK']} w{w} s{st} split={kw['EPI_SPLIT']} "
-                        f"persist={kw['PERSIST']} flatten={kw['FLATTEN']} precise={kw['PRECISE_ACC']}")
+                        f"persist={kw['PERSIST']} flatten={kw['FLATTEN']} promote={kw['PROMOTE']}")
                 try:
                     f = lambda: K.scaled_gemm(xq8, sx8, t["q"], t["q_scale"], u=u8, A=t.get("A"), bias=t["bias"],  # noqa
                                               config=cfg)
@@ -227,8 +228,8 @@ def sweep():
         up, down = random_fp8_layer(4 * dim, dim, 64, 1, "cuda"), random_fp8_layer(dim, 4 * dim, 64, 2, "cuda")
         hs = K.static_scale(torch.tensor([4.0], device="cuda"))
         for cfg in K.DEFAULT_CONFIGS[1:] + (dict(K.DEFAULT_CONFIGS[1], EPI_SPLIT=False, BN=128, num_stages=4),):
-            tf = us(lambda: K.ffn_fp8(x, up, down, hs, config=cfg))
-            td = us(lambda: K.ffn_fp8(x, up, down, None, config=cfg))
+            tf = us(lambda: fused.ffn(x, up, down, hs, config=cfg))
+            td = us(lambda: fused.ffn(x, up, down, None, config=cfg))
             print(f"FFN dim={dim} M={m} r=64 cfg={cfg}: bf16 {t_bf:.1f} us, fused {tf:.1f} us ({t_bf / tf:.2f}x), "
                   f"unfused {td:.1f} us ({t_bf / td:.2f}x)", flush=True)
 
@@ -242,7 +243,7 @@ def explore():
         x = act(m, k, seed)
         cases.append((k, n, m, t, x))
     base = K.DEFAULT_CONFIGS[1]
-    variants = {"fast": dict(base, PROMOTE=0), "triton max_num_imprecise_acc=BK": dict(base, PROMOTE=0, PRECISE_ACC=True),
+    variants = {"fast": dict(base, PROMOTE=0),
                 "promote 1": base, "promote 2": dict(base, PROMOTE=2), "promote 4": dict(base, PROMOTE=4),
                 "promote 1, 128x128 s4": dict(base, PROMOTE=1, BN=128, EPI_SPLIT=False, num_stages=4),
                 "promote 2, 128x128 s4": dict(base, PROMOTE=2, BN=128, EPI_SPLIT=False, num_stages=4),
@@ -283,11 +284,11 @@ def diag():
         want = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, dtype=torch.float32, h_scale=hs)
         bf = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, h_scale=hs)
         print(f"M={m}: bf16 torch reference {rel(bf, want):.2e}", flush=True)
-        for name, cfg in (("fast acc", K.DEFAULT_CONFIGS[1]), ("promoted acc", dict(K.DEFAULT_CONFIGS[1], PRECISE_ACC=True)),
-                          ("fast, 64-row tiles", K.DEFAULT_CONFIGS[0])):
+        for name, cfg in (("fast acc", dict(K.DEFAULT_CONFIGS[1], PROMOTE=0)), ("promoted acc", K.DEFAULT_CONFIGS[1]),
+                          ("fast, 64-row tiles", dict(K.DEFAULT_CONFIGS[0], PROMOTE=0))):
             xq, sx, u = K.act_quant_lowrank(x, up["B"])
             hb = K.scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up["A"], bias=up["bias"], gelu=True, config=cfg)
-            y = K.ffn_fp8(x, up, down, hs, config=cfg)
+            y = fused.ffn(x, up, down, hs, config=cfg)
             rows = ((y.float() - want).norm(dim=1) / want.norm(dim=1))
             top = rows.topk(3)
             print(f"   {name}: h before FP8 {rel(hb, h):.2e}; FFN {rel(y, want):.2e}; worst rows "

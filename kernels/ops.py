@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import fp8_ffn
+from . import fused
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -24,13 +24,13 @@ def _layer(q, q_scale, A, B, bias, sb, block):
 @torch.library.custom_op("liteffn::fp8_linear", mutates_args=())
 def fp8_linear(x: Tensor, q: Tensor, q_scale: Tensor, A: Optional[Tensor], B: Optional[Tensor],
                bias: Optional[Tensor], sb: Optional[Tensor] = None, block: int = 0) -> Tensor:
-    y = fp8_ffn.linear_fp8(_rows(x), _layer(q, q_scale, A, B, bias, sb, block))
+    y = fused.linear(_rows(x), _layer(q, q_scale, A, B, bias, sb, block))
     return y.reshape(*x.shape[:-1], q.shape[0])
 
 
 @fp8_linear.register_fake
 def _(x, q, q_scale, A, B, bias, sb=None, block=0):
-    return x.new_empty(*x.shape[:-1], q.shape[0], dtype=fp8_ffn.out_dtype(x))
+    return x.new_empty(*x.shape[:-1], q.shape[0], dtype=fused.out_dtype(x))
 
 
 @torch.library.custom_op("liteffn::fp8_ffn", mutates_args=())
@@ -40,9 +40,9 @@ def fp8_ffn_op(x: Tensor, q1: Tensor, s1: Tensor, A1: Optional[Tensor], B1: Opti
                sb2: Optional[Tensor] = None, block1: int = 0, block2: int = 0) -> Tensor:
     up = _layer(q1, s1, A1, B1, b1, sb1, block1)
     down = _layer(q2, s2, A2, B2, b2, sb2, block2)
-    return fp8_ffn.ffn_fp8(_rows(x), up, down, h_scale).reshape(*x.shape[:-1], q2.shape[0])
+    return fused.ffn(_rows(x), up, down, h_scale).reshape(*x.shape[:-1], q2.shape[0])
 
 
 @fp8_ffn_op.register_fake
 def _(x, q1, s1, A1, B1, b1, q2, s2, A2, B2, b2, h_scale, sb1=None, sb2=None, block1=0, block2=0):
-    return x.new_empty(*x.shape[:-1], q2.shape[0], dtype=fp8_ffn.out_dtype(x))
+    return x.new_empty(*x.shape[:-1], q2.shape[0], dtype=fused.out_dtype(x))

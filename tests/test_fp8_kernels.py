@@ -1,4 +1,4 @@
-"""The fused FP8 FFN kernels (kernels/fp8_ffn.py) against their torch references.
+"""The fused FP8 FFN kernels (kernels/fp8_ffn.py, gemm.py, fused.py) against their torch references.
 
 On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) on small shapes
 that still cover every branch: row, column and K tails, rank tails, split and whole
@@ -11,7 +11,7 @@ import torch
 
 from liteffn.calibration.compress import compress_linear
 from liteffn.calibration.stats import LayerStats
-from liteffn.kernels import dispatch, fp8_ffn, ops
+from liteffn.kernels import dispatch, fp8_ffn, fused, ops
 from liteffn.kernels import reference as R
 from liteffn.kernels.modules import CompressedFFN, CompressedLinear
 
@@ -126,7 +126,7 @@ def test_ffn_kernels_match_reference(static, ranks):
     x = _x(m, d, seed=7)
     up, down = _layer(4 * d, d, ranks[0], seed=3), _layer(d, 4 * d, ranks[1], seed=4)
     hs = fp8_ffn.static_scale(torch.tensor([2.0])) if static else None
-    y = fp8_ffn.ffn_fp8(x, up, down, hs.to(DEV) if static else None)
+    y = fused.ffn(x, up, down, hs.to(DEV) if static else None)
     # the unfused path stores the hidden activation in bf16 before quantizing it per token
     want = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, h_scale=hs, dtype=torch.float32,
                                 h_dtype=None if static else torch.bfloat16)
@@ -145,7 +145,7 @@ def test_kernels_leave_the_layer_tensors_alone(ranks):
     up, down = _layer(4 * 64, 64, ranks[0], seed=5), _layer(64, 4 * 64, ranks[1], seed=6)
     before = {(i, k): v.clone() for i, t in enumerate((up, down)) for k, v in t.items()}
     for hs in (fp8_ffn.static_scale(torch.tensor([2.0])).to(DEV), None):
-        fp8_ffn.ffn_fp8(_x(300, 64, seed=8), up, down, hs)
+        fused.ffn(_x(300, 64, seed=8), up, down, hs)
     for (i, k), v in before.items():
         assert torch.equal((up, down)[i][k].view(torch.uint8), v.view(torch.uint8)), (i, k)
 
