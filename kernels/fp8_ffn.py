@@ -242,10 +242,10 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     split = -(-split // bk) * bk  # whole load blocks per split
     warps = warps or (8 if (rp > 64 or bm == 64) else 4)
     grid = (triton.cdiv(M, bm), triton.cdiv(K, split))
-    _act_stats_kernel[grid](x, amax, B if r else amax, u if r else amax, M, K, r, x.stride(0),
-                            BM=bm, BK=bk, SPLIT=split, RP=rp, INTERP=G.INTERP, num_warps=warps)
-    _act_quant_kernel[grid](x, xq, amax, sx, M, K, x.stride(0), BM=bm, BK=bk, SPLIT=split, INTERP=G.INTERP,
-                            num_warps=4)
+    G.launch_kernel(_act_stats_kernel, grid, (x, amax, B if r else amax, u if r else amax, M, K, r, x.stride(0)),
+                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, INTERP=G.INTERP), num_warps=warps)
+    G.launch_kernel(_act_quant_kernel, grid, (x, xq, amax, sx, M, K, x.stride(0)),
+                    dict(BM=bm, BK=bk, SPLIT=split, INTERP=G.INTERP), num_warps=4)
     return xq, sx, u
 
 

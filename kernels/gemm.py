@@ -1,11 +1,23 @@
 """The scaled-GEMM machinery that the FP8 GEMM (fp8_ffn.py) and the W4A8 GEMM (w4a8.py) share:
 the @triton.jit pieces of their epilogue (scales, the low-rank term in the same accumulator,
 bias, GELU, the output, the next linear's low-rank input), the host side that prepares their
-operands, and the launcher (autotuned, fixed or the interpreter's config). Imports neither kernel.
+operands, and the launcher with its per-shape cache of compiled kernels. Imports neither kernel.
+
+Launching: a Triton launch through `kernel[grid](...)` (or an autotuner) binds ~30 arguments,
+specializes each one and looks the kernel up again on every call: ~140 us of host time per GEMM
+on the H200's host at M=126 (bench/gemm_explore_h200_run1.log), more than the GEMM itself. So the
+first launch per key goes the normal way (tuning if it is on) and its CompiledKernel is kept;
+later launches call `compiled[grid](*all arguments)` directly (`launch_kernel`, `launch_gemm`).
+The key holds everything Triton specializes a compiled kernel on (spec_key): constexpr values,
+integer arguments by (== 1, divisible by 16, 32-bit) and by value where they pick the tuned config,
+tensors by (dtype, 16-byte aligned data), plus the device. Under the interpreter (CPU tests) and
+on Triton versions other than the ones this was written against, every launch is a normal one.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import os
 
 import torch
@@ -19,9 +31,13 @@ try:
 except ImportError:  # torch-only installs: dispatch never picks these kernels
     triton = None
 
+log = logging.getLogger("liteffn")
+
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 # LITEFFN_AUTOTUNE=0: skip autotuning (a few seconds per new shape) and use the fixed defaults.
 AUTOTUNE = os.environ.get("LITEFFN_AUTOTUNE", "1") != "0"
+# LITEFFN_FAST_LAUNCH=0: every launch through Triton's normal path (for comparison and debugging).
+FAST_LAUNCH = os.environ.get("LITEFFN_FAST_LAUNCH", "1") != "0"
 PROMOTE_K_DEFAULT = 512
 
 
@@ -239,6 +255,153 @@ def gemm_operands(xq, sx, N, u, A, bias, gelu, h_scale, next_B, u_next, out, out
 
 
 # ---------------------------------------------------------------- launching
+def spec_key(args) -> tuple | None:
+    """What Triton specializes a compiled kernel on, per non-constexpr argument: an int by
+    whether it is 1 (then a constant), divisible by 16 and 32-bit; a tensor by dtype and whether
+    its data is 16-byte aligned. None if an argument is of another kind (no fast launch then)."""
+    key = []
+    for a in args:
+        if type(a) is int:
+            key.append(1 if a == 1 else (2 if a % 16 == 0 else 3) + (0 if -0x80000000 <= a <= 0x7FFFFFFF else 2))
+        elif isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            return None
+    return tuple(key)
+
+
+def _fast_launch_supported() -> bool:
+    """The compiled-kernel launch is as Triton 3.6 does it (runtime/jit.py JITFunction.run,
+    compiler.py CompiledKernel.__getitem__: every argument in parameter order, constexprs
+    included); other versions keep the normal path until checked."""
+    if triton is None or INTERP:
+        return False
+    try:
+        major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+        from triton.compiler.compiler import CompiledKernel
+    except (ValueError, ImportError):
+        return False
+    return (3, 6) <= (major, minor) <= (3, 9) and hasattr(CompiledKernel, "__getitem__")
+
+
+_FAST_OK = FAST_LAUNCH and _fast_launch_supported()
+_FAST_MAX = 4096  # entries; shapes vary little in a run (a few token counts per model)
+
+
+def _compiled_kernel_type():
+    try:
+        from triton.compiler.compiler import CompiledKernel
+        return CompiledKernel
+    except ImportError:
+        return ()
+
+
+class Launch:
+    """A compiled kernel and what its later launches need: the constexpr values (passed as
+    placeholders after the other arguments, in parameter order), the config and the descriptors'
+    block shapes."""
+    __slots__ = ("compiled", "tail", "cfg", "blocks")
+
+    def __init__(self, compiled, tail, cfg=None, blocks=()):
+        self.compiled, self.tail, self.cfg, self.blocks = compiled, tail, cfg, blocks
+
+    def __call__(self, grid, args):
+        # CompiledKernel's runner reads grid[0..2] (JITFunction.run pads the grid; this path must too)
+        self.compiled[(*grid, 1, 1)[:3]](*args, *self.tail)
+
+
+class LaunchCache:
+    """Per-key Launch entries of one or more kernels; `stats` counts fast and normal launches."""
+
+    def __init__(self):
+        self.entries: dict = {}
+        self.stats = {"fast": 0, "normal": 0}
+
+    def get(self, key):
+        if key is None:
+            self.stats["normal"] += 1
+            return None
+        e = self.entries.get(key)
+        self.stats["fast" if e is not None else "normal"] += 1
+        return e
+
+    def put(self, key, kernel, compiled, n_args: int, consts: dict, cfg=None, blocks=()):
+        """Keep `compiled` (what kernel[grid](...) returned) under key, if it is a CompiledKernel whose
+        parameters past the first n_args are all constexprs given in consts (or defaulted)."""
+        if key is None or not isinstance(compiled, _compiled_kernel_type()):
+            return None
+        tail = []
+        for p in kernel.params[n_args:]:
+            if not p.is_constexpr:
+                return None
+            if p.name in consts:
+                tail.append(consts[p.name])
+            elif p.has_default:
+                tail.append(p.default)
+            else:
+                return None
+        if len(self.entries) >= _FAST_MAX:
+            self.entries.clear()
+        e = self.entries[key] = Launch(compiled, tuple(tail), cfg, blocks)
+        return e
+
+
+LAUNCHES = LaunchCache()
+
+
+def _disable_fast(e: Exception) -> None:
+    global _FAST_OK
+    _FAST_OK = False
+    log.warning("LiteFFN: launching compiled kernels directly failed (%s: %s); using Triton's normal "
+                "launch path from now on", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+
+
+def launch_kernel(kernel, grid, args: tuple, consts: dict, num_warps: int = 4, num_stages: int = 3,
+                  cache: LaunchCache = LAUNCHES) -> None:
+    """kernel[grid](*args, **consts, num_warps=, num_stages=), the compiled kernel cached per
+    (kernel, device, constexprs, warps, stages, spec_key(args)). args: every non-constexpr
+    argument in parameter order (tensors and ints), args[0] a tensor on the launch device."""
+    key = None
+    if _FAST_OK:
+        spec = spec_key(args)
+        if spec is not None:
+            key = (kernel, args[0].device.index, num_warps, num_stages, *consts.values(), spec)
+    e = cache.get(key)
+    if e is not None:
+        try:
+            return e(grid, args)
+        except Exception as ex:  # noqa: BLE001  (a launch that raises has not run)
+            _disable_fast(ex)
+    compiled = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+    cache.put(key, kernel, compiled, len(args), consts)
+
+
+def make_desc(t: torch.Tensor, block_shape) -> "TensorDescriptor":
+    """TensorDescriptor.from_tensor without its checks (a third of its cost), for launches whose
+    key already passed them: same dtype, 16-byte aligned data, same sizes (TMA refuses bad strides)."""
+    if _DESC_FIELDS is None:
+        return TensorDescriptor.from_tensor(t, block_shape)
+    d = object.__new__(TensorDescriptor)
+    d.__dict__.update(_DESC_FIELDS, base=t, shape=t.shape, strides=t.stride(), block_shape=block_shape)
+    return d
+
+
+def _desc_fields():
+    """TensorDescriptor's defaulted fields, if it is the plain dataclass of Triton 3.6 (base, shape,
+    strides, block_shape and defaulted ones)."""
+    if triton is None or not dataclasses.is_dataclass(TensorDescriptor):
+        return None
+    f = dataclasses.fields(TensorDescriptor)
+    if [x.name for x in f[:4]] != ["base", "shape", "strides", "block_shape"]:
+        return None
+    if any(x.default is dataclasses.MISSING for x in f[4:]):
+        return None
+    return {x.name: x.default for x in f[4:]}
+
+
+_DESC_FIELDS = _desc_fields()
+
+
 class GemmKernel:
     """A scaled-GEMM kernel as launch_gemm runs it: the kernel, its autotuned wrapper, fixed
     configs (few rows, many rows) for LITEFFN_AUTOTUNE=0, the interpreter's config, the hook
@@ -248,6 +411,14 @@ class GemmKernel:
     def __init__(self, kernel, tuned, defaults, interp_config, set_block_shapes, desc_names):
         self.kernel, self.tuned, self.defaults, self.interp_config = kernel, tuned, defaults, interp_config
         self.set_block_shapes, self.desc_names = set_block_shapes, tuple(desc_names)
+
+    def blocks(self, consts: dict) -> tuple:
+        """The descriptors' block shapes for a config and flags (what the config's pre_hook sets)."""
+        class _D:
+            block_shape = None
+        ns = {n: _D() for n in self.desc_names}
+        self.set_block_shapes({**consts, **ns})
+        return tuple(ns[n].block_shape for n in self.desc_names)
 
 
 def _meta(cfg: dict) -> dict:
@@ -260,12 +431,27 @@ def _grid(cfg: dict, M: int, N: int, sms: int) -> tuple:
 
 
 def launch_gemm(g: GemmKernel, tensors: tuple, args: tuple, flags: dict, M: int, N: int, device, config=None,
-                u_next=None) -> None:
+                u_next=None, cache: LaunchCache = LAUNCHES) -> None:
     """Launch a scaled-GEMM kernel: descriptors of `tensors` (with the config's block shapes), then
-    args (the other non-constexpr arguments), then flags. Config: given (completing the
-    interpreter's small one), else autotuned by g.tuned, or with LITEFFN_AUTOTUNE=0 the fixed
-    g.defaults[M > 256]."""
+    args (the other non-constexpr arguments, ending with M, N, K, R, R2, M_KEY), then flags.
+
+    Config: given (completing the interpreter's small one), else autotuned by g.tuned, or with
+    LITEFFN_AUTOTUNE=0 the fixed g.defaults[M > 256]. Once a config ran for a key (the tuned key
+    N, K, R, R2, M_KEY and flags by value, M and every tensor by spec_key, the given config), the
+    compiled kernel is launched directly with it; tuning happens once per key, in the first call."""
     sms = num_sms(device.index or 0) if device.type == "cuda" else 3  # persistent: few programs, many tiles
+    key = None
+    if _FAST_OK:
+        spec = spec_key(tensors + args)
+        if spec is not None:
+            key = (g, device.index, None if config is None else tuple(config.items()), *flags.values(), *args[-5:],
+                   spec)
+    e = cache.get(key)
+    if e is not None:
+        try:
+            return e(_grid(e.cfg, M, N, sms), (*(make_desc(t, b) for t, b in zip(tensors, e.blocks)), *args))
+        except Exception as ex:  # noqa: BLE001  (a launch that raises has not run)
+            _disable_fast(ex)
     if config is None and not INTERP and not AUTOTUNE:
         config = g.defaults[M > 256]
     # Block shapes are placeholders here; the config (its pre_hook for the tuner) sets the real ones.
@@ -273,14 +459,18 @@ def launch_gemm(g: GemmKernel, tensors: tuple, args: tuple, flags: dict, M: int,
     if config is None and not INTERP:
         n = len(g.tuned.cache)
         grid = lambda m: _grid(m, M, N, sms)  # noqa: E731
-        g.tuned[grid](*descs, *args, **flags)
+        compiled = g.tuned[grid](*descs, *args, **flags)
         if u_next is not None and len(g.tuned.cache) != n:
             # This call tuned: its timing runs added into u_next too, and Triton 3.6 leaves their
             # sum there (newer versions zero it); seen on the H100 as a wrong first FFN per shape.
             u_next.zero_()
-            g.tuned[grid](*descs, *args, **flags)
-        return
-    cfg = dict(g.interp_config, **(config or {}))
-    g.set_block_shapes({**dict(zip(g.desc_names, descs)), **_meta(cfg), **flags})
-    g.kernel[_grid(cfg, M, N, sms)](*descs, *args, **_meta(cfg), **flags, num_warps=cfg["num_warps"],
-                                   num_stages=cfg["num_stages"])
+            compiled = g.tuned[grid](*descs, *args, **flags)
+        best = g.tuned.best_config
+        cfg = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+    else:
+        cfg = dict(g.interp_config, **(config or {}))
+        g.set_block_shapes({**dict(zip(g.desc_names, descs)), **_meta(cfg), **flags})
+        compiled = g.kernel[_grid(cfg, M, N, sms)](*descs, *args, **_meta(cfg), **flags, num_warps=cfg["num_warps"],
+                                                  num_stages=cfg["num_stages"])
+    consts = {**_meta(cfg), **flags}
+    cache.put(key, g.kernel, compiled, len(tensors) + len(args), consts, cfg, g.blocks(consts))
