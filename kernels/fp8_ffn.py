@@ -6,8 +6,11 @@ reference.py (`act_quant_lowrank_ref`, `compressed_linear_ref`, `compressed_ffn_
 One FFN, y = W2 GELU(W1 x + b1) + b2 with W = A B + dequant(Q), is three launches:
 
   1. act_quant_lowrank(x, B1): per-token FP8 quantization of x (scale sx = rowmax/448) and the
-     low-rank down-projection u1 = x B1^T, computed from the same read of x as the row max;
-     a second launch writes the FP8 codes (x is read twice, written once at 1 byte).
+     low-rank down-projection u1 = x B1^T, computed from the same read of x as the row max.
+     Few rows (M <= SINGLE_LAUNCH_M): one launch, a program per few rows walking all of K twice
+     (row max and u, then the codes); the launch count is what costs there. Many rows: two
+     launches over a (row block x K split) grid, the first for the row max and u (atomics over
+     the splits), the second for the codes. Either also zeroes u2 (step 2's atomic sum).
   2. scaled_gemm, up: acc = xq Q1^T on FP8 tensor cores, acc = acc*sx*sw1, then u1 A1^T is
      accumulated into the same registers (bf16 MMA), + b1, GELU(tanh); the output h is written
      as FP8 with a static per-tensor scale s_h, and h B2^T (the second linear's low-rank
@@ -68,6 +71,8 @@ except ImportError:  # torch-only installs: dispatch never picks these kernels
     triton = None
 
 H_SCALE_MARGIN = 2.0  # headroom of the static FP8 scale of h over the calibrated absmax
+# Up to this many rows act_quant_lowrank is one launch (its host cost is what matters there).
+SINGLE_LAUNCH_M = 256
 
 
 def available() -> bool:
@@ -83,8 +88,50 @@ def static_scale(amax: torch.Tensor, margin: float = H_SCALE_MARGIN) -> torch.Te
 if triton is not None:
 
     # ------------------------------------------------------------ 1. quantize + low rank
-    # Two launches over a (row block x K split) grid: the row max and u need all of K, and one
-    # program per row block walking all of K was latency-bound (M=126, K=8192: 196 us).
+    @triton.jit
+    def _act_quant_rows_kernel(X, XQ, SX, LB, U, Z, M, K, R, RZ, stride_xm, ROWS: tl.constexpr, BM: tl.constexpr,
+                               BK: tl.constexpr, BK2: tl.constexpr, RP: tl.constexpr, RZP: tl.constexpr,
+                               INTERP: tl.constexpr):
+        """Few rows, one launch: each program takes ROWS rows through all of K twice. First the row
+        max and u = x B^T (written, no atomics) over [BM, BK] tiles (BM >= 16 rows for the MMA,
+        ROWS of them real); then the codes over [ROWS, BK2] tiles (wider: these loads are not
+        pipelined, so fewer and larger). Z [M, RZ] (the next linear's u accumulator) is zeroed."""
+        i = tl.arange(0, BM)
+        rows = tl.program_id(0) * ROWS + i
+        rmask = (i < ROWS) & (rows < M)
+        xrow = X + rows.to(tl.int64)[:, None] * stride_xm
+        amax = tl.zeros([BM], tl.float32)
+        if RP > 0:
+            rr = tl.arange(0, RP)
+            u = tl.zeros([BM, RP], tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            x = tl.load(xrow + ks[None, :], mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
+            if RP > 0:
+                b = tl.load(LB + rr[:, None] * K + ks[None, :], mask=(rr < R)[:, None] & (ks < K)[None, :], other=0.0)
+                u = _dot(x.to(tl.bfloat16), tl.trans(b), u, INTERP)
+        tl.store(SX + rows, tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12), mask=rmask)
+        if RP > 0:
+            tl.store(U + rows[:, None] * R + rr[None, :], u, mask=rmask[:, None] & (rr < R)[None, :])
+        if RZP > 0:
+            rz = tl.arange(0, RZP)
+            tl.store(Z + rows[:, None] * RZ + rz[None, :], tl.zeros([BM, RZP], tl.float32),
+                     mask=rmask[:, None] & (rz < RZ)[None, :])
+        tl.debug_barrier()  # the scales just stored, read back in the codes' layout by other threads
+        rows2 = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask2 = rows2 < M
+        s = tl.load(SX + rows2, mask=rmask2, other=1.0)
+        xrow2 = X + rows2.to(tl.int64)[:, None] * stride_xm
+        qrow = XQ + rows2.to(tl.int64)[:, None] * K
+        for k0 in range(0, K, BK2):
+            ks = k0 + tl.arange(0, BK2)
+            m2 = rmask2[:, None] & (ks < K)[None, :]
+            x = tl.load(xrow2 + ks[None, :], mask=m2, other=0.0).to(tl.float32)
+            tl.store(qrow + ks[None, :], _to_fp8(tl.math.div_rn(x, s[:, None]), INTERP), mask=m2)
+
+    # Many rows: two launches over a (row block x K split) grid: the row max and u need all of K,
+    # and one program per row block walking all of K was latency-bound there.
     @triton.jit
     def _act_stats_kernel(X, AMAX, LB, U, M, K, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
                           SPLIT: tl.constexpr, RP: tl.constexpr, INTERP: tl.constexpr):
@@ -110,13 +157,17 @@ if triton is not None:
             tl.atomic_add(U + rows[:, None] * R + rr[None, :], u, mask=rmask[:, None] & (rr < R)[None, :], sem="relaxed")
 
     @triton.jit
-    def _act_quant_kernel(X, XQ, AMAX, SX, M, K, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
-                          SPLIT: tl.constexpr, INTERP: tl.constexpr):
+    def _act_quant_kernel(X, XQ, AMAX, SX, Z, M, K, RZ, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
+                          SPLIT: tl.constexpr, RZP: tl.constexpr, INTERP: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         s = tl.maximum(tl.math.div_rn(tl.load(AMAX + rows, mask=rmask, other=0.0), 448.0), 1e-12)
         if tl.program_id(1) == 0:
             tl.store(SX + rows, s, mask=rmask)
+            if RZP > 0:
+                rz = tl.arange(0, RZP)
+                tl.store(Z + rows[:, None] * RZ + rz[None, :], tl.zeros([BM, RZP], tl.float32),
+                         mask=rmask[:, None] & (rz < RZ)[None, :])
         xrow = X + rows.to(tl.int64)[:, None] * stride_xm
         qrow = XQ + rows.to(tl.int64)[:, None] * K
         kend = tl.minimum((tl.program_id(1) + 1) * SPLIT, K)
@@ -221,19 +272,39 @@ if triton is not None:
                             ("a_desc", "b_desc", "c_desc"))
 
 
-def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None, sx=None,
-                      bm: int | None = None, split: int | None = None, warps: int | None = None):
+def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None, sx=None, zero=None,
+                      single: bool | None = None, rows: int | None = None, bm: int | None = None,
+                      split: int | None = None, warps: int | None = None):
     """x [M, K] (bf16/fp16/fp32, row stride free, unit column stride) -> (xq fp8 [M, K],
-    sx fp32 [M], u = x B^T fp32 [M, r] or None). u stays fp32 (an atomic sum over K splits);
-    the GEMM epilogue rounds it to bf16 for the MMA."""
+    sx fp32 [M], u = x B^T fp32 [M, r] or None). u stays fp32; the GEMM epilogue rounds it to
+    bf16 for the MMA. zero: an fp32 [M, r2] buffer (the next linear's u accumulator) set to zero
+    on the way. single: one launch (default for M <= SINGLE_LAUNCH_M; rows per program `rows`),
+    else two over K splits (bm rows x split columns per program)."""
     M, K = x.shape
     assert x.stride(1) == 1, "act_quant_lowrank needs unit column stride"
     r = 0 if B is None else B.shape[0]
+    rz = 0 if zero is None else zero.shape[1]
     xq = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn) if xq is None else xq
     sx = torch.empty(M, device=x.device, dtype=torch.float32) if sx is None else sx
+    rp = max(16, G.p2(r)) if r else 0
+    rzp = max(16, G.p2(rz)) if rz else 0
+    z = zero if rz else sx  # unused pointers: any fp32 tensor of this call
+    if single is None:
+        single = M <= SINGLE_LAUNCH_M
+    if single:
+        u = torch.empty(M, r, device=x.device, dtype=torch.float32) if r else None
+        # about 64 programs, each reading all of B (from L2): not measured on the GPU yet
+        # (bench/host_overhead.py --parts device times 1..16 rows against two launches);
+        # the interpreter's time goes with the number of programs
+        rows = rows or (16 if G.INTERP else min(16, G.p2(triton.cdiv(M, 64))))
+        assert rows in (1, 2, 4, 8, 16), "act_quant_lowrank: 1, 2, 4, 8 or 16 rows per program"
+        bk, bk2 = (32, 32) if G.INTERP else (256, max(256, 2048 // rows))
+        G.launch_kernel(_act_quant_rows_kernel, (triton.cdiv(M, rows),),
+                        (x, xq, sx, B if r else sx, u if r else sx, z, M, K, r, rz, x.stride(0)),
+                        dict(ROWS=rows, BM=16, BK=bk, BK2=bk2, RP=rp, RZP=rzp, INTERP=G.INTERP), num_warps=warps or 4)
+        return xq, sx, u
     amax = torch.zeros(M, device=x.device, dtype=torch.float32)
     u = torch.zeros(M, r, device=x.device, dtype=torch.float32) if r else None
-    rp = max(16, G.p2(r)) if r else 0
     # measured on the H100 (bench/ffn_kernels.py --explore): M=126: 16 rows x 256 columns per
     # program, 13-15 us at K=2048/8192; M=6144, K=4096: 64 x 512, 64 us (2 TB/s)
     bm = bm or (16 if (G.INTERP or M <= 2048) else 64)
@@ -244,8 +315,8 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     grid = (triton.cdiv(M, bm), triton.cdiv(K, split))
     G.launch_kernel(_act_stats_kernel, grid, (x, amax, B if r else amax, u if r else amax, M, K, r, x.stride(0)),
                     dict(BM=bm, BK=bk, SPLIT=split, RP=rp, INTERP=G.INTERP), num_warps=warps)
-    G.launch_kernel(_act_quant_kernel, grid, (x, xq, amax, sx, M, K, x.stride(0)),
-                    dict(BM=bm, BK=bk, SPLIT=split, INTERP=G.INTERP), num_warps=4)
+    G.launch_kernel(_act_quant_kernel, grid, (x, xq, amax, sx, z, M, K, rz, x.stride(0)),
+                    dict(BM=bm, BK=bk, SPLIT=split, RZP=rzp, INTERP=G.INTERP), num_warps=4)
     return xq, sx, u
 
 

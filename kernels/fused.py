@@ -47,9 +47,10 @@ def ffn(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, co
         h = gemm_up(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, out_dtype=y_dtype, config=config)
         hq, sh, u2 = act_quant_lowrank(h, B2)
     else:
-        xq, sx, u = act_quant_lowrank(x2, up.get("B"))
         r2 = 0 if B2 is None else B2.shape[0]
-        u2 = torch.zeros(x2.shape[0], r2, device=x2.device, dtype=torch.float32) if r2 else None
+        # the up-projection's epilogue adds into u2 atomically; act_quant_lowrank zeroes it first
+        u2 = torch.empty(x2.shape[0], r2, device=x2.device, dtype=torch.float32) if r2 else None
+        xq, sx, u = act_quant_lowrank(x2, up.get("B"), zero=u2)
         hq = gemm_up(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, h_scale=h_scale, next_B=B2,
                      u_next=u2, config=config)
         sh = h_scale

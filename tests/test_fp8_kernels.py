@@ -64,11 +64,13 @@ def _quiet():
 
 @pytest.mark.parametrize("m,k,r", [(50, 96, 20), (33, 64, 0), (17, 128, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_act_quant_lowrank_matches_reference(m, k, r, dtype):
+@pytest.mark.parametrize("single", [True, False])
+def test_act_quant_lowrank_matches_reference(m, k, r, dtype, single):
     x = _x(m, k, dtype=dtype)
     B = (torch.randn(r, k) / 10).bfloat16().to(DEV) if r else None
     xq, sx = _poisoned((m, k), torch.float8_e4m3fn), _poisoned((m,), torch.float32)
-    xq, sx, u = fp8_ffn.act_quant_lowrank(x, B, xq=xq, sx=sx, split=32)  # several K splits (CPU)
+    # two launches: several K splits (CPU); one launch: 4 rows per program, so a row tail
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, B, xq=xq, sx=sx, split=32, single=single)
     q0, s0, u0 = R.act_quant_lowrank_ref(x, B)
     codes, codes0 = xq.view(torch.uint8).long(), q0.view(torch.uint8).long()
     if DEV == "cpu":  # same IEEE division, same rounding
@@ -80,6 +82,25 @@ def test_act_quant_lowrank_matches_reference(m, k, r, dtype):
         # u is the fp32 sum (the reference rounds it to bf16); fp16 x enters the bf16 MMA as bf16
         assert u.dtype == torch.float32 and torch.isfinite(u).all()
         assert rel(u, u0) < (3e-3 if dtype == torch.bfloat16 else 1e-2)
+
+
+@pytest.mark.parametrize("m,k,r,rows", [(50, 96, 20, 4), (37, 160, 64, 8), (20, 64, 0, 16), (5, 64, 8, 1)])
+def test_act_quant_one_launch_equals_two(m, k, r, rows):
+    """The few-row single launch gives the two-launch path's codes and scales exactly (same row max,
+    same division) and its u up to fp32 summation order; both zero the next linear's u buffer."""
+    x = _x(m, k, seed=m, dtype=torch.float32)
+    B = (torch.randn(r, k) / 10).bfloat16().to(DEV) if r else None
+    out = []
+    for single in (True, False):
+        z = torch.full((m, 40), float("nan"), device=DEV)
+        out.append((*fp8_ffn.act_quant_lowrank(x, B, zero=z, single=single, rows=rows, split=64), z))
+    (q1, s1, u1, z1), (q2, s2, u2, z2) = out
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+    assert not z1.any() and not z2.any()
+    if r:
+        torch.testing.assert_close(u1, u2, rtol=1e-5, atol=1e-5)
+    else:
+        assert u1 is None and u2 is None
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)

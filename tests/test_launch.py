@@ -185,7 +185,7 @@ def _gemm_call(m, k=256, n=192, r=24, unaligned=False):
 
 
 def test_cache_key_is_at_least_as_fine_as_tritons_specialization():
-    """Against Triton's own binder on the real GEMM kernel: wherever two launches get the same cache key
+    """Against Triton's own binder on the real kernels: wherever two launches get the same cache key
     they get the same specialization (so one compiled kernel serves both), and the launch arguments
     (the others, then the constexprs) are the kernel's parameters in order."""
     jf, binder = _triton_binder(fp8_ffn._scaled_gemm_kernel)
@@ -203,3 +203,18 @@ def test_cache_key_is_at_least_as_fine_as_tritons_specialization():
             if ka == kb:
                 assert sa == sb
     assert len({k for k, _ in seen}) >= 4  # M: 1 / divisible by 16 / not; sx aligned or not
+
+    jf, binder = _triton_binder(fp8_ffn._act_quant_rows_kernel)
+    seen = []
+    for m, k, rz in ((126, 2048, 64), (110, 2048, 64), (128, 2048, 64), (1, 2048, 64), (126, 2056, 64),
+                     (126, 2048, 1)):
+        x, xq, sx = torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(m, k, dtype=torch.float8_e4m3fn), torch.ones(m)
+        B, u, z = torch.zeros(64, k, dtype=torch.bfloat16), torch.zeros(m, 64), torch.zeros(m, rz)
+        args = (x, xq, sx, B, u, z, m, k, 64, rz, x.stride(0))
+        consts = dict(ROWS=4, BM=16, BK=256, BK2=1024, RP=64, RZP=max(16, gemm.p2(rz)), INTERP=False)
+        bound, spec, _ = binder(*args, **consts)
+        assert list(bound) == [p.name for p in jf.params]
+        seen.append((gemm.spec_key(args), [tuple(s) for s in spec]))
+    for ka, sa in seen:
+        for kb, sb in seen:
+            assert (ka == kb) == (sa == sb)
