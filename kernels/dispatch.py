@@ -14,6 +14,7 @@ runs the kernels in Triton's interpreter (set TRITON_INTERPRET=1), for tests.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter
@@ -48,7 +49,12 @@ def mode() -> str:
 
 
 def fp8_tensor_cores(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and _capability(device.index) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _suits(x: torch.Tensor, fmt: str, tensors: dict) -> bool:

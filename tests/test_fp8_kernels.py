@@ -223,7 +223,7 @@ def test_kernel_failure_falls_back_to_reference_once(monkeypatch):
 
     monkeypatch.setattr(dispatch, "fp8_tensor_cores", lambda device: True)  # pretend: FP8 GPU
     monkeypatch.setattr(dispatch, "_disabled_reason", None)
-    monkeypatch.setattr(ops, "fp8_ffn_op", broken)
+    monkeypatch.setattr(fused, "ffn", broken)
     y = ffn(x)
     assert torch.equal(y, want)
     assert dispatch._disabled_reason and "no kernel image" in dispatch._disabled_reason
@@ -241,6 +241,24 @@ def test_ops_pass_torch_library_checks():
     torch.library.opcheck(ops.fp8_ffn_op, args, test_utils=("test_faketensor", "test_aot_dispatch_static"))
     torch.library.opcheck(ops.fp8_linear, (x, up["q"], up["q_scale"], up["A"], up["B"], up["bias"]),
                           test_utils=("test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_eager_modules_skip_the_custom_ops_and_compiled_ones_use_them(monkeypatch):
+    """The custom op's dispatch costs more host time than a small layer: eager calls run fused.py
+    directly; torch.compile still gets the op (one opaque node, its fake for tracing)."""
+    ffn = _ffn_module()
+    dispatch.set_mode("triton")
+    x = _x(2 * 7, 64, seed=9).reshape(2, 7, 64)
+    calls = []
+    for name in ("fp8_ffn_op", "fp8_linear"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    y = ffn(x)
+    ffn.up(x)
+    assert calls == [] and dispatch.counts["ffn:triton"] >= 1
+    torch._dynamo.reset()
+    y_c = torch.compile(ffn, fullgraph=True, backend="aot_eager")(x)
+    assert calls == ["fp8_ffn_op"] and rel(y_c, y) < 1e-6
 
 
 @pytest.mark.parametrize("mode", ["triton", "reference"])
