@@ -26,6 +26,7 @@ from triton.testing import do_bench_cudagraph  # noqa: E402
 
 from liteffn.calibration.synthetic import random_fp8_layer  # noqa: E402
 from liteffn.kernels import fp8_ffn as K  # noqa: E402
+from liteffn.kernels import fused  # noqa: E402
 
 SHAPES = ((4096, 16384), (16384, 4096), (2048, 8192), (8192, 2048))
 LOG = None
@@ -68,9 +69,9 @@ def inputs(kind, m, k, W, g):
     return (x * mag).bfloat16()
 
 
-def cfg(bm, bn, bk, warps, stages, promote, split=None, persist=True, flatten=False, ws=False):
+def cfg(bm, bn, bk, warps, stages, promote, split=None, persist=True, flatten=False):
     return dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, EPI_SPLIT=(bn >= 256) if split is None else split, PERSIST=persist,
-                FLATTEN=flatten, PRECISE_ACC=False, PROMOTE=promote, WS=ws, num_warps=warps, num_stages=stages)
+                FLATTEN=flatten, PROMOTE=promote, num_warps=warps, num_stages=stages)
 
 
 def accuracy(quick):
@@ -114,7 +115,6 @@ def speed(quick):
         "flat 128x128x128 s5 P4": cfg(128, 128, 128, 8, 5, 4),
         "flat 128x128x128 s4 P4 split": cfg(128, 128, 128, 8, 4, 4, split=True),
         "flat 128x128x128 s4 P4 flatten": cfg(128, 128, 128, 8, 4, 4, flatten=True),
-        "flat 128x128x128 s4 P4 ws": cfg(128, 128, 128, 8, 4, 4, ws=True),
         "flat 128x128x128 s4 P4 nonpersist": cfg(128, 128, 128, 8, 4, 4, persist=False),
         "flat 128x128x256 s3 P2": cfg(128, 128, 256, 8, 3, 2),
         "flat 64x128x128 w4 s4 P4 nonpersist": cfg(64, 128, 128, 4, 4, 4, persist=False),
@@ -225,7 +225,7 @@ def ffn(quick):
                 if m <= 256 and c is not None:
                     continue
                 try:
-                    t = us(lambda c=c: K.ffn_fp8(x, up, dn, hs, config=c))
+                    t = us(lambda c=c: fused.ffn(x, up, dn, hs, config=c))
                     line += f"; {name} {t:.1f} ({t_bf / t:.2f}x)"
                 except Exception as ex:  # noqa: BLE001
                     line += f"; {name} failed {type(ex).__name__}"
@@ -256,7 +256,7 @@ def host(quick):
         "CompressedFFN.forward": lambda: mod(x),
         "ops.fp8_ffn_op": lambda: ops.fp8_ffn_op(x, up["q"], up["q_scale"], up["A"], up["B"], up["bias"], dn["q"],
                                                  dn["q_scale"], dn["A"], dn["B"], dn["bias"], hs),
-        "fp8_ffn.ffn_fp8": lambda: K.ffn_fp8(x2, up, dn, hs),
+        "fused.ffn": lambda: fused.ffn(x2, up, dn, hs),
         "act_quant_lowrank": lambda: K.act_quant_lowrank(x2, up["B"]),
         "scaled_gemm (up, r=64)": lambda: K.scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up["A"], bias=up["bias"]),
         "torch.empty x3": lambda: (torch.empty(m, hid, device="cuda"), torch.zeros(m, 64, device="cuda"),

@@ -30,7 +30,13 @@ from _common import CHECK_ROWS, Rot, act, copies_for, rel, us  # noqa: E402
 from liteffn.calibration.synthetic import random_fp4_layer, random_fp8_layer  # noqa: E402
 from liteffn.kernels import formats as F  # noqa: E402
 from liteffn.kernels import fp8_ffn as K  # noqa: E402
+from liteffn.kernels import fused  # noqa: E402
 from liteffn.kernels import w4a8  # noqa: E402
+
+
+def _gemm(xq, sx, t, **kw):
+    return fused.GEMMS[fused.layout(t)](xq, sx, t, **kw)
+
 
 SHAPES = [((4096, 16384), (6144, 24576)), ((16384, 4096), (6144,)), ((2048, 8192), (126, 1024, 5600)),
           ((8192, 2048), (126, 1024, 5600))]
@@ -53,7 +59,7 @@ def gemm_row(k, n, m, l8, l4, W, b, lines, t_bf=None):
         t_bf = us(lambda: Fn.linear(x, W(), b))
     t0 = l8.items[0]
     xq, sx, u = K.act_quant_lowrank(x, t0["B"])
-    t_8 = us(lambda: K._gemm(xq, sx, l8(), u=u, A=t0["A"], bias=t0["bias"]))
+    t_8 = us(lambda: _gemm(xq, sx, l8(), u=u, A=t0["A"], bias=t0["bias"]))
     t_4 = {(f, mat): us(lambda f=f, mat=mat: w4a8.scaled_gemm(xq, sx, l4[f](), u=u, A=t0["A"], bias=t0["bias"],
                                                               materialize=mat))
            for f in FMTS for mat in (False, True)}
@@ -65,7 +71,7 @@ def gemm_row(k, n, m, l8, l4, W, b, lines, t_bf=None):
 
     def err(t, wd, **kw):
         _, _, u_s = K.act_quant_lowrank(xs, t["B"])
-        y = K._gemm(xq_s, sx_s, t, u=u_s, A=t["A"], bias=t["bias"], **kw)
+        y = _gemm(xq_s, sx_s, t, u=u_s, A=t["A"], bias=t["bias"], **kw)
         ref = Fn.linear(xf, wd) + Fn.linear(Fn.linear(xs.float(), t["B"].float()), t["A"].float()) + t["bias"].float()
         return rel(y, ref)
 
@@ -85,8 +91,8 @@ def ffn_row(d, hdim, m, lines):
     dn8, dn4 = layers(d, hdim)
     x = act(m, d)
     hs = torch.tensor([0.25], device="cuda")
-    t_8 = us(lambda: K.ffn_fp8(x, up8(), dn8(), hs))
-    t_4 = {f: us(lambda f=f: K.ffn_fp8(x, up4[f](), dn4[f](), hs)) for f in FMTS}
+    t_8 = us(lambda: fused.ffn(x, up8(), dn8(), hs))
+    t_4 = {f: us(lambda f=f: fused.ffn(x, up4[f](), dn4[f](), hs)) for f in FMTS}
     mib = lambda ls: sum(F.stored_bytes({k: v for k, v in t.items() if k in ("q", "q_scale", "sb")})  # noqa: E731
                          for t in (ls[0].items[0], ls[1].items[0])) / 2**20
     lines.append(f"| {d}->{hdim}->{d} | {m} | {t_8:.1f} | {t_4['mxfp4']:.1f} | {t_4['nvfp4']:.1f} | "
@@ -111,7 +117,7 @@ def sweep():
             xq_s, sx_s, u_s = K.act_quant_lowrank(xs, w0["B"])
             ref = (Fn.linear(xq_s.float() * sx_s[:, None], w4a8.dequant(w0))
                    + Fn.linear(Fn.linear(xs.float(), w0["B"].float()), w0["A"].float()) + w0["bias"].float())
-            row = [f"{k}->{n} M={m}: FP8 {us(lambda: K._gemm(xq, sx, l8(), u=u, A=t0['A'], bias=t0['bias'])):.1f}"]
+            row = [f"{k}->{n} M={m}: FP8 {us(lambda: _gemm(xq, sx, l8(), u=u, A=t0['A'], bias=t0['bias'])):.1f}"]
             for cfg in cands:
                 if cfg["SPLIT_K"] > 1 and m > w4a8.SPLIT_K_MAX_M:
                     continue

@@ -27,8 +27,8 @@ from liteffn.kernels import w4a8  # noqa: E402
 # The tuner's usual winner, and a two-warpgroup tile.
 CONFIGS = [dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, num_warps=4, num_stages=2),
            dict(BN=128, BM=128, GROUP_M=8, PERSIST=True, EPI_SPLIT=False, PROMOTE=2, num_warps=8, num_stages=3)]
-FP8 = dict(BM=128, BN=256, BK=256, GROUP_M=8, EPI_SPLIT=True, PERSIST=True, FLATTEN=False, PRECISE_ACC=False,
-           PROMOTE=1, WS=False, num_warps=8, num_stages=2)
+FP8 = dict(BM=128, BN=256, BK=256, GROUP_M=8, EPI_SPLIT=True, PERSIST=True, FLATTEN=False, PROMOTE=1, num_warps=8,
+           num_stages=2)
 
 def audio(fp8_cfg: dict):
     n, k, m = 8192, 2048, 126

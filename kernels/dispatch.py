@@ -1,4 +1,4 @@
-"""Which path runs a compressed linear or FFN: the fused Triton kernels (fp8_ffn.py) or the
+"""Which path runs a compressed linear or FFN: the fused Triton kernels (fused.py) or the
 torch reference (reference.py).
 
 Triton runs when the input is on a CUDA GPU with FP8 tensor cores (compute capability >= 8.9),
@@ -14,6 +14,7 @@ runs the kernels in Triton's interpreter (set TRITON_INTERPRET=1), for tests.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter
@@ -21,6 +22,7 @@ from collections import Counter
 import torch
 
 from . import fp8_ffn
+from .fused import layout
 from .w4a8 import FORMATS as W4A8_FORMATS
 
 log = logging.getLogger("liteffn")
@@ -47,7 +49,12 @@ def mode() -> str:
 
 
 def fp8_tensor_cores(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and _capability(device.index) >= (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _suits(x: torch.Tensor, fmt: str, tensors: dict) -> bool:
@@ -57,11 +64,11 @@ def _suits(x: torch.Tensor, fmt: str, tensors: dict) -> bool:
     n, k = q.shape
     if fmt == "fp8":
         return q.dtype == torch.float8_e4m3fn and n % 16 == 0 and k % 16 == 0
-    return fmt in W4A8_FORMATS and "sb" in tensors and n % 16 == 0 and (2 * k) % 128 == 0
+    return fmt in W4A8_FORMATS and layout(tensors) == "w4a8" and n % 16 == 0 and (2 * k) % 128 == 0
 
 
 def in_features(t: dict) -> int:
-    return t["q"].shape[1] * (2 if "sb" in t else 1)
+    return t["q"].shape[1] * (2 if layout(t) == "w4a8" else 1)
 
 
 def w4a8_possible(fmt: str, in_features: int, act_quant: bool = True) -> bool:

@@ -7,7 +7,8 @@ factors keep their stored dtypes. When the tensors live on another device than t
 (a partially loaded model keeps some modules offloaded), forward copies them for that call.
 
 forward() asks dispatch.py for the path: the fused Triton kernels on GPUs with FP8 tensor
-cores, the torch reference elsewhere. On such machines an MXFP4/NVFP4 residual is converted once,
+cores (through ops.py: called directly in eager mode, as custom ops under torch.compile), the
+torch reference elsewhere. On such machines an MXFP4/NVFP4 residual is converted once,
 when the module is built, to the W4A8 kernel's layout (w4a8.py: same bytes, codes repacked,
 block scales as table bytes); the reference then computes with the same weights.
 """
@@ -76,7 +77,8 @@ class CompressedLinear(torch.nn.Module):
         return self
 
     def tensors(self, device=None) -> dict:
-        t = {n: _on(getattr(self, n), device) for n in TENSOR_NAMES if getattr(self, n) is not None}
+        p = self._parameters  # what getattr would return, without nn.Module.__getattr__ per name
+        t = {n: _on(p[n], device) for n in TENSOR_NAMES if p[n] is not None}
         if self._extra is not None:
             t["A"], t["B"] = (_on(e, device) for e in self._extra)
         return t
@@ -107,9 +109,7 @@ class CompressedLinear(torch.nn.Module):
         t = self.tensors(x.device)
         ref = lambda: compressed_linear_ref(x, self.fmt, t, self.act_quant)  # noqa: E731
         if dispatch.choose(x, [self.kernel_layer(t)]) == "triton":
-            return dispatch.run("linear", lambda: ops.fp8_linear(x, t["q"], t["q_scale"], t.get("A"), t.get("B"),
-                                                                 t.get("bias"), t.get("sb"), self.block).to(x.dtype),
-                                ref)
+            return dispatch.run("linear", lambda: ops.linear(x, t, self.block).to(x.dtype), ref)
         dispatch.note_reference("linear")
         return ref()
 
@@ -151,10 +151,7 @@ class CompressedFFN(torch.nn.Module):
         t1, t2, hs = up.tensors(x.device), down.tensors(x.device), down.scale_on(x.device)
         ref = lambda: compressed_ffn_ref(x, up.fmt, t1, down.fmt, t2, hs, act_quant=up.act_quant)  # noqa: E731
         if dispatch.choose(x, [up.kernel_layer(t1), down.kernel_layer(t2)]) == "triton":
-            return dispatch.run("ffn", lambda: ops.fp8_ffn_op(
-                x, t1["q"], t1["q_scale"], t1.get("A"), t1.get("B"), t1.get("bias"),
-                t2["q"], t2["q_scale"], t2.get("A"), t2.get("B"), t2.get("bias"), hs, t1.get("sb"), t2.get("sb"),
-                up.block, down.block).to(x.dtype), ref)
+            return dispatch.run("ffn", lambda: ops.ffn(x, t1, t2, hs, up.block, down.block).to(x.dtype), ref)
         dispatch.note_reference("ffn")
         return ref()
 

@@ -1,7 +1,7 @@
 """FP4 residuals on FP8 tensor cores (W4A8): MXFP4 / NVFP4 codes stay 4-bit in memory and are
 converted in registers to E4M3, multiplied with the FP8 activations on the FP8 MMA, the
-low-rank branch fused as in the FP8 path (fp8_ffn.py). Reference beside it: `prepare` makes
-the kernel's operands from a stored residual, `dequant` gives the dense weights they encode.
+low-rank branch fused as in the FP8 path (fp8_ffn.py, gemm.py). Reference beside it: `prepare`
+makes the kernel's operands from a stored residual, `dequant` gives the dense weights they encode.
 
 Two paths (scaled_gemm picks by token count; bench/w4a8.py):
 - Few tokens: the in-register kernel below (weights read once, 4-bit), K split across programs
@@ -14,8 +14,13 @@ The in-register kernel:
 - The weights are wgmma's A operand, from registers (out^T = W x^T: weight rows are the MMA's
   M, tokens its N). The codes come in through TMA like any tile, and so do the block bytes
   (stored group-major for that); the converted E4M3 bytes never go back to shared memory.
-- Scales and the low-rank term are applied in that swapped orientation too (fp8_ffn._scale_lowrank),
-  before fp8_ffn's epilogue does bias, GELU, output and the next low-rank input.
+- Scales and the low-rank term are applied in that swapped orientation too (gemm._scale_lowrank),
+  before the shared epilogue (gemm._store_tile) does bias, GELU, output and the next low-rank input.
+- Accumulation: PROMOTE counts 128-K groups: the tensor cores' partial sum goes into the fp32
+  accumulator every PROMOTE * 128 elements of K (256 for the tuned configs, 128 for few tokens),
+  never less often than LITEFFN_PROMOTE_K asks (fp8_ffn.py: what each interval costs in error);
+  with LITEFFN_PROMOTE_K=0 these intervals stay. The many-token path (the FP8 GEMM on the
+  transient copy) promotes as the FP8 GEMM does.
 - Conversion is integer work per 32-bit word of 8 codes: one PRMT byte lookup per 4 codes into
   an 8-entry table of E4M3 bytes, the sign OR-ed in. `prepare` repacks the codes so that each
   word holds 4 codes of the group's first half (magnitudes in nibbles 0-3, signs on bits
@@ -35,13 +40,15 @@ from __future__ import annotations
 import torch
 
 from . import formats as F
+from . import fp8_ffn
+from . import gemm as G
 
 try:
     import triton
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from . import fp8_ffn as K8
+    from .gemm import _grouped_tile, _scale_lowrank, _store_tile
 except ImportError:
     triton = None
 
@@ -55,6 +62,11 @@ MATERIALIZE_M = 1024
 # Up to this many tokens the in-register kernel takes a fixed tile and splits K when its tiles
 # would leave SMs idle (few_tokens_config; the tuner's timings of these tiny launches were erratic).
 SPLIT_K_MAX_M = 256
+
+
+def _promote(groups: int) -> int:
+    """A config's PROMOTE (128-K groups between promotions), at most LITEFFN_PROMOTE_K's interval."""
+    return max(1, min(groups, G.PROMOTE_K // GROUP)) if G.PROMOTE_K else groups
 
 
 def _mag_table(j: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -111,8 +123,8 @@ def prepare(fmt: str, t: dict) -> dict:
     """Kernel operands of a stored FP4 residual t (q packed [N, K/2], q_scale block scales,
     q_scale2 NVFP4's tensor scale): q repacked, sb (uint8 [K/128, N, 128/block], b = E << 3 | j per block,
     group-major so that a tile's bytes of one group are one TMA box),
-    q_scale (fp32 [N], p[n] for the epilogue), and t's A, B, bias: a layer for fp8_ffn.linear_fp8
-    and ffn_fp8."""
+    q_scale (fp32 [N], p[n] for the epilogue), and t's A, B, bias: a layer for fused.linear
+    and fused.ffn."""
     if fmt not in FORMATS:
         raise ValueError(f"W4A8 takes mxfp4 or nvfp4 residuals, not {fmt!r}")
     q = t["q"]
@@ -262,7 +274,7 @@ if triton is not None:
                      ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr, RB: tl.constexpr,
                      R_CHUNKS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
                      R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, SB: tl.constexpr, INTERP: tl.constexpr):
-        """out = x W^T (W: repacked FP4, weight rows as the MMA's M) with fp8_ffn's epilogue.
+        """out = x W^T (W: repacked FP4, weight rows as the MMA's M) with the FP8 GEMM's epilogue.
         Tiles: BN weight rows x BM tokens, K in groups of 128 (two 64-wide MMAs).
         SPLIT_K > 1 (few tokens, few tiles): SPLIT_K programs per tile share K; each adds its part
         into the fp32 workspace WS [M, N], and the last one to arrive (counter CNT[tile]) runs the
@@ -278,7 +290,7 @@ if triton is not None:
             tile = item // SPLIT_K
             g_lo = (item % SPLIT_K) * gps
             # grouped order over weight-row tiles: neighbouring programs share weight tiles in L2
-            pid_n, pid_m = K8._grouped_tile(tile, num_pid_n, num_pid_m, GROUP_M)
+            pid_n, pid_m = _grouped_tile(tile, num_pid_n, num_pid_m, GROUP_M)
             om = pid_m * BM
             on = pid_n * BN
             acc = tl.zeros([BN, BM], tl.float32)
@@ -292,17 +304,17 @@ if triton is not None:
                     else:
                         part = tl.dot(w, x.T, part)
                 acc += part
-            # Scales and the low-rank term in the swapped orientation (in [BM, BN], as fp8_ffn does, the
+            # Scales and the low-rank term in the swapped orientation (in [BM, BN], as the FP8 GEMM does, the
             # low-rank MMA needed the accumulator moved through shared memory, and registers spilled),
             # and before any sum over splits (the first split adds the low-rank term): the program
             # finishing a tile then only loads the sum and runs the rest of the epilogue.
             rows = om + tl.arange(0, BM)
             cols = on + tl.arange(0, BN)
             if g_lo == 0:
-                acc = K8._scale_lowrank(acc, rows, cols, M, N, SX, SW, U, LA, R, ROW_SCALAR, RB, R_CHUNKS, True, INTERP)
+                acc = _scale_lowrank(acc, rows, cols, M, N, SX, SW, U, LA, R, ROW_SCALAR, RB, R_CHUNKS, True, INTERP)
             else:
-                acc = K8._scale_lowrank(acc, rows, cols, M, N, SX, SW, U, LA, R, ROW_SCALAR, RB, 0, True, INTERP)
-            acc = tl.trans(acc)  # [BM tokens, BN channels], as fp8_ffn's epilogue takes it
+                acc = _scale_lowrank(acc, rows, cols, M, N, SX, SW, U, LA, R, ROW_SCALAR, RB, 0, True, INTERP)
+            acc = tl.trans(acc)  # [BM tokens, BN channels], as _store_tile takes it
             last = True
             if SPLIT_K > 1:
                 ws = WS + rows[:, None].to(tl.int64) * N + cols[None, :]
@@ -319,8 +331,8 @@ if triton is not None:
                     tl.store(ws, tl.zeros_like(acc), mask=inside)
                     tl.store(CNT + tile, 0)
             if last:
-                K8._store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN,
-                               EPI_SPLIT, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP, True)
+                _store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN,
+                            EPI_SPLIT, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP, True)
 
     @triton.jit
     def _to_fp8_kernel(w_desc, o_desc, sb_desc, N, K, BN: tl.constexpr, GPP: tl.constexpr, SB: tl.constexpr,
@@ -342,8 +354,8 @@ if triton is not None:
         nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
 
     def _config(bn, bm, warps, stages, promote=2, split=False, persist=True, split_k=1):
-        return triton.Config(dict(BN=bn, BM=bm, GROUP_M=8, PERSIST=persist, EPI_SPLIT=split, PROMOTE=promote,
-                                  SPLIT_K=split_k),
+        return triton.Config(dict(BN=bn, BM=bm, GROUP_M=8, PERSIST=persist, EPI_SPLIT=split,
+                                  PROMOTE=_promote(promote), SPLIT_K=split_k),
                              num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
 
     # Candidates autotuned per shape; bench/w4a8.py --sweep times each (H100: 64x128 tiles, two
@@ -360,10 +372,12 @@ if triton is not None:
     # scaled_gemm gives fewer few_tokens_config.
     _tuned = triton.autotune(GEMM_CONFIGS, key=["M_KEY", "N", "K", "R", "R2", "GELU", "OUT_FP8", "SB"],
                              reset_to_zero=["U2"])(_w4a8_kernel)
-    _MANY_TOKENS = dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=2, SPLIT_K=1, num_warps=4,
-                        num_stages=2)
+    _MANY_TOKENS = dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=_promote(2), SPLIT_K=1,
+                        num_warps=4, num_stages=2)
     DEFAULT_CONFIGS = (_MANY_TOKENS, _MANY_TOKENS)
     INTERP_CONFIG = dict(BN=32, BM=32, GROUP_M=2, PERSIST=True, EPI_SPLIT=True, PROMOTE=1, SPLIT_K=1, num_warps=4, num_stages=2)
+    W4A8_GEMM = G.GemmKernel(_w4a8_kernel, _tuned, DEFAULT_CONFIGS, INTERP_CONFIG, _set_block_shapes,
+                             ("x_desc", "w_desc", "c_desc", "sb_desc"))
 
 
 _WORKSPACES: dict = {}
@@ -396,11 +410,11 @@ def to_fp8(w4: dict) -> torch.Tensor:
     q = w4["q"]
     n, k = q.shape[0], q.shape[1] * 2
     out = torch.empty(n, k, device=q.device, dtype=torch.float8_e4m3fn)
-    bn, gpp = (32, 1) if K8.INTERP else (64, 4)
+    bn, gpp = (32, 1) if G.INTERP else (64, 4)
     w_desc = TensorDescriptor.from_tensor(q, [bn, 64])
     o_desc = TensorDescriptor.from_tensor(out, [bn, 128])
     grid = (triton.cdiv(n, bn), triton.cdiv(k // GROUP, gpp))
-    _to_fp8_kernel[grid](w_desc, o_desc, _sb_desc(w4["sb"], bn), n, k, BN=bn, GPP=gpp, SB=w4["block"], INTERP=K8.INTERP,
+    _to_fp8_kernel[grid](w_desc, o_desc, _sb_desc(w4["sb"], bn), n, k, BN=bn, GPP=gpp, SB=w4["block"], INTERP=G.INTERP,
                          num_warps=4)
     return out
 
@@ -417,23 +431,20 @@ def scaled_gemm(xq, sx, w4, *, u=None, A=None, bias=None, gelu=False, h_scale=No
     if materialize is None:
         materialize = M >= MATERIALIZE_M
     if materialize:
-        return K8.scaled_gemm(xq, sx, to_fp8(w4), w4["q_scale"], u=u, A=A, bias=bias, gelu=gelu, h_scale=h_scale,
-                              next_B=next_B, u_next=u_next, out=out, out_dtype=out_dtype)
+        return fp8_ffn.scaled_gemm(xq, sx, to_fp8(w4), w4["q_scale"], u=u, A=A, bias=bias, gelu=gelu,
+                                   h_scale=h_scale, next_B=next_B, u_next=u_next, out=out, out_dtype=out_dtype)
     N = w4["q"].shape[0]
-    out, ptrs, sizes, flags = K8._gemm_operands(xq, sx, N, u, A, bias, gelu, h_scale, next_B, u_next, out, out_dtype)
-    # Block shapes are placeholders here; the config's pre_hook sets the real ones.
-    descs = [TensorDescriptor.from_tensor(t, [16, 16]) for t in (xq, w4["q"], out)] + [_sb_desc(w4["sb"], 16)]
-    if config is None and M <= SPLIT_K_MAX_M and not K8.INTERP:
-        config = few_tokens_config(M, N, K8._num_sms(xq.device.index or 0))
+    out, ptrs, sizes, flags = G.gemm_operands(xq, sx, N, u, A, bias, gelu, h_scale, next_B, u_next, out, out_dtype)
+    if config is None and M <= SPLIT_K_MAX_M and not G.INTERP:
+        config = few_tokens_config(M, N, G.num_sms(xq.device.index or 0))
     split = (config or {}).get("SPLIT_K", 1) > 1
     bm = dict(INTERP_CONFIG, **(config or {}))["BM"]
-    if split and bm != 128 and not K8.INTERP:
+    if split and bm != 128 and not G.INTERP:
         # On the H100, 64-token tiles with split K gave wrong pairs of rows in some launches (with
         # the low-rank term; bench/w4a8_explore_h100.log section 4); 128-token tiles were exact.
         raise ValueError(f"W4A8 split K needs 128-token tiles (BM=128), got BM={bm}")
-    ws, cnt = _split_workspace(xq.device, M, N) if split else (K8._scratch(xq.device),) * 2
-    K8._launch(_w4a8_kernel, _tuned, DEFAULT_CONFIGS, INTERP_CONFIG, _set_block_shapes,
-               dict(zip(("x_desc", "w_desc", "c_desc", "sb_desc"), descs)),
-               (*descs, sx, w4["q_scale"], *ptrs, ws, cnt, *sizes), dict(flags, SB=w4["block"]), M, N, xq.device,
-               config, u_next if next_B is not None else None)
+    ws, cnt = _split_workspace(xq.device, M, N) if split else (G.scratch(xq.device),) * 2
+    # the block bytes as TMA sees them: rows of 16 bytes (_sb_desc)
+    G.launch_gemm(W4A8_GEMM, (xq, w4["q"], out, w4["sb"].view(-1, 16)), (sx, w4["q_scale"], *ptrs, ws, cnt, *sizes),
+                  dict(flags, SB=w4["block"]), M, N, xq.device, config, u_next if next_B is not None else None)
     return out

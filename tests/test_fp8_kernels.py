@@ -1,4 +1,4 @@
-"""The fused FP8 FFN kernels (kernels/fp8_ffn.py) against their torch references.
+"""The fused FP8 FFN kernels (kernels/fp8_ffn.py, gemm.py, fused.py) against their torch references.
 
 On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) on small shapes
 that still cover every branch: row, column and K tails, rank tails, split and whole
@@ -12,7 +12,7 @@ import torch
 from liteffn.calibration.compress import compress_linear
 from liteffn.calibration.synthetic import INPUT_KINDS, dense_weight, kernel_inputs, random_fp8_layer
 from liteffn.calibration.stats import LayerStats
-from liteffn.kernels import dispatch, fp8_ffn, ops
+from liteffn.kernels import dispatch, fp8_ffn, fused, ops
 from liteffn.kernels import reference as R
 from liteffn.kernels.modules import CompressedFFN, CompressedLinear
 
@@ -65,11 +65,13 @@ def _quiet():
 
 @pytest.mark.parametrize("m,k,r", [(50, 96, 20), (33, 64, 0), (17, 128, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_act_quant_lowrank_matches_reference(m, k, r, dtype):
+@pytest.mark.parametrize("single", [True, False])
+def test_act_quant_lowrank_matches_reference(m, k, r, dtype, single):
     x = _x(m, k, dtype=dtype)
     B = (torch.randn(r, k) / 10).bfloat16().to(DEV) if r else None
     xq, sx = _poisoned((m, k), torch.float8_e4m3fn), _poisoned((m,), torch.float32)
-    xq, sx, u = fp8_ffn.act_quant_lowrank(x, B, xq=xq, sx=sx, split=32)  # several K splits (CPU)
+    # two launches: several K splits (CPU); one launch: 4 rows per program, so a row tail
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, B, xq=xq, sx=sx, split=32, single=single)
     q0, s0, u0 = R.act_quant_lowrank_ref(x, B)
     codes, codes0 = xq.view(torch.uint8).long(), q0.view(torch.uint8).long()
     if DEV == "cpu":  # same IEEE division, same rounding
@@ -81,6 +83,25 @@ def test_act_quant_lowrank_matches_reference(m, k, r, dtype):
         # u is the fp32 sum (the reference rounds it to bf16); fp16 x enters the bf16 MMA as bf16
         assert u.dtype == torch.float32 and torch.isfinite(u).all()
         assert rel(u, u0) < (3e-3 if dtype == torch.bfloat16 else 1e-2)
+
+
+@pytest.mark.parametrize("m,k,r,rows", [(50, 96, 20, 4), (37, 160, 64, 8), (20, 64, 0, 16), (5, 64, 8, 1)])
+def test_act_quant_one_launch_equals_two(m, k, r, rows):
+    """The few-row single launch gives the two-launch path's codes and scales exactly (same row max,
+    same division) and its u up to fp32 summation order; both zero the next linear's u buffer."""
+    x = _x(m, k, seed=m, dtype=torch.float32)
+    B = (torch.randn(r, k) / 10).bfloat16().to(DEV) if r else None
+    out = []
+    for single in (True, False):
+        z = torch.full((m, 40), float("nan"), device=DEV)
+        out.append((*fp8_ffn.act_quant_lowrank(x, B, zero=z, single=single, rows=rows, split=64), z))
+    (q1, s1, u1, z1), (q2, s2, u2, z2) = out
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+    assert not z1.any() and not z2.any()
+    if r:
+        torch.testing.assert_close(u1, u2, rtol=1e-5, atol=1e-5)
+    else:
+        assert u1 is None and u2 is None
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -141,7 +162,7 @@ def test_ffn_kernels_match_reference(static, ranks):
     x = _x(m, d, seed=7)
     up, down = _layer(4 * d, d, ranks[0], seed=3), _layer(d, 4 * d, ranks[1], seed=4)
     hs = fp8_ffn.static_scale(torch.tensor([2.0])) if static else None
-    y = fp8_ffn.ffn_fp8(x, up, down, hs.to(DEV) if static else None)
+    y = fused.ffn(x, up, down, hs.to(DEV) if static else None)
     # the unfused path stores the hidden activation in bf16 before quantizing it per token
     want = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, h_scale=hs, dtype=torch.float32,
                                 h_dtype=None if static else torch.bfloat16)
@@ -160,7 +181,7 @@ def test_kernels_leave_the_layer_tensors_alone(ranks):
     up, down = _layer(4 * 64, 64, ranks[0], seed=5), _layer(64, 4 * 64, ranks[1], seed=6)
     before = {(i, k): v.clone() for i, t in enumerate((up, down)) for k, v in t.items()}
     for hs in (fp8_ffn.static_scale(torch.tensor([2.0])).to(DEV), None):
-        fp8_ffn.ffn_fp8(_x(300, 64, seed=8), up, down, hs)
+        fused.ffn(_x(300, 64, seed=8), up, down, hs)
     for (i, k), v in before.items():
         assert torch.equal((up, down)[i][k].view(torch.uint8), v.view(torch.uint8)), (i, k)
 
@@ -217,7 +238,7 @@ def test_kernel_failure_falls_back_to_reference_once(monkeypatch):
 
     monkeypatch.setattr(dispatch, "fp8_tensor_cores", lambda device: True)  # pretend: FP8 GPU
     monkeypatch.setattr(dispatch, "_disabled_reason", None)
-    monkeypatch.setattr(ops, "fp8_ffn_op", broken)
+    monkeypatch.setattr(fused, "ffn", broken)
     y = ffn(x)
     assert torch.equal(y, want)
     assert dispatch._disabled_reason and "no kernel image" in dispatch._disabled_reason
@@ -235,6 +256,24 @@ def test_ops_pass_torch_library_checks():
     torch.library.opcheck(ops.fp8_ffn_op, args, test_utils=("test_faketensor", "test_aot_dispatch_static"))
     torch.library.opcheck(ops.fp8_linear, (x, up["q"], up["q_scale"], up["A"], up["B"], up["bias"]),
                           test_utils=("test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_eager_modules_skip_the_custom_ops_and_compiled_ones_use_them(monkeypatch):
+    """The custom op's dispatch costs more host time than a small layer: eager calls run fused.py
+    directly; torch.compile still gets the op (one opaque node, its fake for tracing)."""
+    ffn = _ffn_module()
+    dispatch.set_mode("triton")
+    x = _x(2 * 7, 64, seed=9).reshape(2, 7, 64)
+    calls = []
+    for name in ("fp8_ffn_op", "fp8_linear"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    y = ffn(x)
+    ffn.up(x)
+    assert calls == [] and dispatch.counts["ffn:triton"] >= 1
+    torch._dynamo.reset()
+    y_c = torch.compile(ffn, fullgraph=True, backend="aot_eager")(x)
+    assert calls == ["fp8_ffn_op"] and rel(y_c, y) < 1e-6
 
 
 @pytest.mark.parametrize("mode", ["triton", "reference"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from liteffn.calibration.synthetic import INPUT_KINDS, dense_weight, kernel_inputs, random_activations, random_fp8_layer
-from liteffn.kernels import dispatch, fp8_ffn
+from liteffn.kernels import dispatch, fp8_ffn, fused
 from liteffn.kernels import reference as R
 from liteffn.kernels.modules import CompressedFFN, CompressedLinear
 
@@ -79,7 +79,7 @@ def test_ffn_at_ltx2_widths(dim, static):
     x = act(m, dim)
     h = torch.nn.functional.gelu(R.compressed_linear_ref(x, "fp8", up, dtype=torch.float32), approximate="tanh")
     hs = fp8_ffn.static_scale(h.abs().amax()) if static else None
-    y = fp8_ffn.ffn_fp8(x, up, down, hs)
+    y = fused.ffn(x, up, down, hs)
     kw = dict(h_scale=hs, h_dtype=None if static else torch.bfloat16)
     want = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, dtype=torch.float32, **kw)
     torch_bf16 = R.compressed_ffn_ref(x, "fp8", up, "fp8", down, **kw)  # what GPUs without FP8 run

@@ -8,7 +8,7 @@ import torch.nn.functional as Fn
 
 from liteffn.calibration.compress import compress_linear
 from liteffn.kernels import formats as F
-from liteffn.kernels import fp8_ffn, w4a8
+from liteffn.kernels import fp8_ffn, fused, gemm, w4a8
 from liteffn.kernels import reference as R
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -153,7 +153,7 @@ def test_split_k_sums_in_a_workspace_it_leaves_zeroed():
 def test_split_k_refuses_small_token_tiles_on_the_gpu(monkeypatch):
     """64-token tiles with split K gave wrong rows on the H100: the compiled path refuses them
     before launching anything."""
-    monkeypatch.setattr(fp8_ffn, "INTERP", False)
+    monkeypatch.setattr(gemm, "INTERP", False)
     t = _layer("mxfp4", 64, 256, 0)
     w4 = w4a8.prepare("mxfp4", t)
     xq = torch.zeros(8, 256, dtype=torch.float8_e4m3fn)
@@ -166,7 +166,7 @@ def test_split_k_refuses_small_token_tiles_on_the_gpu(monkeypatch):
 @pytest.mark.parametrize("materialize_m", [1 << 30, 1])
 def test_w4a8_fused_ffn_matches_reference(fmt, materialize_m, monkeypatch):
     """Up-projection with GELU, static FP8 output and the down-projection's low rank (atomics),
-    then the down-projection: fp8_ffn.ffn_fp8's three launches with FP4 weights, in registers
+    then the down-projection: fused.ffn's three launches with FP4 weights, in registers
     and (as with many tokens) through transient E4M3 copies."""
     monkeypatch.setattr(w4a8, "MATERIALIZE_M", materialize_m)
     m, d, hdim, r = 40, 128, 256, 16
@@ -174,7 +174,7 @@ def test_w4a8_fused_ffn_matches_reference(fmt, materialize_m, monkeypatch):
     x = (torch.randn(m, d, generator=torch.Generator().manual_seed(3)) * 2).to(torch.bfloat16).to(DEV)
     h = Fn.gelu(R.compressed_linear_ref(x, fmt, up, dtype=torch.float32), approximate="tanh")
     h_scale = fp8_ffn.static_scale(h.abs().amax().reshape(1).to(DEV))
-    y = fp8_ffn.ffn_fp8(x, w4a8.prepare(fmt, up), w4a8.prepare(fmt, down), h_scale)
+    y = fused.ffn(x, w4a8.prepare(fmt, up), w4a8.prepare(fmt, down), h_scale)
     ref = R.compressed_ffn_ref(x, fmt, up, fmt, down, h_scale=h_scale, dtype=torch.float32)
     assert y.dtype == torch.bfloat16 and rel(y, ref) < (2e-2 if fmt == "mxfp4" else 5e-2), rel(y, ref)
 

@@ -1,0 +1,57 @@
+"""Whole compressed layers on the Triton kernels: one linear (act_quant_lowrank + a scaled GEMM)
+and one FFN (three launches with a calibrated hidden scale, fp8_ffn.py says how; four without).
+
+A layer is a dict of kernel operands: FP8 (q [N, K] E4M3, q_scale [N]) or W4A8 (w4a8.prepare's:
+q repacked FP4 [N, K/2], sb block bytes, q_scale, block), with A, B, bias. Its kernel layout
+(`layout`) picks the GEMM from GEMMS; everything else is the same for both.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import fp8_ffn, w4a8
+from .fp8_ffn import act_quant_lowrank
+from .gemm import out_dtype
+
+__all__ = ["GEMMS", "layout", "linear", "ffn", "out_dtype"]
+
+
+def _fp8_gemm(xq, sx, t: dict, **kw):
+    return fp8_ffn.scaled_gemm(xq, sx, t["q"], t["q_scale"], **kw)
+
+
+# kernel layout -> scaled GEMM(xq, sx, layer, **epilogue)
+GEMMS = {"fp8": _fp8_gemm, "w4a8": w4a8.scaled_gemm}
+
+
+def layout(t: dict) -> str:
+    """Kernel layout of a layer's tensors: "w4a8" when it holds FP4 block bytes (sb), else "fp8"."""
+    return "w4a8" if t.get("sb") is not None else "fp8"
+
+
+def linear(x2: torch.Tensor, t: dict, config=None) -> torch.Tensor:
+    """One compressed linear on a [M, K] input -> [M, N] in out_dtype(x2)."""
+    xq, sx, u = act_quant_lowrank(x2, t.get("B"))
+    return GEMMS[layout(t)](xq, sx, t, u=u, A=t.get("A"), bias=t.get("bias"), out_dtype=out_dtype(x2), config=config)
+
+
+def ffn(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, config=None) -> torch.Tensor:
+    """Linear -> GELU(tanh) -> Linear on [M, dim]. With h_scale (static FP8 scale of the hidden
+    activation) the three-launch fused path; without it the hidden activation goes through
+    bf16 and a per-token quantization pass (four launches)."""
+    y_dtype = out_dtype(x2)
+    gemm_up, gemm_down = GEMMS[layout(up)], GEMMS[layout(down)]
+    B2 = down.get("B")
+    if h_scale is None:
+        xq, sx, u = act_quant_lowrank(x2, up.get("B"))
+        h = gemm_up(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, out_dtype=y_dtype, config=config)
+        hq, sh, u2 = act_quant_lowrank(h, B2)
+    else:
+        r2 = 0 if B2 is None else B2.shape[0]
+        # the up-projection's epilogue adds into u2 atomically; act_quant_lowrank zeroes it first
+        u2 = torch.empty(x2.shape[0], r2, device=x2.device, dtype=torch.float32) if r2 else None
+        xq, sx, u = act_quant_lowrank(x2, up.get("B"), zero=u2)
+        hq = gemm_up(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, h_scale=h_scale, next_B=B2,
+                     u_next=u2, config=config)
+        sh = h_scale
+    return gemm_down(hq, sh, down, u=u2, A=down.get("A"), bias=down.get("bias"), out_dtype=y_dtype, config=config)
