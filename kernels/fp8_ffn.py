@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import torch
 
+from . import fp8_ws
 from . import gemm as G
 from .formats import FP8_MAX
 
@@ -330,6 +331,10 @@ def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_
     (u_next must hold zeros on entry). config: a fixed one (tests, benches), else tuned or the default."""
     M, N = xq.shape[0], q.shape[0]
     out, ptrs, sizes, flags = G.gemm_operands(xq, sx, N, u, A, bias, gelu, h_scale, next_B, u_next, out, out_dtype)
+    if config is None and fp8_ws.enabled(xq.device, M):
+        # Hopper, many tokens: the warp-specialized Gluon kernel (fp8_ws.py), same function, faster promotion
+        if fp8_ws.run(xq, q, out, sx, q_scale, ptrs, sizes[:5], flags, G.PROMOTE_K):
+            return out
     G.launch_gemm(FP8_GEMM, (xq, q, out), (sx, q_scale, *ptrs, *sizes), flags, M, N, xq.device, config,
                   u_next if next_B is not None else None)
     return out

@@ -21,6 +21,8 @@ fp32 atomics).
 from __future__ import annotations
 
 import functools
+import logging
+import os
 
 import torch
 
@@ -47,13 +49,41 @@ MIN_M = 257
 PREFETCH = True  # TMA-prefetch the epilogue's operands (ranks up to 64); benches turn it off to compare  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) fill the GPU better
 
 
+log = logging.getLogger("liteffn")
+# LITEFFN_GLUON=0: the Triton GEMM everywhere (for comparison, or if this kernel misbehaves on some setup).
+_ENABLED = os.environ.get("LITEFFN_GLUON", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+_disabled_reason: str | None = None
+
+
 def available() -> bool:
     return gluon is not None
 
 
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
 def supports(device: torch.device) -> bool:
     """wgmma and setmaxnreg are sm_90 instructions: Hopper only (Ada and Blackwell take the Triton kernel)."""
-    return gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    return gluon is not None and device.type == "cuda" and _sm90(device.index or 0)
+
+
+def enabled(device: torch.device, M: int) -> bool:
+    return _ENABLED and _disabled_reason is None and M >= MIN_M and supports(device)
+
+
+def run(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> bool:
+    """launch(); False (and the Triton kernel from then on, logged once) if it fails to compile or launch."""
+    global _disabled_reason
+    try:
+        launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k)
+        return True
+    except Exception as e:  # a Triton version whose Gluon differs, a driver without sm_90a support
+        _disabled_reason = f"{type(e).__name__}: {e}"
+        log.warning("LiteFFN: the warp-specialized FP8 GEMM failed (%s); using the Triton GEMM from now on "
+                    "(same results, 10-20%% slower)", _disabled_reason.splitlines()[0][:300])
+        return False
 
 
 if gluon is not None:
@@ -300,6 +330,23 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+SMEM = 232448 - 256  # bytes per CTA on sm_90, less the mbarriers
+
+
+def _stages(out_bytes: int, rb: int, r2b: int, u_bytes: int, prefetch: bool) -> int:
+    """Stages of the K ring that fit beside the output tiles and the epilogue's operand buffers
+    (the kernel's allocations, as _ws_gemm_kernel makes them)."""
+    fixed = 2 * (BM // 2) * BN * out_bytes  # two output tiles
+    if prefetch:
+        fixed += 2 * BN * 16 * 2 + 2 * 16 * BN * 2  # minimal staging buffers
+        fixed += BN * rb * 2 + BM * rb * u_bytes if rb else 16 * 16 * 4  # A and U tiles, or placeholders
+        fixed += r2b * BN * 2 if r2b else 16 * 16 * 2
+    else:
+        fixed += 2 * BN * max(rb, 16) * 2 + 2 * max(r2b, 16) * BN * 2 + 16 * 16 * 2 * 3
+    stage = (BM + BN) * BK
+    return max(2, min(STAGES if not (rb or r2b) else STAGES_LOWRANK, (SMEM - fixed) // stage))
+
+
 @functools.lru_cache(maxsize=None)
 def _placeholder(device: torch.device) -> torch.Tensor:
     return torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
@@ -322,7 +369,8 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     b2_d = _desc(LB2, (flags["R2B"], BN)) if prefetch and r2c else ph
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     grid = (min(tiles, _num_sms(xq.device.index or 0)),)
-    stages = STAGES_LOWRANK if rc or r2c else STAGES
+    stages = _stages(out.element_size(), flags["RB"] if rc else 0, flags["R2B"] if r2c else 0, U.element_size(),
+                     bool(prefetch))
     _ws_gemm_kernel[grid](_desc(xq, (BM, BK)), _desc(q, (BN, BK)), _desc(out, (BM // 2, BN)), la_d, u_d, b2_d,
                           sx, q_scale, *ptrs, *sizes, GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK),
                           PREFETCH=bool(prefetch), **flags, num_warps=4, maxnreg=168)

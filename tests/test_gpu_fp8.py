@@ -71,6 +71,38 @@ def test_gemm_accumulates_accurately_on_every_input_kind(k, n, kind):
     assert err <= TOL_LINEAR, (kind, err)
 
 
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", [1000, 6144])
+def test_gluon_gemm_equals_the_triton_gemm(k, n, m):
+    """On Hopper, many-token GEMMs run the warp-specialized Gluon kernel (fp8_ws.py). With the same
+    promotion interval it sums the same partial products in the same order as the Triton kernel:
+    bf16 and FP8 outputs equal bit for bit, u_next (fp32 atomics, any order) to rounding."""
+    from liteffn.kernels import fp8_ws
+    if not fp8_ws.enabled(torch.device("cuda"), m):
+        pytest.skip("the Gluon GEMM runs on sm_90 only (and not with LITEFFN_GLUON=0)")
+    t = random_fp8_layer(n, k, 64, seed=k + n, device="cuda")
+    nb = random_fp8_layer(256, n, 64, seed=3, device="cuda")["B"]
+    x = act(m, k)
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, t["B"])
+    hs = torch.tensor([2.0**-4], device="cuda")
+    triton_cfg = fp8_ffn.DEFAULT_CONFIGS[1]
+    for kw in (dict(u=u, A=t["A"], bias=t["bias"]),
+               dict(u=u, A=t["A"], bias=t["bias"], gelu=True, h_scale=hs, next_B=nb),
+               dict(u=u, A=t["A"], bias=t["bias"], static=True),
+               dict()):
+        kw = dict(kw)
+        s = hs if kw.pop("static", False) else sx
+        outs = []
+        for cfg in (None, triton_cfg):
+            un = torch.zeros(m, 64, device="cuda") if "next_B" in kw else None
+            y = fp8_ffn.scaled_gemm(xq, s, t["q"], t["q_scale"], u_next=un, config=cfg, **kw)
+            outs.append((y, un))
+        (yg, ug), (yt, ut) = outs
+        assert torch.equal(yg.view(torch.uint8), yt.view(torch.uint8)), sorted(kw)
+        if ug is not None:
+            assert rel(ug, ut) < 1e-5
+
+
 @pytest.mark.parametrize("dim", [4096, 2048])
 @pytest.mark.parametrize("static", [True, False])
 def test_ffn_at_ltx2_widths(dim, static):
