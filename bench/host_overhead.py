@@ -1,0 +1,252 @@
+"""Host time per call of the compressed layers against the dense ones, on the device GPU.
+
+    python bench/host_overhead.py [--out DIR] [--m 126] [--calls 300] [--parts host,profile,device]
+
+host: wall microseconds per call over --calls calls with no synchronization inside the loop and
+no CUDA graph (what a sampling loop pays in Python and launches), at M tokens of the audio FFN
+(2048 -> 8192 -> 2048, r=64): the dense bf16 FFN (F.linear, GELU tanh, F.linear), CompressedFFN.forward
+(FP8, calibrated input_amax: the three-launch fused path), the same with an MXFP4 residual (W4A8),
+CompressedLinear.forward, and pieces of the compressed call (fused.ffn, the custom op, one GEMM,
+act_quant_lowrank); compressed calls once with cached compiled kernels (gemm.py's fast launch) and
+once through Triton's normal launch path. Also the device time per call (CUDA events over the same
+loop after a sync: if it is near the host time, the loop was GPU-bound and the host time is not
+the launch overhead). Goal: CompressedFFN.forward within 1.5x the dense FFN's host time.
+profile: cProfile's top 20 (internal time) over 200 compressed FFN calls.
+device: device time (CUDA graphs) of act_quant_lowrank's one-launch few-row variant per rows per
+program against the two-launch one, and of the FP8 up-projection GEMM (GELU, FP8 out, next low rank)
+per fixed config at M=6144, to check the defaults.
+
+Writes host_overhead.md and host_overhead.json under --out. A case that fails prints its error
+and the rest still run.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as Fn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _package  # noqa: E402,F401
+
+from liteffn.calibration.synthetic import random_fp4_layer, random_fp8_layer  # noqa: E402
+from liteffn.kernels import fp8_ffn, fused, gemm, ops  # noqa: E402
+from liteffn.kernels import modules as Mo  # noqa: E402
+
+DIM, HID, RANK = 2048, 8192, 64
+OUT: dict = {"host": {}, "errors": {}, "device": {}}
+
+
+def say(*a):
+    print(*a, flush=True)
+
+
+def host_us(fn, calls):
+    """(host us per call, device us per call, with-sync us per call)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    e0.record()
+    for _ in range(calls):
+        fn()
+    t_host = (time.perf_counter() - t0) / calls * 1e6
+    e1.record()
+    torch.cuda.synchronize()
+    t_all = (time.perf_counter() - t0) / calls * 1e6
+    return t_host, e0.elapsed_time(e1) * 1e3 / calls, t_all
+
+
+def modules(m):
+    """(FP8 FFN module, MXFP4 FFN module, FP8 linear module, dense weights, x)."""
+    up = random_fp8_layer(HID, DIM, RANK, seed=1, device="cuda")
+    dn = random_fp8_layer(DIM, HID, RANK, seed=2, device="cuda")
+    dn["input_amax"] = torch.tensor([8.0], device="cuda")  # calibrated: the three-launch path
+    ffn8 = Mo.CompressedFFN(Mo.CompressedLinear("fp8", DIM, HID, up), Mo.CompressedLinear("fp8", HID, DIM, dn))
+    ffn4 = None
+    try:
+        up4 = random_fp4_layer("mxfp4", HID, DIM, RANK, seed=1, device="cuda")
+        dn4 = random_fp4_layer("mxfp4", DIM, HID, RANK, seed=2, device="cuda")
+        dn4["input_amax"] = torch.tensor([8.0], device="cuda")
+        ffn4 = Mo.CompressedFFN(Mo.CompressedLinear("mxfp4", DIM, HID, up4),
+                                Mo.CompressedLinear("mxfp4", HID, DIM, dn4))
+    except Exception:  # noqa: BLE001
+        OUT["errors"]["mxfp4 modules"] = traceback.format_exc()[-1500:]
+        say("MXFP4 modules failed:", OUT["errors"]["mxfp4 modules"])
+    lin = Mo.CompressedLinear("fp8", DIM, HID, dict(up))
+    W1 = (torch.randn(HID, DIM, device="cuda") / DIM**0.5).bfloat16()
+    W2 = (torch.randn(DIM, HID, device="cuda") / HID**0.5).bfloat16()
+    x = torch.randn(1, m, DIM, device="cuda").bfloat16()
+    return ffn8, ffn4, lin, (W1, up["bias"], W2, dn["bias"]), x
+
+
+def host(m, calls):
+    say(f"\n## Host time per call, M={m} (audio FFN {DIM}->{HID}->{DIM}, r={RANK}), {calls} calls, no CUDA graph")
+    ffn8, ffn4, lin, (W1, b1, W2, b2), x = modules(m)
+    x2 = x.reshape(-1, DIM)
+    up, dn = ffn8.up.tensors(), ffn8.down.tensors()
+    hs = ffn8.h_scale
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x2, up["B"])
+    cases = {
+        "dense bf16 FFN": lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, b1), approximate="tanh"), W2, b2),
+        "dense bf16 linear": lambda: Fn.linear(x, W1, b1),
+        "CompressedFFN.forward (FP8)": lambda: ffn8(x),
+        "CompressedFFN.forward (MXFP4)": (lambda: ffn4(x)) if ffn4 is not None else None,
+        "CompressedLinear.forward (FP8)": lambda: lin(x),
+        "fused.ffn (FP8)": lambda: fused.ffn(x2, up, dn, hs),
+        "ops.fp8_ffn_op (custom op, FP8)": lambda: ops.fp8_ffn_op(x, up["q"], up["q_scale"], up["A"], up["B"],
+                                                                   up["bias"], dn["q"], dn["q_scale"], dn["A"],
+                                                                   dn["B"], dn["bias"], hs),
+        "scaled_gemm (up, FP8)": lambda: fp8_ffn.scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up["A"],
+                                                             bias=up["bias"]),
+        "act_quant_lowrank (one launch)": lambda: fp8_ffn.act_quant_lowrank(x2, up["B"]),
+        "act_quant_lowrank (two launches)": lambda: fp8_ffn.act_quant_lowrank(x2, up["B"], single=False),
+        "torch.empty": lambda: torch.empty(m, HID, device="cuda"),
+    }
+    fast0 = gemm._FAST_OK
+    say(f"fast launch available: {fast0} (triton {gemm.triton.__version__})")
+    rows = []
+    for name, fn in cases.items():
+        if fn is None:
+            continue
+        dense = name.startswith(("dense", "torch"))
+        for fast in ((True,) if dense else (True, False)):
+            label = name if dense else f"{name}, {'fast launch' if fast else 'normal launch'}"
+            gemm._FAST_OK = fast0 and fast
+            try:
+                s0 = dict(gemm.LAUNCHES.stats)
+                t_host, t_dev, t_all = host_us(fn, calls)
+                n_fast = gemm.LAUNCHES.stats["fast"] - s0["fast"]
+                n_norm = gemm.LAUNCHES.stats["normal"] - s0["normal"]
+                OUT["host"][label] = dict(host_us=t_host, device_us=t_dev, with_sync_us=t_all,
+                                          fast_launches=n_fast, normal_launches=n_norm)
+                rows.append(label)
+                say(f"  {label:58s} host {t_host:7.1f} us  device {t_dev:7.1f} us  with sync {t_all:7.1f} us  "
+                    f"(launches fast {n_fast}, normal {n_norm})")
+            except Exception:  # noqa: BLE001
+                OUT["errors"][label] = traceback.format_exc()[-1500:]
+                say(f"  {label}: FAILED\n{OUT['errors'][label]}")
+    gemm._FAST_OK = fast0
+    ref = OUT["host"].get("dense bf16 FFN", {}).get("host_us")
+    lines = [f"## Host time per call, M={m}, audio FFN {DIM}->{HID}->{DIM}, r={RANK} ({torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}, triton {gemm.triton.__version__})", "",
+             "| call | host us | vs dense FFN | device us | with sync us | launches fast / normal |",
+             "|---|---|---|---|---|---|"]
+    for label in rows:
+        r = OUT["host"][label]
+        ratio = f"{r['host_us'] / ref:.2f}x" if ref else "-"
+        lines.append(f"| {label} | {r['host_us']:.1f} | {ratio} | {r['device_us']:.1f} | {r['with_sync_us']:.1f} | "
+                     f"{r['fast_launches']} / {r['normal_launches']} |")
+    if ref and "CompressedFFN.forward (FP8), fast launch" in OUT["host"]:
+        got = OUT["host"]["CompressedFFN.forward (FP8), fast launch"]["host_us"] / ref
+        lines += ["", f"CompressedFFN.forward (FP8) / dense FFN: **{got:.2f}x** (goal <= 1.5x)"]
+    return lines
+
+
+def profile(m, calls):
+    ffn8, _, _, _, x = modules(m)
+    for _ in range(20):
+        ffn8(x)
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(200):
+        ffn8(x)
+    pr.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(20)
+    text = s.getvalue()
+    say(text)
+    OUT["profile"] = text
+    return ["", "## cProfile of 200 CompressedFFN.forward (FP8) calls, top 20 by internal time", "", "```",
+            text.strip()[:8000], "```"]
+
+
+def device(m, calls):
+    from triton.testing import do_bench_cudagraph
+
+    def us(fn):
+        fn()
+        torch.cuda.synchronize()
+        return do_bench_cudagraph(fn, rep=25, return_mode="median") * 1e3
+
+    lines = ["", "## Device time (CUDA graphs, us)", "", "| case | us |", "|---|---|"]
+
+    def row(name, fn):
+        try:
+            t = us(fn)
+            OUT["device"][name] = t
+            lines.append(f"| {name} | {t:.1f} |")
+            say(f"  {name:60s} {t:8.1f} us")
+        except Exception:  # noqa: BLE001
+            OUT["errors"][name] = traceback.format_exc()[-1500:]
+            say(f"  {name}: FAILED\n{OUT['errors'][name]}")
+
+    for k in (2048, 4096, 8192):
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        B = (torch.randn(RANK, k, device="cuda") / k**0.5).bfloat16()
+        z = torch.empty(m, RANK, device="cuda")
+        row(f"act_quant M={m} K={k} r={RANK} two launches", lambda: fp8_ffn.act_quant_lowrank(x, B, single=False))
+        for rows in (1, 2, 4, 8, 16):
+            row(f"act_quant M={m} K={k} r={RANK} one launch, {rows} rows/program",
+                lambda rows=rows: fp8_ffn.act_quant_lowrank(x, B, single=True, rows=rows, zero=z))
+    mm, d = 6144, 4096
+    up = random_fp8_layer(4 * d, d, RANK, seed=1, device="cuda")
+    B2 = (torch.randn(RANK, 4 * d, device="cuda") / (4 * d)**0.5).bfloat16()
+    x = torch.randn(mm, d, device="cuda").bfloat16()
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, up["B"])
+    u2 = torch.zeros(mm, RANK, device="cuda")
+    hs = torch.tensor([2.0**-6], device="cuda")
+    base = fp8_ffn.DEFAULT_CONFIGS[1]
+    for name, cfg in (("128x256x128 s3 split (default)", base),
+                      ("128x128x128 s4", dict(base, BN=128, EPI_SPLIT=False, num_stages=4)),
+                      ("128x128x256 s3", dict(base, BN=128, BK=256, EPI_SPLIT=False, PROMOTE=base["PROMOTE"] // 2))):
+        row(f"FP8 up GEMM {d}->{4 * d} M={mm} GELU+FP8 out+next r={RANK}: {name} P{cfg['PROMOTE']}",
+            lambda cfg=cfg: fp8_ffn.scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up["A"], bias=up["bias"],
+                                                gelu=True, h_scale=hs, next_B=B2, u_next=u2, config=cfg))
+        row(f"FP8 GEMM {d}->{4 * d} M={mm} bf16 out r={RANK}: {name} P{cfg['PROMOTE']}",
+            lambda cfg=cfg: fp8_ffn.scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up["A"], bias=up["bias"],
+                                                config=cfg))
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--m", type=int, default=126)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--parts", default="host,profile,device")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    say(f"# {torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M')} "
+        f"LITEFFN_PROMOTE_K={gemm.PROMOTE_K} autotune={gemm.AUTOTUNE}")
+    md = []
+    for part in a.parts.split(","):
+        t0 = time.time()
+        try:
+            md += globals()[part](a.m, a.calls)
+        except Exception:  # noqa: BLE001
+            OUT["errors"][part] = traceback.format_exc()[-3000:]
+            say(f"{part} FAILED:\n{OUT['errors'][part]}")
+        say(f"[{part}: {time.time() - t0:.0f} s]")
+    if OUT["errors"]:
+        md += ["", "## Errors", ""] + [f"- {k}: `{v.strip().splitlines()[-1]}`" for k, v in OUT["errors"].items()]
+    with open(os.path.join(a.out, "host_overhead.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(a.out, "host_overhead.json"), "w") as f:
+        json.dump(OUT, f, indent=1)
+    say(f"wrote {a.out}/host_overhead.md and host_overhead.json")
+
+
+if __name__ == "__main__":
+    main()
