@@ -291,13 +291,15 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     rzp = max(16, G.p2(rz)) if rz else 0
     z = zero if rz else sx  # unused pointers: any fp32 tensor of this call
     if single is None:
-        single = M <= SINGLE_LAUNCH_M
+        # H200, M=126 (bench/host_overhead_h200.md): one launch saves ~50 us of host time but costs device
+        # time as K grows (K=2048: 16.4 us vs 12.3 for two launches; 4096: 30 vs 13; 8192: 57 vs 15), and
+        # its B tile for ranks over 64 does not fit in shared memory
+        single = M <= SINGLE_LAUNCH_M and K <= 4096 and rp <= 64
     if single:
         u = torch.empty(M, r, device=x.device, dtype=torch.float32) if r else None
-        # about 64 programs, each reading all of B (from L2): not measured on the GPU yet
-        # (bench/host_overhead.py --parts device times 1..16 rows against two launches);
+        # one row per program was the fastest on the H200 (16.4 us at K=2048, 2 rows 17.7, 16 rows 39);
         # the interpreter's time goes with the number of programs
-        rows = rows or (16 if G.INTERP else min(16, G.p2(triton.cdiv(M, 64))))
+        rows = rows or (16 if G.INTERP else 1)
         assert rows in (1, 2, 4, 8, 16), "act_quant_lowrank: 1, 2, 4, 8 or 16 rows per program"
         bk, bk2 = (32, 32) if G.INTERP else (256, max(256, 2048 // rows))
         G.launch_kernel(_act_quant_rows_kernel, (triton.cdiv(M, rows),),

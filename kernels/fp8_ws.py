@@ -362,8 +362,8 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     U, LA, _, LB2, _, _ = ptrs
     rc, r2c = flags["R_CHUNKS"], flags["R2_CHUNKS"]
     ph = _desc(_placeholder(xq.device), (16, 16))
-    prefetch = PREFETCH and (rc <= 1 and r2c <= 1 and (rc or r2c) and (not rc or (R * 2 % 16 == 0 and R * U.element_size() % 16 == 0))
-                and U.dtype in (torch.float32, torch.bfloat16))
+    prefetch = (PREFETCH and rc <= 1 and r2c <= 1 and (rc or r2c) and U.dtype in (torch.float32, torch.bfloat16)
+                and (not rc or (R * 2 % 16 == 0 and R * U.element_size() % 16 == 0)))
     la_d = _desc(LA, (BN, flags["RB"])) if prefetch and rc else ph
     u_d = _desc(U, (BM, flags["RB"])) if prefetch and rc else ph
     b2_d = _desc(LB2, (flags["R2B"], BN)) if prefetch and r2c else ph
@@ -372,5 +372,7 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     stages = _stages(out.element_size(), flags["RB"] if rc else 0, flags["R2B"] if r2c else 0, U.element_size(),
                      bool(prefetch))
     _ws_gemm_kernel[grid](_desc(xq, (BM, BK)), _desc(q, (BN, BK)), _desc(out, (BM // 2, BN)), la_d, u_d, b2_d,
-                          sx, q_scale, *ptrs, *sizes, GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK),
-                          PREFETCH=bool(prefetch), **flags, num_warps=4, maxnreg=168)
+                          sx, q_scale, *ptrs, *sizes, GROUP_M=8, NSTAGES=stages,
+                          PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never (fast accumulation)
+                          PREFETCH=bool(prefetch), **{k: v for k, v in flags.items() if k != "INTERP"}, num_warps=4,
+                          maxnreg=168)
