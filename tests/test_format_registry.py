@@ -100,8 +100,6 @@ def triton_mode():
 
 
 @needs_kernels
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="kernels/dispatch.py _suits compares fmt == 'fp8' (fmt.fp8_kernel would do)")
 def test_dispatch_runs_a_new_fp8_kind_on_the_kernels(toys, triton_mode):
     c = compress_linear(torch.randn(48, 128), None, None, 8, "toy8")
     x = torch.randn(4, 128)
@@ -111,8 +109,8 @@ def test_dispatch_runs_a_new_fp8_kind_on_the_kernels(toys, triton_mode):
 
 @needs_kernels
 @pytest.mark.xfail(strict=True, raises=(AssertionError, ValueError),
-                   reason="dispatch.w4a8_possible and w4a8.prepare know FP4 formats by name "
-                          "(w4a8.FORMATS, w4a8.EMAX); fmt.w4a8 / fmt.pow2_scales would do")
+                   reason="w4a8.prepare knows FP4 formats by name (w4a8.FORMATS, w4a8.EMAX); "
+                          "fmt.w4a8 / fmt.pow2_scales would do")
 def test_w4a8_takes_a_new_fp4_kind(toys, triton_mode):
     from liteffn.calibration.synthetic import random_fp4_layer
     from liteffn.kernels import w4a8
