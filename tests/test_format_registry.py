@@ -1,8 +1,8 @@
 """Adding a residual format is one register() call as far as calibration, the codec and the
 reference path go: toy formats (an FP8 copy under another name, an MXFP4 with 16-value
-blocks) go through quantization, GPTQ, compress_linear and the modules unchanged. The kernel
-dispatch still compares names (kernels/dispatch.py, w4a8.py): those tests are strict xfails
-that start passing when it asks the format object instead."""
+blocks) go through quantization, GPTQ, compress_linear and the modules unchanged, and the
+kernel dispatch and the W4A8 conversion take them too: they ask the format object
+(fp8_kernel, w4a8, pow2_scales, decode_scales), never its name."""
 import dataclasses
 
 import pytest
@@ -108,9 +108,6 @@ def test_dispatch_runs_a_new_fp8_kind_on_the_kernels(toys, triton_mode):
 
 
 @needs_kernels
-@pytest.mark.xfail(strict=True, raises=(AssertionError, ValueError),
-                   reason="w4a8.prepare knows FP4 formats by name (w4a8.FORMATS, w4a8.EMAX); "
-                          "fmt.w4a8 / fmt.pow2_scales would do")
 def test_w4a8_takes_a_new_fp4_kind(toys, triton_mode):
     from liteffn.calibration.synthetic import random_fp4_layer
     from liteffn.kernels import w4a8
