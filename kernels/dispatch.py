@@ -57,7 +57,7 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _suits(x: torch.Tensor, fmt: str, tensors: dict) -> bool:
+def _suits(x: torch.Tensor, fmt: str | F.ResidualFormat, tensors: dict) -> bool:
     q, s = tensors.get("q"), tensors.get("q_scale")
     if q is None or s is None or s.dtype != torch.float32 or q.device != x.device:
         return False
@@ -68,7 +68,7 @@ def _suits(x: torch.Tensor, fmt: str, tensors: dict) -> bool:
     return f.in_w4a8_layout(tensors) and n % 16 == 0 and (2 * k) % 128 == 0
 
 
-def w4a8_possible(fmt: str, in_features: int, act_quant: bool = True) -> bool:
+def w4a8_possible(fmt: str | F.ResidualFormat, in_features: int, act_quant: bool = True) -> bool:
     """Whether an FP4 residual should be kept in the W4A8 kernel's layout on this machine:
     Triton and a GPU with FP8 tensor cores present, kernels not turned off, shapes it takes."""
     return (F.get(fmt).w4a8 and act_quant and in_features % 128 == 0 and mode() != "reference"
@@ -77,7 +77,7 @@ def w4a8_possible(fmt: str, in_features: int, act_quant: bool = True) -> bool:
 
 
 def choose(x: torch.Tensor, layers) -> str:
-    """layers: (fmt, act_quant, tensors) of each linear the call would fuse."""
+    """layers: (format or its name, act_quant, tensors) of each linear the call would fuse."""
     m = mode()
     if m == "reference" or not fp8_ffn.available():
         return "reference"

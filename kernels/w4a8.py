@@ -122,7 +122,7 @@ def unrepack(q: torch.Tensor) -> torch.Tensor:
     return torch.stack([h & 0xFF, (h >> 8) & 0xFF], -1).to(torch.uint8).view(n, -1)
 
 
-def prepare(fmt: str, t: dict) -> dict:
+def prepare(fmt: str | F.ResidualFormat, t: dict) -> dict:
     """Kernel operands of a stored FP4 residual t (q packed [N, K/2], q_scale block scales,
     q_scale2 NVFP4's tensor scale): q repacked, sb (uint8 [K/128, N, 128/block], b = E << 3 | j per block,
     group-major so that a tile's bytes of one group are one TMA box),
@@ -157,7 +157,7 @@ def prepare(fmt: str, t: dict) -> dict:
             "q_scale": p.float().contiguous(), **extra}
 
 
-def layer(fmt: str, t: dict) -> dict:
+def layer(fmt: str | F.ResidualFormat, t: dict) -> dict:
     """Kernel operands of module tensors already in the kernel's layout (q, sb, q_scale = p)."""
     return {**t, "block": F.get(fmt).block}
 

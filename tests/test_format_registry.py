@@ -4,6 +4,7 @@ blocks) go through quantization, GPTQ, compress_linear and the modules unchanged
 kernel dispatch and the W4A8 conversion take them too: they ask the format object
 (fp8_kernel, w4a8, pow2_scales, decode_scales), never its name."""
 import dataclasses
+from typing import ClassVar
 
 import pytest
 import torch
@@ -87,6 +88,21 @@ def test_compress_linear_and_module_accept_a_new_format(toys):
     c4 = compress_linear(W, None, st, 8, "toy4")
     y = CompressedLinear("toy4", 128, 48, c4.tensors)(x)
     assert y.shape == (5, 48) and torch.isfinite(y).all()
+
+
+def test_module_refuses_a_format_storing_other_tensors():
+    """Modules hold the tensor names known at import (modules.TENSOR_NAMES): a format registered
+    later that stores another one is refused, not silently dropped."""
+    @dataclasses.dataclass(frozen=True)
+    class Zeroed(type(F.get("fp8"))):
+        tensor_names: ClassVar[tuple[str, ...]] = ("q", "q_scale", "q_zero")
+
+    F.register(Zeroed("zeroed8", block=None, act_quant=True, bits=8))
+    try:
+        with pytest.raises(ValueError, match="q_zero"):
+            CompressedLinear("zeroed8", 128, 48, compress_linear(torch.randn(48, 128), None, None, 8, "fp8").tensors)
+    finally:
+        F.unregister("zeroed8")
 
 
 needs_kernels = pytest.mark.skipif(not fp8_ffn.available(), reason="triton is not installed")
