@@ -132,6 +132,10 @@ def prepare(fmt: str | F.ResidualFormat, t: dict) -> dict:
     if not f.w4a8:
         takes = " or ".join(g.name for g in F.FORMATS.values() if g.w4a8)
         raise ValueError(f"W4A8 takes {takes} residuals, not {f.name!r}")
+    if f.block == 32 and not f.pow2_scales:
+        # the kernel (_group_weights) takes 32-value blocks for power-of-two scales (j = 0): its
+        # tables would drop such a format's block mantissas
+        raise ValueError(f"W4A8 runs 32-value blocks with power-of-two scales only, not {f.name!r}'s")
     q = t["q"]
     n, k = q.shape[0], q.shape[1] * 2
     if k % GROUP:

@@ -132,3 +132,16 @@ def test_w4a8_takes_a_new_fp4_kind(toys, triton_mode):
     assert dispatch.w4a8_possible("toy4", 128)
     t = random_fp4_layer("toy4", 32, 256, 0)
     assert torch.equal(w4a8.dequant(w4a8.prepare("toy4", t)), F.decode("toy4", t))  # exact, as MXFP4's
+
+
+def test_w4a8_refuses_32_blocks_without_pow2_scales():
+    """The kernel reads 32-value blocks as MXFP4's (block mantissa 0): an NVFP4 kind with 32-value
+    blocks is refused rather than computed wrong."""
+    from liteffn.kernels import w4a8
+
+    F.register(dataclasses.replace(F.get("nvfp4"), name="nv32", block=32))
+    try:
+        with pytest.raises(ValueError, match="power-of-two scales only"):
+            w4a8.prepare("nv32", {"q": torch.zeros(16, 64, dtype=torch.uint8)})
+    finally:
+        F.unregister("nv32")
