@@ -2,9 +2,10 @@
 torch reference (reference.py).
 
 Triton runs when the input is on a CUDA GPU with FP8 tensor cores (compute capability >= 8.9),
-Triton is installed, every residual is FP8, or FP4 in the W4A8 kernel's layout (w4a8.py;
-modules.py converts MXFP4/NVFP4 residuals when `w4a8_possible`), and the shapes suit the
-kernels' tensor descriptors. Everything else (CPU, older GPUs, bf16 residuals) takes the
+Triton is installed, every residual is one the FP8 kernels take as stored (its format's
+fp8_kernel), or FP4 in the W4A8 kernel's layout (w4a8.py; modules.py converts residuals whose
+format says w4a8 when `w4a8_possible`), and the shapes suit the kernels' tensor descriptors.
+The formats (formats.py) are asked, never their names, so a registered copy runs the same way. Everything else (CPU, older GPUs, bf16 residuals) takes the
 reference, which computes the same function. If a kernel fails to compile or launch
 on this GPU, the failure is logged once and the reference takes over for the rest of the
 process: a pack that falls back never crashes a workflow.
@@ -21,9 +22,8 @@ from collections import Counter
 
 import torch
 
+from . import formats as F
 from . import fp8_ffn
-from .fused import layout
-from .w4a8 import FORMATS as W4A8_FORMATS
 
 log = logging.getLogger("liteffn")
 
@@ -57,36 +57,34 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _suits(x: torch.Tensor, fmt: str, tensors: dict) -> bool:
+def _suits(x: torch.Tensor, fmt: str | F.ResidualFormat, tensors: dict) -> bool:
     q, s = tensors.get("q"), tensors.get("q_scale")
     if q is None or s is None or s.dtype != torch.float32 or q.device != x.device:
         return False
     n, k = q.shape
-    if fmt == "fp8":
+    f = F.get(fmt)
+    if f.fp8_kernel:
         return q.dtype == torch.float8_e4m3fn and n % 16 == 0 and k % 16 == 0
-    return fmt in W4A8_FORMATS and layout(tensors) == "w4a8" and n % 16 == 0 and (2 * k) % 128 == 0
+    return f.in_w4a8_layout(tensors) and n % 16 == 0 and (2 * k) % 128 == 0
 
 
-def in_features(t: dict) -> int:
-    return t["q"].shape[1] * (2 if layout(t) == "w4a8" else 1)
-
-
-def w4a8_possible(fmt: str, in_features: int, act_quant: bool = True) -> bool:
+def w4a8_possible(fmt: str | F.ResidualFormat, in_features: int, act_quant: bool = True) -> bool:
     """Whether an FP4 residual should be kept in the W4A8 kernel's layout on this machine:
     Triton and a GPU with FP8 tensor cores present, kernels not turned off, shapes it takes."""
-    return (fmt in W4A8_FORMATS and act_quant and in_features % 128 == 0 and mode() != "reference"
+    return (F.get(fmt).w4a8 and act_quant and in_features % 128 == 0 and mode() != "reference"
             and fp8_ffn.available() and (mode() == "triton" or (torch.cuda.is_available()
                                                                and fp8_tensor_cores(torch.device("cuda")))))
 
 
 def choose(x: torch.Tensor, layers) -> str:
-    """layers: (fmt, act_quant, tensors) of each linear the call would fuse."""
+    """layers: (format or its name, act_quant, tensors) of each linear the call would fuse."""
     m = mode()
     if m == "reference" or not fp8_ffn.available():
         return "reference"
     if not all(aq and _suits(x, fmt, t) for fmt, aq, t in layers):
         return "reference"
-    if x.shape[-1] != in_features(layers[0][2]) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    fmt, _, t = layers[0]
+    if x.shape[-1] != F.get(fmt).in_features(t) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return "reference"  # let the reference raise its own shape error
     if m == "triton":
         return "triton"

@@ -142,8 +142,9 @@ class ResidualFormat:
 
     def in_w4a8_layout(self, t: dict) -> bool:
         """Whether t holds this residual in the W4A8 kernel's layout (its block bytes "sb";
-        modules.py converts FP4 residuals on GPUs that run the kernel)."""
-        return self.w4a8 and "sb" in t
+        modules.py converts FP4 residuals on GPUs that run the kernel). An sb of None counts as
+        absent, as fused.layout reads it, so dispatch and the kernels agree on the layout."""
+        return self.w4a8 and t.get("sb") is not None
 
     # -- scales
     def tensor_scale_for(self, amax: torch.Tensor) -> torch.Tensor | None:

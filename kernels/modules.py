@@ -22,9 +22,14 @@ from . import formats as F
 from .fp8_ffn import static_scale
 from .reference import compressed_ffn_ref, compressed_linear_ref, dequant_weight
 
+# The low-rank factors, every registered format's residual tensors (first seen in registry
+# order: q, q_scale, q_scale2), then:
+# sb: block bytes of an FP4 residual in the W4A8 layout (q_scale is then its per-channel factor);
 # input_amax: the calibrated max |input| of the linear (absent without statistics).
-# sb: block bytes of an FP4 residual in the W4A8 layout (q_scale is then its per-channel factor).
-TENSOR_NAMES = ("A", "B", "q", "q_scale", "q_scale2", "sb", "bias", "input_amax")
+# The modules' parameters and compressed_file.load's keys; a format registered after this import
+# must store no other names (CompressedLinear checks).
+TENSOR_NAMES = ("A", "B", *dict.fromkeys(n for f in F.FORMATS.values() for n in f.tensor_names),
+                "sb", "bias", "input_amax")
 
 
 def _on(t, device):
@@ -32,16 +37,17 @@ def _on(t, device):
     return t if t is None or device is None or t.device == device else t.to(device, non_blocking=True)
 
 
-def _w4a8_layout(fmt: str, tensors: dict) -> dict:
+def _w4a8_layout(f: F.ResidualFormat, tensors: dict) -> dict:
     """The residual in the W4A8 kernel's layout, converted on the GPU when there is one (a second
     on the CPU for a 4096x16384 linear, milliseconds on the GPU), left on the tensors' device."""
     from . import w4a8
 
     dev = tensors["q"].device
     work = torch.device("cuda") if torch.cuda.is_available() else dev
-    res = {k: v.to(work) for k, v in tensors.items() if k in ("q", "q_scale", "q_scale2")}
-    w = w4a8.prepare(fmt, res)
-    out = {k: v for k, v in tensors.items() if k != "q_scale2"}
+    res = {k: v.to(work) for k, v in tensors.items() if k in f.tensor_names}
+    w = w4a8.prepare(f, res)
+    # the stored residual's tensors give way to the kernel's q, sb and q_scale
+    out = {k: v for k, v in tensors.items() if k not in f.tensor_names}
     out.update(q=w["q"].to(dev), sb=w["sb"].to(dev), q_scale=w["q_scale"].to(dev))
     return out
 
@@ -52,11 +58,15 @@ class CompressedLinear(torch.nn.Module):
 
     def __init__(self, fmt: str, in_features: int, out_features: int, tensors: dict, act_quant: bool = True):
         super().__init__()
-        self.fmt = F.check_format(fmt)
+        self.format = F.get(fmt)
+        self.fmt = self.format.name  # what files and messages carry
+        if not set(self.format.tensor_names) <= set(TENSOR_NAMES):
+            raise ValueError(f"residual format {self.fmt!r} stores {self.format.tensor_names}; "
+                             f"CompressedLinear holds {TENSOR_NAMES} (formats registered after import)")
         self.in_features, self.out_features = in_features, out_features
         self.act_quant = act_quant
-        if "sb" not in tensors and dispatch.w4a8_possible(self.fmt, in_features, act_quant):
-            tensors = _w4a8_layout(self.fmt, tensors)
+        if not self.format.in_w4a8_layout(tensors) and dispatch.w4a8_possible(self.format, in_features, act_quant):
+            tensors = _w4a8_layout(self.format, tensors)
         for name in TENSOR_NAMES:
             self._frozen(name, tensors.get(name))
         amax = tensors.get("input_amax")
@@ -103,11 +113,11 @@ class CompressedLinear(torch.nn.Module):
         return _on(self.input_scale, device)
 
     def kernel_layer(self, t: dict | None = None):
-        return (self.fmt, self.act_quant, self.tensors() if t is None else t)
+        return (self.format, self.act_quant, self.tensors() if t is None else t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.tensors(x.device)
-        ref = lambda: compressed_linear_ref(x, self.fmt, t, self.act_quant)  # noqa: E731
+        ref = lambda: compressed_linear_ref(x, self.format, t, self.act_quant)  # noqa: E731
         if dispatch.choose(x, [self.kernel_layer(t)]) == "triton":
             return dispatch.run("linear", lambda: ops.linear(x, t, self.block).to(x.dtype), ref)
         dispatch.note_reference("linear")
@@ -115,12 +125,12 @@ class CompressedLinear(torch.nn.Module):
 
     @property
     def block(self) -> int:
-        return F.BLOCK[self.fmt] or 0
+        return self.format.block or 0
 
     def dense_weight(self, dtype=torch.float32) -> torch.Tensor:
         """W' = A B + dequant(Q) (with a runtime LoRA's terms, if set), for inspection and tests."""
         t = self.tensors()
-        w = dequant_weight(self.fmt, t, dtype)
+        w = dequant_weight(self.format, t, dtype)
         return w + (t["A"].to(dtype) @ t["B"].to(dtype)) if "A" in t else w
 
     def extra_repr(self) -> str:
@@ -149,7 +159,7 @@ class CompressedFFN(torch.nn.Module):
         if up.act_quant != down.act_quant:  # mixed activation handling: each linear on its own
             return down(Fn.gelu(up(x), approximate="tanh"))
         t1, t2, hs = up.tensors(x.device), down.tensors(x.device), down.scale_on(x.device)
-        ref = lambda: compressed_ffn_ref(x, up.fmt, t1, down.fmt, t2, hs, act_quant=up.act_quant)  # noqa: E731
+        ref = lambda: compressed_ffn_ref(x, up.format, t1, down.format, t2, hs, act_quant=up.act_quant)  # noqa: E731
         if dispatch.choose(x, [up.kernel_layer(t1), down.kernel_layer(t2)]) == "triton":
             return dispatch.run("ffn", lambda: ops.ffn(x, t1, t2, hs, up.block, down.block).to(x.dtype), ref)
         dispatch.note_reference("ffn")

@@ -31,8 +31,8 @@ The in-register kernel:
   round_e4m3(v * 2^(E-5) * (1 + j/8)) for the 8 E2M1 magnitudes v, built from b with a few
   integer operations per block. MXFP4 (j = 0) is exact; NVFP4's block mantissa makes v * (1 + j/8)
   need up to 5 mantissa bits, so weights round once to E4M3 (its tensor scale is exact, in p).
-  Blocks more than 2^EMAX below the channel's largest cannot be represented (E < 0) and are
-  set to zero: their weights are below 2^-EMAX of the channel's largest block's, far under
+  Blocks more than 2^emax below the channel's largest cannot be represented (E < 0) and are
+  set to zero: their weights are below 2^-emax of the channel's largest block's, far under
   FP4's own rounding error.
 """
 from __future__ import annotations
@@ -52,16 +52,19 @@ try:
 except ImportError:
     triton = None
 
-FORMATS = ("mxfp4", "nvfp4")
 GROUP = 128  # values of K per repacked group: two halves of 64, one MMA each
-# Largest block exponent: the table's largest byte is round(6 * 1.875 * 2^-5) + E << 3 (NVFP4)
-# or 6 * 2^-5 + E << 3 (MXFP4), which must stay <= 448.
-EMAX = {"mxfp4": 11, "nvfp4": 10}
 # From this many tokens the weights go through a transient E4M3 copy and the FP8 GEMM (scaled_gemm).
 MATERIALIZE_M = 1024
 # Up to this many tokens the in-register kernel takes a fixed tile and splits K when its tiles
 # would leave SMs idle (few_tokens_config; the tuner's timings of these tiny launches were erratic).
 SPLIT_K_MAX_M = 256
+
+
+def emax(f: F.ResidualFormat) -> int:
+    """Largest block exponent E of format f in the table: its largest entry, 6 * 2^(E-5) with
+    power-of-two (E8M0) scales, round_e4m3(6 * 1.875 * 2^-5) * 2^E = 11 * 2^(E-5) with a block
+    mantissa (j = 7, NVFP4's E4M3 scales), must stay <= 448, E4M3's largest value."""
+    return 11 if f.pow2_scales else 10
 
 
 def _promote(groups: int) -> int:
@@ -119,41 +122,48 @@ def unrepack(q: torch.Tensor) -> torch.Tensor:
     return torch.stack([h & 0xFF, (h >> 8) & 0xFF], -1).to(torch.uint8).view(n, -1)
 
 
-def prepare(fmt: str, t: dict) -> dict:
+def prepare(fmt: str | F.ResidualFormat, t: dict) -> dict:
     """Kernel operands of a stored FP4 residual t (q packed [N, K/2], q_scale block scales,
     q_scale2 NVFP4's tensor scale): q repacked, sb (uint8 [K/128, N, 128/block], b = E << 3 | j per block,
     group-major so that a tile's bytes of one group are one TMA box),
     q_scale (fp32 [N], p[n] for the epilogue), and t's A, B, bias: a layer for fused.linear
     and fused.ffn."""
-    if fmt not in FORMATS:
-        raise ValueError(f"W4A8 takes mxfp4 or nvfp4 residuals, not {fmt!r}")
+    f = F.get(fmt)
+    if not f.w4a8:
+        takes = " or ".join(g.name for g in F.FORMATS.values() if g.w4a8)
+        raise ValueError(f"W4A8 takes {takes} residuals, not {f.name!r}")
+    if f.block == 32 and not f.pow2_scales:
+        # the kernel (_group_weights) takes 32-value blocks for power-of-two scales (j = 0): its
+        # tables would drop such a format's block mantissas
+        raise ValueError(f"W4A8 runs 32-value blocks with power-of-two scales only, not {f.name!r}'s")
     q = t["q"]
     n, k = q.shape[0], q.shape[1] * 2
     if k % GROUP:
         raise ValueError(f"W4A8 needs in_features divisible by {GROUP}, got {k}")
-    bs = F.e8m0_decode(t["q_scale"]) if fmt == "mxfp4" else t["q_scale"].float()
+    bs, ts = f.decode_scales(t)  # block scales in fp32; the tensor scale (NVFP4's) or None
     m, e = torch.frexp(bs)  # bs = m 2^e, m in [0.5, 1): 2^(e-1) (1 + j/8) with j = 16 m - 8
     j = torch.where(bs > 0, (16 * m - 8).round(), torch.zeros_like(m)).to(torch.int32)
     e = e - 1
     e = torch.where(bs > 0, e, torch.full_like(e, -(1 << 20)))
     top = e.amax(1, keepdim=True).clamp_min(-(1 << 19))
-    E = e - top + EMAX[fmt]
+    top_e = emax(f)
+    E = e - top + top_e
     dead = E < 0  # below the table's range (or zero scale): the block's weights become zero
-    blk = F.BLOCK[fmt]
+    blk = f.block
     q = torch.where(dead[:, :, None], torch.zeros_like(q).view(n, -1, blk // 2), q.view(n, -1, blk // 2)).view(n, -1)
     E = E.clamp_min(0)
-    p = torch.exp2((top - EMAX[fmt] + 5).float()).view(n)
-    if fmt == "nvfp4":
-        p = p * t["q_scale2"].float().reshape(())
+    p = torch.exp2((top - top_e + 5).float()).view(n)
+    if ts is not None:  # exact in the per-channel factor
+        p = p * ts.reshape(())
     extra = {k_: t[k_] for k_ in ("A", "B", "bias") if t.get(k_) is not None}
     sb = ((E << 3) | j).to(torch.uint8).view(n, k // GROUP, GROUP // blk).transpose(0, 1).contiguous()
     return {"block": blk, "q": repack(q), "sb": sb,
             "q_scale": p.float().contiguous(), **extra}
 
 
-def layer(fmt: str, t: dict) -> dict:
+def layer(fmt: str | F.ResidualFormat, t: dict) -> dict:
     """Kernel operands of module tensors already in the kernel's layout (q, sb, q_scale = p)."""
-    return {**t, "block": F.BLOCK[fmt]}
+    return {**t, "block": F.get(fmt).block}
 
 
 def _sb_rows(sb: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Adding a residual format is one register() call as far as calibration, the codec and the
 reference path go: toy formats (an FP8 copy under another name, an MXFP4 with 16-value
-blocks) go through quantization, GPTQ, compress_linear and the modules unchanged. The kernel
-dispatch still compares names (kernels/dispatch.py, w4a8.py): those tests are strict xfails
-that start passing when it asks the format object instead."""
+blocks) go through quantization, GPTQ, compress_linear and the modules unchanged, and the
+kernel dispatch and the W4A8 conversion take them too: they ask the format object
+(fp8_kernel, w4a8, pow2_scales, decode_scales), never its name."""
 import dataclasses
+from typing import ClassVar
 
 import pytest
 import torch
@@ -89,6 +90,21 @@ def test_compress_linear_and_module_accept_a_new_format(toys):
     assert y.shape == (5, 48) and torch.isfinite(y).all()
 
 
+def test_module_refuses_a_format_storing_other_tensors():
+    """Modules hold the tensor names known at import (modules.TENSOR_NAMES): a format registered
+    later that stores another one is refused, not silently dropped."""
+    @dataclasses.dataclass(frozen=True)
+    class Zeroed(type(F.get("fp8"))):
+        tensor_names: ClassVar[tuple[str, ...]] = ("q", "q_scale", "q_zero")
+
+    F.register(Zeroed("zeroed8", block=None, act_quant=True, bits=8))
+    try:
+        with pytest.raises(ValueError, match="q_zero"):
+            CompressedLinear("zeroed8", 128, 48, compress_linear(torch.randn(48, 128), None, None, 8, "fp8").tensors)
+    finally:
+        F.unregister("zeroed8")
+
+
 needs_kernels = pytest.mark.skipif(not fp8_ffn.available(), reason="triton is not installed")
 
 
@@ -100,8 +116,6 @@ def triton_mode():
 
 
 @needs_kernels
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="kernels/dispatch.py _suits compares fmt == 'fp8' (fmt.fp8_kernel would do)")
 def test_dispatch_runs_a_new_fp8_kind_on_the_kernels(toys, triton_mode):
     c = compress_linear(torch.randn(48, 128), None, None, 8, "toy8")
     x = torch.randn(4, 128)
@@ -110,9 +124,6 @@ def test_dispatch_runs_a_new_fp8_kind_on_the_kernels(toys, triton_mode):
 
 
 @needs_kernels
-@pytest.mark.xfail(strict=True, raises=(AssertionError, ValueError),
-                   reason="dispatch.w4a8_possible and w4a8.prepare know FP4 formats by name "
-                          "(w4a8.FORMATS, w4a8.EMAX); fmt.w4a8 / fmt.pow2_scales would do")
 def test_w4a8_takes_a_new_fp4_kind(toys, triton_mode):
     from liteffn.calibration.synthetic import random_fp4_layer
     from liteffn.kernels import w4a8
@@ -121,3 +132,16 @@ def test_w4a8_takes_a_new_fp4_kind(toys, triton_mode):
     assert dispatch.w4a8_possible("toy4", 128)
     t = random_fp4_layer("toy4", 32, 256, 0)
     assert torch.equal(w4a8.dequant(w4a8.prepare("toy4", t)), F.decode("toy4", t))  # exact, as MXFP4's
+
+
+def test_w4a8_refuses_32_blocks_without_pow2_scales():
+    """The kernel reads 32-value blocks as MXFP4's (block mantissa 0): an NVFP4 kind with 32-value
+    blocks is refused rather than computed wrong."""
+    from liteffn.kernels import w4a8
+
+    F.register(dataclasses.replace(F.get("nvfp4"), name="nv32", block=32))
+    try:
+        with pytest.raises(ValueError, match="power-of-two scales only"):
+            w4a8.prepare("nv32", {"q": torch.zeros(16, 64, dtype=torch.uint8)})
+    finally:
+        F.unregister("nv32")

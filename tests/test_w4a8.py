@@ -64,8 +64,8 @@ def test_kernel_weights_equal_the_fp4_weights(fmt):
 
 
 def test_mxfp4_range_and_flush():
-    """Blocks down to 2^-EMAX of a channel's largest are exact; smaller ones become zero."""
-    n, k, e = 16, 512, w4a8.EMAX["mxfp4"]
+    """Blocks down to 2^-emax of a channel's largest are exact; smaller ones become zero."""
+    n, k, e = 16, 512, w4a8.emax(F.get("mxfp4"))
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     ex = 127 + torch.randint(-e, 1, (n, k // 32))
     ex[:, 0] = 127
@@ -76,6 +76,14 @@ def test_mxfp4_range_and_flush():
     d, exact = w4a8.dequant(w4a8.prepare("mxfp4", t)), F.decode("mxfp4", t)
     assert not d[:, 32:64].any() and exact[:, 32:64].any()
     assert torch.equal(d[:, 64:], exact[:, 64:])
+
+
+def test_emax_is_the_largest_exponent_the_table_holds():
+    """emax(f): the largest E whose table (largest magnitude 6, block mantissa j = 7 unless the
+    scales are powers of two) stays within E4M3."""
+    for f in (f for f in F.FORMATS.values() if f.w4a8):
+        top = lambda e: float(w4a8._mag_table(torch.tensor(0 if f.pow2_scales else 7), torch.tensor(e)).max())  # noqa: E731, B023
+        assert top(w4a8.emax(f)) <= F.FP8_MAX < top(w4a8.emax(f) + 1), f
 
 
 def test_nvfp4_tensor_scale_is_exact():
@@ -90,7 +98,7 @@ def test_rejects_what_it_cannot_run():
     t = _fp4_layer("mxfp4", 16, 96, 0)
     with pytest.raises(ValueError, match="divisible by 128"):
         w4a8.prepare("mxfp4", t)
-    with pytest.raises(ValueError, match="mxfp4 or nvfp4"):
+    with pytest.raises(ValueError, match="W4A8 takes nvfp4 or mxfp4 residuals, not 'fp8'"):
         w4a8.prepare("fp8", t)
 
 
