@@ -34,7 +34,7 @@ special-function unit (measured: +115 us on a 700 us GEMM at M=6144).
 
 Accumulation: Hopper's FP8 MMA accumulates in reduced precision. Over all of K that costs up to
 18% relative error against an fp64 product of the same codes on coherent sums (rows aligned with
-the weights; 16384->4096: 1.8e-1, 8192->2048: 9.6e-2; bench/gemm_explore_h200_run1.log), so the
+the weights; 16384->4096: 1.8e-1, 8192->2048: 9.6e-2; bench/gemm_explore_h200.log), so the
 GEMM adds the tensor cores' partial sum into an fp32 accumulator every LITEFFN_PROMOTE_K elements
 of K (a config's PROMOTE = interval // BK tiles). The K loop is flat, one tile per iteration and
 an fp32 add every PROMOTE iterations, so the MMAs stay asynchronous between promotions. Errors
@@ -226,7 +226,7 @@ if triton is not None:
                     PROMOTE=promote, num_warps=warps, num_stages=stages)
 
     # (BM, BN, BK, warps, stages, EPI_SPLIT, persistent). Many rows (H200, promotion every 512,
-    # bench/gemm_explore_h200_run1.log): 128x256x128 s3 was fastest at every video shape,
+    # bench/gemm_explore_h200.log): 128x256x128 s3 was fastest at every video shape,
     # 128x128x128 s4 and 128x128x256 s3 within 1-10%. Few rows (M <= 256, the audio FFN at
     # M ~ 126): 64-row tiles. Candidates that do not fit are skipped by the tuner.
     _CANDIDATES = [
@@ -308,7 +308,7 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
         return xq, sx, u
     amax = torch.zeros(M, device=x.device, dtype=torch.float32)
     u = torch.zeros(M, r, device=x.device, dtype=torch.float32) if r else None
-    # measured on the H100 (bench/ffn_kernels.py --explore): M=126: 16 rows x 256 columns per
+    # measured on the H100 (bench/ffn_kernels_explore_h100.log): M=126: 16 rows x 256 columns per
     # program, 13-15 us at K=2048/8192; M=6144, K=4096: 64 x 512, 64 us (2 TB/s)
     bm = bm or (16 if (G.INTERP or M <= 2048) else 64)
     bk = 32 if G.INTERP else 128

@@ -5,7 +5,7 @@ operands, and the launcher with its per-shape cache of compiled kernels. Imports
 
 Launching: a Triton launch through `kernel[grid](...)` (or an autotuner) binds ~30 arguments,
 specializes each one and looks the kernel up again on every call: ~140 us of host time per GEMM
-on the H200's host at M=126 (bench/gemm_explore_h200_run1.log), more than the GEMM itself. So the
+on the H200's host at M=126 (bench/gemm_explore_h200.log), more than the GEMM itself. So the
 first launch per key goes the normal way (tuning if it is on) and its CompiledKernel is kept;
 later launches call `compiled[grid](*all arguments)` directly (`launch_kernel`, `launch_gemm`).
 The key holds everything Triton specializes a compiled kernel on (spec_key): constexpr values,

@@ -5,7 +5,7 @@ Eager calls run the Python implementation (fused.py) directly. While torch.compi
 go through the torch custom ops (`torch.ops.liteffn.*`), each with a fake (meta) implementation,
 so the graph holds one opaque node per compressed linear or FFN and has no break. Eager calls
 skip the custom op because its dispatch costs more host time than the layer (~120 us per FFN
-call at M=126 on the H200's host, bench/gemm_explore_h200_run1.log).
+call at M=126 on the H200's host, bench/gemm_explore_h200.log).
 """
 from __future__ import annotations
 
