@@ -1,4 +1,4 @@
-"""Small timing helpers shared by the W4A8 benches (bench/w4a8.py, bench/w4a8_ncu.py): device time
+"""Small timing helpers shared by the benches (w4a8.py, w4a8_ncu.py, ffn_kernels.py): device time
 of CUDA-graph replays, weights rotating over copies that exceed the L2 cache."""
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import math
 
 import torch
 from triton.testing import do_bench_cudagraph
-
-from liteffn.calibration.synthetic import random_activations
 
 ROT_BYTES = 200 * 2**20  # weights of one timed set of calls: several times the 50 MB L2
 CHECK_ROWS = 2048
@@ -39,4 +37,6 @@ def copies_for(n, k) -> int:
 
 
 def act(m, k, seed=0):
+    from liteffn.calibration.synthetic import random_activations  # after the caller registered liteffn
+
     return random_activations(m, k, seed, "cuda")

@@ -59,6 +59,7 @@ import torch.nn.functional as Fn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _common import Rot  # noqa: E402
 
 FULL = dict(linear={"video": ((4096, 16384), (16384, 4096)), "audio": ((2048, 8192), (8192, 2048))},
             ffn={"video": 4096, "audio": 2048},
@@ -181,17 +182,6 @@ class Timer:
             self.sync()
             ts.append((time.perf_counter() - t0) / n)
         return statistics.median(ts) * 1e6
-
-
-class Rot:
-    """Cycles through copies of some weights, one per call (also inside a captured graph)."""
-
-    def __init__(self, items):
-        self.items, self.i = items, 0
-
-    def __call__(self):
-        self.i = (self.i + 1) % len(self.items)
-        return self.items[self.i]
 
 
 def copies_for(n, k, dry=False) -> int:

@@ -10,7 +10,9 @@ most precise interval) then costs FADDs that overlap the next MMA, as in DeepGEM
 
     python bench/gluon_explore.py [--out DIR]
 
-Epilogue here is only scales + bias -> bf16 (the pack's kernels also fuse the low-rank branch,
+The warp-specialized variant measured in bench/gluon_explore_h200.log ("ws") became the pack's
+kernel, kernels/fp8_ws.py (with the full epilogue; bench/ws_check.py measures it), so it is not
+repeated here. Epilogue here is only scales + bias -> bf16 (the pack's kernels also fuse the low-rank branch,
 GELU, FP8 output and the next low-rank input): this measures the main loop.
 """
 from __future__ import annotations
@@ -249,105 +251,6 @@ def _fp8_gemm_single(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
 
 
 
-@gluon.jit
-def _ws_tile(tile, M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
-    num_pid_m = gl.cdiv(M, BM)
-    num_pid_n = gl.cdiv(N, BN)
-    group = GROUP_M * num_pid_n
-    first = (tile // group) * GROUP_M
-    size = gl.minimum(num_pid_m - first, GROUP_M)
-    return (first + (tile % group) % size) * BM, ((tile % group) // size) * BN
-
-
-@gluon.jit
-def _ws_consumer(p, WG: gl.constexpr, PROMOTE: gl.constexpr):
-    """One math warpgroup: rows WG*64..+64 of every tile. Waits for its own MMAs (wait 0) and
-    promotes; the other warpgroup's MMAs keep the tensor cores busy meanwhile (DeepGEMM's scheme)."""
-    a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K, a_bufs, b_bufs, c_bufs, ready, empty, GROUP_M = p
-    BM: gl.constexpr = a_desc.block_type.shape[0]
-    BK: gl.constexpr = a_desc.block_type.shape[1]
-    BN: gl.constexpr = b_desc.block_type.shape[0]
-    HM: gl.constexpr = BM // 2
-    STAGES: gl.constexpr = a_bufs.type.shape[0]
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
-    k_tiles = gl.cdiv(K, BK)
-    num_tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
-    g = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        om, on = _ws_tile(tile, M, N, BM, BN, GROUP_M)
-        acc = gl.zeros([HM, BN], gl.float32, mma)
-        part = gl.zeros([HM, BN], gl.float32, mma)
-        for kk in range(k_tiles):
-            s = g % STAGES
-            mbarrier.wait(ready.index(s), (g // STAGES) & 1)
-            part = warpgroup_mma(a_bufs.index(s).slice(WG * HM, HM), b_bufs.index(s).permute((1, 0)), part,
-                                 use_acc=(kk % PROMOTE) != 0, is_async=True)
-            part = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
-            mbarrier.arrive(empty.index(s), count=1)
-            if kk % PROMOTE == PROMOTE - 1:
-                acc += part
-            g += 1
-        if k_tiles % PROMOTE != 0:
-            acc += part
-        rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma))
-        cols = on + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        sx = gl.load(SX + rows, mask=rows < M, other=0.0)
-        sw = gl.load(SW + cols, mask=cols < N, other=0.0)
-        bias = gl.load(BIAS + cols, mask=cols < N, other=0.0).to(gl.float32)
-        out = acc * gl.expand_dims(sx, 1) * gl.expand_dims(sw, 0) + gl.expand_dims(bias, 0)
-        c_buf = c_bufs.index(WG)
-        tma.store_wait(pendings=0)
-        c_buf.store(out.to(c_desc.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(c_desc, [om + WG * HM, on], c_buf)
-    tma.store_wait(pendings=0)
-
-
-@gluon.jit
-def _ws_consumer1(p, PROMOTE: gl.constexpr):
-    _ws_consumer(p, 1, PROMOTE)
-
-
-@gluon.jit
-def _ws_producer(p, PROMOTE: gl.constexpr):
-    """One warp: TMA loads of A [BM, BK] and B [BN, BK] tiles into the stage ring."""
-    a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K, a_bufs, b_bufs, c_bufs, ready, empty, GROUP_M = p
-    BM: gl.constexpr = a_desc.block_type.shape[0]
-    BK: gl.constexpr = a_desc.block_type.shape[1]
-    BN: gl.constexpr = b_desc.block_type.shape[0]
-    STAGES: gl.constexpr = a_bufs.type.shape[0]
-    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
-    k_tiles = gl.cdiv(K, BK)
-    num_tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
-    g = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        om, on = _ws_tile(tile, M, N, BM, BN, GROUP_M)
-        for kk in range(k_tiles):
-            s = g % STAGES
-            mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), nbytes)
-            tma.async_copy_global_to_shared(a_desc, [om, kk * BK], ready.index(s), a_bufs.index(s))
-            tma.async_copy_global_to_shared(b_desc, [on, kk * BK], ready.index(s), b_bufs.index(s))
-            g += 1
-
-
-@gluon.jit
-def _fp8_gemm_ws(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
-                 STAGES: gl.constexpr, GROUP_M: gl.constexpr, PROMOTE: gl.constexpr, num_warps: gl.constexpr):
-    """Warp-specialized: the default partition and one worker are the two math warpgroups (64 rows of
-    the tile each), one worker warp issues the TMA loads."""
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(STAGES):
-        mbarrier.init(ready.index(j), count=1)
-        mbarrier.init(empty.index(j), count=2)
-    p = (a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K, a_bufs, b_bufs, c_bufs, ready, empty, GROUP_M)
-    gl.warp_specialize([(_ws_consumer, (p, 0, PROMOTE)), (_ws_consumer1, (p, PROMOTE)), (_ws_producer, (p, PROMOTE))],
-                       [4, 1], [232, 40])
-
 def descs(xq, q, out, bm, bn, bk, cm=None):
     cm = cm or bm
     la = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.float8e4nv)
@@ -361,13 +264,10 @@ def gemm(xq, sx, q, qs, bias, kind="dual", bm=128, bn=128, bk=128, stages=4, war
     M, K = xq.shape
     N = q.shape[0]
     out = torch.empty(M, N, device=xq.device, dtype=torch.bfloat16) if out is None else out
-    a, b, c = descs(xq, q, out, bm, bn, bk, bm // 2 if kind == "ws" else bm)
+    a, b, c = descs(xq, q, out, bm, bn, bk)
     sms = torch.cuda.get_device_properties(xq.device).multi_processor_count
     grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-    if kind == "ws":
-        _fp8_gemm_ws[grid](a, b, c, sx, qs, bias, M, N, K, STAGES=stages, GROUP_M=8, PROMOTE=promote, num_warps=4,
-                           maxnreg=168)
-    elif kind in ("dual", "pair"):
+    if kind in ("dual", "pair"):
         (_fp8_gemm_dual if kind == "dual" else _fp8_gemm_pair)[grid](a, b, c, sx, qs, bias, M, N, K, STAGES=stages, GROUP_M=8, num_warps=warps)
     else:
         _fp8_gemm_single[grid](a, b, c, sx, qs, bias, M, N, K, STAGES=stages, GROUP_M=8, PROMOTE=promote,
@@ -399,10 +299,6 @@ def main():
 
     say(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')} triton {triton.__version__}")
     variants = {
-        "ws 128x128x128 s5 promote every 128": dict(kind="ws", stages=5, promote=1),
-        "ws 128x128x128 s4 promote every 128": dict(kind="ws", stages=4, promote=1),
-        "ws 128x128x128 s6 promote every 128": dict(kind="ws", stages=6, promote=1),
-        "ws 128x128x128 s5 promote every 512": dict(kind="ws", stages=5, promote=4),
         "dual 128x128x128 s4 (promote every 128)": dict(kind="dual", stages=4),
         "dual 128x128x128 s5": dict(kind="dual", stages=5),
         "dual 128x128x128 s3": dict(kind="dual", stages=3),
