@@ -2,16 +2,18 @@
 
     python bench/host_overhead.py [--out DIR] [--m 126] [--calls 300] [--parts host,profile,device]
 
-host: wall microseconds per call over --calls calls with no synchronization inside the loop and
-no CUDA graph (what a sampling loop pays in Python and launches), at M tokens of the audio FFN
+host: wall microseconds per call over --calls calls with no synchronization inside the loop
+(what a sampling loop pays in Python and launches), at M tokens of the audio FFN
 (2048 -> 8192 -> 2048, r=64): the dense bf16 FFN (F.linear, GELU tanh, F.linear), CompressedFFN.forward
 (FP8, calibrated input_amax: the three-launch fused path), the same with an MXFP4 residual (W4A8),
 CompressedLinear.forward, and pieces of the compressed call (fused.ffn, the custom op, one GEMM,
 act_quant_lowrank); compressed calls once with cached compiled kernels (gemm.py's fast launch) and
-once through Triton's normal launch path. Also the device time per call (CUDA events over the same
-loop after a sync: if it is near the host time, the loop was GPU-bound and the host time is not
-the launch overhead). Goal: CompressedFFN.forward within 1.5x the dense FFN's host time.
-profile: cProfile's top 20 (internal time) over 200 compressed FFN calls.
+once through Triton's normal launch path, both with the modules' CUDA graphs off; the module calls
+once more as ComfyUI runs them, with CUDA graphs (kernels/graphs.py: eager once, captured on the
+second call, replayed from then on; the warm-up calls cover both). Also the device time per
+call (CUDA events over the same loop after a sync: if it is near the host time, the loop was
+GPU-bound and the host time is not the launch overhead). Goal: CompressedFFN.forward within 1.5x the dense FFN's host time.
+profile: cProfile's top 20 (internal time) over 200 compressed FFN calls, without and with CUDA graphs.
 device: device time (CUDA graphs) of act_quant_lowrank's one-launch few-row variant per rows per
 program against the two-launch one, and of the FP8 up-projection GEMM (GELU, FP8 out, next low rank)
 per fixed config at M=6144, to check the defaults.
@@ -38,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
 
 from liteffn.calibration.synthetic import random_fp4_layer, random_fp8_layer  # noqa: E402
-from liteffn.kernels import fp8_ffn, fused, gemm, ops  # noqa: E402
+from liteffn.kernels import fp8_ffn, fused, gemm, graphs, ops  # noqa: E402
 from liteffn.kernels import modules as Mo  # noqa: E402
 
 DIM, HID, RANK = 2048, 8192, 64
@@ -114,62 +116,85 @@ def host(m, calls):
     }
     fast0 = gemm._FAST_OK
     say(f"fast launch available: {fast0} (triton {gemm.triton.__version__})")
+    G = graphs.GRAPHS
     rows = []
     for name, fn in cases.items():
         if fn is None:
             continue
         dense = name.startswith(("dense", "torch"))
-        for fast in ((True,) if dense else (True, False)):
-            label = name if dense else f"{name}, {'fast launch' if fast else 'normal launch'}"
+        # (label suffix, fast launch, CUDA graphs): the module calls also as ComfyUI runs them, with graphs
+        variants = [("", True, False)] if dense else [("fast launch", True, False), ("normal launch", False, False)]
+        if name.endswith(".forward (FP8)") or name.endswith(".forward (MXFP4)"):
+            variants.append(("CUDA graphs", True, True))
+        for suffix, fast, use_graphs in variants:
+            label = f"{name}, {suffix}" if suffix else name
             gemm._FAST_OK = fast0 and fast
+            G.enabled = use_graphs
             try:
-                s0 = dict(gemm.LAUNCHES.stats)
+                s0, g0 = dict(gemm.LAUNCHES.stats), dict(G.stats)
                 t_host, t_dev, t_all = host_us(fn, calls)
                 n_fast = gemm.LAUNCHES.stats["fast"] - s0["fast"]
                 n_norm = gemm.LAUNCHES.stats["normal"] - s0["normal"]
+                n_graph = {k: v - g0.get(k, 0) for k, v in G.stats.items() if v != g0.get(k, 0)}
                 OUT["host"][label] = dict(host_us=t_host, device_us=t_dev, with_sync_us=t_all,
-                                          fast_launches=n_fast, normal_launches=n_norm)
+                                          fast_launches=n_fast, normal_launches=n_norm, graphs=n_graph)
                 rows.append(label)
                 say(f"  {label:58s} host {t_host:7.1f} us  device {t_dev:7.1f} us  with sync {t_all:7.1f} us  "
-                    f"(launches fast {n_fast}, normal {n_norm})")
+                    f"(launches fast {n_fast}, normal {n_norm}; graphs {n_graph or '-'})")
             except Exception:  # noqa: BLE001
                 OUT["errors"][label] = traceback.format_exc()[-1500:]
                 say(f"  {label}: FAILED\n{OUT['errors'][label]}")
     gemm._FAST_OK = fast0
-    ref = OUT["host"].get("dense bf16 FFN", {}).get("host_us")
+    G.enabled = None
+    if G.disabled:
+        OUT["errors"]["CUDA graphs"] = G.disabled
+        say(f"CUDA graphs were turned off: {G.disabled}")
+    ref = OUT["host"].get("dense bf16 FFN", {})
     lines = [f"## Host time per call, M={m}, audio FFN {DIM}->{HID}->{DIM}, r={RANK} ({torch.cuda.get_device_name()}, "
              f"torch {torch.__version__}, triton {gemm.triton.__version__})", "",
-             "| call | host us | vs dense FFN | device us | with sync us | launches fast / normal |",
-             "|---|---|---|---|---|---|"]
+             "| call | host us | vs dense FFN | device us | with sync us | launches fast / normal | graphs (calls) |",
+             "|---|---|---|---|---|---|---|"]
     for label in rows:
         r = OUT["host"][label]
-        ratio = f"{r['host_us'] / ref:.2f}x" if ref else "-"
+        ratio = f"{r['host_us'] / ref['host_us']:.2f}x" if ref else "-"
+        g = ", ".join(f"{k} {v}" for k, v in sorted(r["graphs"].items())) or "-"
         lines.append(f"| {label} | {r['host_us']:.1f} | {ratio} | {r['device_us']:.1f} | {r['with_sync_us']:.1f} | "
-                     f"{r['fast_launches']} / {r['normal_launches']} |")
-    if ref and "CompressedFFN.forward (FP8), fast launch" in OUT["host"]:
-        got = OUT["host"]["CompressedFFN.forward (FP8), fast launch"]["host_us"] / ref
-        lines += ["", f"CompressedFFN.forward (FP8) / dense FFN: **{got:.2f}x** (goal <= 1.5x)"]
+                     f"{r['fast_launches']} / {r['normal_launches']} | {g} |")
+    lines.append("")
+    for label in ("CompressedFFN.forward (FP8), fast launch", "CompressedFFN.forward (FP8), CUDA graphs"):
+        if ref and label in OUT["host"]:
+            r = OUT["host"][label]
+            lines.append(f"{label} / dense FFN: host **{r['host_us'] / ref['host_us']:.2f}x** (goal <= 1.5x), "
+                         f"with sync {r['with_sync_us'] / ref['with_sync_us']:.2f}x (goal <= 1x)  ")
     return lines
 
 
 def profile(m, calls):
     ffn8, _, _, _, x = modules(m)
-    for _ in range(20):
-        ffn8(x)
-    torch.cuda.synchronize()
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(200):
-        ffn8(x)
-    pr.disable()
-    torch.cuda.synchronize()
-    s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(20)
-    text = s.getvalue()
-    say(text)
-    OUT["profile"] = text
-    return ["", "## cProfile of 200 CompressedFFN.forward (FP8) calls, top 20 by internal time", "", "```",
-            text.strip()[:8000], "```"]
+    lines = []
+    for use_graphs in (False, True):
+        graphs.GRAPHS.enabled = use_graphs
+        try:
+            for _ in range(20):
+                ffn8(x)
+            torch.cuda.synchronize()
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(200):
+                ffn8(x)
+            pr.disable()
+            torch.cuda.synchronize()
+        finally:
+            graphs.GRAPHS.enabled = None
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(20)
+        text = s.getvalue()
+        say(text)
+        what = "with CUDA graphs" if use_graphs else "without CUDA graphs"
+        OUT["profile" + (" graphs" if use_graphs else "")] = text
+        lines += ["", f"## cProfile of 200 CompressedFFN.forward (FP8) calls {what}, top 20 by internal time", "",
+                  "```", text.strip()[:8000], "```"]
+    return lines
 
 
 def device(m, calls):

@@ -93,6 +93,14 @@ def choose(x: torch.Tensor, layers) -> str:
     return "triton"
 
 
+def triton_allowed() -> bool:
+    """Whether choose() can still pick the kernels, as far as it depends on more than the call's
+    tensors (mode, a failure that turned them off): a CUDA graph captured when it did is valid
+    while this holds and its key (the tensors) matches."""
+    m = mode()
+    return m == "triton" or (m == "auto" and _disabled_reason is None)
+
+
 def run(name: str, kernel, reference):
     """Run kernel(); on its first failure log why, disable kernels and run reference()."""
     global _disabled_reason

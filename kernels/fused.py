@@ -29,28 +29,30 @@ def layout(t: dict) -> str:
     return "w4a8" if t.get("sb") is not None else "fp8"
 
 
-def linear(x2: torch.Tensor, t: dict, config=None) -> torch.Tensor:
-    """One compressed linear on a [M, K] input -> [M, N] in out_dtype(x2)."""
-    xq, sx, u = act_quant_lowrank(x2, t.get("B"))
+def linear(x2: torch.Tensor, t: dict, config=None, single: bool | None = None) -> torch.Tensor:
+    """One compressed linear on a [M, K] input -> [M, N] in out_dtype(x2). single: act_quant_lowrank's
+    launch variant (None: by token count; graphs.py asks for two launches, faster on the device)."""
+    xq, sx, u = act_quant_lowrank(x2, t.get("B"), single=single)
     return GEMMS[layout(t)](xq, sx, t, u=u, A=t.get("A"), bias=t.get("bias"), out_dtype=out_dtype(x2), config=config)
 
 
-def ffn(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, config=None) -> torch.Tensor:
+def ffn(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, config=None,
+        single: bool | None = None) -> torch.Tensor:
     """Linear -> GELU(tanh) -> Linear on [M, dim]. With h_scale (static FP8 scale of the hidden
     activation) the three-launch fused path; without it the hidden activation goes through
-    bf16 and a per-token quantization pass (four launches)."""
+    bf16 and a per-token quantization pass (four launches). single: as in linear."""
     y_dtype = out_dtype(x2)
     gemm_up, gemm_down = GEMMS[layout(up)], GEMMS[layout(down)]
     B2 = down.get("B")
     if h_scale is None:
-        xq, sx, u = act_quant_lowrank(x2, up.get("B"))
+        xq, sx, u = act_quant_lowrank(x2, up.get("B"), single=single)
         h = gemm_up(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, out_dtype=y_dtype, config=config)
-        hq, sh, u2 = act_quant_lowrank(h, B2)
+        hq, sh, u2 = act_quant_lowrank(h, B2, single=single)
     else:
         r2 = 0 if B2 is None else B2.shape[0]
         # the up-projection's epilogue adds into u2 atomically; act_quant_lowrank zeroes it first
         u2 = torch.empty(x2.shape[0], r2, device=x2.device, dtype=torch.float32) if r2 else None
-        xq, sx, u = act_quant_lowrank(x2, up.get("B"), zero=u2)
+        xq, sx, u = act_quant_lowrank(x2, up.get("B"), zero=u2, single=single)
         hq = gemm_up(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, h_scale=h_scale, next_B=B2,
                      u_next=u2, config=config)
         sh = h_scale

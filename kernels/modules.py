@@ -8,9 +8,11 @@ factors keep their stored dtypes. When the tensors live on another device than t
 
 forward() asks dispatch.py for the path: the fused Triton kernels on GPUs with FP8 tensor
 cores (through ops.py: called directly in eager mode, as custom ops under torch.compile), the
-torch reference elsewhere. On such machines an MXFP4/NVFP4 residual is converted once,
-when the module is built, to the W4A8 kernel's layout (w4a8.py: same bytes, codes repacked,
-block scales as table bytes); the reference then computes with the same weights.
+torch reference elsewhere. Few-token calls on the kernels are captured into a CUDA graph and
+replayed (graphs.py says when, and when not); a replay skips the rest of forward. On such
+machines an MXFP4/NVFP4 residual is converted once, when the module is built, to the W4A8
+kernel's layout (w4a8.py: same bytes, codes repacked, block scales as table bytes); the
+reference then computes with the same weights.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.nn.functional as Fn
 from . import dispatch, ops
 from . import formats as F
 from .fp8_ffn import static_scale
+from .graphs import GRAPHS
 from .reference import compressed_ffn_ref, compressed_linear_ref, dequant_weight
 
 # The low-rank factors, every registered format's residual tensors (first seen in registry
@@ -35,6 +38,16 @@ TENSOR_NAMES = ("A", "B", *dict.fromkeys(n for f in F.FORMATS.values() for n in 
 def _on(t, device):
     """t on device for this call (a copy when the module sits offloaded elsewhere)."""
     return t if t is None or device is None or t.device == device else t.to(device, non_blocking=True)
+
+
+def _replay(module, key, x, name: str):
+    """The output of module's CUDA graph for this call, or None (no key, no graph, kernels off)."""
+    if key is None or not dispatch.triton_allowed():
+        return None
+    y = GRAPHS.replay(module, key, x)
+    if y is not None:
+        dispatch.counts[name] += 1
+    return y
 
 
 def _w4a8_layout(f: F.ResidualFormat, tensors: dict) -> dict:
@@ -78,6 +91,7 @@ class CompressedLinear(torch.nn.Module):
         self.register_parameter(name, None if t is None else torch.nn.Parameter(t, requires_grad=False))
 
     def _apply(self, fn, recurse=True):
+        GRAPHS.drop(self)  # the tensors move: the graph's addresses go stale
         dtypes = {n: p.dtype for n, p in self._parameters.items() if p is not None}
         super()._apply(fn, recurse)
         for n, dt in dtypes.items():
@@ -92,6 +106,12 @@ class CompressedLinear(torch.nn.Module):
         if self._extra is not None:
             t["A"], t["B"] = (_on(e, device) for e in self._extra)
         return t
+
+    def _operands(self) -> tuple:
+        """The kernels' operand tensors as stored (None where absent), for graphs.py's key."""
+        p = self._parameters
+        a, b = (p["A"], p["B"]) if self._extra is None else self._extra
+        return p["q"], p["q_scale"], p["q_scale2"], p["sb"], p["bias"], a, b
 
     def set_lora(self, up: torch.Tensor | None, down: torch.Tensor | None = None) -> None:
         """Add a LoRA's delta up @ down ([N, r'] with its scale folded in, [r', K]) to the low-rank
@@ -116,9 +136,16 @@ class CompressedLinear(torch.nn.Module):
         return (self.format, self.act_quant, self.tensors() if t is None else t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = GRAPHS.key(x, self._operands())
+        y = _replay(self, key, x, "linear:triton")
+        if y is not None:
+            return y
         t = self.tensors(x.device)
         ref = lambda: compressed_linear_ref(x, self.format, t, self.act_quant)  # noqa: E731
         if dispatch.choose(x, [self.kernel_layer(t)]) == "triton":
+            if key is not None:  # few tokens: eager once, then a CUDA graph (graphs.py)
+                fn = ops.linear_rows(t, self.block, single=False)
+                return dispatch.run("linear", lambda: GRAPHS.run(self, key, x, fn), ref)
             return dispatch.run("linear", lambda: ops.linear(x, t, self.block).to(x.dtype), ref)
         dispatch.note_reference("linear")
         return ref()
@@ -150,6 +177,10 @@ class CompressedFFN(torch.nn.Module):
         super().__init__()
         self.up, self.down = up, down
 
+    def _apply(self, fn, recurse=True):
+        GRAPHS.drop(self)  # the tensors move: the graph's addresses go stale
+        return super()._apply(fn, recurse)
+
     @property
     def h_scale(self):
         return self.down.input_scale
@@ -158,9 +189,16 @@ class CompressedFFN(torch.nn.Module):
         up, down = self.up, self.down
         if up.act_quant != down.act_quant:  # mixed activation handling: each linear on its own
             return down(Fn.gelu(up(x), approximate="tanh"))
+        key = GRAPHS.key(x, (*up._operands(), *down._operands(), down._parameters["input_scale"]))
+        y = _replay(self, key, x, "ffn:triton")
+        if y is not None:
+            return y
         t1, t2, hs = up.tensors(x.device), down.tensors(x.device), down.scale_on(x.device)
         ref = lambda: compressed_ffn_ref(x, up.format, t1, down.format, t2, hs, act_quant=up.act_quant)  # noqa: E731
         if dispatch.choose(x, [up.kernel_layer(t1), down.kernel_layer(t2)]) == "triton":
+            if key is not None:
+                fn = ops.ffn_rows(t1, t2, hs, up.block, down.block, single=False)
+                return dispatch.run("ffn", lambda: GRAPHS.run(self, key, x, fn), ref)
             return dispatch.run("ffn", lambda: ops.ffn(x, t1, t2, hs, up.block, down.block).to(x.dtype), ref)
         dispatch.note_reference("ffn")
         return ref()

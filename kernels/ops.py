@@ -34,6 +34,20 @@ def _ffn(x: Tensor, up: dict, down: dict, h_scale) -> Tensor:
     return fused.ffn(_rows(x), up, down, h_scale).reshape(*x.shape[:-1], down["q"].shape[0])
 
 
+def linear_rows(t: dict, block: int = 0, single: bool | None = None):
+    """fn(x2 [M, K]) -> [M, N]: fused.linear on this layer's operands, what graphs.py runs and captures
+    (single=False there: act_quant_lowrank's two launches, less device time)."""
+    t = _layer(t, block)
+    return lambda x2: fused.linear(x2, t, single=single)
+
+
+def ffn_rows(up: dict, down: dict, h_scale: Optional[Tensor], block1: int = 0, block2: int = 0,
+             single: bool | None = None):
+    """fn(x2 [M, dim]) -> [M, dim]: fused.ffn on these operands, as linear_rows."""
+    up, down = _layer(up, block1), _layer(down, block2)
+    return lambda x2: fused.ffn(x2, up, down, h_scale, single=single)
+
+
 def linear(x: Tensor, t: dict, block: int = 0) -> Tensor:
     """One compressed linear; t: the layer's tensors (q, q_scale, A, B, bias, sb)."""
     if torch.compiler.is_compiling():

@@ -42,6 +42,7 @@ import torch
 from . import formats as F
 from . import fp8_ffn
 from . import gemm as G
+from . import graphs
 
 try:
     import triton
@@ -402,6 +403,7 @@ def _split_workspace(device, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor
         ws = torch.zeros(max(M * N, 0 if ws is None else ws.numel()), device=device, dtype=torch.float32)
         cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), device=device, dtype=torch.int32)
         _WORKSPACES[device] = (ws, cnt)
+    graphs.keep_alive(ws, cnt)  # a graph capturing this launch keeps them, should they be replaced
     return ws, cnt
 
 
