@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from . import gemm as G
+
 try:
     import triton
     from triton.experimental import gluon
@@ -371,8 +373,31 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     grid = (min(tiles, _num_sms(xq.device.index or 0)),)
     stages = _stages(out.element_size(), flags["RB"] if rc else 0, flags["R2B"] if r2c else 0, U.element_size(),
                      bool(prefetch))
-    _ws_gemm_kernel[grid](_desc(xq, (BM, BK)), _desc(q, (BN, BK)), _desc(out, (BM // 2, BN)), la_d, u_d, b2_d,
-                          sx, q_scale, *ptrs, *sizes, GROUP_M=8, NSTAGES=stages,
-                          PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never (fast accumulation)
-                          PREFETCH=bool(prefetch), **{k: v for k, v in flags.items() if k != "INTERP"}, num_warps=4,
-                          maxnreg=168)
+    consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
+                  PREFETCH=bool(prefetch), **{k: v for k, v in flags.items() if k != "INTERP"})
+    descs = (_desc(xq, (BM, BK)), _desc(q, (BN, BK)), _desc(out, (BM // 2, BN)), la_d, u_d, b2_d)
+    rest = (sx, q_scale, *ptrs, *sizes)
+    _launch(grid, descs, rest, consts)
+
+
+_LAUNCHES = G.LaunchCache() if gluon is not None else None
+
+
+def _launch(grid, descs, rest, consts) -> None:
+    """_ws_gemm_kernel[grid](...) the first time per specialization, then its compiled kernel called
+    directly (as gemm.launch_kernel does for the Triton kernels: Triton's binder costs ~100 us of host
+    time for these 32 arguments, the whole GEMM at M = 1400 being ~50 us of device time)."""
+    key = None
+    if G._FAST_OK:
+        spec = G.spec_key(rest)
+        if spec is not None:
+            key = (rest[0].device.index, tuple((d.base.dtype, tuple(d.block_shape)) for d in descs),
+                   *consts.values(), spec)
+    e = _LAUNCHES.get(key)
+    if e is not None:
+        try:
+            return e(grid, descs + rest)
+        except Exception as ex:  # noqa: BLE001  (a launch that raises has not run)
+            G._disable_fast(ex)
+    compiled = _ws_gemm_kernel[grid](*descs, *rest, **consts, num_warps=4, maxnreg=168)
+    _LAUNCHES.put(key, _ws_gemm_kernel, compiled, len(descs) + len(rest), dict(consts, num_warps=4))
