@@ -7,8 +7,8 @@ One FFN, y = W2 GELU(W1 x + b1) + b2 with W = A B + dequant(Q), is three launche
 
   1. act_quant_lowrank(x, B1): per-token FP8 quantization of x (scale sx = rowmax/448) and the
      low-rank down-projection u1 = x B1^T, computed from the same read of x as the row max.
-     Few rows (M <= SINGLE_LAUNCH_M): one launch, a program per few rows walking all of K twice
-     (row max and u, then the codes); the launch count is what costs there. Many rows: two
+     Few rows (M <= SINGLE_LAUNCH_M, K <= 4096, rank <= 64): one launch, a program per row walking
+     all of K twice (row max and u, then the codes); the launch count is what costs there. Many rows: two
      launches over a (row block x K split) grid, the first for the row max and u (atomics over
      the splits), the second for the codes. Either also zeroes u2 (step 2's atomic sum).
   2. scaled_gemm, up: acc = xq Q1^T on FP8 tensor cores, acc = acc*sx*sw1, then u1 A1^T is
@@ -50,6 +50,11 @@ on coherent sums (1e-3 to 3e-3 on independent inputs). Speed at M=6144, r=64 epi
 979/897 promoting every tile (the former default) and 731/661 never promoting.
 Configs whose BK does not divide the interval are left out. Triton's max_num_imprecise_acc
 (slower) and warp specialization (no effect on Hopper in Triton 3.6) were measured and dropped.
+Each promotion still drains the tensor cores here (Triton waits for every in-flight MMA when the
+loop reads an accumulator), so from 257 tokens on Hopper scaled_gemm hands the GEMM to fp8_ws.py,
+a warp-specialized Gluon kernel that hides the promotion: same function, bit-identical at the same
+interval, 1.02-1.29x faster per GEMM (docs/kernels.md). This kernel is the one everywhere else and
+the one CPU CI runs (the interpreter cannot run Gluon).
 
 Interpreter (CPU CI): bf16 tl.dot is wrong there, so INTERP upcasts its operands to fp32,
 and fp32 -> fp8 casts do not round (and fp32 -> bf16 truncates), so values are rounded in
