@@ -21,11 +21,9 @@ from triton.testing import do_bench_cudagraph  # noqa: E402
 from liteffn.calibration.synthetic import random_fp8_layer  # noqa: E402
 from liteffn.kernels import fp8_ffn as K  # noqa: E402
 from liteffn.kernels import fp8_ws as W  # noqa: E402
+from liteffn.kernels import fused  # noqa: E402
 
-try:
-    from liteffn.kernels.gemm import _gemm_operands  # after the core refactor
-except ImportError:
-    _gemm_operands = K._gemm_operands
+from liteffn.kernels.gemm import gemm_operands as _gemm_operands  # noqa: E402
 
 
 def us(fn):
@@ -57,8 +55,8 @@ def main():
         log.write(s + "\n")
         log.flush()
     say(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')}")
-    tri = dict(BM=128, BN=256, BK=128, GROUP_M=8, EPI_SPLIT=True, PERSIST=True, FLATTEN=False, PRECISE_ACC=False,
-               PROMOTE=1, WS=False, num_warps=8, num_stages=3)
+    # the Triton kernel's many-row default tiles, promoting every 128 (tri) and every 512 (tri4)
+    tri = dict(K.DEFAULT_CONFIGS[1], PROMOTE=1)
     tri4 = dict(tri, PROMOTE=4)
     for (k, n) in ((4096, 16384), (16384, 4096), (2048, 8192), (8192, 2048)):
         for m in (6144, 1000):
@@ -137,14 +135,14 @@ def main():
             return ws_gemm(hq, hs, dn["q"], dn["q_scale"], u=u2, A=dn["A"], bias=dn["bias"])
         try:
             from liteffn.kernels.reference import compressed_ffn_ref
-            ref = K.ffn_fp8(x, up, dn, hs) if hasattr(K, "ffn_fp8") else None
+            ref = fused.ffn(x, up, dn, hs, config=tri)
             got = ffn_ws()
             err = rel(got, ref) if ref is not None else float("nan")
             xs = x[:2048]
             r32 = compressed_ffn_ref(xs, "fp8", up, "fp8", dn, hs, dtype=torch.float32)
             say(f"FFN {dim} M={m}: vs fp32 reference: triton {rel(ref[:2048], r32):.2e}, gluon ws {rel(got[:2048], r32):.2e}")
             t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
-            t_tr = us(lambda: K.ffn_fp8(x, up, dn, hs, config=tri4))
+            t_tr = us(lambda: fused.ffn(x, up, dn, hs, config=tri4))
             t_ws = us(ffn_ws)
             say(f"FFN {dim} M={m}: bf16 {t_bf:.1f} us; triton (every 512) {t_tr:.1f} ({t_bf / t_tr:.2f}x); "
                 f"gluon ws (every 128) {t_ws:.1f} ({t_bf / t_ws:.2f}x); rel diff ws vs triton {err:.1e}")
