@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -83,55 +82,19 @@ def say(*a):
         f.flush()
 
 
-# ------------------------------------------------------------------ the kernels (shim over the move to fused.py)
+# ------------------------------------------------------------------ the kernels
 class Kernels:
-    """linear(x2, t) and ffn(x2, up, down, h_scale) from kernels/fused.py when it exists, else
-    fp8_ffn.linear_fp8 / ffn_fp8; act_quant_lowrank, scaled_gemm, static_scale from whichever
-    module has them (fp8_ffn first)."""
+    """What the bench calls: fused.linear / fused.ffn (whole layers), fp8_ffn's act_quant_lowrank,
+    scaled_gemm and static_scale, the modules, the reference and dispatch."""
 
     def __init__(self):
-        from liteffn.kernels import dispatch, modules, reference
+        from liteffn.kernels import dispatch, fp8_ffn, fused, modules, reference
 
-        self.R, self.Mo, self.dispatch = reference, modules, dispatch
-        self.fp8_ffn = self.fused = None
+        self.R, self.Mo, self.dispatch, self.fp8_ffn, self.fused = reference, modules, dispatch, fp8_ffn, fused
         self.notes = []
-        try:
-            from liteffn.kernels import fp8_ffn
-            self.fp8_ffn = fp8_ffn
-        except Exception as e:  # noqa: BLE001
-            self.notes.append(f"kernels.fp8_ffn not importable ({type(e).__name__}: {e})")
-        try:
-            present = importlib.util.find_spec("liteffn.kernels.fused") is not None
-        except Exception:  # noqa: BLE001
-            present = False
-        if present:
-            try:
-                from liteffn.kernels import fused
-                self.fused = fused
-            except Exception as e:  # noqa: BLE001  (a module in the middle of a move)
-                self.notes.append(f"kernels/fused.py failed to import ({type(e).__name__}: {e}); "
-                                  "using fp8_ffn's names")
-        if self.fused is not None and hasattr(self.fused, "linear") and hasattr(self.fused, "ffn"):
-            self.linear, self.ffn, self.source = self.fused.linear, self.fused.ffn, "kernels.fused (linear, ffn)"
-        else:
-            self.linear = self._pick("linear_fp8")
-            self.ffn = self._pick("ffn_fp8")
-            self.source = "kernels.fp8_ffn (linear_fp8, ffn_fp8)" + ("" if present else "; no kernels/fused.py")
-        self.act_quant_lowrank = self._pick("act_quant_lowrank")
-        self.scaled_gemm = self._pick("scaled_gemm")
-        self.static_scale = self._pick("static_scale")
-
-    def _pick(self, name):
-        """fp8_ffn's (or fused's) `name`; if neither has it, a stand-in that raises when called,
-        so that the cases without it still run."""
-        for mod in (self.fp8_ffn, self.fused):
-            if mod is not None and hasattr(mod, name):
-                return getattr(mod, name)
-        self.notes.append(f"no kernels module has {name}: its cases fail")
-
-        def missing(*a, **k):
-            raise RuntimeError(f"no kernels module has {name}")
-        return missing
+        self.linear, self.ffn, self.source = fused.linear, fused.ffn, "kernels.fused (linear, ffn)"
+        self.act_quant_lowrank, self.scaled_gemm = fp8_ffn.act_quant_lowrank, fp8_ffn.scaled_gemm
+        self.static_scale = fp8_ffn.static_scale
 
     def attr(self, name, default=None):
         for mod in (self.fp8_ffn, self.fused):
