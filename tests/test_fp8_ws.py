@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(not W.available(), reason="this Triton has no Gl
 SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on sm_90
 
 
-def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: bool, prefetch: bool):
+def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: bool, prefetch: bool,
+             out_dtype=torch.bfloat16):
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.compiler import BaseBackend, GPUTarget
@@ -27,7 +28,7 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     rb, rc = rank_chunk(rank)
     r2b, r2c = rank_chunk(rank_next)
     xq = torch.empty(256, 512, dtype=torch.float8_e4m3fn)
-    out = torch.empty(256, 256, dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16)
+    out = torch.empty(256, 256, dtype=torch.float8_e4m3fn if fp8_out else out_dtype)
     ph = W._desc(torch.zeros(16, 16, dtype=torch.bfloat16), (16, 16))
     la = W._desc(torch.empty(256, rank or 16, dtype=torch.bfloat16), (W.BN, rb)) if prefetch and rc else ph
     ud = W._desc(torch.empty(256, rank or 16, dtype=torch.float32), (W.BM, rb)) if prefetch and rc else ph
@@ -52,7 +53,10 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=True, prefetch=True),  # FFN down-projection
     dict(rank=0, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False),  # residual only
     dict(rank=80, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False),  # rank + a LoRA
-], ids=["linear", "up", "down", "r0", "lora"])
+    dict(rank=256, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False),  # large rank
+    dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=True,
+         out_dtype=torch.float32),  # fp32 output: fewer stages fit
+], ids=["linear", "up", "down", "r0", "lora", "r256", "fp32-out"])
 def test_compiles_for_hopper(case):
     ck = _compile(**case)
     assert ck.metadata.shared <= SMEM_LIMIT  # launch()'s stage count fits what the kernel allocates
