@@ -15,7 +15,6 @@ runs the kernels in Triton's interpreter (set TRITON_INTERPRET=1), for tests.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections import Counter
@@ -24,6 +23,7 @@ import torch
 
 from . import formats as F
 from . import fp8_ffn
+from .gemm import capability
 
 log = logging.getLogger("liteffn")
 
@@ -49,12 +49,7 @@ def mode() -> str:
 
 
 def fp8_tensor_cores(device: torch.device) -> bool:
-    return device.type == "cuda" and _capability(device.index) >= (8, 9)
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    return device.type == "cuda" and capability(device.index) >= (8, 9)
 
 
 def _suits(x: torch.Tensor, fmt: str | F.ResidualFormat, tensors: dict) -> bool:

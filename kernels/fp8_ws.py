@@ -47,8 +47,8 @@ BM, BN, BK = 128, 128, 128  # plain ints for the host side; the kernels see the 
 # the low-rank epilogues' staging buffers only 4 fit in shared memory.
 STAGES = 5
 STAGES_LOWRANK = 4
-MIN_M = 257
-PREFETCH = True  # TMA-prefetch the epilogue's operands (ranks up to 64); benches turn it off to compare  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) fill the GPU better
+MIN_M = 257  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) fill the GPU better
+PREFETCH = True  # TMA-prefetch the epilogue's operands (ranks up to 64); benches turn it off to compare
 
 
 log = logging.getLogger("liteffn")
@@ -61,14 +61,9 @@ def available() -> bool:
     return gluon is not None
 
 
-@functools.lru_cache(maxsize=None)
-def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
-
 def supports(device: torch.device) -> bool:
     """wgmma and setmaxnreg are sm_90 instructions: Hopper only (Ada and Blackwell take the Triton kernel)."""
-    return gluon is not None and device.type == "cuda" and _sm90(device.index or 0)
+    return gluon is not None and device.type == "cuda" and G.capability(device.index or 0) == (9, 0)
 
 
 def enabled(device: torch.device, M: int) -> bool:
@@ -327,11 +322,6 @@ def _desc(t: torch.Tensor, block: tuple):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), _layout(block, t.dtype))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 SMEM = 232448 - 256  # bytes per CTA on sm_90, less the mbarriers
 
 
@@ -370,7 +360,7 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     u_d = _desc(U, (BM, flags["RB"])) if prefetch and rc else ph
     b2_d = _desc(LB2, (flags["R2B"], BN)) if prefetch and r2c else ph
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    grid = (min(tiles, _num_sms(xq.device.index or 0)),)
+    grid = (min(tiles, G.num_sms(xq.device.index or 0)),)
     stages = _stages(out.element_size(), flags["RB"] if rc else 0, flags["R2B"] if r2c else 0, U.element_size(),
                      bool(prefetch))
     consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never

@@ -216,6 +216,12 @@ def num_sms(index: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def capability(index: int | None) -> tuple[int, int]:
+    """The device's compute capability, asked once (dispatch and fp8_ws check it per call)."""
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
 def scratch(device: torch.device) -> torch.Tensor:
     """A small fp32 buffer for the kernels' unused pointer arguments."""
     return torch.zeros(16, device=device, dtype=torch.float32)
