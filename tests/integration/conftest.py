@@ -1,5 +1,5 @@
 """Integration tier: our nodes inside a real ComfyUI (COMFYUI_PATH = a ComfyUI checkout whose
-Python environment runs these tests; README, "Tests"). Skipped, with the reason, without it."""
+Python environment runs these tests; docs/development.md, "Tests"). Skipped, with the reason, without it."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ltx2_tiny
 
 def _why_not() -> str | None:
     if not COMFYUI:
-        return "integration tier: COMFYUI_PATH is not set (point it at a ComfyUI checkout; README, 'Tests')"
+        return "integration tier: COMFYUI_PATH is not set (point it at a ComfyUI checkout; docs/development.md, 'Tests')"
     if not os.path.isfile(os.path.join(COMFYUI, "main.py")):
         return f"integration tier: COMFYUI_PATH={COMFYUI} has no main.py"
     try:
