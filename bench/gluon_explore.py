@@ -31,6 +31,50 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 
 @gluon.jit
+def _origin(tile, num_pid_m, num_pid_n, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
+    """Grouped tile order (GROUP_M row tiles share the weights' column tiles in L2) -> (om, on)."""
+    group = GROUP_M * num_pid_n
+    first = (tile // group) * GROUP_M
+    size = gl.minimum(num_pid_m - first, GROUP_M)
+    return (first + (tile % group) % size) * BM, ((tile % group) // size) * BN
+
+
+@gluon.jit
+def _ring(a_desc, b_desc, c_desc, STAGES: gl.constexpr):
+    """STAGES stages of A and B tiles with their barriers, and the output tile."""
+    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    c_s = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(STAGES):
+        mbarrier.init(bars.index(j), count=1)
+    return a_s, b_s, c_s, bars
+
+
+@gluon.jit
+def _load(a_desc, b_desc, a_s, b_s, bars, s, om, on, k):
+    """TMA loads of the K tile at k into stage s, completing on its barrier."""
+    mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [om, k], bars.index(s), a_s.index(s))
+    tma.async_copy_global_to_shared(b_desc, [on, k], bars.index(s), b_s.index(s))
+
+
+@gluon.jit
+def _store(acc, om, on, SX, SW, BIAS, M, N, c_s, c_desc, mma: gl.constexpr):
+    """acc * sx[row] * sw[col] + bias -> c_desc through c_s (after the previous tile's store left it)."""
+    rows = om + gl.arange(0, c_desc.block_type.shape[0], layout=gl.SliceLayout(1, mma))
+    cols = on + gl.arange(0, c_desc.block_type.shape[1], layout=gl.SliceLayout(0, mma))
+    sx = gl.load(SX + rows, mask=rows < M, other=0.0)
+    sw = gl.load(SW + cols, mask=cols < N, other=0.0)
+    bias = gl.load(BIAS + cols, mask=cols < N, other=0.0).to(gl.float32)
+    out = acc * gl.expand_dims(sx, 1) * gl.expand_dims(sw, 0) + gl.expand_dims(bias, 0)
+    tma.store_wait(pendings=0)
+    c_s.store(out.to(c_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(c_desc, [om, on], c_s)
+
+
+@gluon.jit
 def _fp8_gemm_dual(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
                    STAGES: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = c_desc.block_type.shape[0]
@@ -38,13 +82,7 @@ def _fp8_gemm_dual(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
     BK: gl.constexpr = a_desc.block_type.shape[1]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BN, 32])
-    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-    c_s = gl.allocate_shared_memory(c_desc.dtype, [BM, BN], c_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(STAGES):
-        mbarrier.init(bars.index(j), count=1)
-    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    a_s, b_s, c_s, bars = _ring(a_desc, b_desc, c_desc, STAGES)
 
     num_pid_m = gl.cdiv(M, BM)
     num_pid_n = gl.cdiv(N, BN)
@@ -52,16 +90,9 @@ def _fp8_gemm_dual(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
     num_tiles = num_pid_m * num_pid_n
     done = 0  # K tiles consumed by this program so far: stage = g % STAGES, phase = (g // STAGES) & 1
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        group = GROUP_M * num_pid_n
-        first = (tile // group) * GROUP_M
-        size = gl.minimum(num_pid_m - first, GROUP_M)
-        om = (first + (tile % group) % size) * BM
-        on = ((tile % group) // size) * BN
+        om, on = _origin(tile, num_pid_m, num_pid_n, BM, BN, GROUP_M)
         for i in gl.static_range(STAGES - 1):
-            s = (done + i) % STAGES
-            mbarrier.expect(bars.index(s), nbytes)
-            tma.async_copy_global_to_shared(a_desc, [om, i * BK], bars.index(s), a_s.index(s))
-            tma.async_copy_global_to_shared(b_desc, [on, i * BK], bars.index(s), b_s.index(s))
+            _load(a_desc, b_desc, a_s, b_s, bars, (done + i) % STAGES, om, on, i * BK)
         acc = gl.zeros([BM, BN], gl.float32, mma)
         pa = gl.zeros([BM, BN], gl.float32, mma)
         pb = warpgroup_mma_init(gl.zeros([BM, BN], gl.float32, mma))  # loop-carried as an in-flight result
@@ -76,9 +107,7 @@ def _fp8_gemm_dual(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
             nk = kk + STAGES - 1
             if nk < k_tiles:
                 sn = (g + STAGES - 1) % STAGES
-                mbarrier.expect(bars.index(sn), nbytes)
-                tma.async_copy_global_to_shared(a_desc, [om, nk * BK], bars.index(sn), a_s.index(sn))
-                tma.async_copy_global_to_shared(b_desc, [on, nk * BK], bars.index(sn), b_s.index(sn))
+                _load(a_desc, b_desc, a_s, b_s, bars, sn, om, on, nk * BK)
             # tile kk+1 into pb; then tile kk (pa) is complete
             g = g + 1
             s = g % STAGES
@@ -89,22 +118,11 @@ def _fp8_gemm_dual(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
             nk = nk + 1
             if nk < k_tiles:
                 sn = (g + STAGES - 1) % STAGES
-                mbarrier.expect(bars.index(sn), nbytes)
-                tma.async_copy_global_to_shared(a_desc, [om, nk * BK], bars.index(sn), a_s.index(sn))
-                tma.async_copy_global_to_shared(b_desc, [on, nk * BK], bars.index(sn), b_s.index(sn))
+                _load(a_desc, b_desc, a_s, b_s, bars, sn, om, on, nk * BK)
         pb = warpgroup_mma_wait(num_outstanding=0, deps=(pb, ))
         acc += pb
         done += k_tiles
-        rows = om + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-        cols = on + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        sx = gl.load(SX + rows, mask=rows < M, other=0.0)
-        sw = gl.load(SW + cols, mask=cols < N, other=0.0)
-        bias = gl.load(BIAS + cols, mask=cols < N, other=0.0).to(gl.float32)
-        out = acc * gl.expand_dims(sx, 1) * gl.expand_dims(sw, 0) + gl.expand_dims(bias, 0)
-        tma.store_wait(pendings=0)  # the previous tile's store has left c_s
-        c_s.store(out.to(c_desc.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(c_desc, [om, on], c_s)
+        _store(acc, om, on, SX, SW, BIAS, M, N, c_s, c_desc, mma)
     tma.store_wait(pendings=0)
     for j in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(j))
@@ -118,13 +136,7 @@ def _fp8_gemm_pair(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
     BK: gl.constexpr = a_desc.block_type.shape[1]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BN, 32])
-    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-    c_s = gl.allocate_shared_memory(c_desc.dtype, [BM, BN], c_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(STAGES):
-        mbarrier.init(bars.index(j), count=1)
-    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    a_s, b_s, c_s, bars = _ring(a_desc, b_desc, c_desc, STAGES)
 
     num_pid_m = gl.cdiv(M, BM)
     num_pid_n = gl.cdiv(N, BN)
@@ -132,16 +144,9 @@ def _fp8_gemm_pair(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
     num_tiles = num_pid_m * num_pid_n
     done = 0  # K tiles consumed by this program so far: stage = g % STAGES, phase = (g // STAGES) & 1
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        group = GROUP_M * num_pid_n
-        first = (tile // group) * GROUP_M
-        size = gl.minimum(num_pid_m - first, GROUP_M)
-        om = (first + (tile % group) % size) * BM
-        on = ((tile % group) // size) * BN
+        om, on = _origin(tile, num_pid_m, num_pid_n, BM, BN, GROUP_M)
         for i in gl.static_range(STAGES - 1):
-            s = (done + i) % STAGES
-            mbarrier.expect(bars.index(s), nbytes)
-            tma.async_copy_global_to_shared(a_desc, [om, i * BK], bars.index(s), a_s.index(s))
-            tma.async_copy_global_to_shared(b_desc, [on, i * BK], bars.index(s), b_s.index(s))
+            _load(a_desc, b_desc, a_s, b_s, bars, (done + i) % STAGES, om, on, i * BK)
         acc = gl.zeros([BM, BN], gl.float32, mma)
         pa = gl.zeros([BM, BN], gl.float32, mma)
         pb = gl.zeros([BM, BN], gl.float32, mma)
@@ -162,20 +167,9 @@ def _fp8_gemm_pair(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
                 nk = kk + STAGES - 1 + j
                 if nk < k_tiles:
                     sn = (g + STAGES - 1 + j) % STAGES
-                    mbarrier.expect(bars.index(sn), nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [om, nk * BK], bars.index(sn), a_s.index(sn))
-                    tma.async_copy_global_to_shared(b_desc, [on, nk * BK], bars.index(sn), b_s.index(sn))
+                    _load(a_desc, b_desc, a_s, b_s, bars, sn, om, on, nk * BK)
         done += k_tiles
-        rows = om + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-        cols = on + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        sx = gl.load(SX + rows, mask=rows < M, other=0.0)
-        sw = gl.load(SW + cols, mask=cols < N, other=0.0)
-        bias = gl.load(BIAS + cols, mask=cols < N, other=0.0).to(gl.float32)
-        out = acc * gl.expand_dims(sx, 1) * gl.expand_dims(sw, 0) + gl.expand_dims(bias, 0)
-        tma.store_wait(pendings=0)  # the previous tile's store has left c_s
-        c_s.store(out.to(c_desc.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(c_desc, [om, on], c_s)
+        _store(acc, om, on, SX, SW, BIAS, M, N, c_s, c_desc, mma)
     tma.store_wait(pendings=0)
     for j in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(j))
@@ -190,29 +184,16 @@ def _fp8_gemm_single(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
     BK: gl.constexpr = a_desc.block_type.shape[1]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BN, 32])
-    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
-    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-    c_s = gl.allocate_shared_memory(c_desc.dtype, [BM, BN], c_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(STAGES):
-        mbarrier.init(bars.index(j), count=1)
-    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    a_s, b_s, c_s, bars = _ring(a_desc, b_desc, c_desc, STAGES)
     num_pid_m = gl.cdiv(M, BM)
     num_pid_n = gl.cdiv(N, BN)
     k_tiles = gl.cdiv(K, BK)
     num_tiles = num_pid_m * num_pid_n
     done = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        group = GROUP_M * num_pid_n
-        first = (tile // group) * GROUP_M
-        size = gl.minimum(num_pid_m - first, GROUP_M)
-        om = (first + (tile % group) % size) * BM
-        on = ((tile % group) // size) * BN
+        om, on = _origin(tile, num_pid_m, num_pid_n, BM, BN, GROUP_M)
         for i in gl.static_range(STAGES - 1):
-            s = (done + i) % STAGES
-            mbarrier.expect(bars.index(s), nbytes)
-            tma.async_copy_global_to_shared(a_desc, [om, i * BK], bars.index(s), a_s.index(s))
-            tma.async_copy_global_to_shared(b_desc, [on, i * BK], bars.index(s), b_s.index(s))
+            _load(a_desc, b_desc, a_s, b_s, bars, (done + i) % STAGES, om, on, i * BK)
         acc = gl.zeros([BM, BN], gl.float32, mma)
         part = gl.zeros([BM, BN], gl.float32, mma)
         for kk in range(k_tiles):
@@ -224,9 +205,7 @@ def _fp8_gemm_single(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
             nk = kk + STAGES - 1
             if nk < k_tiles:
                 sn = (g + STAGES - 1) % STAGES
-                mbarrier.expect(bars.index(sn), nbytes)
-                tma.async_copy_global_to_shared(a_desc, [om, nk * BK], bars.index(sn), a_s.index(sn))
-                tma.async_copy_global_to_shared(b_desc, [on, nk * BK], bars.index(sn), b_s.index(sn))
+                _load(a_desc, b_desc, a_s, b_s, bars, sn, om, on, nk * BK)
             if PROMOTE > 0:
                 if kk % PROMOTE == PROMOTE - 1:
                     part = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
@@ -235,16 +214,7 @@ def _fp8_gemm_single(a_desc, b_desc, c_desc, SX, SW, BIAS, M, N, K,
         part = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
         acc += part
         done += k_tiles
-        rows = om + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-        cols = on + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        sx = gl.load(SX + rows, mask=rows < M, other=0.0)
-        sw = gl.load(SW + cols, mask=cols < N, other=0.0)
-        bias = gl.load(BIAS + cols, mask=cols < N, other=0.0).to(gl.float32)
-        out = acc * gl.expand_dims(sx, 1) * gl.expand_dims(sw, 0) + gl.expand_dims(bias, 0)
-        tma.store_wait(pendings=0)
-        c_s.store(out.to(c_desc.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(c_desc, [om, on], c_s)
+        _store(acc, om, on, SX, SW, BIAS, M, N, c_s, c_desc, mma)
     tma.store_wait(pendings=0)
     for j in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(j))
