@@ -1,4 +1,4 @@
-"""Small timing helpers shared by the benches (w4a8.py, w4a8_ncu.py, ffn_kernels.py): device time
+"""Small timing helpers and cases shared by the benches (w4a8.py, w4a8_ncu.py, ffn_kernels.py): device time
 of CUDA-graph replays, weights rotating over copies that exceed the L2 cache."""
 from __future__ import annotations
 
@@ -41,3 +41,18 @@ def act(m, k, seed=0):
     from liteffn.calibration.synthetic import random_activations  # after the caller registered liteffn
 
     return random_activations(m, k, seed, "cuda")
+
+
+def ffn_case(dim: int, m: int):
+    """A compressed FFN dim -> 4 dim -> dim at r=64 (FP8 residuals), a static hidden scale, an input of m
+    tokens and bf16 weights of the same shapes for the dense baseline, on the GPU."""
+    from liteffn.calibration.synthetic import random_fp8_layer
+
+    hid = 4 * dim
+    up = random_fp8_layer(hid, dim, 64, seed=1, device="cuda")
+    dn = random_fp8_layer(dim, hid, 64, seed=2, device="cuda")
+    hs = torch.tensor([2.0**-6], device="cuda")
+    x = (torch.randn(m, dim, device="cuda") * 2).bfloat16()
+    W1 = (torch.randn(hid, dim, device="cuda") / dim**0.5).bfloat16()
+    W2 = (torch.randn(dim, hid, device="cuda") / hid**0.5).bfloat16()
+    return up, dn, hs, x, W1, W2

@@ -1,5 +1,6 @@
 """Exploration on the device: accuracy of each promotion interval on stress inputs, speed of GEMM
-variants (tiles, promotion interval, flattening), and where the host time of a small FFN goes.
+variants (tiles, promotion interval, flattening). (The host-time part of its first run, in the log,
+is bench/host_overhead.py now.)
 
     python bench/gemm_explore.py [--out DIR] [--quick]
 
@@ -9,10 +10,7 @@ decide defaults are copied into bench/gemm_explore_h200.log.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import os
-import pstats
 import sys
 import time
 
@@ -21,10 +19,11 @@ import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
+from _common import ffn_case  # noqa: E402
 
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
-from liteffn.calibration.synthetic import random_fp8_layer  # noqa: E402
+from liteffn.calibration.synthetic import dense_weight, random_fp8_layer  # noqa: E402
 from liteffn.kernels import fp8_ffn as K  # noqa: E402
 from liteffn.kernels import fused  # noqa: E402
 
@@ -43,10 +42,6 @@ def us(fn):
     fn()
     torch.cuda.synchronize()
     return do_bench_cudagraph(fn, rep=25, return_mode="median") * 1e3
-
-
-def dense_of(t):
-    return t["q"].float() * t["q_scale"][:, None]
 
 
 def inputs(kind, m, k, W, g):
@@ -82,7 +77,7 @@ def accuracy(quick):
     m = 2048 if quick else 4096
     for k, n in SHAPES:
         t = random_fp8_layer(n, k, 0, seed=7, device="cuda")
-        W = dense_of(t)
+        W = dense_weight(t)
         Wd = t["q"].double() * t["q_scale"].double()[:, None]
         for kind in ("independent", "gelu", "mean", "outliers", "partly", "coherent"):
             x = inputs(kind, m, k, W, g)
@@ -206,16 +201,9 @@ def speed2(quick):
 
 def ffn(quick):
     say("\n## Whole FFN (device us, CUDA graphs), per config of both GEMMs")
-    from liteffn.kernels import modules as Mo  # noqa: F401
     for dim, ms in ((4096, (6144,)), (2048, (5600, 126))):
-        hid = 4 * dim
         for m in ms:
-            up = random_fp8_layer(hid, dim, 64, seed=1, device="cuda")
-            dn = random_fp8_layer(dim, hid, 64, seed=2, device="cuda")
-            hs = torch.tensor([2.0**-6], device="cuda")
-            x = (torch.randn(m, dim, device="cuda") * 2).bfloat16()
-            W1 = (torch.randn(hid, dim, device="cuda") / dim**0.5).bfloat16()
-            W2 = (torch.randn(dim, hid, device="cuda") / hid**0.5).bfloat16()
+            up, dn, hs, x, W1, W2 = ffn_case(dim, m)
             b1, b2 = up["bias"], dn["bias"]
             t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, b1), approximate="tanh"), W2, b2))
             line = f"FFN {dim} M={m}: bf16 {t_bf:.1f}"
@@ -234,62 +222,12 @@ def ffn(quick):
             say(line)
 
 
-def host(quick):
-    say("\n## Host time per call at M=126 (audio FFN), no CUDA graph: wall us per call over 300 calls")
-    from liteffn.kernels import modules as Mo
-    from liteffn.kernels import ops
-    dim, hid, m = 2048, 8192, 126
-    up = random_fp8_layer(hid, dim, 64, seed=1, device="cuda")
-    dn = random_fp8_layer(dim, hid, 64, seed=2, device="cuda")
-    up["input_amax"] = torch.tensor([8.0], device="cuda")
-    dn["input_amax"] = torch.tensor([8.0], device="cuda")
-    mod = Mo.CompressedFFN(Mo.CompressedLinear("fp8", dim, hid, up), Mo.CompressedLinear("fp8", hid, dim, dn))
-    x = (torch.randn(1, m, dim, device="cuda")).bfloat16()
-    W1 = (torch.randn(hid, dim, device="cuda") / dim**0.5).bfloat16()
-    W2 = (torch.randn(dim, hid, device="cuda") / hid**0.5).bfloat16()
-    hs = mod.h_scale
-    x2 = x.reshape(-1, dim)
-    xq, sx, u = K.act_quant_lowrank(x2, up["B"])
-    cases = {
-        "dense bf16 FFN (3 torch ops)": lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2,
-                                                          dn["bias"]),
-        "CompressedFFN.forward": lambda: mod(x),
-        "ops.fp8_ffn_op": lambda: ops.fp8_ffn_op(x, up["q"], up["q_scale"], up["A"], up["B"], up["bias"], dn["q"],
-                                                 dn["q_scale"], dn["A"], dn["B"], dn["bias"], hs),
-        "fused.ffn": lambda: fused.ffn(x2, up, dn, hs),
-        "act_quant_lowrank": lambda: K.act_quant_lowrank(x2, up["B"]),
-        "scaled_gemm (up, r=64)": lambda: K.scaled_gemm(xq, sx, up["q"], up["q_scale"], u=u, A=up["A"], bias=up["bias"]),
-        "torch.empty x3": lambda: (torch.empty(m, hid, device="cuda"), torch.zeros(m, 64, device="cuda"),
-                                   torch.empty(m, device="cuda")),
-    }
-    for name, fn in cases.items():
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(300):
-            fn()
-        t_host = (time.perf_counter() - t0) / 300 * 1e6
-        torch.cuda.synchronize()
-        t_all = (time.perf_counter() - t0) / 300 * 1e6
-        say(f"  {name:32s} host {t_host:7.1f} us/call, with sync {t_all:7.1f}")
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(200):
-        mod(x)
-    pr.disable()
-    torch.cuda.synchronize()
-    s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
-    say(s.getvalue()[:6000])
-
-
 def main():
     global LOG
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--parts", default="host,accuracy,speed,ffn")
+    ap.add_argument("--parts", default="accuracy,speed,ffn")
     a = ap.parse_args()
     LOG = open(os.path.join(a.out, "explore.log"), "a")
     say(f"# {torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M')}")
@@ -297,7 +235,7 @@ def main():
         t0 = time.time()
         try:
             globals()[part](a.quick)
-        except Exception as ex:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             import traceback
             say(f"{part} FAILED: {traceback.format_exc()[-2000:]}")
         say(f"[{part}: {time.time() - t0:.0f} s]")

@@ -15,6 +15,7 @@ import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
+from _common import ffn_case  # noqa: E402
 
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
@@ -119,13 +120,7 @@ def main():
             torch.cuda.empty_cache()
     # whole FFN with both GEMMs on the Gluon kernel vs bf16
     for dim, m in ((4096, 6144), (4096, 24576), (2048, 5600)):
-        hid = 4 * dim
-        up = random_fp8_layer(hid, dim, 64, seed=1, device="cuda")
-        dn = random_fp8_layer(dim, hid, 64, seed=2, device="cuda")
-        hs = torch.tensor([2.0**-6], device="cuda")
-        x = (torch.randn(m, dim, device="cuda") * 2).bfloat16()
-        W1 = (torch.randn(hid, dim, device="cuda") / dim**0.5).bfloat16()
-        W2 = (torch.randn(dim, hid, device="cuda") / hid**0.5).bfloat16()
+        up, dn, hs, x, W1, W2 = ffn_case(dim, m)
 
         def ffn_ws():
             xq, sx, u = K.act_quant_lowrank(x, up["B"])

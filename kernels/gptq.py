@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import formats as F
-from .formats import NVFP4_CANDIDATES, NVFP4_SHRINK  # noqa: F401  (the kernel unrolls the same search)
+from .formats import NVFP4_CANDIDATES  # the kernel unrolls the same scale search as formats.NVFP4_SHRINK
 
 try:
     import triton
