@@ -62,6 +62,8 @@ arithmetic first and the casts are exact.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import fp8_ws
@@ -72,13 +74,16 @@ try:
     import triton
     import triton.language as tl
 
-    from .gemm import _dot, _grouped_tile, _store_tile, _to_fp8
+    from .gemm import _dot, _grouped_tile, _split_k_sum, _store_tile, _to_fp8
 except ImportError:  # torch-only installs: dispatch never picks these kernels
     triton = None
 
 H_SCALE_MARGIN = 2.0  # headroom of the static FP8 scale of h over the calibrated absmax
 # Up to this many rows act_quant_lowrank is one launch (its host cost is what matters there).
 SINGLE_LAUNCH_M = 256
+# Up to this many rows, launches with few tiles split K (few_tokens_split); LITEFFN_SPLIT_K=0 turns it off.
+SPLIT_K_MAX_M = 256
+SPLIT_K_ON = os.environ.get("LITEFFN_SPLIT_K", "1") != "0"
 
 
 def available() -> bool:
@@ -185,40 +190,55 @@ if triton is not None:
 
     # ------------------------------------------------------------ 2./3. scaled FP8 GEMM
     @triton.jit
-    def _scaled_gemm_kernel(a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH,
+    def _scaled_gemm_kernel(a_desc, b_desc, c_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, WS, CNT,
                             M, N, K, R, R2, M_KEY,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                             EPI_SPLIT: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr,
-                            PROMOTE: tl.constexpr, ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            PROMOTE: tl.constexpr, SPLIT_K: tl.constexpr, ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr,
                             RB: tl.constexpr, R_CHUNKS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
                             R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, INTERP: tl.constexpr):
+        """SPLIT_K > 1 (few tokens, few tiles): SPLIT_K programs per tile share its K tiles (whole
+        promotion intervals each), and the last to finish runs the epilogue on the sum (_split_k_sum)."""
         num_pid_m = tl.cdiv(M, BM)
         num_pid_n = tl.cdiv(N, BN)
         num_tiles = num_pid_m * num_pid_n
         k_tiles = tl.cdiv(K, BK)
+        kps = k_tiles
+        if SPLIT_K > 1:
+            kps = tl.cdiv(k_tiles, SPLIT_K)  # K tiles per split, whole promotion intervals
+            if PROMOTE > 0:
+                kps = tl.cdiv(kps, PROMOTE) * PROMOTE
         # One loop for both launch styles: persistent (grid = #SMs) or one tile per program.
-        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        for item in tl.range(tl.program_id(0), num_tiles * SPLIT_K, tl.num_programs(0), flatten=FLATTEN):
+            tile = item // SPLIT_K
+            k_lo = (item % SPLIT_K) * kps
+            k_hi = tl.minimum(k_lo + kps, k_tiles)
             # grouped order: neighbouring programs share A rows in L2
             pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
             om = pid_m * BM
             on = pid_n * BN
             acc = tl.zeros([BM, BN], tl.float32)
             if PROMOTE == 0:  # Hopper's reduced-precision accumulation over all of K
-                for ki in range(k_tiles):
+                for ki in range(k_lo, k_hi):
                     acc = tl.dot(a_desc.load([om, ki * BK]), b_desc.load([on, ki * BK]).T, acc)
             else:
                 # The tensor cores accumulate into `part` (reduced precision over PROMOTE * BK products
                 # only), added to acc in fp32 every PROMOTE tiles. One tile per iteration, so the
                 # pipeliner streams one K tile at a time and keeps the MMAs async between promotions.
                 part = tl.zeros([BM, BN], tl.float32)
-                for ki in range(k_tiles):
+                for ki in range(k_lo, k_hi):
                     part = tl.dot(a_desc.load([om, ki * BK]), b_desc.load([on, ki * BK]).T, part)
                     if ki % PROMOTE == PROMOTE - 1:
                         acc += part
                         part = tl.zeros([BM, BN], tl.float32)
                 acc += part
-            _store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN, EPI_SPLIT,
-                        ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
+            last = True
+            if SPLIT_K > 1:
+                acc, last = _split_k_sum(acc, om + tl.arange(0, BM), on + tl.arange(0, BN), M, N, WS, CNT, tile,
+                                         SPLIT_K)
+            if last:
+                _store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN, EPI_SPLIT,
+                            ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP)
 
     def _set_block_shapes(nargs):
         bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
@@ -226,9 +246,9 @@ if triton is not None:
         nargs["b_desc"].block_shape = [bn, bk]
         nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
 
-    def _meta(bm, bn, bk, warps, stages, split, persist, promote, group=8):
+    def _meta(bm, bn, bk, warps, stages, split, persist, promote, group=8, split_k=1):
         return dict(BM=bm, BN=bn, BK=bk, GROUP_M=group, EPI_SPLIT=split, PERSIST=persist, FLATTEN=False,
-                    PROMOTE=promote, num_warps=warps, num_stages=stages)
+                    PROMOTE=promote, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
 
     # (BM, BN, BK, warps, stages, EPI_SPLIT, persistent). Many rows (H200, promotion every 512,
     # bench/gemm_explore_h200.log): 128x256x128 s3 was fastest at every video shape,
@@ -273,6 +293,15 @@ if triton is not None:
     # Fixed small configuration for the interpreter (and for tests that pin one): promotion every
     # tile, so the CPU tests' small K still go through it.
     INTERP_CONFIG = _meta(32, 64, 32, 4, 2, True, True, 1, group=2)
+
+    def few_tokens_split(M: int, N: int, sms: int, interval: int = G.PROMOTE_K) -> dict | None:
+        """Few tokens and few output channels (8192->2048 at M=126: 32 tiles of 64 x 128 for 132 SMs):
+        128 x 64 tiles with K split 2 or 4 ways; None where there are tiles enough. 128-token tiles
+        as w4a8's split K (64-token ones gave wrong rows there on the H100)."""
+        split = G.split_k(triton.cdiv(M, 128) * triton.cdiv(N, 64), sms)
+        if split == 1:
+            return None
+        return _meta(128, 64, 128, 4, 4, False, False, G.promote_tiles(interval, 128), split_k=split)
 
     FP8_GEMM = G.GemmKernel(_scaled_gemm_kernel, _gemm_tuned, DEFAULT_CONFIGS, INTERP_CONFIG, _set_block_shapes,
                             ("a_desc", "b_desc", "c_desc"))
@@ -342,6 +371,10 @@ def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_
         # Hopper, many tokens: the warp-specialized Gluon kernel (fp8_ws.py), same function, faster promotion
         if fp8_ws.run(xq, q, out, sx, q_scale, ptrs, sizes[:5], flags, G.PROMOTE_K):
             return out
-    G.launch_gemm(FP8_GEMM, (xq, q, out), (sx, q_scale, *ptrs, *sizes), flags, M, N, xq.device, config,
+    if config is None and M <= SPLIT_K_MAX_M and xq.is_cuda and not G.INTERP and SPLIT_K_ON:
+        config = few_tokens_split(M, N, G.num_sms(xq.device.index or 0))
+    split = (config or {}).get("SPLIT_K", 1) > 1
+    ws, cnt = G.split_workspace(xq.device, M, N) if split else (G.scratch(xq.device),) * 2
+    G.launch_gemm(FP8_GEMM, (xq, q, out), (sx, q_scale, *ptrs, ws, cnt, *sizes), flags, M, N, xq.device, config,
                   u_next if next_B is not None else None)
     return out

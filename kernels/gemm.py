@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from . import graphs
+
 try:
     import triton
     import triton.language as tl
@@ -209,6 +211,26 @@ if triton is not None:
                 _next_lowrank(h, h, cols, cols, rows, M, N, LB2, U2, R2, R2B, R2_CHUNKS, False, INTERP)
 
 
+    @triton.jit
+    def _split_k_sum(acc, rows, cols, M, N, WS, CNT, tile, SPLIT_K: tl.constexpr):
+        """Split K: this program's part of a [rows, cols] tile is added into the fp32 workspace WS [M, N];
+        the last of the tile's SPLIT_K programs to arrive (counter CNT[tile]) gets the sum back (last =
+        True), and leaves WS and CNT zeroed for the next launch (so a CUDA graph can replay it)."""
+        ws = WS + rows[:, None].to(tl.int64) * N + cols[None, :]
+        inside = (rows < M)[:, None] & (cols < N)[None, :]
+        tl.atomic_add(ws, acc, mask=inside, sem="relaxed")
+        # As cooperative groups' grid sync: a CTA barrier, then one thread's acq_rel atomic (cumulative:
+        # it publishes the whole CTA's adds, and its acquire covers all threads' reads after the next barrier).
+        tl.debug_barrier()
+        last = tl.atomic_add(CNT + tile, 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            tl.debug_barrier()
+            acc = tl.load(ws, mask=inside, other=0.0, cache_modifier=".cg")
+            tl.store(ws, tl.zeros_like(acc), mask=inside)
+            tl.store(CNT + tile, 0)
+        return acc, last
+
+
 # ---------------------------------------------------------------- host side
 @functools.lru_cache(maxsize=None)
 def num_sms(index: int) -> int:
@@ -225,6 +247,28 @@ def capability(index: int | None) -> tuple[int, int]:
 def scratch(device: torch.device) -> torch.Tensor:
     """A small fp32 buffer for the kernels' unused pointer arguments."""
     return torch.zeros(16, device=device, dtype=torch.float32)
+
+
+_WORKSPACES: dict = {}
+
+
+def split_workspace(device, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split K's fp32 sums [M, N] and per-tile counters (_split_k_sum), kept per device and zero between
+    launches (the kernels zero what they used). One stream at a time, as ComfyUI samples."""
+    tiles = triton.cdiv(M, 32) * triton.cdiv(N, 32)  # the smallest tiles (the interpreter's)
+    ws, cnt = _WORKSPACES.get(device, (None, None))
+    if ws is None or ws.numel() < M * N or cnt.numel() < tiles:
+        ws = torch.zeros(max(M * N, 0 if ws is None else ws.numel()), device=device, dtype=torch.float32)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), device=device, dtype=torch.int32)
+        _WORKSPACES[device] = (ws, cnt)
+    graphs.keep_alive(ws, cnt)  # a graph capturing this launch keeps them, should they be replaced
+    return ws, cnt
+
+
+def split_k(tiles: int, sms: int) -> int:
+    """K split 4 or 2 ways when a launch has that many times fewer tiles than SMs (few tokens, few
+    output channels: the audio FFN's 8192->2048 at M=126 has 16-32 tiles for 132 SMs)."""
+    return 4 if 4 * tiles <= sms else 2 if 2 * tiles <= sms else 1
 
 
 def rank_chunk(r: int) -> tuple[int, int]:

@@ -42,14 +42,13 @@ import torch
 from . import formats as F
 from . import fp8_ffn
 from . import gemm as G
-from . import graphs
 
 try:
     import triton
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from .gemm import _grouped_tile, _scale_lowrank, _store_tile
+    from .gemm import _grouped_tile, _scale_lowrank, _split_k_sum, _store_tile
 except ImportError:
     triton = None
 
@@ -328,19 +327,7 @@ if triton is not None:
             acc = tl.trans(acc)  # [BM tokens, BN channels], as _store_tile takes it
             last = True
             if SPLIT_K > 1:
-                ws = WS + rows[:, None].to(tl.int64) * N + cols[None, :]
-                inside = (rows < M)[:, None] & (cols < N)[None, :]
-                tl.atomic_add(ws, acc, mask=inside, sem="relaxed")
-                # As cooperative groups' grid sync: a CTA barrier, then one thread's acq_rel atomic
-                # (cumulative: it publishes the whole CTA's adds, and its acquire covers all threads'
-                # reads after the next barrier).
-                tl.debug_barrier()
-                last = tl.atomic_add(CNT + tile, 1, sem="acq_rel") == SPLIT_K - 1
-                if last:
-                    tl.debug_barrier()
-                    acc = tl.load(ws, mask=inside, other=0.0, cache_modifier=".cg")
-                    tl.store(ws, tl.zeros_like(acc), mask=inside)
-                    tl.store(CNT + tile, 0)
+                acc, last = _split_k_sum(acc, rows, cols, M, N, WS, CNT, tile, SPLIT_K)
             if last:
                 _store_tile(acc, om, on, c_desc, M, N, SX, SW, U, LA, BIAS, LB2, U2, SH, R, R2, BM, BN,
                             EPI_SPLIT, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, INTERP, True)
@@ -391,27 +378,10 @@ if triton is not None:
                              ("x_desc", "w_desc", "c_desc", "sb_desc"))
 
 
-_WORKSPACES: dict = {}
-
-
-def _split_workspace(device, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split K's fp32 sums [M, N] and per-tile counters, kept per device and zero between launches
-    (the kernel zeroes what it used). One stream at a time, as ComfyUI samples."""
-    tiles = triton.cdiv(M, 32) * triton.cdiv(N, 32)  # the smallest tiles (the interpreter's)
-    ws, cnt = _WORKSPACES.get(device, (None, None))
-    if ws is None or ws.numel() < M * N or cnt.numel() < tiles:
-        ws = torch.zeros(max(M * N, 0 if ws is None else ws.numel()), device=device, dtype=torch.float32)
-        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), device=device, dtype=torch.int32)
-        _WORKSPACES[device] = (ws, cnt)
-    graphs.keep_alive(ws, cnt)  # a graph capturing this launch keeps them, should they be replaced
-    return ws, cnt
-
-
 def few_tokens_config(M: int, N: int, sms: int) -> dict:
     """64 x 128 tiles, K split 2 or 4 ways when there are fewer tiles than SMs (H100: 8192->2048 at
     M=126, 32 tiles, 31 -> 14 us; 2048->8192, 128 tiles, stays unsplit; bench/w4a8_explore_h100.log)."""
-    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 64)
-    split = 4 if 4 * tiles <= sms else 2 if 2 * tiles <= sms else 1
+    split = G.split_k(triton.cdiv(M, 128) * triton.cdiv(N, 64), sms)
     return dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=1, SPLIT_K=split, num_warps=4,
                 num_stages=4 if split > 1 else 3)
 
@@ -455,7 +425,7 @@ def scaled_gemm(xq, sx, w4, *, u=None, A=None, bias=None, gelu=False, h_scale=No
         # On the H100, 64-token tiles with split K gave wrong pairs of rows in some launches (with
         # the low-rank term; bench/w4a8_explore_h100.log section 4); 128-token tiles were exact.
         raise ValueError(f"W4A8 split K needs 128-token tiles (BM=128), got BM={bm}")
-    ws, cnt = _split_workspace(xq.device, M, N) if split else (G.scratch(xq.device),) * 2
+    ws, cnt = G.split_workspace(xq.device, M, N) if split else (G.scratch(xq.device),) * 2
     # the block bytes as TMA sees them: rows of 16 bytes (_sb_desc)
     G.launch_gemm(W4A8_GEMM, (xq, w4["q"], out, w4["sb"].view(-1, 16)), (sx, w4["q_scale"], *ptrs, ws, cnt, *sizes),
                   dict(flags, SB=w4["block"]), M, N, xq.device, config, u_next if next_B is not None else None)

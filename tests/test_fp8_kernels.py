@@ -12,7 +12,7 @@ import torch
 from liteffn.calibration.compress import compress_linear
 from liteffn.calibration.synthetic import INPUT_KINDS, dense_weight, kernel_inputs, random_fp8_layer
 from liteffn.calibration.stats import LayerStats
-from liteffn.kernels import dispatch, fp8_ffn, fused, ops
+from liteffn.kernels import dispatch, fp8_ffn, fused, gemm, ops
 from liteffn.kernels import reference as R
 from liteffn.kernels.modules import CompressedFFN, CompressedLinear
 
@@ -20,8 +20,11 @@ pytestmark = pytest.mark.skipif(not fp8_ffn.available(), reason="triton is not i
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # {} is the interpreter's default configuration (also pinned on a GPU, to keep compiles few)
 # PROMOTE=2 with an odd number of K tiles reads a tile past K (zeros); PROMOTE=0: no promotion
+# SPLIT_K: K shared by 2-3 programs per tile, summed in a workspace (few-token launches on the GPU, 128-token tiles)
+GPU_SPLIT = {"BM": 128} if DEV == "cuda" else {}
 CONFIGS = [{}, dict(EPI_SPLIT=False), dict(PERSIST=False), dict(BK=64, BN=32, programs=2), dict(PROMOTE=2),
-           dict(PROMOTE=0)]
+           dict(PROMOTE=0), dict(SPLIT_K=2, PERSIST=False, **GPU_SPLIT),
+           dict(SPLIT_K=3, PROMOTE=2, PERSIST=False, **GPU_SPLIT)]
 FP8_NAN = 0x7F
 
 
@@ -118,6 +121,23 @@ def test_linear_kernel_matches_reference(cfg, m, k, n, r):
     # and it is not just close to anything: without the low-rank branch it is far off
     if r:
         assert rel(R.compressed_linear_ref(x, "fp8", {**t, "A": None}, dtype=torch.float32), want) > 0.05
+
+
+def test_split_k_sums_in_a_workspace_it_leaves_zeroed():
+    """Split K: the parts go into a shared fp32 workspace and the last program of each tile runs the
+    epilogue on the sum; the workspace and counters are zero again after (a CUDA graph replays it)."""
+    m, k, n, r = 40, 256, 96, 16
+    x, t = _x(m, k, seed=9), _layer(n, k, r, seed=9)
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, t["B"])
+    run = lambda cfg: fp8_ffn.scaled_gemm(xq, sx, t["q"], t["q_scale"], u=u, A=t["A"], bias=t["bias"],  # noqa: E731
+                                          out=_poisoned((m, n), torch.bfloat16), config=cfg)
+    one = run(dict(PERSIST=False, **GPU_SPLIT))
+    a, b = run(dict(SPLIT_K=4, PERSIST=False, **GPU_SPLIT)), run(dict(SPLIT_K=4, PERSIST=False, **GPU_SPLIT))
+    ws, cnt = gemm._WORKSPACES[xq.device]
+    assert not ws.any() and not cnt.any()
+    assert torch.equal(a, b) or rel(a, b) < 1e-3  # fp32 atomics: the order of the parts may vary
+    assert 0 < rel(a, one) < 5e-3 or torch.equal(a, one), rel(a, one)
+    assert rel(a, R.compressed_linear_ref(x, "fp8", t, dtype=torch.float32)) < 5e-3
 
 
 @pytest.mark.parametrize("kind", INPUT_KINDS)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from liteffn.calibration.synthetic import random_activations, random_fp4_layer, random_fp8_layer
-from liteffn.kernels import dispatch, graphs, ops, w4a8
+from liteffn.kernels import dispatch, gemm, graphs, ops
 from liteffn.kernels.modules import CompressedFFN, CompressedLinear
 
 HAS_FP8_GPU = torch.cuda.is_available() and dispatch.fp8_tensor_cores(torch.device("cuda"))
@@ -132,20 +132,21 @@ def test_offloaded_module_never_captures(G):
     assert G.stats["capture"] == 0 and ffn_cpu not in G.states
 
 
-def test_a_replaced_split_k_workspace_stays_alive_for_the_graph(G, monkeypatch):
-    """The MXFP4 down-projection at M=126 splits K into w4a8's shared workspace. A larger call replaces
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_a_replaced_split_k_workspace_stays_alive_for_the_graph(G, monkeypatch, fmt):
+    """The down-projection at M=126 splits K into the GEMMs' shared workspace (gemm.split_workspace). A larger call replaces
     that workspace; the graph captured with the old one keeps it (graphs.keep_alive), so its replays
     neither read freed memory (refilled here with NaN) nor write into it."""
-    monkeypatch.setattr(w4a8, "_WORKSPACES", {})  # sized by this test's calls
-    ffn = ffn_module("mxfp4")
+    monkeypatch.setattr(gemm, "_WORKSPACES", {})  # sized by this test's calls
+    ffn = ffn_module(fmt)
     xs = inputs(3)
     for x in xs:
         ffn(x)
-    if not w4a8._WORKSPACES:
+    if not gemm._WORKSPACES:
         pytest.skip("no split-K launch at M=126 on this GPU")
-    ws0 = next(iter(w4a8._WORKSPACES.values()))
+    ws0 = next(iter(gemm._WORKSPACES.values()))
     off(G, lambda: ffn(inputs(1, m=250)[0]))  # M*N grows: a new workspace
-    ws1 = next(iter(w4a8._WORKSPACES.values()))
+    ws1 = next(iter(gemm._WORKSPACES.values()))
     assert ws1[0].data_ptr() != ws0[0].data_ptr()
     del ws0
     junk = [torch.full((M * DIM,), float("nan"), device="cuda") for _ in range(8)]  # would take freed blocks

@@ -181,7 +181,8 @@ def _gemm_call(m, k=256, n=192, r=24, unaligned=False):
     descs = {nm: TensorDescriptor.from_tensor(t, [16, 16])
              for nm, t in zip(("a_desc", "b_desc", "c_desc"), (xq, q, out))}
     fp8_ffn._set_block_shapes({**descs, **consts})
-    return (xq, q, out), tuple(descs.values()), (sx, q.new_ones(n, dtype=torch.float32), *ptrs, *sizes), consts
+    ws = cnt = torch.zeros(16)  # split K's workspace and counters (unused at SPLIT_K=1)
+    return (xq, q, out), tuple(descs.values()), (sx, q.new_ones(n, dtype=torch.float32), *ptrs, ws, cnt, *sizes), consts
 
 
 def test_cache_key_is_at_least_as_fine_as_tritons_specialization():

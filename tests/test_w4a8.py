@@ -151,7 +151,7 @@ def test_split_k_sums_in_a_workspace_it_leaves_zeroed():
                                        materialize=False)
     one = run(dict(PERSIST=False, **GPU_SPLIT))
     a, b = run(dict(SPLIT_K=4, PERSIST=False, **GPU_SPLIT)), run(dict(SPLIT_K=4, PERSIST=False, **GPU_SPLIT))
-    ws, cnt = w4a8._WORKSPACES[xq.device]
+    ws, cnt = gemm._WORKSPACES[xq.device]
     assert not ws.any() and not cnt.any()
     assert torch.equal(a, b) or rel(a, b) < 1e-3  # fp32 atomics: the order of the four parts may vary
     assert rel(a, one) < 5e-3, rel(a, one)
