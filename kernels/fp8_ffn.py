@@ -340,8 +340,11 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
                         (x, xq, sx, B if r else sx, u if r else sx, z, M, K, r, rz, x.stride(0)),
                         dict(ROWS=rows, BM=16, BK=bk, BK2=bk2, RP=rp, RZP=rzp, INTERP=G.INTERP), num_warps=warps or 4)
         return xq, sx, u
-    amax = torch.zeros(M, device=x.device, dtype=torch.float32)
-    u = torch.zeros(M, r, device=x.device, dtype=torch.float32) if r else None
+    # u and the row max summed by atomics: one zeroed buffer (one memset launch, not two; u first, so its
+    # rows stay 16-byte aligned for the GEMMs' TMA loads)
+    sums = torch.zeros(M * r + M, device=x.device, dtype=torch.float32)
+    u = sums[:M * r].view(M, r) if r else None
+    amax = sums[M * r:]
     # measured on the H100 (bench/ffn_kernels_explore_h100.log): M=126: 16 rows x 256 columns per
     # program, 13-15 us at K=2048/8192; M=6144, K=4096: 64 x 512, 64 us (2 TB/s)
     bm = bm or (16 if (G.INTERP or M <= 2048) else 64)
