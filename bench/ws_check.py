@@ -1,5 +1,6 @@
 """Device check of kernels/fp8_ws.py (the warp-specialized Gluon GEMM) against the Triton scaled GEMM
-of fp8_ffn, with every epilogue the FFN uses, and their times. Exploration step before dispatch.
+of fp8_ffn, with every epilogue the FFN uses, and the times of its variants (promotion interval,
+prefetch, one MMA in flight or each waited for, one or two tiles per work item).
 
     python bench/ws_check.py [--out DIR]
 """
@@ -43,6 +44,14 @@ def ws_gemm(xq, sx, q, qs, promote_k=128, **kw):
                                              kw.get("u_next"), None, kw.get("out_dtype", torch.bfloat16))
     W.launch(xq, q, out, sx, qs, ptrs, sizes[:5], {k: v for k, v in flags.items() if k != "INTERP"}, promote_k)
     return out
+
+
+DEFAULTS = (W.PREFETCH, W.PAIR_TILES)
+# (prefetch, tiles per item where the epilogue sums the next low rank; launch() still picks 1 where pairs
+# would add a wave). (bench/ws_check_h200.log also has "1 MMA in flight" variants: a kernel option that
+# lost everywhere and was removed.)
+VARIANTS = [(False, 1), (True, 1), (True, 2)]
+VNAME = {(False, 1): "no prefetch", (True, 1): "1 tile/item", (True, 2): "2 tiles/item"}
 
 
 def main():
@@ -99,18 +108,28 @@ def main():
                     line = f"{k}->{n} M={m} {name:34s} {msg}"
                     if m == 6144 and name != "r80 (LoRA-like, masked chunks)":
                         kwt = dict(kw_t)
+
+                        def run(promote_k=512, kwt=kwt):
+                            if "u_next" in kwt:
+                                kwt["u_next"].zero_()
+                            return ws_gemm(xq, sxx, t["q"], t["q_scale"], promote_k=promote_k, **kwt)
                         if "u_next" in kwt:
                             kwt["u_next"] = torch.zeros(m, 64, device="cuda")
                         t_t = us(lambda: K.scaled_gemm(xq, sxx, t["q"], t["q_scale"], config=tri4, **kwt))
-                        t_w = us(lambda: ws_gemm(xq, sxx, t["q"], t["q_scale"], **kwt))
-                        t_w4 = us(lambda: ws_gemm(xq, sxx, t["q"], t["q_scale"], promote_k=512, **kwt))
-                        W.PREFETCH = False
-                        t_np = us(lambda: ws_gemm(xq, sxx, t["q"], t["q_scale"], promote_k=512, **kwt))
-                        o_np = ws_gemm(xq, sxx, t["q"], t["q_scale"], **kw_w if "u_next" not in kw_w else dict(kw_w, u_next=torch.zeros(m, 64, device="cuda")))
-                        W.PREFETCH = True
-                        line += (f" | triton (every 512) {t_t:.1f} us, gluon ws every 128 {t_w:.1f} us "
-                                 f"({t_t / t_w:.2f}x), every 512 {t_w4:.1f}, every 512 without prefetch {t_np:.1f} "
-                                 f"(out equal {bool((o_np.view(torch.uint8) == out.view(torch.uint8)).all())})")
+                        line += f" | triton (every 512) {t_t:.1f} us; gluon ws every 512:"
+                        base = None
+                        for pre, nt in VARIANTS:
+                            W.PREFETCH, W.PAIR_TILES = pre, nt
+                            o = run().clone()
+                            u_v = kwt["u_next"].clone() if "u_next" in kwt else None
+                            tv = us(run)
+                            if base is None:
+                                base, u_base = o, u_v
+                            same = bool((o.view(torch.uint8) == base.view(torch.uint8)).all())
+                            du = f", u_next {rel(u_v, u_base):.0e}" if u_v is not None else ""
+                            line += f" [{VNAME[(pre, nt)]}] {tv:.1f}{'' if same else ' (out differs)'}{du}"
+                        W.PREFETCH, W.PAIR_TILES = DEFAULTS
+                        line += f" | cuBLAS promoted {us(lambda: torch._scaled_mm(xq, t['q'].T, sx[:, None], t['q_scale'][None, :], out_dtype=torch.bfloat16, use_fast_accum=False)):.1f}"
                     say(line)
                 except Exception as ex:  # noqa: BLE001
                     import traceback
@@ -119,7 +138,7 @@ def main():
             del x, xq, u, t
             torch.cuda.empty_cache()
     # whole FFN with both GEMMs on the Gluon kernel vs bf16
-    for dim, m in ((4096, 6144), (4096, 24576), (2048, 5600)):
+    for dim, m in ((4096, 6144), (4096, 24576), (4096, 43400), (2048, 5600)):
         up, dn, hs, x, W1, W2 = ffn_case(dim, m)
 
         def ffn_ws():
@@ -137,10 +156,13 @@ def main():
             r32 = compressed_ffn_ref(xs, "fp8", up, "fp8", dn, hs, dtype=torch.float32)
             say(f"FFN {dim} M={m}: vs fp32 reference: triton {rel(ref[:2048], r32):.2e}, gluon ws {rel(got[:2048], r32):.2e}")
             t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
-            t_tr = us(lambda: fused.ffn(x, up, dn, hs, config=tri4))
-            t_ws = us(ffn_ws)
-            say(f"FFN {dim} M={m}: bf16 {t_bf:.1f} us; triton (every 512) {t_tr:.1f} ({t_bf / t_tr:.2f}x); "
-                f"gluon ws (every 128) {t_ws:.1f} ({t_bf / t_ws:.2f}x); rel diff ws vs triton {err:.1e}")
+            line = f"FFN {dim} M={m}: bf16 {t_bf:.1f} us; fused.ffn (dispatch as shipped):"
+            for v in VARIANTS:
+                W.PREFETCH, W.PAIR_TILES = v
+                tv = us(lambda: fused.ffn(x, up, dn, hs))
+                line += f" [{VNAME[v]}] {tv:.1f} ({t_bf / tv:.2f}x)"
+            W.PREFETCH, W.PAIR_TILES = DEFAULTS
+            say(line + f"; rel diff ws (every 128) vs triton {err:.1e}")
         except Exception as ex:  # noqa: BLE001
             import traceback
             say(f"FFN {dim} M={m}: FAILED {type(ex).__name__}: {str(ex)[:300]}")

@@ -49,6 +49,7 @@ STAGES = 5
 STAGES_LOWRANK = 4
 MIN_M = 257  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) fill the GPU better
 PREFETCH = True  # TMA-prefetch the epilogue's operands (ranks up to 64); benches turn it off to compare
+PAIR_TILES = 2  # tiles per work item when the epilogue sums the next linear's low-rank input (benches compare)
 
 
 log = logging.getLogger("liteffn")
@@ -91,14 +92,15 @@ if gluon is not None:
         return 128 if inner_bytes % 128 == 0 else 64 if inner_bytes % 64 == 0 else 32
 
     @gluon.jit
-    def _tile(tile, M, N, GROUP_M: gl.constexpr):
-        """Grouped order: GROUP_M row tiles at a time share the weights' column tiles in L2."""
+    def _tile(item, M, N, GROUP_M: gl.constexpr, TN: gl.constexpr):
+        """Grouped order: GROUP_M row tiles at a time share the weights' column tiles in L2. TN: the
+        columns of a work item (NT tiles of _BN)."""
         num_pid_m = gl.cdiv(M, _BM)
-        num_pid_n = gl.cdiv(N, _BN)
+        num_pid_n = gl.cdiv(N, TN)
         group = GROUP_M * num_pid_n
-        first = (tile // group) * GROUP_M
+        first = (item // group) * GROUP_M
         size = gl.minimum(num_pid_m - first, GROUP_M)
-        return (first + (tile % group) % size) * _BM, ((tile % group) // size) * _BN
+        return (first + (item % group) % size) * _BM, ((item % group) // size) * TN
 
     @gluon.jit
     def _gelu_tanh(y):
@@ -108,10 +110,11 @@ if gluon is not None:
         return 0.5 * y * (1.0 + t)
 
     @gluon.jit
-    def _epilogue(acc, om, on, t, p, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr,
+    def _epilogue(acc, om, on, t, p, u2acc, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr,
                   RB: gl.constexpr, R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr,
-                  R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, PREFETCH: gl.constexpr):
-        """t: this program's tile count (the phase of the prefetched epilogue operands)."""
+                  R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+        """t: this program's tile count (the phase of the prefetched epilogue operands). NT > 1: the
+        next linear's low-rank partial sum is added into u2acc (returned) instead of into U2."""
         (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
          a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
         HM: gl.constexpr = _BM // 2
@@ -168,7 +171,9 @@ if gluon is not None:
             blk2: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
             h = gl.convert_layout(acc.to(gl.bfloat16), h_op)
             r2rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma2))
-        if PREFETCH and R2_CHUNKS > 0:
+        if PREFETCH and R2_CHUNKS > 0 and NT > 1:
+            u2acc = warpgroup_mma(h, b2_s.permute((1, 0)), u2acc)
+        if PREFETCH and R2_CHUNKS > 0 and NT == 1:
             part = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
             rc = gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
             gl.atomic_add(U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0), part,
@@ -186,56 +191,80 @@ if gluon is not None:
                 rc = j * R2B + gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
                 gl.atomic_add(U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0), part,
                               mask=gl.expand_dims(r2rows < M, 1) & gl.expand_dims(rc < R2, 0), sem="relaxed")
+        return u2acc
+
+    @gluon.jit
+    def _add_u2(part, om, U2, M, R2, WG: gl.constexpr, R2B: gl.constexpr):
+        """U2[this warpgroup's rows of the tile, :R2B] += part (fp32 atomics)."""
+        HM: gl.constexpr = _BM // 2
+        mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, R2B, 16])
+        r2rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma2))
+        rc = gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
+        gl.atomic_add(U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0), part,
+                      mask=gl.expand_dims(r2rows < M, 1) & gl.expand_dims(rc < R2, 0), sem="relaxed")
 
     @gluon.jit
     def _math(p, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr,
               R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr,
-              R2_CHUNKS: gl.constexpr, PROMOTE: gl.constexpr, PREFETCH: gl.constexpr):
+              R2_CHUNKS: gl.constexpr, PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
         """One math warpgroup: rows WG*64..+64 of every tile. The tensor cores sum PROMOTE K tiles into
         `part` (reduced precision), then it is added to the fp32 accumulator; waiting for its own MMAs
-        stalls only this warpgroup."""
+        stalls only this warpgroup. A work item is NT tiles side by side along N; with NT > 1 the next linear's low-rank partial
+        sums of its tiles are added up in registers and reach U2 once per item."""
         (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
          a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
         HM: gl.constexpr = _BM // 2
         NS: gl.constexpr = a_bufs.type.shape[0]
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _BN, 32])
+        mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, R2B, 16])
         k_tiles = gl.cdiv(K, _BK)
-        num_tiles = gl.cdiv(M, _BM) * gl.cdiv(N, _BN)
+        num_items = gl.cdiv(M, _BM) * gl.cdiv(N, _BN * NT)
         g = 0
         t = 0
-        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            om, on = _tile(tile, M, N, GROUP_M)
-            acc = gl.zeros([HM, _BN], gl.float32, mma)
-            part = gl.zeros([HM, _BN], gl.float32, mma)
-            for kk in range(k_tiles):
-                s = g % NS
-                mbarrier.wait(ready.index(s), (g // NS) & 1)
-                part = warpgroup_mma(a_bufs.index(s).slice(WG * HM, HM), b_bufs.index(s).permute((1, 0)), part,
-                                     use_acc=(kk % PROMOTE) != 0, is_async=True)
-                part = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
-                mbarrier.arrive(empty.index(s), count=1)
-                if kk % PROMOTE == PROMOTE - 1:
-                    acc += part
-                g += 1
-            if k_tiles % PROMOTE != 0:
-                acc += part
-            _epilogue(acc, om, on, t, p, WG, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS,
-                      PREFETCH)
-            if PREFETCH:
-                mbarrier.arrive(epi_empty, count=1)
-            t += 1
+        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
+            om, on0 = _tile(item, M, N, GROUP_M, _BN * NT)
+            if NT > 1:
+                u2acc = gl.zeros([HM, R2B], gl.float32, mma2)
+            else:
+                u2acc = 0.0  # unused
+            for j in gl.static_range(NT):
+                on = on0 + j * _BN
+                if NT == 1 or on < N:  # (NT == 1: no test, the tile exists)
+                    acc = gl.zeros([HM, _BN], gl.float32, mma)
+                    part = gl.zeros([HM, _BN], gl.float32, mma)
+                    for kk in range(k_tiles):
+                        s = g % NS
+                        mbarrier.wait(ready.index(s), (g // NS) & 1)
+                        part = warpgroup_mma(a_bufs.index(s).slice(WG * HM, HM), b_bufs.index(s).permute((1, 0)),
+                                             part, use_acc=(kk % PROMOTE) != 0, is_async=True)
+                        # Each MMA is waited for at once: keeping one in flight until the next was issued
+                        # was 10-20% slower (bench/ws_check_h200.log); the other warpgroup fills the gap.
+                        part = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
+                        mbarrier.arrive(empty.index(s), count=1)
+                        if (kk % PROMOTE == PROMOTE - 1) | (kk == k_tiles - 1):  # end of a promotion interval
+                            acc += part
+                        g += 1
+                    u2acc = _epilogue(acc, om, on, t, p, u2acc, WG, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU,
+                                      OUT_FP8, R2B, R2_CHUNKS, PREFETCH, NT)
+                    if PREFETCH:
+                        mbarrier.arrive(epi_empty, count=1)
+                    t += 1
+            if NT > 1 and R2_CHUNKS > 0:
+                _add_u2(u2acc, om, U2, M, R2, WG, R2B)
         tma.store_wait(pendings=0)
 
     @gluon.jit
     def _math1(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-               PROMOTE: gl.constexpr, PREFETCH: gl.constexpr):
-        _math(p, 1, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH)
+               PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+        _math(p, 1, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)
 
     @gluon.jit
     def _loader(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                 GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-                PROMOTE: gl.constexpr, PREFETCH: gl.constexpr):
+                PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
         """One warp: TMA loads of the activation [_BM, _BK] and weight [_BN, _BK] tiles into the stage ring,
         each stage freed when both math warpgroups have finished their MMAs on it. With PREFETCH, after a
         tile's last K tile also the epilogue's operands (U's rows, A's and B2's columns of the tile), so
@@ -245,34 +274,37 @@ if gluon is not None:
         NS: gl.constexpr = a_bufs.type.shape[0]
         nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         k_tiles = gl.cdiv(K, _BK)
-        num_tiles = gl.cdiv(M, _BM) * gl.cdiv(N, _BN)
+        num_items = gl.cdiv(M, _BM) * gl.cdiv(N, _BN * NT)
         epi_bytes: gl.constexpr = ((la_desc.block_type.nbytes + u_desc.block_type.nbytes if R_CHUNKS > 0 else 0)
                                    + (b2_desc.block_type.nbytes if R2_CHUNKS > 0 else 0))
         g = 0
         t = 0
-        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            om, on = _tile(tile, M, N, GROUP_M)
-            for kk in range(k_tiles):
-                s = g % NS
-                mbarrier.wait(empty.index(s), ((g // NS) & 1) ^ 1)  # a new barrier counts as freed once
-                mbarrier.expect(ready.index(s), nbytes)
-                _tma_load(a_desc, [om, kk * _BK], ready.index(s), a_bufs.index(s))
-                _tma_load(b_desc, [on, kk * _BK], ready.index(s), b_bufs.index(s))
-                g += 1
-            if PREFETCH:
-                mbarrier.wait(epi_empty, (t & 1) ^ 1)  # both epilogues of the previous tile are done
-                mbarrier.expect(epi_ready, epi_bytes)
-                if R_CHUNKS > 0:
-                    _tma_load(la_desc, [on, 0], epi_ready, la_s)
-                    _tma_load(u_desc, [om, 0], epi_ready, u_s)
-                if R2_CHUNKS > 0:
-                    _tma_load(b2_desc, [0, on], epi_ready, b2_s)
-            t += 1
+        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
+            om, on0 = _tile(item, M, N, GROUP_M, _BN * NT)
+            for j in gl.static_range(NT):
+                on = on0 + j * _BN
+                if NT == 1 or on < N:  # (NT == 1: no test, the tile exists)
+                    for kk in range(k_tiles):
+                        s = g % NS
+                        mbarrier.wait(empty.index(s), ((g // NS) & 1) ^ 1)  # a new barrier counts as freed once
+                        mbarrier.expect(ready.index(s), nbytes)
+                        _tma_load(a_desc, [om, kk * _BK], ready.index(s), a_bufs.index(s))
+                        _tma_load(b_desc, [on, kk * _BK], ready.index(s), b_bufs.index(s))
+                        g += 1
+                    if PREFETCH:
+                        mbarrier.wait(epi_empty, (t & 1) ^ 1)  # both epilogues of the previous tile are done
+                        mbarrier.expect(epi_ready, epi_bytes)
+                        if R_CHUNKS > 0:
+                            _tma_load(la_desc, [on, 0], epi_ready, la_s)
+                            _tma_load(u_desc, [om, 0], epi_ready, u_s)
+                        if R2_CHUNKS > 0:
+                            _tma_load(b2_desc, [0, on], epi_ready, b2_s)
+                    t += 1
 
     @gluon.jit
     def _ws_gemm_kernel(a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH,
                         M, N, K, R, R2, GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, PROMOTE: gl.constexpr,
-                        PREFETCH: gl.constexpr,
+                        PREFETCH: gl.constexpr, NT: gl.constexpr,
                         ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                         GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
                         num_warps: gl.constexpr):
@@ -305,9 +337,9 @@ if gluon is not None:
              GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty)
         # (the flags are spelled out: a tuple built by concatenation reaches the partitions as tensors)
         gl.warp_specialize([
-            (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH)),
-            (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH)),
-            (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH)),
+            (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
+            (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
+            (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
         ], [4, 1], [232, 40])
 
 
@@ -344,6 +376,20 @@ def _placeholder(device: torch.device) -> torch.Tensor:
     return torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
 
 
+def tiles_per_item(M: int, N: int, sms: int) -> int:
+    """Tiles per work item where the epilogue sums the next linear's low-rank input (FFN up-projection):
+    PAIR_TILES side by side along N halve its fp32 atomics (the sum of both stays in registers), unless
+    the larger items add more than 1% at the end (M=6144, 4096->16384: 47 waves of tiles, 48 of tile
+    pairs; M=24576: 187 and 188).
+    H200 (bench/ws_check_h200.log): the FFN 1.51x -> 1.61x bf16 at M=24576, 1.53x -> 1.59x at 43400,
+    audio M=5600 1.36x -> 1.39x; at M=6144 a 2% tail cost for 2% fewer atomics."""
+    if PAIR_TILES <= 1:
+        return 1
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    items = triton.cdiv(M, BM) * triton.cdiv(N, BN * PAIR_TILES)
+    return PAIR_TILES if PAIR_TILES * triton.cdiv(items, sms) <= 1.01 * triton.cdiv(tiles, sms) else 1
+
+
 def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     """The GEMM of fp8_ffn.scaled_gemm with this kernel: ptrs (U, LA, BIAS, LB2, U2, SH), sizes
     (M, N, K, R, R2) and flags (ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS)
@@ -359,12 +405,14 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     la_d = _desc(LA, (BN, flags["RB"])) if prefetch and rc else ph
     u_d = _desc(U, (BM, flags["RB"])) if prefetch and rc else ph
     b2_d = _desc(LB2, (flags["R2B"], BN)) if prefetch and r2c else ph
-    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    grid = (min(tiles, G.num_sms(xq.device.index or 0)),)
+    grid = (min(triton.cdiv(M, BM) * triton.cdiv(N, BN * nt), sms),)
     stages = _stages(out.element_size(), flags["RB"] if rc else 0, flags["R2B"] if r2c else 0, U.element_size(),
                      bool(prefetch))
+    sms = G.num_sms(xq.device.index or 0)
+    nt = tiles_per_item(M, N, sms) if (prefetch and r2c == 1) else 1
     consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
-                  PREFETCH=bool(prefetch), **{k: v for k, v in flags.items() if k != "INTERP"})
+                  PREFETCH=bool(prefetch), NT=nt,
+                  **{k: v for k, v in flags.items() if k != "INTERP"})
     descs = (_desc(xq, (BM, BK)), _desc(q, (BN, BK)), _desc(out, (BM // 2, BN)), la_d, u_d, b2_d)
     rest = (sx, q_scale, *ptrs, *sizes)
     _launch(grid, descs, rest, consts)

@@ -15,7 +15,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on sm_90
 
 
 def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: bool, prefetch: bool,
-             out_dtype=torch.bfloat16):
+             out_dtype=torch.bfloat16, nt: int | None = None):
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.compiler import BaseBackend, GPUTarget
@@ -39,7 +39,8 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     types = [ty(d) for d in descs] + ["*fp32", "*fp32", "*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32"] + ["i32"] * 5
     sig = dict(zip(names, types))
     stages = W._stages(out.element_size(), rb if rc else 0, r2b if r2c else 0, 4, prefetch)
-    cx = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=4, PREFETCH=prefetch,
+    nt = nt or (W.PAIR_TILES if (prefetch and r2c == 1) else 1)  # as launch() picks it at many tokens
+    cx = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=4, PREFETCH=prefetch, NT=nt,
               ROW_SCALAR=row_scalar, HAS_BIAS=True, RB=rb, R_CHUNKS=rc, GELU=gelu, OUT_FP8=fp8_out, R2B=r2b,
               R2_CHUNKS=r2c, num_warps=4)
     sig.update({k: "constexpr" for k in cx})
@@ -56,7 +57,8 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     dict(rank=256, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False),  # large rank
     dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=True,
          out_dtype=torch.float32),  # fp32 output: fewer stages fit
-], ids=["linear", "up", "down", "r0", "lora", "r256", "fp32-out"])
+    dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, nt=1),  # one tile per item
+], ids=["linear", "up", "down", "r0", "lora", "r256", "fp32-out", "up-1-tile"])
 def test_compiles_for_hopper(case):
     ck = _compile(**case)
     assert ck.metadata.shared <= SMEM_LIMIT  # launch()'s stage count fits what the kernel allocates
@@ -65,6 +67,12 @@ def test_compiles_for_hopper(case):
     assert "setmaxnreg" in ptx  # warp specialization took effect
     if case["rank"]:
         assert ".bf16.bf16" in ptx  # the low-rank branch on bf16 tensor cores
+
+
+def test_tile_pairs_only_where_they_add_no_wave():
+    assert W.tiles_per_item(24576, 16384, 132) == W.PAIR_TILES  # 187 waves of tiles, 188 of pairs
+    assert W.tiles_per_item(43400, 16384, 132) == W.PAIR_TILES
+    assert W.tiles_per_item(6144, 16384, 132) == 1  # 47 against 48
 
 
 def test_only_hopper_runs_it():
