@@ -1,5 +1,6 @@
 """Past one process, on CPU with gloo: statistics reduced across ranks, compression spread over
-processes (calibration/distributed.py, checkpoint.compress_rank). Each test starts 2-4 processes."""
+processes, compressed layers under sequence parallelism (calibration/distributed.py,
+checkpoint.compress_rank, seq_parallel.py). Each test starts 2-4 processes."""
 import os
 import subprocess
 import sys
@@ -151,3 +152,19 @@ def test_layers_are_divided_by_cost():
     for k in t:
         assert abs(c[k] * scale / t[k] - 1) < 0.11, (k, c[k] * scale, t[k])
     assert assign_by_cost({"a": 5, "b": 5}, 3) == {"a": 0, "b": 1}
+
+
+# ------------------------------------------------------------------ sequence parallel
+@pytest.mark.parametrize("world", [2, 4])
+def test_compressed_layers_under_sequence_parallelism(world):
+    res = D.launch(W.sp_worker, ["cpu"] * world, 32)
+    for r in res:
+        assert r["heads_ok"] and r["round_trip"]
+        # token-local: the compressed FFN on a shard gives the whole sequence's rows
+        assert r["ffn_rel"] < 1e-6, r
+        # Ulysses around attention, everything else on the shard: the whole block matches
+        assert r["block_rel"] < 1e-5, r
+        # the control: attention on the shard alone sees a fraction of the tokens and does not
+        assert r["local_rel"] > 1e-2, r
+        # uneven token or head splits are refused with a message, on every rank
+        assert len(r["uneven"]) == 2 and all("do not split evenly" in m for m in r["uneven"]), r["uneven"]
