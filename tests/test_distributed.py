@@ -168,3 +168,19 @@ def test_compressed_layers_under_sequence_parallelism(world):
         assert r["local_rel"] > 1e-2, r
         # uneven token or head splits are refused with a message, on every rank
         assert len(r["uneven"]) == 2 and all("do not split evenly" in m for m in r["uneven"]), r["uneven"]
+
+
+def test_bench_multi_gpu_runs_on_cpu(tmp_path):
+    """bench/multi_gpu.py's --cpu-smoke: every part on 2 gloo processes at tiny sizes."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "multi_gpu.py")
+    r = subprocess.run([sys.executable, bench, "--cpu-smoke", "--out", str(tmp_path / "mg.md"), "--json",
+                        str(tmp_path / "mg.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    import json
+
+    res = json.loads((tmp_path / "mg.json").read_text())
+    assert not res["errors"]
+    assert [c["identical_bytes"] for c in res["calib"]] == [True, True]
+    assert [c["devices"] for c in res["compress"]] == [1, 2] and all(c["identical_to_1"] for c in res["compress"])
+    assert res["sp"][0]["ffn_rel_diff"] < 1e-6 and res["sp"][0]["attn_rel_diff"] < 1e-6
+    assert "| 2 | ordered | yes |" in (tmp_path / "mg.md").read_text()
