@@ -3,12 +3,16 @@
 Reads ComfyUI's key layout (`model.diffusion_model.transformer_blocks.N.ff.net.0.proj.weight`,
 or the same without the prefix for diffusion-model-only files) through safetensors' lazy
 reader, so only one FFN weight is in memory at a time, and streams the compressed layers
-into the output file.
+into the output file. Over several devices (compress_rank), the layers are divided by cost
+and one process writes the same file.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
+from contextlib import nullcontext
 
 import torch
 
@@ -31,47 +35,234 @@ def ffn_linears(keys, which: str = "all") -> tuple[str, list[str]]:
     return p, ltx2.select(names, which)
 
 
+def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True):
+    """(keys, prefix, selected FFN linear names, FP8 quantization metadata, names with statistics)."""
+    keys = list(f.keys())
+    p, names = ffn_linears(keys, which)
+    if p + ltx2.MARKER not in keys or not names:
+        raise ValueError(
+            f"{ckpt} is not an LTX-2 checkpoint (no {p + ltx2.MARKER!r} or no FFN layers "
+            f"named like 'transformer_blocks.0.ff.net.0.proj'); LiteFFN compresses LTX-2 only"
+        )
+    quant = json.loads((f.metadata() or {}).get("_quantization_metadata", "{}")).get("layers", {})
+    stats_names = set()
+    if stats_path:
+        stats_names = set(ActivationStats.load_names(stats_path))
+        missing = [n for n in names if n not in stats_names]
+        if missing and warn:
+            log.warning("LiteFFN: %d layers have no statistics (e.g. %s): plain SVD for those",
+                        len(missing), missing[0])
+    return keys, p, names, quant, stats_names
+
+
+def _compress_one(f, keys, p, name, quant, stats_path, stats_names, policy, fmt, damp, gptq, device):
+    """(CompressedLayer, source weight as stored) of one linear of the open checkpoint f."""
+    qfmt = quant.get(p + name, {}).get("format")
+    if qfmt is not None and not qfmt.startswith("float8"):
+        raise ValueError(f"{name} is stored as {qfmt}; LiteFFN reads bf16/fp16/fp32/FP8 sources")
+    weight = f.get_tensor(f"{p}{name}.weight")
+    scale = _scale(f, keys, p + name)
+    bias = f.get_tensor(f"{p}{name}.bias") if f"{p}{name}.bias" in keys else None
+    stats = ActivationStats.load(stats_path, names=[name])[name] if name in stats_names else None
+    return compress_linear(weight, bias, stats, policy, fmt, damp, gptq, device, name, scale), weight
+
+
+def _extra(policy: RankPolicy, fmt: str, ckpt: str) -> dict:
+    return {"policy": policy.describe(), "residual_format": fmt, "source": ckpt.rsplit("/", 1)[-1]}
+
+
 def compress_checkpoint(ckpt: str, out: str, stats_path: str | None = None, policy: RankPolicy | int = 64,
                         fmt: str = "fp8", which: str = "all", device: str | None = None, damp: float = 0.01,
-                        gptq: bool = True, progress: bool = True) -> dict:
-    """Compress every selected FFN linear of ckpt into out; returns {name: info}."""
+                        gptq: bool = True, progress: bool = True, devices: list[str] | str | None = None,
+                        timings: dict | None = None) -> dict:
+    """Compress every selected FFN linear of ckpt into out; returns {name: info}.
+
+    devices (e.g. ["cuda:0", "cuda:1"]): one process per device, the layers divided by cost
+    (compress_rank); the file has the same bytes as a run on one of them. timings, if given, is
+    filled with each rank's layers and busy seconds."""
     from safetensors import safe_open
     from tqdm import tqdm
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy = RankPolicy(rank=policy) if isinstance(policy, int) else policy
-    with safe_open(ckpt, framework="pt") as f:
-        keys = list(f.keys())
-        p, names = ffn_linears(keys, which)
-        if p + ltx2.MARKER not in keys or not names:
-            raise ValueError(
-                f"{ckpt} is not an LTX-2 checkpoint (no {p + ltx2.MARKER!r} or no FFN layers "
-                f"named like 'transformer_blocks.0.ff.net.0.proj'); LiteFFN compresses LTX-2 only"
-            )
-        quant = json.loads((f.metadata() or {}).get("_quantization_metadata", "{}")).get("layers", {})
-        stats_names = set()
-        if stats_path:
-            stats_names = set(ActivationStats.load_names(stats_path))
-            missing = [n for n in names if n not in stats_names]
-            if missing:
-                log.warning("LiteFFN: %d layers have no statistics (e.g. %s): plain SVD for those",
-                            len(missing), missing[0])
+    if devices is not None:
+        from .distributed import launch, parse_devices
+
+        if device is not None:
+            raise ValueError("give either device or devices, not both")
+        devices = parse_devices(devices)
+        if len(devices) > 1:
+            res = launch(compress_rank, devices, ckpt, out, stats_path, policy, fmt, which, damp, gptq, progress,
+                         backend="gloo", timeout_s=WAIT_S)[0]
+            if timings is not None:
+                timings.update(ranks=res["ranks"], write_s=res["write_s"])
+            return res["infos"]
+        device = devices[0]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    on_gpu = torch.cuda.device(torch.device(device)) if torch.device(device).type == "cuda" else nullcontext()
+    with on_gpu, safe_open(ckpt, framework="pt") as f:  # on_gpu: Triton launches on cuda:N, not the current GPU
+        keys, p, names, quant, stats_names = _open(f, ckpt, which, stats_path)
         infos = {}
-        extra = {"policy": policy.describe(), "residual_format": fmt, "source": ckpt.rsplit("/", 1)[-1]}
-        with compressed_file.Writer(out, ltx2.FAMILY, extra) as w:
+        with compressed_file.Writer(out, ltx2.FAMILY, _extra(policy, fmt, ckpt)) as w:
             for name in tqdm(names, desc="LiteFFN compress", unit="layer", disable=not progress):
-                qfmt = quant.get(p + name, {}).get("format")
-                if qfmt is not None and not qfmt.startswith("float8"):
-                    raise ValueError(f"{name} is stored as {qfmt}; LiteFFN reads bf16/fp16/fp32/FP8 sources")
-                weight = f.get_tensor(f"{p}{name}.weight")
-                scale = _scale(f, keys, p + name)
-                bias = f.get_tensor(f"{p}{name}.bias") if f"{p}{name}.bias" in keys else None
-                stats = ActivationStats.load(stats_path, names=[name])[name] if name in stats_names else None
-                layer = compress_linear(weight, bias, stats, policy, fmt, damp, gptq, device, name, scale)
+                layer, weight = _compress_one(f, keys, p, name, quant, stats_path, stats_names, policy, fmt, damp,
+                                              gptq, device)
                 w.add(name, layer, weight)
                 infos[name] = layer.info
-                del weight, stats, layer
+                del weight, layer
+    if timings is not None:
+        timings.update(ranks=[{"device": str(device), "layers": len(names), "busy_s": time.perf_counter() - t0}],
+                       write_s=0.0)
     return infos
+
+
+# ------------------------------------------------------------------ over several processes
+WAIT_S = 6 * 3600  # how long a rank that has finished its share waits for the others (gloo timeout)
+
+
+def layer_cost(n: int, k: int) -> int:
+    """Relative compression time of an n x k (out x in) linear: n k + k^2 / 4. Fitted to
+    bench/compress_time_h100.md (video up 0.51 s, down 1.14 s, audio up 0.14 s, down 0.24 s on an
+    H100; the GEMMs grow with n k, whitening and the GPTQ Hessian with k^2): with one scale for
+    all four, each predicted within 11%."""
+    return n * k + k * k // 4
+
+
+def assign_by_cost(costs: dict[str, int], world: int) -> dict[str, int]:
+    """{layer: rank}: largest first, each to the least loaded rank (LPT); ties go to the earlier
+    layer and the lower rank, so every process computes the same assignment."""
+    load = [0] * world
+    owner = {}
+    for name in sorted(costs, key=lambda n: -costs[n]):  # sorted() is stable: ties keep checkpoint order
+        r = min(range(world), key=lambda j: (load[j], j))
+        owner[name] = r
+        load[r] += costs[name]
+    return {n: owner[n] for n in costs}
+
+
+def _part(parts: str, i: int) -> str:
+    return os.path.join(parts, f"{i:06d}.pt")
+
+
+def compress_rank(rank: int, world: int, device: str, ckpt: str, out: str, stats_path: str | None = None,
+                  policy: RankPolicy | int = 64, fmt: str = "fp8", which: str = "all", damp: float = 0.01,
+                  gptq: bool = True, progress: bool = True) -> dict:
+    """One rank's share of a compression spread over processes (collective: every rank of the
+    default process group calls it; launch() or torchrun starts them, gloo suffices).
+
+    Each rank compresses the layers assign_by_cost gives it, in checkpoint order, and leaves each
+    in a part file (torch.save, renamed into place when whole) in a folder beside out, so all
+    ranks must see the same file system (one machine). Rank 0 alone writes out: it adds the parts
+    in checkpoint order with the same Writer calls as the one-process path, as they arrive while it
+    compresses its own share, the rest once all ranks are done. So out has the same bytes as a
+    one-device run whenever the devices compute each layer bit for bit alike (GPUs of one model;
+    on CPU, the same thread count). Returns, on rank 0, {"infos", "ranks": [{device, layers, cost,
+    busy_s}], "write_s"}; {} elsewhere. An error on any rank is raised on every rank, naming the
+    rank it happened on; out is then left as it was and the parts are removed."""
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    from .compress import CompressedLayer
+    from .distributed import AgreedError, agree
+
+    policy = RankPolicy(rank=policy) if isinstance(policy, int) else policy
+    box = [None, None]
+    if rank == 0:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            box[0] = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out)),
+                                      prefix=f".{os.path.basename(out)}.parts-")
+        except OSError as e:
+            box[1] = f"cannot write beside {out}: {e}"
+    dist.broadcast_object_list(box, src=0)
+    parts, err = box
+    if err:
+        raise AgreedError(err)
+    f = writer = None
+    mine, cost, busy, write_s, infos, nxt = [], 0, 0.0, 0.0, {}, 0
+    try:
+        try:
+            if not os.path.isfile(ckpt):
+                raise FileNotFoundError(f"no such file: {ckpt}")
+            f = safe_open(ckpt, framework="pt")
+            keys, p, names, quant, stats_names = _open(f, ckpt, which, stats_path, warn=rank == 0)
+            costs = {n: layer_cost(*f.get_slice(f"{p}{n}.weight").get_shape()) for n in names}
+            owner = assign_by_cost(costs, world)
+            mine = [n for n in names if owner[n] == rank]
+            cost = sum(costs[n] for n in mine)
+            if rank == 0:
+                writer = compressed_file.Writer(out, ltx2.FAMILY, _extra(policy, fmt, ckpt))
+        except Exception as e:  # the same file on every rank: they fail alike
+            err = _message(e, rank, device)
+        agree(err)
+        index = {n: i for i, n in enumerate(names)}
+        bar = tqdm(total=len(names), desc=f"LiteFFN compress ({world} processes)", unit="layer",
+                   disable=not (progress and rank == 0))
+
+        def drain(wait: bool):
+            """Rank 0: add every finished layer that is next in checkpoint order."""
+            nonlocal nxt, write_s
+            t = time.perf_counter()
+            while nxt < len(names) and (wait or os.path.exists(_part(parts, nxt))):
+                part = torch.load(_part(parts, nxt), weights_only=True)
+                name = names[nxt]
+                writer.add(name, CompressedLayer(part["tensors"], part["info"]), fingerprint_entry=part["fp"])
+                infos[name] = part["info"]
+                os.remove(_part(parts, nxt))
+                nxt += 1
+                bar.update(1)
+            write_s += time.perf_counter() - t
+
+        err = None
+        try:
+            for name in mine:
+                t = time.perf_counter()
+                layer, weight = _compress_one(f, keys, p, name, quant, stats_path, stats_names, policy, fmt, damp,
+                                              gptq, device)
+                part = {"tensors": layer.tensors, "info": layer.info,
+                        "fp": compressed_file.fingerprint([(name, weight)])[name]}
+                tmp = _part(parts, index[name]) + ".tmp"
+                torch.save(part, tmp)
+                os.replace(tmp, _part(parts, index[name]))
+                del layer, weight, part
+                busy += time.perf_counter() - t
+                if rank == 0:
+                    drain(wait=False)
+        except Exception as e:
+            err = _message(e, rank, device)
+        agree(err)  # every rank has finished its share
+        err = None
+        if rank == 0:
+            try:
+                drain(wait=True)
+                t = time.perf_counter()
+                writer.close()
+                writer = None
+                write_s += time.perf_counter() - t
+            except Exception as e:
+                err = _message(e, rank, device)
+        bar.close()
+        agree(err)
+        ranks = [None] * world
+        dist.all_gather_object(ranks, {"device": device, "layers": len(mine), "cost": cost, "busy_s": busy})
+    finally:
+        if writer is not None:
+            writer.abort()
+        if rank == 0:
+            shutil.rmtree(parts, ignore_errors=True)
+    return {"infos": infos, "ranks": ranks, "write_s": write_s} if rank == 0 else {}
+
+
+def _message(e: Exception, rank: int, device: str) -> str:
+    """A worker's error as one line naming its rank; unexpected errors keep their traceback in the log."""
+    if not isinstance(e, (ValueError, FileNotFoundError, MemoryError, KeyError, TypeError)):
+        log.error("LiteFFN: rank %d (%s) failed", rank, device, exc_info=e)
+        return f"{type(e).__name__}: {e} (rank {rank}, {device})"
+    return f"{e} (rank {rank}, {device})"
 
 
 def _scale(f, keys, base: str):

@@ -1,8 +1,14 @@
-"""Command line: `liteffn demo | compress | merge-stats` (also `python -m liteffn.calibration.cli`)."""
+"""Command line: `liteffn demo | compress | merge-stats` (also `python -m liteffn.calibration.cli`).
+
+`compress --devices cuda:0,cuda:1` spreads the layers over one process per device; under
+torchrun (`torchrun --nproc-per-node N -m liteffn.calibration.cli compress ...`) each rank
+takes cuda:LOCAL_RANK. Either way one file, the same bytes as one device.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -36,6 +42,8 @@ def main(argv=None) -> int:
     c.add_argument("--format", default="fp8", choices=list(FORMATS))
     c.add_argument("--layers", default="all", choices=["all", "video", "audio"])
     c.add_argument("--device", help="cuda / cpu (default: cuda if available)")
+    c.add_argument("--devices", help="spread the layers over these devices, one process each, e.g. cuda:0,cuda:1 "
+                                     "(the same file as one device writes)")
     c.add_argument("--damp", type=float, default=0.01)
     c.add_argument("--no-gptq", action="store_true", help="round the residual to nearest even with statistics")
 
@@ -51,13 +59,16 @@ def main(argv=None) -> int:
 
             run(a.blocks, a.video_dim, a.audio_dim, tuple(a.ranks), tuple(a.formats))
         elif a.cmd == "compress":
+            if a.device and a.devices:
+                raise ValueError("give --device or --devices, not both")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                return _compress_torchrun(a)
             from .checkpoint import compress_checkpoint
 
+            timings = {}
             infos = compress_checkpoint(a.checkpoint, a.out, a.stats, _policy(a), a.format, a.layers, a.device,
-                                        a.damp, not a.no_gptq)
-            errs = [i["rel_err"] for i in infos.values()]
-            print(f"wrote {a.out}: {len(infos)} layers, mean relative error {100 * sum(errs) / len(errs):.2f}%, "
-                  f"{sum(i['bytes'] for i in infos.values()) / 2**30:.2f} GiB")
+                                        a.damp, not a.no_gptq, devices=a.devices, timings=timings)
+            _summary(a.out, infos, timings)
         else:
             from .stats import ActivationStats
 
@@ -69,6 +80,42 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, MemoryError, KeyError) as e:
         print(f"liteffn: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _summary(out: str, infos: dict, timings: dict) -> None:
+    errs = [i["rel_err"] for i in infos.values()]
+    print(f"wrote {out}: {len(infos)} layers, mean relative error {100 * sum(errs) / len(errs):.2f}%, "
+          f"{sum(i['bytes'] for i in infos.values()) / 2**30:.2f} GiB")
+    ranks = timings.get("ranks", [])
+    if len(ranks) > 1:
+        print("layers per process: " + ", ".join(f"{r['device']} {r['layers']} ({r['busy_s']:.1f} s)" for r in ranks))
+
+
+def _compress_torchrun(a) -> int:
+    """One rank of `torchrun ... compress`: a gloo group for coordination, cuda:LOCAL_RANK (or --device cpu)."""
+    import torch.distributed as dist
+
+    from .checkpoint import WAIT_S, compress_rank
+    from .distributed import AgreedError, init_from_env
+
+    if a.devices:
+        raise ValueError("--devices starts its own processes; under torchrun leave it out (each rank takes "
+                         "cuda:LOCAL_RANK)")
+    if a.device not in (None, "cpu"):
+        raise ValueError("under torchrun each rank takes cuda:LOCAL_RANK; --device may only be cpu")
+    rank, world, device = init_from_env("gloo", device=a.device, timeout_s=WAIT_S)
+    try:
+        res = compress_rank(rank, world, device, a.checkpoint, a.out, a.stats, _policy(a), a.format, a.layers,
+                            a.damp, not a.no_gptq)
+    except AgreedError:  # raised on every rank: rank 0 says it
+        if rank:
+            return 2
+        raise
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        _summary(a.out, res["infos"], res)
     return 0
 
 

@@ -84,8 +84,13 @@ class Writer:
         self.infos: dict = {}
         self._w = StreamingSafetensorsWriter(path)
 
-    def add(self, name: str, layer: CompressedLayer, source_weight: torch.Tensor) -> None:
-        self.fp.update(fingerprint([(name, source_weight)]))
+    def add(self, name: str, layer: CompressedLayer, source_weight: torch.Tensor | None = None, *,
+            fingerprint_entry: list | None = None) -> None:
+        """fingerprint_entry: fingerprint()'s entry of the source weight, when another process held
+        the weight (checkpoint.compress_rank)."""
+        if (source_weight is None) == (fingerprint_entry is None):
+            raise ValueError("give the source weight or its fingerprint entry")
+        self.fp[name] = fingerprint([(name, source_weight)])[name] if source_weight is not None else fingerprint_entry
         self.infos[name] = layer.info
         for k, v in layer.tensors.items():
             self._w.add(f"{name}.{k}", v)
@@ -95,8 +100,17 @@ class Writer:
 
     def __exit__(self, exc_type, *_):
         if exc_type is not None:
-            self._w.abort()
-            return False
+            self.abort()
+        else:
+            self.close()
+        return False
+
+    def abort(self) -> None:
+        """Drop what was added; the target is left as it was."""
+        self._w.abort()
+
+    def close(self) -> None:
+        """Write the metadata and move the file into place."""
         meta = {
             **self.extra,  # first: never overrides the keys below
             "format": FILE_FORMAT,
@@ -107,7 +121,6 @@ class Writer:
             "layers": self.infos,
         }
         self._w.close({"liteffn": json.dumps(meta)})
-        return False
 
 
 def save(path: str, layers: dict[str, CompressedLayer], weights: dict[str, torch.Tensor], family: str,

@@ -17,3 +17,17 @@ except ImportError:  # plain checkout: the repository root is the package
                                                   submodule_search_locations=[ROOT])
     sys.modules["liteffn"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sys.modules["liteffn"])
+    # Processes the tests start (torch.multiprocessing spawn, torchrun) import `liteffn` by name:
+    # a folder holding a `liteffn` link to the checkout goes on their path.
+    import atexit
+    import shutil
+    import tempfile
+
+    _link_dir = tempfile.mkdtemp(prefix="liteffn-path-")
+    atexit.register(shutil.rmtree, _link_dir, True)  # removes the link, not what it points to
+    try:
+        os.symlink(ROOT, os.path.join(_link_dir, "liteffn"))
+        sys.path.append(_link_dir)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), _link_dir) if p)
+    except OSError:  # no symlinks here: the multi-process tests need `pip install -e .`
+        pass
