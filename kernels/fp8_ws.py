@@ -405,11 +405,11 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     la_d = _desc(LA, (BN, flags["RB"])) if prefetch and rc else ph
     u_d = _desc(U, (BM, flags["RB"])) if prefetch and rc else ph
     b2_d = _desc(LB2, (flags["R2B"], BN)) if prefetch and r2c else ph
-    grid = (min(triton.cdiv(M, BM) * triton.cdiv(N, BN * nt), sms),)
     stages = _stages(out.element_size(), flags["RB"] if rc else 0, flags["R2B"] if r2c else 0, U.element_size(),
                      bool(prefetch))
     sms = G.num_sms(xq.device.index or 0)
     nt = tiles_per_item(M, N, sms) if (prefetch and r2c == 1) else 1
+    grid = (min(triton.cdiv(M, BM) * triton.cdiv(N, BN * nt), sms),)
     consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
                   PREFETCH=bool(prefetch), NT=nt,
                   **{k: v for k, v in flags.items() if k != "INTERP"})

@@ -75,5 +75,32 @@ def test_tile_pairs_only_where_they_add_no_wave():
     assert W.tiles_per_item(6144, 16384, 132) == 1  # 47 against 48
 
 
+@pytest.mark.parametrize("rank_next", [0, 64])
+def test_launch_prepares_a_valid_launch(monkeypatch, rank_next):
+    """launch()'s host side on the CPU, up to the kernel call: its descriptors, grid and constexprs (a
+    slip there shows only on a Hopper GPU, where run() falls back to the Triton kernel, logged)."""
+    from liteffn.kernels import gemm as G
+
+    got = {}
+    monkeypatch.setattr(G, "num_sms", lambda index: 132)
+    monkeypatch.setattr(W, "_launch", lambda grid, descs, rest, consts: got.update(grid=grid, consts=consts,
+                                                                                       descs=descs, rest=rest))
+    m, k, n, r = 1000, 256, 16384, 64
+    xq, q = torch.zeros(m, k, dtype=torch.float8_e4m3fn), torch.zeros(n, k, dtype=torch.float8_e4m3fn)
+    u, A = torch.zeros(m, r), torch.zeros(n, r, dtype=torch.bfloat16)
+    nb = torch.zeros(rank_next, n, dtype=torch.bfloat16) if rank_next else None
+    un = torch.zeros(m, rank_next) if rank_next else None
+    out, ptrs, sizes, flags = G.gemm_operands(xq, torch.ones(m), n, u, A, None, bool(rank_next),
+                                              torch.ones(1) if rank_next else None, nb, un, None, torch.bfloat16)
+    W.launch(xq, q, out, torch.ones(m), torch.ones(n), ptrs, sizes[:5], {k_: v for k_, v in flags.items()
+                                                                          if k_ != "INTERP"}, 512)
+    nt = got["consts"]["NT"]
+    assert nt == (W.tiles_per_item(m, n, 132) if rank_next else 1)
+    assert got["grid"] == (min(132, -(-m // W.BM) * -(-n // (W.BN * nt))),)
+    assert got["consts"]["PREFETCH"] and got["consts"]["PROMOTE"] == 4
+    assert [d.block_shape for d in got["descs"][:3]] == [[W.BM, W.BK], [W.BN, W.BK], [W.BM // 2, W.BN]]
+    assert len(got["rest"]) == 2 + 6 + 5
+
+
 def test_only_hopper_runs_it():
     assert not W.supports(torch.device("cpu"))

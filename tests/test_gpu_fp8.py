@@ -98,6 +98,7 @@ def test_gluon_gemm_equals_the_triton_gemm(k, n, m):
             y = fp8_ffn.scaled_gemm(xq, s, t["q"], t["q_scale"], u_next=un, config=cfg, **kw)
             outs.append((y, un))
         (yg, ug), (yt, ut) = outs
+        assert fp8_ws._disabled_reason is None, fp8_ws._disabled_reason  # it ran (no fallback to Triton)
         assert torch.equal(yg.view(torch.uint8), yt.view(torch.uint8)), sorted(kw)
         un = torch.zeros(m, 64, device="cuda") if "next_B" in kw else None  # again: the cached launch
         y2 = fp8_ffn.scaled_gemm(xq, s, t["q"], t["q_scale"], u_next=un, **kw)
