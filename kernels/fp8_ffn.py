@@ -81,6 +81,8 @@ except ImportError:  # torch-only installs: dispatch never picks these kernels
 H_SCALE_MARGIN = 2.0  # headroom of the static FP8 scale of h over the calibrated absmax
 # Up to this many rows act_quant_lowrank is one launch (its host cost is what matters there).
 SINGLE_LAUNCH_M = 256
+# act_quant_lowrank's two launches at more than 2048 rows: rows x K columns per program (benches sweep them)
+MANY_ROWS_BM, MANY_ROWS_SPLIT = 64, 512
 # Up to this many rows, launches with few tiles split K (few_tokens_split); LITEFFN_SPLIT_K=0 turns it off.
 SPLIT_K_MAX_M = 256
 SPLIT_K_ON = os.environ.get("LITEFFN_SPLIT_K", "1") != "0"
@@ -347,9 +349,9 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     amax = sums[M * r:]
     # measured on the H100 (bench/ffn_kernels_explore_h100.log): M=126: 16 rows x 256 columns per
     # program, 13-15 us at K=2048/8192; M=6144, K=4096: 64 x 512, 64 us (2 TB/s)
-    bm = bm or (16 if (G.INTERP or M <= 2048) else 64)
+    bm = bm or (16 if (G.INTERP or M <= 2048) else MANY_ROWS_BM)
     bk = 32 if G.INTERP else 128
-    split = split or (64 if G.INTERP else 256 if M <= 2048 else 512)
+    split = split or (64 if G.INTERP else 256 if M <= 2048 else MANY_ROWS_SPLIT)
     split = -(-split // bk) * bk  # whole load blocks per split
     warps = warps or (8 if (rp > 64 or bm == 64) else 4)
     grid = (triton.cdiv(M, bm), triton.cdiv(K, split))
