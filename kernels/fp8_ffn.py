@@ -353,10 +353,14 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     bk = 32 if G.INTERP else 128
     split = split or (64 if G.INTERP else 256 if M <= 2048 else MANY_ROWS_SPLIT)
     split = -(-split // bk) * bk  # whole load blocks per split
-    warps = warps or (8 if (rp > 64 or bm == 64) else 4)
+    warps = warps or (8 if rp > 64 else 4)
     grid = (triton.cdiv(M, bm), triton.cdiv(K, split))
+    # num_stages=1: software-pipelined (2-3 stages, Triton 3.6, H200), this loop's 64-row tiles (wgmma) gave
+    # u off by 0.3-1.2% and different on every call (a race: 16- and 32-row tiles and one stage are exact,
+    # run to run within 1e-7; bench/act_quant_race_h200.log). One stage is as fast with 4 warps (58 us at
+    # M=6144, K=4096, r=64); tests/test_gpu_fp8.py::test_ffn_repeats_itself guards it.
     G.launch_kernel(_act_stats_kernel, grid, (x, amax, B if r else amax, u if r else amax, M, K, r, x.stride(0)),
-                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, INTERP=G.INTERP), num_warps=warps)
+                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, INTERP=G.INTERP), num_warps=warps, num_stages=1)
     G.launch_kernel(_act_quant_kernel, grid, (x, xq, amax, sx, z, M, K, rz, x.stride(0)),
                     dict(BM=bm, BK=bk, SPLIT=split, RZP=rzp, INTERP=G.INTERP), num_warps=4)
     return xq, sx, u
