@@ -10,6 +10,19 @@ ROT_BYTES = 200 * 2**20  # weights of one timed set of calls: several times the 
 CHECK_ROWS = 2048
 
 
+def logger(out_dir: str, name: str):
+    """say(line): print it and append it to out_dir/name as it goes (device runs can be cut off)."""
+    import os
+
+    log = open(os.path.join(out_dir, name), "a")
+
+    def say(s: str) -> None:
+        print(s, flush=True)
+        log.write(s + "\n")
+        log.flush()
+    return say
+
+
 def us(fn) -> float:
     from triton.testing import do_bench_cudagraph  # imported late: importing triton early fixes its mode
 

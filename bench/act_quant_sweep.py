@@ -17,7 +17,7 @@ import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
-from _common import ffn_case  # noqa: E402
+from _common import ffn_case, logger  # noqa: E402
 
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
@@ -37,12 +37,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
-    log = open(os.path.join(a.out, "act_quant_sweep.log"), "a")
-
-    def say(s):
-        print(s, flush=True)
-        log.write(s + "\n")
-        log.flush()
+    say = logger(a.out, "act_quant_sweep.log")
     default = (K.MANY_ROWS_BM, K.MANY_ROWS_SPLIT)
     say(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')}, r=64; us (device time, CUDA graphs)")
     for dim, m in ((4096, 6144), (4096, 24576), (2048, 5600)):

@@ -16,7 +16,7 @@ import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
-from _common import ffn_case  # noqa: E402
+from _common import ffn_case, logger  # noqa: E402
 
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
@@ -58,12 +58,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
-    log = open(os.path.join(a.out, "ws_check.log"), "a")
-
-    def say(s):
-        print(s, flush=True)
-        log.write(s + "\n")
-        log.flush()
+    say = logger(a.out, "ws_check.log")
     say(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')}")
     # the Triton kernel's many-row default tiles, promoting every 128 (tri) and every 512 (tri4)
     tri = dict(K.DEFAULT_CONFIGS[1], PROMOTE=1)
