@@ -75,7 +75,8 @@ class LiteFFNCompressModel(io.ComfyNode):
         pbar = comfy.utils.ProgressBar(len(names))
         extra = {"policy": policy.describe(), "residual_format": residual, "selection": {"layers": layers, "blocks": blocks}}
         done, dense = {}, 0
-        with compressed_file.Writer(path, ltx2.FAMILY, extra, **writer_args) if path else contextlib.nullcontext() as w:
+        writer = compressed_file.Writer(path, ltx2.FAMILY, extra, **writer_args) if path else contextlib.nullcontext()
+        with writer as w:
             for i, name in enumerate(names):
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 weight, scale, bias = M.source(model, name)
