@@ -61,6 +61,10 @@ def main(argv=None) -> int:
         elif a.cmd == "compress":
             if a.device and a.devices:
                 raise ValueError("give --device or --devices, not both")
+            from .compressed_file import check_checkpoint_output
+
+            check_checkpoint_output(a.out, a.checkpoint, a.stats, a.layers, 0 if a.energy is not None else a.rank,
+                                    a.format)  # before any work: not an input, room on the disk
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 return _compress_torchrun(a)
             from .checkpoint import compress_checkpoint
@@ -70,12 +74,14 @@ def main(argv=None) -> int:
                                         a.damp, not a.no_gptq, devices=a.devices, timings=timings)
             _summary(a.out, infos, timings)
         else:
-            from .stats import ActivationStats
+            from .stats import ActivationStats, check_stats_output
 
+            check_stats_output(a.out, {n: i["width"] for p in a.inputs for n, i in  # before any work
+                                       ActivationStats.load_meta(p)["layers"].items()}, a.inputs, "-o")
             total = ActivationStats.load(a.inputs[0])
             for p in a.inputs[1:]:
                 total.merge_(ActivationStats.load(p))
-            total.save(a.out)
+            total.save(a.out, inputs=a.inputs, option="-o")
             print(f"wrote {a.out}: {len(total.names())} layers")
     except (ValueError, FileNotFoundError, MemoryError, KeyError) as e:
         print(f"liteffn: error: {e}", file=sys.stderr)

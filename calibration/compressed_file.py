@@ -3,7 +3,8 @@
 Tensors: `<linear>.<A|B|q|q_scale|q_scale2|bias>` per compressed linear.
 Metadata (key "liteffn", JSON): format, version, model family, the source model's
 fingerprint (per layer: shape and a digest of a fixed sample of its weights), and per layer
-rank, residual format, measured relative error, bytes. Written atomically.
+rank, residual format, measured relative error, bytes. Written through safe_io (checked output,
+temp beside it, renamed into place whole; see st_writer).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from ..kernels.modules import TENSOR_NAMES
 from .compress import CompressedLayer
+from .safe_io import check_output
 from .st_writer import StreamingSafetensorsWriter
 from .stats import open_checked
 from .stats import read_meta as _read_meta
@@ -76,13 +78,22 @@ def compare_fingerprints(saved: dict, model: dict, path: str = "file", common_on
 
 class Writer:
     """Adds compressed layers one at a time (with the source weight's fingerprint entry);
-    the file appears, whole, only when the `with` block ends without an error."""
+    the file appears, whole, only when the `with` block ends without an error.
 
-    def __init__(self, path: str, family: str, extra: dict | None = None):
+    The output is checked when the Writer is made, before any work (safe_io.check_output):
+    inputs (the source checkpoint, the statistics file) are never overwritten, nor a
+    directory, a device, or an existing file that is not a compressed file (statistics, a
+    model checkpoint). expected_bytes (estimate_bytes) checks the free space; expected_layers
+    sizes the header's room. option: how the user names the output, for messages."""
+
+    def __init__(self, path: str, family: str, extra: dict | None = None, *, inputs=(),
+                 expected_bytes: int | None = None, expected_layers: int | None = None, option: str = "output"):
         self.path, self.family, self.extra = path, family, dict(extra or {})
         self.fp: dict = {}
         self.infos: dict = {}
-        self._w = StreamingSafetensorsWriter(path)
+        kw = {} if expected_layers is None else {"header_room": _header_room(expected_layers)}
+        self._w = StreamingSafetensorsWriter(path, inputs, expect_format=FILE_FORMAT, expected_bytes=expected_bytes,
+                                             option=option, **kw)
 
     def add(self, name: str, layer: CompressedLayer, source_weight: torch.Tensor | None = None, *,
             fingerprint_entry: list | None = None) -> None:
@@ -123,10 +134,61 @@ class Writer:
         self._w.close({"liteffn": json.dumps(meta)})
 
 
+def _header_room(layers: int) -> int:
+    """Header bytes to leave for this many compressed linears (measured ~1.2 KB each with
+    names as long as LTX-2's; twice that, so the data never has to move)."""
+    return 16384 + 2560 * layers
+
+
+def estimate_bytes(shapes, rank: int, fmt, bias: bool = True) -> int:
+    """Bytes of a compressed file holding linears of these (out, in) shapes at this rank (an
+    upper bound per layer; with an energy policy give the least rank, 0, for a lower bound)
+    and residual format, header room included (the room of a Writer not told the layer count,
+    st_writer.DEFAULT_HEADER_ROOM, at least)."""
+    from .st_writer import DEFAULT_HEADER_ROOM
+    from ..kernels.formats import get
+
+    f = get(fmt)
+    total = 0
+    for n, k in shapes:
+        r = max(0, min(int(rank), n, k))
+        total += (n + k) * r * 2 + n * k * f.bits // 8 + 4  # A, B (bf16), q, input_amax
+        if "q_scale" in f.tensor_names:
+            total += n * 4 if f.block is None else n * (k // f.block)  # fp32 per row; 1-byte block scales
+        if f.tensor_scale:
+            total += 4
+        if bias:
+            total += n * 2
+    return total + 8 + max(_header_room(len(shapes)), DEFAULT_HEADER_ROOM)
+
+
+def check_checkpoint_output(out: str, ckpt: str, stats: str | None, which: str, rank: int, fmt,
+                            option: str = "-o") -> None:
+    """The offline command's output, checked before any work: not an input, a writable file of
+    the right kind, and room on its disk for the file (sized from the checkpoint's FFN shapes;
+    skipped when the checkpoint cannot be read: loading it says why)."""
+    expected = None
+    try:
+        from safetensors import safe_open
+
+        from .checkpoint import ffn_linears
+
+        with safe_open(ckpt, framework="pt") as f:
+            keys = list(f.keys())
+            p, names = ffn_linears(keys, which)
+            shapes = [tuple(f.get_slice(f"{p}{n}.weight").get_shape()) for n in names]
+            bias = any(f"{p}{n}.bias" in keys for n in names)
+        if shapes and all(len(s) == 2 for s in shapes):
+            expected = estimate_bytes(shapes, rank, fmt, bias)
+    except Exception:  # noqa: BLE001  (not readable: the compression itself reports it)
+        pass
+    check_output(out, (ckpt, stats), expect_format=FILE_FORMAT, expected_bytes=expected, option=option)
+
+
 def save(path: str, layers: dict[str, CompressedLayer], weights: dict[str, torch.Tensor], family: str,
          extra: dict | None = None) -> None:
     """layers and the source weights they were made from, by linear name."""
-    with Writer(path, family, extra) as w:
+    with Writer(path, family, extra, expected_layers=len(layers)) as w:
         for name, layer in layers.items():
             w.add(name, layer, weights[name])
 

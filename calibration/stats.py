@@ -125,18 +125,11 @@ class ActivationStats:
         return self
 
     # ------------------------------------------------------------ file
-    def save(self, path: str) -> None:
-        """safetensors + JSON metadata, written atomically (temp file + rename)."""
-        from safetensors.torch import save_file
-
-        tensors, layers = {}, {}
-        for name, s in self.layers.items():
-            s.check_finite(name)
-            tensors[f"{name}.xtx"] = s.xtx.detach().float().cpu().contiguous()
-            tensors[f"{name}.absmax"] = s.absmax.detach().float().cpu().contiguous()
-            layers[name] = {"rows": int(s.rows), "width": s.width}
-        meta = {"format": STATS_FORMAT, "version": STATS_VERSION, "layers": layers, **self.meta}
-        atomic_save(tensors, {"liteffn": json.dumps(meta)}, path, save_file)
+    def save(self, path: str, inputs=(), option: str = "output") -> None:
+        """safetensors + JSON metadata, streamed through safe_io (write_stats). inputs: files
+        this output must not be (e.g. merge-stats' inputs)."""
+        write_stats(path, self.layers.items(), self.meta, inputs=inputs, option=option,
+                    widths={n: s.width for n, s in self.layers.items()})
 
     @staticmethod
     def load_names(path: str) -> list[str]:
@@ -166,17 +159,46 @@ class ActivationStats:
         return cls(layers, meta)
 
 
-def atomic_save(tensors: dict, metadata: dict, path: str, save_file) -> None:
-    """Write to a temp file beside path, then rename: a crash never leaves half a file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+def stats_file_bytes(widths: dict[str, int]) -> int:
+    """Size of a statistics file holding layers of these widths (header room included)."""
+    return sum(layer_bytes(k) for k in widths.values()) + _stats_header_room(len(widths))
+
+
+def _stats_header_room(layers: int) -> int:
+    return 16384 + 1024 * layers  # ~330 bytes per layer measured with LTX-2's names
+
+
+def check_stats_output(path: str, widths: dict[str, int] | None = None, inputs=(), option: str = "output") -> str:
+    """A statistics output checked before any work (safe_io.check_output): not an input, not a
+    directory or device, not an existing file of another kind, room for its size."""
+    from .safe_io import check_output
+
+    return check_output(path, inputs, expect_format=STATS_FORMAT, option=option,
+                        expected_bytes=None if widths is None else stats_file_bytes(widths))
+
+
+def write_stats(path: str, layers, meta: dict, *, inputs=(), widths: dict[str, int] | None = None,
+                option: str = "output") -> None:
+    """Write a statistics file from (name, LayerStats) pairs, one layer in memory at a time
+    (layers may be a generator), through safe_io: the output is checked first (with widths:
+    its size against the free space), written into a temp beside it and renamed into place
+    whole; an error or a signal leaves the old file as it was and no temp."""
+    from .st_writer import StreamingSafetensorsWriter
+
+    room = _stats_header_room(len(widths) if widths is not None else 256) + len(json.dumps(meta))
+    w = StreamingSafetensorsWriter(path, inputs, expect_format=STATS_FORMAT, header_room=room, option=option,
+                                   expected_bytes=None if widths is None else stats_file_bytes(widths))
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        infos = {}
+        for name, s in layers:
+            s.check_finite(name)
+            w.add(f"{name}.xtx", s.xtx.detach().float().contiguous())
+            w.add(f"{name}.absmax", s.absmax.detach().float().contiguous())
+            infos[name] = {"rows": int(s.rows), "width": s.width}
+        full = {"format": STATS_FORMAT, "version": STATS_VERSION, "layers": infos, **meta}
+        w.close({"liteffn": json.dumps(full)})
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        w.abort()
 
 
 def open_checked(path: str, fmt: str, version: int):

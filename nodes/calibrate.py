@@ -14,7 +14,7 @@ import comfy.utils
 
 from ..calibration import ltx2
 from ..calibration.compressed_file import MismatchError, compare_fingerprints
-from ..calibration.stats import ActivationStats, StatsCollector, plan_passes
+from ..calibration.stats import ActivationStats, StatsCollector, check_stats_output, plan_passes
 from . import model as M
 from .files import FOLDER, Stats, output_path, selection_inputs
 
@@ -73,6 +73,8 @@ class LiteFFNCalibrate(io.ComfyNode):
         budget = int(memory_budget_gb * 2**30)
         groups = plan_passes(widths, budget)
         path = output_path(filename) if filename.strip() else None
+        if path:  # before sampling: not a directory or another kind of file, room on its disk
+            check_stats_output(path, widths, option="filename")
         fp = M.model_fingerprint(model, names)
         if path and append and os.path.exists(path):
             _check_same_model(ActivationStats.load_meta(path), fp, path,

@@ -14,6 +14,7 @@ from ..calibration import compressed_file, ltx2
 from ..calibration.compress import compress_linear
 from ..calibration.lowrank import RankPolicy
 from ..calibration.report import format_report
+from ..calibration.safe_io import check_output
 from ..calibration.stats import ActivationStats
 from ..kernels.formats import FORMATS
 from ..kernels.modules import ffn_from_layers
@@ -66,14 +67,16 @@ class LiteFFNCompressModel(io.ComfyNode):
         ffns = M.ffn_names(model, layers, blocks)
         names = [f"{f}.{sub}" for f in ffns for sub in (ltx2.UP, ltx2.DOWN)]
         policy = RankPolicy(rank=None, energy=energy, max_rank=rank) if energy > 0 else RankPolicy(rank=rank)
+        path = output_path(save_name) if save_name.strip() else None
+        writer_args = _checked_output(model, names, path, stats_file, policy, residual)  # before any work
         stats_of, notes = _stats_source(stats, stats_file, model, names)
         notes += M.lora_notes(model, names)
         device = comfy.model_management.get_torch_device()
-        path = output_path(save_name) if save_name.strip() else None
         pbar = comfy.utils.ProgressBar(len(names))
         extra = {"policy": policy.describe(), "residual_format": residual, "selection": {"layers": layers, "blocks": blocks}}
         done, dense = {}, 0
-        with compressed_file.Writer(path, ltx2.FAMILY, extra) if path else contextlib.nullcontext() as w:
+        writer = compressed_file.Writer(path, ltx2.FAMILY, extra, **writer_args) if path else contextlib.nullcontext()
+        with writer as w:
             for i, name in enumerate(names):
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 weight, scale, bias = M.source(model, name)
@@ -90,6 +93,22 @@ class LiteFFNCompressModel(io.ComfyNode):
         report = format_report({n: c.info for n, c in done.items()}, dense, header, notes)
         log.info("LiteFFN Compress Model:\n%s", "\n".join(report.splitlines()[:4]))
         return io.NodeOutput(patched, report, ui=ui.PreviewText(report))
+
+
+def _checked_output(model, names, path, stats_file, policy, residual) -> dict:
+    """save_name's file checked by the core (calibration.safe_io) before any work: not the
+    statistics file, not an existing file of another kind, room on its disk. -> Writer's arguments."""
+    if path is None:
+        return {}
+    lins = [M.linear_of(model, n) for n in names]
+    shapes = [(int(m.out_features), int(m.in_features)) for m in lins]
+    args = {"inputs": (full_path(stats_file),) if stats_file != NO_FILE else (),
+            "expected_bytes": compressed_file.estimate_bytes(shapes, policy.rank or 0, residual,
+                                                             any(getattr(m, "bias", None) is not None for m in lins)),
+            "expected_layers": len(names), "option": "save_name"}
+    check_output(path, args["inputs"], expect_format=compressed_file.FILE_FORMAT,
+                 expected_bytes=args["expected_bytes"], option="save_name")
+    return args
 
 
 def _stats_source(stats, stats_file, model, names):
