@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="on failure, print the Python traceback as well as the one-line message")
-    ap = _Parser(prog="liteffn", description=__doc__.split("\n\n")[0], parents=[debug],
+    ap = _Parser(prog="liteffn", parents=[debug],
+                 description="LiteFFN offline: compress an LTX-2 checkpoint's FFNs, add statistics files, or "
+                             "run the built-in demo. A failure is one line and exit code 2, Ctrl-C exit code 130.",
                  epilog="`liteffn COMMAND -h` describes a command's options.")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands", parser_class=_Parser)
 
