@@ -3,57 +3,267 @@
 `compress --devices cuda:0,cuda:1` spreads the layers over one process per device; under
 torchrun (`torchrun --nproc-per-node N -m liteffn.calibration.cli compress ...`) each rank
 takes cuda:LOCAL_RANK. Either way one file, the same bytes as one device.
+
+Every failure ends with one line on stderr and exit code 2 (`--debug` adds the traceback);
+Ctrl-C ends with one line and exit code 130, and leaves no partial output.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+DEFAULT_RANK, DEFAULT_MAX_RANK = 64, 512
+FP4_BLOCK = 32  # the demo's widths: FP4 residuals quantize blocks of 16 (NVFP4) / 32 (MXFP4) inputs
+COMMANDS = "demo | compress | merge-stats"
+
+
+# ------------------------------------------------------------------ argument types (argparse says the message)
+def _number(kind, lo=None, lo_open=False, hi=None, what=""):
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{s!r}: must be a finite number")
+        if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"{s}: must be {what}")
+        return v
+    return parse
+
+
+_rank = _number(int, 0, what=">= 0 (0 = no low-rank branch)")
+_max_rank = _number(int, 1, what=">= 1")
+_energy = _number(float, 0.0, True, 1.0, what="in (0, 1], e.g. 0.5")
+_damp = _number(float, 0.0, True, what="> 0 (a fraction of R's mean diagonal added to R, e.g. 0.01)")
+_blocks = _number(int, 1, what=">= 1")
+
+
+def _width(s: str) -> int:
+    v = _number(int, 1, what="a positive multiple of 32")(s)
+    if v % FP4_BLOCK:
+        raise argparse.ArgumentTypeError(f"{s}: must be a multiple of {FP4_BLOCK} (FP4 residuals quantize "
+                                         f"blocks of 16/32 inputs)")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line too, pointing at -h (argparse prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (`{self.prog} -h` lists the options)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..kernels.formats import FORMATS
+
+    formats = list(FORMATS)
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on failure, print the Python traceback as well as the one-line message")
+    ap = _Parser(prog="liteffn", parents=[debug],
+                 description="LiteFFN offline: compress an LTX-2 checkpoint's FFNs, add statistics files, or "
+                             "run the built-in demo. A failure is one line and exit code 2, Ctrl-C exit code 130.",
+                 epilog="`liteffn COMMAND -h` describes a command's options.")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands", parser_class=_Parser)
+
+    d = sub.add_parser("demo", parents=[debug], help="calibrate and compress a small synthetic LTX-2-shaped stack "
+                       "(no GPU, no files): prints error and bytes per format and rank",
+                       description="Calibrate a small synthetic LTX-2-shaped stack with forward hooks, compress "
+                       "it at each rank and residual format with and without the statistics, and print the FFN "
+                       "output error on held-out activations and the bytes. Takes minutes on a CPU; each step "
+                       "is printed as it finishes.")
+    d.add_argument("--blocks", type=_blocks, default=2, help="transformer blocks of the stack (default 2)")
+    d.add_argument("--video-dim", type=_width, default=256,
+                   help="video FFN width (hidden 4x; a multiple of 32; default 256)")
+    d.add_argument("--audio-dim", type=_width, default=128,
+                   help="audio FFN width (hidden 4x; a multiple of 32; default 128)")
+    d.add_argument("--ranks", type=_rank, nargs="+", default=[0, 16, 64], metavar="RANK",
+                   help="ranks of the low-rank branch to try, each <= --audio-dim (default 0 16 64)")
+    d.add_argument("--formats", nargs="+", default=["fp8", "nvfp4", "mxfp4"], choices=formats, metavar="FORMAT",
+                   help=f"residual formats to try, of {', '.join(formats)} (default fp8 nvfp4 mxfp4)")
+
+    c = sub.add_parser("compress", parents=[debug], help="compress an LTX-2 checkpoint's FFNs into a LiteFFN file",
+                       description="Compress the FFN linears of an LTX-2 checkpoint, one layer at a time, into "
+                       "one LiteFFN .safetensors (loaded in ComfyUI by the Low-Rank FFN Loader node).")
+    c.add_argument("checkpoint", help="LTX-2 .safetensors (ComfyUI key layout; bf16/fp16/fp32/FP8)")
+    c.add_argument("-o", "--out", required=True, help="output .safetensors (written to a temp file, then renamed)")
+    c.add_argument("--stats", help="statistics file written by ComfyUI's LiteFFN Calibrate node (in "
+                                   "models/liteffn/); without it: plain SVD and round-to-nearest, which is worse")
+    c.add_argument("--rank", type=_rank, help=f"fixed rank per layer (default {DEFAULT_RANK}; 0 = no low-rank "
+                                              "branch); not with --energy")
+    c.add_argument("--energy", type=_energy, help="instead of a fixed rank: per layer, the smallest rank keeping "
+                                                  "this fraction of the spectral energy, in (0, 1], at most --max-rank")
+    c.add_argument("--max-rank", type=_max_rank, help=f"cap of the rank --energy chooses (default {DEFAULT_MAX_RANK}); "
+                                                      "only with --energy")
+    c.add_argument("--format", default="fp8", choices=formats,
+                   help="residual format: fp8 (E4M3, per-row scales), nvfp4 / mxfp4 (4-bit blocks), bf16 "
+                        "(unquantized) (default fp8)")
+    c.add_argument("--layers", default="all", choices=["all", "video", "audio"],
+                   help="which FFNs: all, video (`ff`) or audio (`audio_ff`) (default all)")
+    where = c.add_mutually_exclusive_group()
+    where.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
+    where.add_argument("--devices", help="spread the layers over these devices, one process each, e.g. "
+                                         "cuda:0,cuda:1 (the same file as one device writes)")
+    c.add_argument("--damp", type=_damp, default=0.01,
+                   help="damping of the statistics' covariance R, as a fraction of its mean diagonal "
+                        "(default 0.01; larger: more stable, less calibrated)")
+    c.add_argument("--no-gptq", action="store_true", help="round the residual to nearest even with statistics")
+
+    m = sub.add_parser("merge-stats", parents=[debug], help="add statistics files of the same model into one",
+                       description="Add statistics files of the same model (e.g. Calibrate runs on other "
+                       "prompts, sessions or GPUs) into one file for compress --stats.")
+    m.add_argument("inputs", nargs="+", metavar="STATS", help="statistics files (.safetensors from LiteFFN Calibrate)")
+    m.add_argument("-o", "--out", required=True, help="output statistics file")
+    ap.commands = {"demo": d, "compress": c, "merge-stats": m}  # _check reports through the command's parser
+    return ap
+
+
+def _check(ap, a) -> None:
+    """Conflicts and bounds argparse cannot see alone; the command's parser exits 2 with the message."""
+    err = ap.commands[a.cmd].error if a.cmd in ap.commands else ap.error
+    if a.cmd == "compress":
+        if a.energy is not None and a.rank is not None:
+            err("give --rank (a fixed rank) or --energy (a rank per layer, capped by --max-rank), "
+                     "not both")
+        if a.energy is None and a.max_rank is not None:
+            err("--max-rank caps the rank --energy chooses; with a fixed rank use --rank alone")
+    elif a.cmd == "demo":
+        cap = min(a.video_dim, a.audio_dim)
+        if max(a.ranks) > cap:
+            err(f"rank {max(a.ranks)} is larger than the smallest layer allows (--audio-dim {cap}); "
+                     f"use ranks <= {cap}")
 
 
 def _policy(a):
     from .lowrank import RankPolicy
 
     if a.energy is not None:
-        return RankPolicy(rank=None, energy=a.energy, max_rank=a.max_rank)
-    return RankPolicy(rank=a.rank)
+        return RankPolicy(rank=None, energy=a.energy, max_rank=a.max_rank or DEFAULT_MAX_RANK)
+    return RankPolicy(rank=DEFAULT_RANK if a.rank is None else a.rank)
+
+
+# ------------------------------------------------------------------ checks before the work, messages after it
+def _before(a) -> None:
+    """What can be known wrong before minutes of work: inputs, the output's folder, the device. Also says
+    what a run without statistics does."""
+    if a.cmd == "compress":
+        _check_input(a.checkpoint, "checkpoint")
+        if a.stats:
+            _check_input(a.stats, "--stats")
+        _check_output_dir(a.out)
+        if a.device:
+            _check_device(a.device)
+        if not a.stats and os.environ.get("RANK", "0") == "0":
+            print("liteffn: no --stats: every layer gets plain SVD and a round-to-nearest residual (statistics "
+                  "come from ComfyUI's LiteFFN Calibrate node; with them the error is lower)", file=sys.stderr)
+    elif a.cmd == "merge-stats":
+        for p in a.inputs:
+            _check_input(p, "statistics file")
+        _check_output_dir(a.out)
+
+
+def _check_input(path: str, what: str) -> None:
+    """The file exists, is a file, and its safetensors header reads (a truncated file fails here)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a folder, not a .safetensors file")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except OSError:
+        raise
+    except Exception as e:  # SafetensorError: not safetensors, truncated, corrupt header
+        raise ValueError(f"{what} {path} is not a readable .safetensors file (truncated or corrupt?): "
+                         f"{' '.join(str(e).split())}") from e
+
+
+def _check_output_dir(out: str) -> None:
+    """The output's folder exists and takes a new file (a probe, so read-only mounts and root on /sys count)."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {out}: the folder {folder} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".liteffn-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write {out}: {e.strerror or e} (the folder {folder} takes no new file); "
+                         "write elsewhere with -o") from e
+
+
+def _check_device(spec: str) -> None:
+    import torch
+
+    try:
+        d = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r} is not a device: use cuda, cuda:N or cpu") from None
+    if d.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"
+        raise ValueError(f"--device {spec}: no CUDA here ({why}); use --device cpu (slower) or a machine with a GPU")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+_OS_HINTS = {28: "free some space or write elsewhere with -o", 30: "write elsewhere with -o",
+             13: "check the permissions, or write elsewhere with -o"}
+
+
+def _message(e: BaseException, a, debug: bool) -> str:
+    """One line for any failure: the message of a user error (bad value, bad file, no space), the type
+    and a pointer to --debug for anything unexpected."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        SafetensorError = ()
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        if not e.filename and a.cmd == "compress":
+            text += f" (compressing {a.checkpoint} into {a.out})"
+        elif not e.filename and a.cmd == "merge-stats":
+            text += f" (writing {a.out})"
+        if e.errno in _OS_HINTS:
+            text += f"; {_OS_HINTS[e.errno]}"
+    elif isinstance(e, (ValueError, OSError)):
+        text = str(e) or type(e).__name__
+    elif isinstance(e, SafetensorError):
+        text = f"a .safetensors file could not be read: {e}"
+    elif isinstance(e, MemoryError):
+        text = "out of memory" + (f" ({e})" if str(e) else "")
+    elif type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
+        text = f"out of GPU memory: {str(e).splitlines()[0]}; free the GPU or use --device cpu"
+    else:
+        text = f"{type(e).__name__}: {e}" + ("" if debug else " (unexpected; run with --debug for the traceback)")
+    return " ".join(text.split())
 
 
 def main(argv=None) -> int:
-    from ..kernels.formats import FORMATS
-
-    ap = argparse.ArgumentParser(prog="liteffn", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="calibrate + compress a small synthetic LTX-2-shaped stack, print errors and bytes")
-    d.add_argument("--blocks", type=int, default=2)
-    d.add_argument("--video-dim", type=int, default=256)
-    d.add_argument("--audio-dim", type=int, default=128)
-    d.add_argument("--ranks", type=int, nargs="+", default=[0, 16, 64])
-    d.add_argument("--formats", nargs="+", default=["fp8", "nvfp4", "mxfp4"])
-
-    c = sub.add_parser("compress", help="compress an LTX-2 checkpoint's FFNs into a LiteFFN file")
-    c.add_argument("checkpoint", help="LTX-2 .safetensors (ComfyUI key layout; bf16/fp16/fp32/FP8)")
-    c.add_argument("-o", "--out", required=True, help="output .safetensors")
-    c.add_argument("--stats", help="statistics file from LiteFFN Calibrate (without: plain SVD)")
-    c.add_argument("--rank", type=int, default=64, help="fixed rank per layer (default 64; 0 = no low-rank branch)")
-    c.add_argument("--energy", type=float, help="choose each layer's rank to keep this fraction of spectral energy")
-    c.add_argument("--max-rank", type=int, default=512, help="cap for --energy")
-    c.add_argument("--format", default="fp8", choices=list(FORMATS))
-    c.add_argument("--layers", default="all", choices=["all", "video", "audio"])
-    c.add_argument("--device", help="cuda / cpu (default: cuda if available)")
-    c.add_argument("--devices", help="spread the layers over these devices, one process each, e.g. cuda:0,cuda:1 "
-                                     "(the same file as one device writes)")
-    c.add_argument("--damp", type=float, default=0.01)
-    c.add_argument("--no-gptq", action="store_true", help="round the residual to nearest even with statistics")
-
-    m = sub.add_parser("merge-stats", help="add statistics files of the same model")
-    m.add_argument("inputs", nargs="+")
-    m.add_argument("-o", "--out", required=True)
-
-    a = ap.parse_args(argv)
+    """-> exit code: 0 done, 2 an error (one line on stderr; --debug: the traceback), 130 Ctrl-C."""
+    ap = build_parser()
+    try:
+        a = ap.parse_args(argv)
+        _check(ap, a)
+    except SystemExit as e:  # -h (0), or a usage error argparse has printed (2)
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    if a.cmd is None:
+        ap.print_help(sys.stderr)
+        print(f"\nliteffn: error: give a command: {COMMANDS}", file=sys.stderr)
+        return EXIT_ERROR
+    debug = getattr(a, "debug", False)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        _before(a)
         if a.cmd == "demo":
             from .demo import run
 
@@ -83,16 +293,27 @@ def main(argv=None) -> int:
                 total.merge_(ActivationStats.load(p))
             total.save(a.out, inputs=a.inputs, option="-o")
             print(f"wrote {a.out}: {len(total.names())} layers")
-    except (ValueError, FileNotFoundError, MemoryError, KeyError) as e:
-        print(f"liteffn: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("\nliteffn: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001: every failure is one line; --debug shows where
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"liteffn: error: {_message(e, a, debug)}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 
 def _summary(out: str, infos: dict, timings: dict) -> None:
     errs = [i["rel_err"] for i in infos.values()]
-    print(f"wrote {out}: {len(infos)} layers, mean relative error {100 * sum(errs) / len(errs):.2f}%, "
-          f"{sum(i['bytes'] for i in infos.values()) / 2**30:.2f} GiB")
+    calibrated = sum(bool(i.get("calibrated")) for i in infos.values())
+    kind = ("R-weighted: expected on the calibration inputs" if calibrated == len(infos) else
+            "Frobenius, of the weights: no statistics" if not calibrated else
+            f"{calibrated} layers R-weighted, {len(infos) - calibrated} without statistics Frobenius")
+    print(f"wrote {out}: {len(infos)} layers, mean relative error {100 * sum(errs) / max(len(errs), 1):.2f}% "
+          f"({kind}), {sum(i['bytes'] for i in infos.values()) / 2**30:.2f} GiB")
     ranks = timings.get("ranks", [])
     if len(ranks) > 1:
         print("layers per process: " + ", ".join(f"{r['device']} {r['layers']} ({r['busy_s']:.1f} s)" for r in ranks))

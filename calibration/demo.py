@@ -55,32 +55,49 @@ def run(blocks: int = 2, video_dim: int = 256, audio_dim: int = 128, ranks=(0, 1
 
     logging.getLogger("liteffn").setLevel(logging.ERROR)  # the uncalibrated runs are deliberate
     torch.manual_seed(seed)
+    say = _progress()
+    say(f"building a synthetic LTX-2-shaped stack: {blocks} block(s), video ff {video_dim}<->{4 * video_dim}, "
+        f"audio_ff {audio_dim}<->{4 * audio_dim}")
     model = SyntheticLTX2(blocks, video_dim, audio_dim, seed)
+    say(f"calibrating: {batches} batches of {tokens} video / {tokens // 4} audio tokens through forward hooks")
     t0 = time.time()
     stats = calibrate(model, batches, tokens, seed)
-    print(f"calibrated {len(stats.names())} FFN linears on {batches} batches in {time.time() - t0:.1f} s")
+    print(f"calibrated {len(stats.names())} FFN linears on {batches} batches in {time.time() - t0:.1f} s", flush=True)
     held = ffn_inputs(model, tokens, seed + 1000)
     ffns = {n: model.get_submodule(n) for n in held}
     dense_bytes = sum(2 * p.numel() for n in ffns for p in ffns[n].parameters() if p.dim() == 2)
     rows = []
-    for fmt in formats:
-        for r in ranks:
-            row = {"format": fmt, "rank": r}
-            for calibrated in (False, True):
-                errs, nbytes = [], 0
-                for n, ffn in ffns.items():
-                    c = compress_ffn(ffn, n, stats if calibrated else None, RankPolicy(rank=r), fmt)
-                    with torch.no_grad():
-                        y, yc = ffn(held[n]), c(held[n])
-                    errs.append(float((yc - y).norm() / y.norm()))
-                    nbytes += sum(v.numel() * v.element_size() for lin in (c.up, c.down)
-                                  for k, v in lin.tensors().items() if k != "bias")
-                row["err_cal" if calibrated else "err_plain"] = sum(errs) / len(errs)
-                row["bytes"] = nbytes
-            row["bytes_ratio"] = row["bytes"] / dense_bytes
-            rows.append(row)
+    settings = [(fmt, r) for fmt in formats for r in ranks]
+    say(f"compressing {len(ffns)} FFNs at {len(settings)} settings (format x rank), each without and with the "
+        f"statistics, and measuring on held-out activations")
+    for i, (fmt, r) in enumerate(settings, 1):
+        t1 = time.time()
+        row = {"format": fmt, "rank": r}
+        for calibrated in (False, True):
+            errs, nbytes = [], 0
+            for n, ffn in ffns.items():
+                c = compress_ffn(ffn, n, stats if calibrated else None, RankPolicy(rank=r), fmt)
+                with torch.no_grad():
+                    y, yc = ffn(held[n]), c(held[n])
+                errs.append(float((yc - y).norm() / y.norm()))
+                nbytes += sum(v.numel() * v.element_size() for lin in (c.up, c.down)
+                              for k, v in lin.tensors().items() if k != "bias")
+            row["err_cal" if calibrated else "err_plain"] = sum(errs) / len(errs)
+            row["bytes"] = nbytes
+        row["bytes_ratio"] = row["bytes"] / dense_bytes
+        rows.append(row)
+        say(f"[{i}/{len(settings)}] {fmt} rank {r}: plain {100 * row['err_plain']:.2f}%, calibrated "
+            f"{100 * row['err_cal']:.2f}% ({time.time() - t1:.1f} s)")
     print_table(rows, dense_bytes)
     return rows
+
+
+def _progress():
+    t0 = time.time()
+
+    def say(msg: str) -> None:
+        print(f"[{time.time() - t0:5.1f} s] {msg}", flush=True)
+    return say
 
 
 def print_table(rows, dense_bytes: int) -> None:
