@@ -8,72 +8,21 @@ temp beside it, renamed into place whole; see st_writer).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 
 import torch
 
-from ..kernels.modules import TENSOR_NAMES
 from .compress import CompressedLayer
+from .fingerprint import (FINGERPRINT_VERSION, MismatchError, check_fingerprint,  # noqa: F401 (the API)
+                          compare_fingerprints, digest_version, fingerprint, fingerprint_hash, weight_digest)
 from .safe_io import check_output
 from .st_writer import StreamingSafetensorsWriter
 from .stats import open_checked
-from .stats import read_meta as _read_meta
+from .validate import DAMAGED, FileError, check_header, check_values
 
 FILE_FORMAT = "liteffn.compressed"
 FILE_VERSION = 1
-_SAMPLE = 4096
-
-
-def weight_digest(w: torch.Tensor) -> str:
-    """Digest of a strided sample of the weight, taken in bf16 so the same weights held as
-    fp32, fp16 or bf16 agree. (FP8 checkpoints hash their raw FP8 values.)"""
-    flat = w.detach().reshape(-1)
-    step = max(1, flat.numel() // _SAMPLE)
-    sample = flat[::step][:_SAMPLE].to(torch.float32).to(torch.bfloat16).view(torch.int16).cpu()
-    return hashlib.blake2b(sample.numpy().tobytes(), digest_size=8).hexdigest()
-
-
-def fingerprint(weights) -> dict:
-    """weights: iterable of (linear name, weight tensor). {name: [out, in, digest]}."""
-    return {n: [int(w.shape[0]), int(w.shape[1]), weight_digest(w)] for n, w in weights}
-
-
-def fingerprint_hash(fp: dict) -> str:
-    return hashlib.blake2b(json.dumps(fp, sort_keys=True).encode(), digest_size=8).hexdigest()
-
-
-class MismatchError(ValueError):
-    pass
-
-
-def compare_fingerprints(saved: dict, model: dict, path: str = "file", common_only: bool = False) -> None:
-    """Raise MismatchError naming what differs between the file's source model and this one.
-    common_only: compare only the layers both hold (statistics may cover other layers)."""
-    if common_only:
-        saved = {n: v for n, v in saved.items() if n in model}
-    problems = []
-    missing = sorted(set(saved) - set(model))
-    if missing:
-        problems.append(f"{len(missing)} layers of the file are not in the model (e.g. {missing[0]})")
-    shape = [n for n in saved if n in model and saved[n][:2] != model[n][:2]]
-    if shape:
-        n = shape[0]
-        problems.append(
-            f"{len(shape)} layers differ in shape (e.g. {n}: file {saved[n][0]}x{saved[n][1]}, "
-            f"model {model[n][0]}x{model[n][1]})"
-        )
-    weights = [n for n in saved if n in model and n not in shape and saved[n][2] != model[n][2]]
-    if weights:
-        problems.append(
-            f"{len(weights)} layers hold different weights (e.g. {weights[0]}): the file was made "
-            "from another checkpoint (or another precision of it)"
-        )
-    if problems:
-        raise MismatchError(
-            f"{path} does not match this model: " + "; ".join(problems)
-            + ". Compress this model again, or load the checkpoint the file was made from."
-        )
+REMAKE = "re-run Compress Model (or `liteffn compress`) to make it again"
 
 
 class Writer:
@@ -194,31 +143,60 @@ def save(path: str, layers: dict[str, CompressedLayer], weights: dict[str, torch
 
 
 def read_meta(path: str) -> dict:
-    return _read_meta(path, FILE_FORMAT, FILE_VERSION)
+    """The checked metadata (layers and fingerprint well formed), without reading tensors."""
+    meta, f = open_checked(path, FILE_FORMAT, FILE_VERSION)
+    with f:
+        _check_meta(meta, path)
+        return meta
+
+
+def _check_meta(meta: dict, path: str) -> None:
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise FileError(f"{path} describes no compressed layers (metadata 'layers' is "
+                        f"{'empty' if layers == {} else 'missing or not a table'}); {DAMAGED}")
+    fp = check_fingerprint(meta.get("fingerprint"), path, REMAKE)
+    for name, info in layers.items():
+        if not isinstance(info, dict):
+            raise FileError(f"{path}: metadata of layer {name} is not a table; {DAMAGED}")
+        if name not in fp:
+            raise FileError(f"{path}: layer {name} has no fingerprint entry, so it cannot be checked against the "
+                            f"model; {REMAKE}")
+        if fp[name][:2] != [info.get("out_features"), info.get("in_features")]:
+            raise FileError(f"{path}: layer {name} is {info.get('out_features')}x{info.get('in_features')} but its "
+                            f"fingerprint says {fp[name][0]}x{fp[name][1]}; {DAMAGED}")
 
 
 def load(path: str, model_fp: dict | None = None, family: str | None = None, device="cpu"):
-    """-> ({name: CompressedLayer}, metadata). With model_fp, checks the file against it."""
+    """-> ({name: CompressedLayer}, metadata). With model_fp (its digests taken like the file's:
+    fingerprint(weights, like=read_meta(path)["fingerprint"])), checks the file against it.
+
+    Before any tensor is read: the metadata (layers, fingerprint present and covering every layer,
+    family, model), then every layer's tensors as the header gives them (the set the format and
+    rank call for, nothing else, their shapes and dtypes); while reading: every value finite.
+    Errors (FileError, MismatchError) name the file, the layer, the tensor and the fix."""
     meta, f = open_checked(path, FILE_FORMAT, FILE_VERSION)
-    if family is not None and meta.get("model_family") != family:
-        raise MismatchError(
-            f"{path} was made for a {meta.get('model_family')!r} model, not {family!r}"
-        )
-    if model_fp is not None:
-        compare_fingerprints(meta["fingerprint"], model_fp, path)
-    layers = {}
     with f:
-        keys = set(f.keys())
+        _check_meta(meta, path)
+        if family is not None and meta.get("model_family") != family:
+            raise MismatchError(
+                f"{path} was made for a {meta.get('model_family')!r} model, not {family!r}: this file was made "
+                "for another model"
+            )
+        if model_fp is not None:
+            compare_fingerprints(meta["fingerprint"], model_fp, path)
+        by_layer: dict[str, dict] = {name: {} for name in meta["layers"]}
+        for key in f.keys():
+            name, _, tensor = key.rpartition(".")
+            if name not in by_layer:
+                raise FileError(f"{path} holds a tensor {key} that belongs to no layer of its metadata; {DAMAGED}")
+            sl = f.get_slice(key)
+            by_layer[name][tensor] = (sl.get_dtype(), tuple(sl.get_shape()))
         for name, info in meta["layers"].items():
-            t = {}
-            for k in TENSOR_NAMES:
-                if f"{name}.{k}" in keys:
-                    t[k] = f.get_tensor(f"{name}.{k}").to(device)
-            if "q" not in t:
-                raise ValueError(f"{path} is missing the residual of layer {name}: the file is damaged")
-            n, kk = info["out_features"], info["in_features"]
-            if info["rank"] and (t.get("A") is None or tuple(t["A"].shape) != (n, info["rank"])
-                                 or tuple(t["B"].shape) != (info["rank"], kk)):
-                raise ValueError(f"{path}: low-rank factors of {name} do not have rank {info['rank']}")
-            layers[name] = CompressedLayer(t, info)
+            check_header(path, name, info, by_layer[name])
+        layers = {}
+        for name, info in meta["layers"].items():
+            t = {k: f.get_tensor(f"{name}.{k}") for k in by_layer[name]}
+            check_values(path, name, info, t)
+            layers[name] = CompressedLayer({k: v.to(device) for k, v in t.items()}, info)
     return layers, meta

@@ -135,7 +135,7 @@ def _stats_source(stats, stats_file, model, names):
                          "with these layers and blocks?")
     if missing:
         notes.append(f"{len(missing)} linears have no statistics (e.g. {missing[0]}): plain SVD for those")
-    if fp and _differs(fp, M.model_fingerprint(model, [n for n in names if n in fp])):
+    if fp and _differs(fp, M.model_fingerprint(model, {n: fp[n] for n in names if n in fp})):
         notes.append("the statistics were collected on a model with other FFN weights (another checkpoint or "
                      "precision); used anyway")
     for n in notes:

@@ -85,14 +85,16 @@ def _original(model, key_rel: str, live):
 
 
 def model_fingerprint(model, linears) -> dict:
-    """{linear: [out, in, digest]} as in the compressed file; linears missing from the model are left out."""
+    """{linear: [out, in, digest]} as in the compressed file; linears missing from the model are left out.
+    linears: names, or a file's fingerprint (then each digest is taken in the version the file holds)."""
+    like = linears if isinstance(linears, dict) else None
     out = {}
     for name in linears:
         try:
             w, _, _ = source(model, name)
         except (AttributeError, ValueError):
             continue
-        out.update(fingerprint([(name, w)]))
+        out.update(fingerprint([(name, w)], like=like))
     return out
 
 
