@@ -284,15 +284,12 @@ def main(argv=None) -> int:
                                         a.damp, not a.no_gptq, devices=a.devices, timings=timings)
             _summary(a.out, infos, timings)
         else:
-            from .stats import ActivationStats, check_stats_output
+            from .stats import ActivationStats, check_stats_output, merge_files
 
             check_stats_output(a.out, {n: i["width"] for p in a.inputs for n, i in  # before any work
                                        ActivationStats.load_meta(p)["layers"].items()}, a.inputs, "-o")
-            total = ActivationStats.load(a.inputs[0])
-            for p in a.inputs[1:]:
-                total.merge_(ActivationStats.load(p))
-            total.save(a.out, inputs=a.inputs, option="-o")
-            print(f"wrote {a.out}: {len(total.names())} layers")
+            total = merge_files(a.inputs, a.out, option="-o")  # layer by layer; other models' files refused
+            print(f"wrote {a.out}: {len(total['layers'])} layers")
     except KeyboardInterrupt:
         print("\nliteffn: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

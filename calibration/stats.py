@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
 
+from .fingerprint import MismatchError, check_fingerprint, compare_files
+from .validate import FileError, all_finite
+
 STATS_FORMAT = "liteffn.stats"
 STATS_VERSION = 1
+RECALIBRATE = "calibrate again (LiteFFN Calibrate) to make a new statistics file"
 
 
 @dataclass
@@ -112,8 +117,16 @@ class ActivationStats:
     def nbytes(self) -> int:
         return sum(s.xtx.numel() * 4 + s.absmax.numel() * 4 for s in self.layers.values())
 
-    def merge_(self, other: "ActivationStats") -> "ActivationStats":
-        """Add other's statistics in place; layers only in other are copied over."""
+    def merge_(self, other: "ActivationStats", names: tuple[str, str] = ("these statistics", "the others")
+               ) -> "ActivationStats":
+        """Add other's statistics in place; layers only in other are copied over. Statistics of
+        another model (family, per-layer fingerprints, widths) are refused (MismatchError) before
+        anything is added. names: how messages call self and other."""
+        check_same_model(self.meta, other.meta, *names)
+        for name, s in other.layers.items():
+            if name in self.layers and self.layers[name].width != s.width:
+                raise MismatchError(f"{names[0]} and {names[1]} hold layer {name} at widths {self.layers[name].width} "
+                                    f"and {s.width}: statistics of different models cannot be added")
         for name, s in other.layers.items():
             if name in self.layers:
                 self.layers[name].merge_(s)
@@ -144,19 +157,203 @@ class ActivationStats:
         """names: load only these layers (a 19B model's statistics are tens of GB)."""
         meta, f = open_checked(path, STATS_FORMAT, STATS_VERSION)
         with f:
+            infos = check_stats_meta(meta, path)
             layers = {}
-            for name, info in meta.pop("layers").items():
+            for name, info in infos.items():
                 if names is not None and name not in names:
                     continue
-                try:
-                    xtx, amax = f.get_tensor(f"{name}.xtx"), f.get_tensor(f"{name}.absmax")
-                except Exception as e:  # safetensors raises its own error types
-                    raise ValueError(f"statistics file {path} is missing tensors of layer {name}: {e}") from e
-                s = LayerStats(xtx.to(device), amax.to(device), int(info["rows"]))
-                s.check_finite(name)
-                layers[name] = s
-        meta.pop("format"), meta.pop("version")
+                layers[name] = read_layer(f, path, name, info, device)
+        meta.pop("layers"), meta.pop("format"), meta.pop("version")
         return cls(layers, meta)
+
+
+def check_stats_meta(meta: dict, path: str) -> dict:
+    """{layer: {"rows", "width"}} of a statistics file's metadata, checked (FileError otherwise);
+    its fingerprint, if any, well formed."""
+    layers = meta.get("layers")
+    if not isinstance(layers, dict):
+        raise FileError(f"statistics file {path}: metadata 'layers' is missing or not a table; {RECALIBRATE}")
+    for name, info in layers.items():
+        ok = isinstance(info, dict) and all(isinstance(info.get(k), int) and not isinstance(info.get(k), bool)
+                                            for k in ("rows", "width"))
+        if not ok or info["rows"] < 0 or info["width"] < 1:
+            raise FileError(f"statistics file {path}: metadata of layer {name} is {info!r}, not rows >= 0 and "
+                            f"width >= 1; {RECALIBRATE}")
+    fp = check_fingerprint(meta.get("fingerprint"), f"statistics file {path}", RECALIBRATE, required=False)
+    for name, info in layers.items():
+        if name in fp and fp[name][1] != info["width"]:
+            raise FileError(f"statistics file {path}: layer {name} is {info['width']} wide but its fingerprint "
+                            f"says {fp[name][1]}; {RECALIBRATE}")
+    return layers
+
+
+def check_layer_header(f, path: str, name: str, info: dict) -> None:
+    """The layer's tensors in an open statistics file: present, F32, [w, w] and [w]."""
+    w = info["width"]
+    for k, shape in (("xtx", (w, w)), ("absmax", (w,))):
+        try:
+            sl = f.get_slice(f"{name}.{k}")
+        except Exception:  # safetensors raises its own error types
+            raise FileError(f"statistics file {path} has no tensor {name}.{k} (layer {name}); {RECALIBRATE}") from None
+        if tuple(sl.get_shape()) != shape or sl.get_dtype() != "F32":
+            raise FileError(f"statistics file {path}: layer {name}, tensor {k} is {sl.get_dtype()} "
+                            f"{list(sl.get_shape())}, expected F32 {list(shape)} ({w} wide); {RECALIBRATE}")
+
+
+def read_layer(f, path: str, name: str, info: dict, device="cpu") -> LayerStats:
+    """One layer of an open statistics file, its shapes, dtype and values checked."""
+    check_layer_header(f, path, name, info)
+    s = LayerStats(f.get_tensor(f"{name}.xtx").to(device), f.get_tensor(f"{name}.absmax").to(device),
+                   int(info["rows"]))
+    _check_layer_finite(s, path, name)
+    return s
+
+
+def _check_layer_finite(s: LayerStats, path: str, name: str) -> None:
+    if not (all_finite(s.xtx) and all_finite(s.absmax)):
+        raise FileError(f"statistics file {path}: layer {name} contains NaN or Inf; the model produced non-finite "
+                        f"activations during calibration, or the file is damaged: {RECALIBRATE}")
+
+
+def check_same_model(a: dict, b: dict, name_a: str, name_b: str, what: str = "added") -> None:
+    """Metadata of two sets of statistics: MismatchError if they come from different models."""
+    compare_files(a, b, name_a, name_b, what)
+
+
+# ------------------------------------------------------------------ streaming merge
+def merge_files(inputs: list[str], out: str, option: str = "output") -> dict:
+    """Sum statistics files into out, one layer at a time: memory holds about one layer (its sum
+    and a 4 MiB read buffer), never the files. Files of different models (family, per-layer
+    fingerprints, widths) and damaged files (every layer's header) are refused before anything is
+    written; out is written through safe_io (write_stats: never one of the inputs, appears whole or
+    not at all). -> out's metadata (with "layers"). option: how the user names out, for messages."""
+    return _stream_merge(list(inputs), out, None, inputs=inputs, option=option)
+
+
+def append_to_file(stats: "ActivationStats", path: str, option: str = "filename") -> "ActivationStats":
+    """Add stats to the statistics file at path (or write it if there is none), streaming the
+    file layer by layer (Calibrate's append). stats' own layers become the totals, in place; the
+    file's other layers are copied through without being held. Returns stats (meta: runs and
+    fingerprint of the total). An error leaves the file as it was (stats may hold part of the sum)."""
+    if not os.path.exists(path):
+        stats.save(path, option=option)
+        return stats
+    _stream_merge([path], path, stats, inputs=(), option=option)  # path is read while its successor is written
+    return stats
+
+
+def _stream_merge(paths: list[str], out: str, into: "ActivationStats | None", inputs=(), option="output") -> dict:
+    metas = []  # (name for messages, meta, {layer: info}) of every input, then of `into`
+    spans = []  # {tensor: (start, end)} byte ranges of every input
+    for p in paths:  # headers only: every layer's tensors checked before anything is read or written
+        meta, f = open_checked(p, STATS_FORMAT, STATS_VERSION)
+        with f:
+            infos = check_stats_meta(meta, p)
+            for name, info in infos.items():
+                check_layer_header(f, p, name, info)
+        metas.append((p, meta, infos))
+        spans.append(_data_spans(p))
+    if into is not None:
+        for n, s in into.layers.items():
+            s.check_finite(n)
+        metas.append(("the statistics being added", into.meta,
+                      {n: {"rows": int(s.rows), "width": s.width} for n, s in into.layers.items()}))
+    for i, (pa, ma, ia) in enumerate(metas):  # every pair
+        for pb, mb, ib in metas[i + 1:]:
+            check_same_model(ma, mb, pa, pb, "merged")
+            for n in ia:
+                if n in ib and ia[n]["width"] != ib[n]["width"]:
+                    raise MismatchError(f"{pa} and {pb} hold layer {n} at widths {ia[n]['width']} and "
+                                        f"{ib[n]['width']}: statistics of different models cannot be merged")
+    meta = {k: v for k, v in metas[0][1].items() if k not in ("format", "version", "layers")}
+    meta["runs"] = sum(int(m.get("runs", 1)) for _, m, _ in metas)
+    fp = {}
+    for _, m, _ in metas:
+        fp = {**(m.get("fingerprint") or {}), **fp}
+    if fp:
+        meta["fingerprint"] = fp
+    order = list(dict.fromkeys(n for _, _, infos in metas for n in infos))
+    width = {n: infos[n]["width"] for _, _, infos in reversed(metas) for n in infos}
+
+    def total(name: str, files) -> LayerStats:
+        """The layer summed over the inputs (and `into`, in place)."""
+        acc = into.layers.get(name) if into is not None else None
+        for (p, _, infos), span, fh in zip(metas, spans, files):
+            if name not in infos:
+                continue
+            w = infos[name]["width"]
+            absmax = torch.empty(w)
+            _read_f32(fh, span[f"{name}.absmax"], absmax, p, name)
+            if acc is None:  # the first input's copy becomes the sum
+                acc = LayerStats(torch.empty(w, w), absmax, int(infos[name]["rows"]))
+                _read_f32(fh, span[f"{name}.xtx"], acc.xtx, p, name)
+            else:
+                _read_f32(fh, span[f"{name}.xtx"], acc.xtx, p, name, add=True)
+                acc.absmax = torch.maximum(acc.absmax, absmax.to(acc.absmax.device))
+                acc.rows += int(infos[name]["rows"])
+        if not (all_finite(acc.xtx) and all_finite(acc.absmax)):
+            raise FileError(f"layer {name}: the sum of its statistics overflows fp32 (Inf); merge fewer files")
+        return acc
+
+    def layers():
+        files = [open(p, "rb", buffering=0) for p in paths]  # plain reads: nothing mapped
+        try:
+            for name in order:
+                yield name, total(name, files)
+        finally:
+            for fh in files:
+                fh.close()
+
+    written = {}
+
+    def counted():
+        for name, s in layers():
+            written[name] = {"rows": int(s.rows), "width": s.width}
+            yield name, s
+
+    write_stats(out, counted(), meta, inputs=inputs, widths=width, option=option)
+    if into is not None:
+        into.meta = meta
+    return {**meta, "layers": written}
+
+
+_CHUNK = 1 << 20  # values per read when adding (4 MiB)
+
+
+def _data_spans(path: str) -> dict:
+    """{tensor: (first byte, end)} in a safetensors file whose header safe_open has accepted."""
+    with open(path, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _read_f32(fh, span: tuple, dst: torch.Tensor, path: str, name: str, add: bool = False) -> None:
+    """Read the fp32 tensor at span of the open file into dst (add: into dst += it), in chunks;
+    NaN / Inf in it are refused (FileError). safetensors is little-endian, as torch's hosts are."""
+    flat = dst.view(-1)
+    if span[1] - span[0] != flat.numel() * 4:
+        raise FileError(f"statistics file {path}: layer {name} has a tensor of {span[1] - span[0]} bytes, expected "
+                        f"{flat.numel() * 4}; the file is damaged: {RECALIBRATE}")
+    buf = torch.empty(min(_CHUNK, flat.numel())) if add else None
+    fh.seek(span[0])
+    for i in range(0, flat.numel(), _CHUNK):
+        part = flat[i:i + _CHUNK]
+        into = buf[:part.numel()] if add else part
+        view = memoryview(into.numpy()).cast("B")
+        got = 0
+        while got < len(view):
+            k = fh.readinto(view[got:])
+            if not k:
+                raise FileError(f"statistics file {path} ends inside layer {name}: the file is truncated: "
+                                f"{RECALIBRATE}")
+            got += k
+        if not bool(torch.isfinite(into).all()):
+            raise FileError(f"statistics file {path}: layer {name} contains NaN or Inf; the model produced "
+                            f"non-finite activations during calibration, or the file is damaged: {RECALIBRATE}")
+        if add:
+            part += into.to(part.device)
 
 
 def stats_file_bytes(widths: dict[str, int]) -> int:
@@ -212,17 +409,31 @@ def open_checked(path: str, fmt: str, version: int):
         f = safe_open(path, framework="pt")
         raw = (f.metadata() or {}).get("liteffn")
     except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+        raise FileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    try:
+        return _checked_meta(raw, path, fmt, version), f
+    except BaseException:
+        f.__exit__(None, None, None)
+        raise
+
+
+def _checked_meta(raw, path: str, fmt: str, version: int) -> dict:
     if raw is None:
-        raise ValueError(f"{path} is a safetensors file but not a LiteFFN {fmt} file (no 'liteffn' metadata)")
-    meta = json.loads(raw)
+        raise FileError(f"{path} is a safetensors file but not a LiteFFN {fmt} file (no 'liteffn' metadata)")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise FileError(f"{path}: its LiteFFN metadata is not valid JSON ({e}): the file is damaged") from None
+    if not isinstance(meta, dict):
+        raise FileError(f"{path}: its LiteFFN metadata is not a table: the file is damaged")
     if meta.get("format") != fmt:
-        raise ValueError(f"{path} holds {meta.get('format')!r}, expected {fmt!r}")
-    if int(meta.get("version", -1)) > version:
-        raise ValueError(
-            f"{path} is format version {meta['version']}, newer than this LiteFFN reads ({version}); update the pack"
-        )
-    return meta, f
+        raise FileError(f"{path} holds {meta.get('format')!r}, expected {fmt!r}")
+    v = meta.get("version")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise FileError(f"{path}: its format version is {v!r}, not a number: the file is damaged")
+    if v > version:
+        raise FileError(f"{path} is format version {v}, newer than this LiteFFN reads ({version}); update the pack")
+    return meta
 
 
 def read_meta(path: str, fmt: str, version: int) -> dict:

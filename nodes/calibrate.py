@@ -14,7 +14,8 @@ import comfy.utils
 
 from ..calibration import ltx2
 from ..calibration.compressed_file import MismatchError, compare_fingerprints
-from ..calibration.stats import ActivationStats, StatsCollector, check_stats_output, plan_passes
+from ..calibration.stats import (ActivationStats, StatsCollector, append_to_file, check_stats_output,
+                                 plan_passes)
 from . import model as M
 from .files import FOLDER, Stats, output_path, selection_inputs
 
@@ -118,13 +119,11 @@ class LiteFFNCalibrate(io.ComfyNode):
                    + (f" (with {stats.meta['runs'] - 1} earlier run(s))" if earlier is not None else ""))
         if path:
             if append and os.path.exists(path):
-                old = ActivationStats.load(path)
-                old.merge_(stats)
-                stats = old
+                append_to_file(stats, path)  # layer by layer; stats' layers become the totals
                 summary += f"; added to {os.path.basename(path)} ({stats.meta['runs']} runs)"
             else:
+                stats.save(path)
                 summary += f"; saved {os.path.basename(path)}"
-            stats.save(path)
         return io.NodeOutput(stats, summary, ui=ui.PreviewText(summary))
 
 
