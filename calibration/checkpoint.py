@@ -17,9 +17,11 @@ from contextlib import nullcontext
 import torch
 
 from . import compressed_file, ltx2
-from .compress import compress_linear
+from .compress import check_damp, compress_linear
+from .fingerprint import MismatchError
 from .lowrank import RankPolicy
-from .stats import ActivationStats
+from .stats import ActivationStats, check_stats_meta
+from .validate import SOURCE_DTYPES, LayerError
 
 log = logging.getLogger("liteffn")
 
@@ -35,8 +37,10 @@ def ffn_linears(keys, which: str = "all") -> tuple[str, list[str]]:
     return p, ltx2.select(names, which)
 
 
-def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True):
-    """(keys, prefix, selected FFN linear names, FP8 quantization metadata, names with statistics)."""
+def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True, policy: RankPolicy | None = None):
+    """(keys, prefix, selected FFN linear names, FP8 quantization metadata, statistics' layer infos,
+    statistics' fingerprint). Everything that can be known before a layer is compressed is checked
+    here (check_inputs), so a bad input fails before any work and leaves no file."""
     keys = list(f.keys())
     p, names = ffn_linears(keys, which)
     if p + ltx2.MARKER not in keys or not names:
@@ -45,25 +49,104 @@ def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True):
             f"named like 'transformer_blocks.0.ff.net.0.proj'); LiteFFN compresses LTX-2 only"
         )
     quant = json.loads((f.metadata() or {}).get("_quantization_metadata", "{}")).get("layers", {})
-    stats_names = set()
+    shapes = check_inputs(f, keys, p, names, quant, ckpt, policy)
+    stats_infos, stats_fp = {}, {}
     if stats_path:
-        stats_names = set(ActivationStats.load_names(stats_path))
-        missing = [n for n in names if n not in stats_names]
+        stats_infos, stats_fp = _check_stats(stats_path, shapes, ckpt, warn)
+        missing = [n for n in names if n not in stats_infos]
         if missing and warn:
             log.warning("LiteFFN: %d layers have no statistics (e.g. %s): plain SVD for those",
                         len(missing), missing[0])
-    return keys, p, names, quant, stats_names
+    return keys, p, names, quant, stats_infos, stats_fp
 
 
-def _compress_one(f, keys, p, name, quant, stats_path, stats_names, policy, fmt, damp, gptq, device):
+def check_inputs(f, keys, p: str, names: list[str], quant: dict, ckpt: str, policy: RankPolicy | None) -> dict:
+    """Header-only checks of the selected FFN linears of an open checkpoint -> {name: (out, in)}:
+    both linears of every FFN, 2-D weights of a dtype LiteFFN reads (FP8 with its scale), the two
+    linears' shapes fitting each other, biases [out], a fixed rank within every layer."""
+    shapes = {}
+    for name in names:
+        key = f"{p}{name}.weight"
+        sl = f.get_slice(key)
+        dt, shape = sl.get_dtype(), tuple(sl.get_shape())
+        qfmt = quant.get(p + name, {}).get("format")
+        if qfmt is not None and not str(qfmt).startswith("float8"):
+            raise LayerError(f"{ckpt}: layer {name} is stored as {qfmt}; LiteFFN reads bf16/fp16/fp32/FP8 sources: "
+                             "use a checkpoint with those weights")
+        if dt not in SOURCE_DTYPES:
+            raise LayerError(f"{ckpt}: layer {name} has {dt} weights; LiteFFN compresses bf16, fp16, fp32 or FP8 "
+                             "(with its weight_scale) weights: use such a checkpoint (int8 and other quantized "
+                             "weights are not read)")
+        if dt.startswith("F8") and _scale_key(keys, p + name) is None:
+            raise LayerError(f"{ckpt}: layer {name} is FP8 without a weight_scale tensor; the checkpoint is "
+                             "incomplete: use the full checkpoint")
+        if len(shape) != 2 or min(shape) < 1:
+            raise LayerError(f"{ckpt}: layer {name} has a weight of shape {list(shape)}, not a 2-D linear weight")
+        if f"{p}{name}.bias" in keys:
+            b = f.get_slice(f"{p}{name}.bias")
+            if tuple(b.get_shape()) != shape[:1] or b.get_dtype() not in SOURCE_DTYPES[:3]:
+                raise LayerError(f"{ckpt}: layer {name} has a {b.get_dtype()} bias of shape {list(b.get_shape())}, "
+                                 f"expected bf16/fp16/fp32 [{shape[0]}]")
+        shapes[name] = shape
+    for name in names:  # LiteFFN replaces whole FFNs: both linears or neither
+        ffn = ltx2.ffn_of(name)
+        up, down = f"{ffn}.{ltx2.UP}", f"{ffn}.{ltx2.DOWN}"
+        other = down if name == up else up
+        if other not in shapes:
+            raise LayerError(f"{ckpt} holds {name} but not {other}: LiteFFN replaces whole FFNs, and a file with "
+                             "one linear of an FFN cannot be loaded; use a complete checkpoint")
+        if name == up and shapes[up][0] != shapes[down][1]:
+            raise LayerError(f"{ckpt}: {up} gives {shapes[up][0]} features but {down} takes {shapes[down][1]}: "
+                             "the two linears of this FFN do not fit each other; the checkpoint is damaged")
+    if policy is not None and policy.rank is not None:
+        for name, (n, k) in shapes.items():
+            if policy.rank > min(n, k):
+                policy.choose(torch.ones(min(n, k)), name, min(n, k))  # raises its clear error
+    return shapes
+
+
+def _check_stats(stats_path: str, shapes: dict, ckpt: str, warn: bool):
+    """The statistics file's layers and fingerprint, checked against the checkpoint's headers:
+    family, widths. The weights' fingerprints are compared as each layer is read (_compress_one)."""
+    meta = ActivationStats.load_meta(stats_path)
+    infos = check_stats_meta(meta, stats_path)
+    fam = meta.get("model_family")
+    if fam is not None and fam != ltx2.FAMILY:
+        raise MismatchError(f"statistics file {stats_path} was made on a {fam!r} model, not LTX-2: these "
+                            f"statistics were made for another model; calibrate {ckpt} or compress without --stats")
+    wrong = [n for n in shapes if n in infos and infos[n]["width"] != shapes[n][1]]
+    if wrong:
+        n = wrong[0]
+        raise MismatchError(f"statistics file {stats_path} does not match {ckpt}: layer {n} takes {shapes[n][1]} "
+                            f"inputs, the statistics are {infos[n]['width']} wide ({len(wrong)} layers differ): these "
+                            "statistics were made for another model; calibrate this checkpoint or compress without "
+                            "--stats")
+    fp = meta.get("fingerprint") or {}
+    if not fp and warn:
+        log.warning("LiteFFN: %s holds no fingerprint of its model: it cannot be checked against %s", stats_path, ckpt)
+    return infos, fp
+
+
+def _check_stats_weight(stats_path: str, stats_fp: dict, ckpt: str, name: str, weight) -> None:
+    """The statistics' fingerprint of layer name against the checkpoint's weight (MismatchError)."""
+    if name not in stats_fp:
+        return
+    mine = compressed_file.fingerprint([(name, weight)], like=stats_fp)
+    compressed_file.compare_fingerprints(
+        {name: stats_fp[name]}, mine, f"statistics file {stats_path}",
+        fix=f"These statistics were made for another model: calibrate {ckpt} itself, or compress without --stats.")
+
+
+def _compress_one(f, keys, p, name, quant, stats_path, stats_infos, stats_fp, policy, fmt, damp, gptq, device,
+                  ckpt=""):
     """(CompressedLayer, source weight as stored) of one linear of the open checkpoint f."""
-    qfmt = quant.get(p + name, {}).get("format")
-    if qfmt is not None and not qfmt.startswith("float8"):
-        raise ValueError(f"{name} is stored as {qfmt}; LiteFFN reads bf16/fp16/fp32/FP8 sources")
     weight = f.get_tensor(f"{p}{name}.weight")
     scale = _scale(f, keys, p + name)
     bias = f.get_tensor(f"{p}{name}.bias") if f"{p}{name}.bias" in keys else None
-    stats = ActivationStats.load(stats_path, names=[name])[name] if name in stats_names else None
+    stats = None
+    if name in stats_infos:
+        _check_stats_weight(stats_path, stats_fp, ckpt, name, weight)
+        stats = ActivationStats.load(stats_path, names=[name])[name]
     return compress_linear(weight, bias, stats, policy, fmt, damp, gptq, device, name, scale), weight
 
 
@@ -84,6 +167,7 @@ def compress_checkpoint(ckpt: str, out: str, stats_path: str | None = None, poli
     from tqdm import tqdm
 
     policy = RankPolicy(rank=policy) if isinstance(policy, int) else policy
+    check_damp(damp)
     if devices is not None:
         from .distributed import launch, parse_devices
 
@@ -101,12 +185,12 @@ def compress_checkpoint(ckpt: str, out: str, stats_path: str | None = None, poli
     t0 = time.perf_counter()
     on_gpu = torch.cuda.device(torch.device(device)) if torch.device(device).type == "cuda" else nullcontext()
     with on_gpu, safe_open(ckpt, framework="pt") as f:  # on_gpu: Triton launches on cuda:N, not the current GPU
-        keys, p, names, quant, stats_names = _open(f, ckpt, which, stats_path)
+        keys, p, names, quant, stats_infos, stats_fp = _open(f, ckpt, which, stats_path, policy=policy)
         infos = {}
         with compressed_file.Writer(out, ltx2.FAMILY, _extra(policy, fmt, ckpt)) as w:
             for name in tqdm(names, desc="LiteFFN compress", unit="layer", disable=not progress):
-                layer, weight = _compress_one(f, keys, p, name, quant, stats_path, stats_names, policy, fmt, damp,
-                                              gptq, device)
+                layer, weight = _compress_one(f, keys, p, name, quant, stats_path, stats_infos, stats_fp, policy, fmt,
+                                              damp, gptq, device, ckpt)
                 w.add(name, layer, weight)
                 infos[name] = layer.info
                 del weight, layer
@@ -189,7 +273,9 @@ def compress_rank(rank: int, world: int, device: str, ckpt: str, out: str, stats
             if not os.path.isfile(ckpt):
                 raise FileNotFoundError(f"no such file: {ckpt}")
             f = safe_open(ckpt, framework="pt")
-            keys, p, names, quant, stats_names = _open(f, ckpt, which, stats_path, warn=rank == 0)
+            check_damp(damp)
+            keys, p, names, quant, stats_infos, stats_fp = _open(f, ckpt, which, stats_path, warn=rank == 0,
+                                                                 policy=policy)
             costs = {n: layer_cost(*f.get_slice(f"{p}{n}.weight").get_shape()) for n in names}
             owner = assign_by_cost(costs, world)
             mine = [n for n in names if owner[n] == rank]
@@ -221,8 +307,8 @@ def compress_rank(rank: int, world: int, device: str, ckpt: str, out: str, stats
         try:
             for name in mine:
                 t = time.perf_counter()
-                layer, weight = _compress_one(f, keys, p, name, quant, stats_path, stats_names, policy, fmt, damp,
-                                              gptq, device)
+                layer, weight = _compress_one(f, keys, p, name, quant, stats_path, stats_infos, stats_fp, policy, fmt,
+                                              damp, gptq, device, ckpt)
                 part = {"tensors": layer.tensors, "info": layer.info,
                         "fp": compressed_file.fingerprint([(name, weight)])[name]}
                 tmp = _part(parts, index[name]) + ".tmp"
@@ -265,8 +351,13 @@ def _message(e: Exception, rank: int, device: str) -> str:
     return f"{e} (rank {rank}, {device})"
 
 
-def _scale(f, keys, base: str):
+def _scale_key(keys, base: str):
     for suffix in (".weight_scale", ".scale_weight"):  # ComfyUI's current and older FP8 names
         if base + suffix in keys:
-            return f.get_tensor(base + suffix)
+            return base + suffix
     return None
+
+
+def _scale(f, keys, base: str):
+    key = _scale_key(keys, base)
+    return f.get_tensor(key) if key is not None else None

@@ -8,6 +8,7 @@ statistics as its Hessian (residual.py). Without statistics: plain SVD and round
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,8 +17,12 @@ from ..kernels import formats as F
 from .lowrank import RankPolicy, Whitening, lowrank_factors
 from .residual import quantize_residual
 from .stats import LayerStats
+from .validate import LayerError, check_header, check_values, header_of
 
 log = logging.getLogger("liteffn")
+# Larger weights are refused before the decomposition: their fp32 Gram products overflow (NaN
+# factors). Trained weights are orders of magnitude smaller.
+MAX_ABS_WEIGHT = 1e8
 
 
 @dataclass
@@ -76,10 +81,21 @@ def compress_linear(
 ) -> CompressedLayer:
     form = F.get(fmt)
     policy = RankPolicy(rank=policy) if isinstance(policy, int) else policy
+    check_damp(damp)
     device = torch.device(device) if device is not None else weight.device
-    W = source_weight(weight.to(device), weight_scale)
+    if weight.dim() != 2:
+        raise LayerError(f"weight of {name or 'layer'} has shape {list(weight.shape)}, not a 2-D linear weight")
+    try:
+        W = source_weight(weight.to(device), weight_scale)
+    except TypeError as e:
+        raise LayerError(f"{name or 'layer'}: {e}") from None
     if not torch.isfinite(W).all():
-        raise ValueError(f"weight of {name or 'layer'} contains NaN or Inf")
+        raise LayerError(f"weight of {name or 'layer'} contains NaN or Inf: the checkpoint is damaged")
+    amax = float(W.abs().max()) if W.numel() else 0.0
+    if amax > MAX_ABS_WEIGHT:
+        raise LayerError(f"weight of {name or 'layer'} holds a value of {amax:.3g}, far outside a trained model's "
+                         f"(LiteFFN refuses |w| > {MAX_ABS_WEIGHT:.0e}: the decomposition's fp32 products would "
+                         "overflow and give NaN); check this layer in the checkpoint; nothing was written")
     n, k = W.shape
     wh = R = None
     if stats is not None:
@@ -91,7 +107,12 @@ def compress_linear(
     else:
         log.debug("LiteFFN: no statistics for %s: plain SVD and round-to-nearest residual", name or "layer")
 
-    A, B, info = lowrank_factors(W, wh, policy, name)
+    try:
+        A, B, info = lowrank_factors(W, wh, policy, name)
+    except torch.linalg.LinAlgError as e:
+        raise LayerError(f"the decomposition of layer {name or '?'} failed ({str(e).splitlines()[0]}); its weight's "
+                         f"largest |value| is {amax:.3g}: check this layer in the checkpoint (and its statistics); "
+                         "nothing was written") from None
     A, B = A.bfloat16(), B.bfloat16()
     Hinv = wh.inverse() if (wh is not None and gptq) else None
     q, Eq = quantize_residual(W - A.float() @ B.float(), form, Hinv)
@@ -124,4 +145,27 @@ def compress_linear(
     )
     layer = CompressedLayer(tensors, info)
     info["bytes"] = layer.nbytes
+    check_result(layer, name, W)
     return layer
+
+
+def check_damp(damp) -> None:
+    if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and math.isfinite(damp) and damp > 0):
+        raise ValueError(f"damping must be a number > 0 (a fraction of the mean diagonal of R added before "
+                         f"whitening; default 0.01), got {damp!r}: 0 leaves R singular wherever an input channel "
+                         "never varied")
+
+
+def check_result(layer: CompressedLayer, name: str, W: torch.Tensor | None = None) -> None:
+    """The layer as it will be written passes the loader's checks (validate.py): tensors, shapes,
+    dtypes, finite values and error. A finite but huge weight overflows fp32 in the decomposition
+    and gives NaN: refused here, naming the layer, instead of written."""
+    amax = float(W.abs().max()) if W is not None else None
+    fix = (f"its weight's largest |value| is {amax:.3g}, too large for the fp32 arithmetic of the decomposition: "
+           "check this layer in the checkpoint" if amax is not None and amax > 1e15 else
+           "check this layer's weights in the checkpoint") + "; nothing was written"
+    where, layer_name = "LiteFFN compression", name or "?"
+    check_header(where, layer_name, layer.info, header_of(layer.tensors), fix=fix, error=LayerError)
+    check_values(where, layer_name, layer.info, layer.tensors, fix=fix, error=LayerError)
+    if not math.isfinite(layer.info["rel_err"]):
+        raise LayerError(f"{where}: layer {layer_name}: its measured error is {layer.info['rel_err']}; {fix}")

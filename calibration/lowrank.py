@@ -74,6 +74,9 @@ class RankPolicy:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ValueError(f"energy threshold must be in (0, 1], got {self.energy}")
+        for what, v in (("rank", self.rank), ("max_rank", self.max_rank)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ValueError(f"{what} must be a whole number >= 0, got {v!r}")
 
     def choose(self, sigma2: torch.Tensor, name: str = "", full: int | None = None) -> int:
         """sigma2: squared singular values, descending."""
