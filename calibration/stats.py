@@ -52,7 +52,7 @@ class LayerStats:
         return self.xtx / self.rows
 
     def check_finite(self, name: str = "") -> None:
-        if not (torch.isfinite(self.xtx).all() and torch.isfinite(self.absmax).all()):
+        if not (all_finite(self.xtx) and all_finite(self.absmax)):  # in pieces: no layer-sized scratch
             raise ValueError(
                 f"statistics of layer {name or '?'} contain NaN or Inf; the model produced "
                 "non-finite activations during calibration. Re-run calibration (check the model "
@@ -299,7 +299,12 @@ def _stream_merge(paths: list[str], out: str, into: "ActivationStats | None", in
         files = [open(p, "rb", buffering=0) for p in paths]  # plain reads: nothing mapped
         try:
             for name in order:
-                yield name, total(name, files)
+                acc = total(name, files)
+                out = LayerStats(acc.xtx, acc.absmax, acc.rows)  # a wrapper: `into`'s own layer stays whole
+                del acc
+                yield name, out
+                out.xtx = out.absmax = None  # written: the consumer's loop variable must not keep it alive
+                # while the next layer is summed
         finally:
             for fh in files:
                 fh.close()
