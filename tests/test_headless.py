@@ -111,7 +111,8 @@ class FakeComfy(http.server.BaseHTTPRequestHandler):
         if plan.get("hang"):
             self.wfile.write(out)
             self.wfile.flush()
-            self.rfile.read(1)  # until the client goes
+            while self.rfile.read(1):  # until the client goes (its pong to the ping above is not goodbye)
+                pass
             return
         if plan.get("fail"):
             last = {"type": "execution_error", "data": {"prompt_id": pid, "node_id": "1", "node_type": "X" + EVIL,
