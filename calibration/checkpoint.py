@@ -26,6 +26,11 @@ from .validate import SOURCE_DTYPES, LayerError
 log = logging.getLogger("liteffn")
 
 
+
+def _inputs(ckpt: str, stats_path: str | None) -> tuple:
+    """The files the output must never be (the Writer refuses them as output, also through links)."""
+    return (ckpt,) + ((stats_path,) if stats_path else ())
+
 def _prefix(keys) -> str:
     return ltx2.CKPT_PREFIX if any(k.startswith(ltx2.CKPT_PREFIX) for k in keys) else ""
 
@@ -187,7 +192,8 @@ def compress_checkpoint(ckpt: str, out: str, stats_path: str | None = None, poli
     with on_gpu, safe_open(ckpt, framework="pt") as f:  # on_gpu: Triton launches on cuda:N, not the current GPU
         keys, p, names, quant, stats_infos, stats_fp = _open(f, ckpt, which, stats_path, policy=policy)
         infos = {}
-        with compressed_file.Writer(out, ltx2.FAMILY, _extra(policy, fmt, ckpt)) as w:
+        with compressed_file.Writer(out, ltx2.FAMILY, _extra(policy, fmt, ckpt), inputs=_inputs(ckpt, stats_path),
+                                    expected_layers=len(names)) as w:
             for name in tqdm(names, desc="LiteFFN compress", unit="layer", disable=not progress):
                 layer, weight = _compress_one(f, keys, p, name, quant, stats_path, stats_infos, stats_fp, policy, fmt,
                                               damp, gptq, device, ckpt)
@@ -281,7 +287,8 @@ def compress_rank(rank: int, world: int, device: str, ckpt: str, out: str, stats
             mine = [n for n in names if owner[n] == rank]
             cost = sum(costs[n] for n in mine)
             if rank == 0:
-                writer = compressed_file.Writer(out, ltx2.FAMILY, _extra(policy, fmt, ckpt))
+                writer = compressed_file.Writer(out, ltx2.FAMILY, _extra(policy, fmt, ckpt),
+                                                inputs=_inputs(ckpt, stats_path), expected_layers=len(names))
         except Exception as e:  # the same file on every rank: they fail alike
             err = _message(e, rank, device)
         agree(err)
