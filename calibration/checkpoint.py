@@ -31,6 +31,7 @@ def _inputs(ckpt: str, stats_path: str | None) -> tuple:
     """The files the output must never be (the Writer refuses them as output, also through links)."""
     return (ckpt,) + ((stats_path,) if stats_path else ())
 
+
 def _prefix(keys) -> str:
     return ltx2.CKPT_PREFIX if any(k.startswith(ltx2.CKPT_PREFIX) for k in keys) else ""
 
