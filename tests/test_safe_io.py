@@ -401,3 +401,31 @@ def test_handlers_restored_and_ignored_signals_stay_ignored(tmp_path):
                 assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         finally:
             signal.signal(signal.SIGHUP, old)
+
+
+_CHILD_LIMITED = r"""
+import importlib.util, os, resource, signal, sys
+spec = importlib.util.spec_from_file_location("safe_io", sys.argv[1])
+safe_io = importlib.util.module_from_spec(spec); spec.loader.exec_module(safe_io)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, write() fails with EFBIG instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # a real limit: files of at most 1 MiB
+try:
+    with safe_io.SafeOutput(sys.argv[2]) as o:
+        for _ in range(64):  # 4 MiB
+            o.file.write(b"x" * (1 << 16))
+except safe_io.OutputError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="no file size limits here")
+def test_a_real_size_limit_mid_write_keeps_old_output(tmp_path):
+    """Not a simulated error: the kernel refuses the write past RLIMIT_FSIZE (as a full disk would)."""
+    out = tmp_path / "big.bin"
+    out.write_bytes(b"old output")
+    p = subprocess.run([sys.executable, "-c", _CHILD_LIMITED, SAFE_IO, str(out)], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 3, p.stderr
+    assert f"the disk of {out} became full" in p.stdout and "nothing was written" in p.stdout
+    assert out.read_bytes() == b"old output" and not _leftovers(tmp_path)
