@@ -85,6 +85,15 @@ class SyntheticLTX2(torch.nn.Module):
         self.video_acts = SyntheticActivations(video_dim, seed)
         self.audio_acts = SyntheticActivations(audio_dim, seed + 1)
 
+    def checkpoint(self) -> dict:
+        """Its weights as an LTX-2 checkpoint file holds them: ComfyUI's prefix, plus the tensor by which
+        the loaders recognise an LTX-2 (audio-video) checkpoint."""
+        from . import ltx2
+
+        sd = {ltx2.CKPT_PREFIX + k: v.detach().clone() for k, v in self.state_dict().items()}
+        sd[ltx2.CKPT_PREFIX + ltx2.MARKER] = torch.zeros(4, 4)
+        return sd
+
     def forward(self, video: torch.Tensor, audio: torch.Tensor):
         """Each block's FFNs see the stream (with a residual add), as in the transformer."""
         for b in self.transformer_blocks:
