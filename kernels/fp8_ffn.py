@@ -382,8 +382,7 @@ def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_
             return out
     if config is None and M <= SPLIT_K_MAX_M and xq.is_cuda and not G.INTERP and SPLIT_K_ON:
         config = few_tokens_split(M, N, G.num_sms(xq.device.index or 0))
-    split = (config or {}).get("SPLIT_K", 1) > 1
-    ws, cnt = G.split_workspace(xq.device, M, N) if split else (G.scratch(xq.device),) * 2
+    ws, cnt = G.split_operands(xq.device, M, N, config)
     G.launch_gemm(FP8_GEMM, (xq, q, out), (sx, q_scale, *ptrs, ws, cnt, *sizes), flags, M, N, xq.device, config,
                   u_next if next_B is not None else None)
     return out

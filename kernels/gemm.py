@@ -265,6 +265,14 @@ def split_workspace(device, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor]
     return ws, cnt
 
 
+def split_operands(device, M: int, N: int, config: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (WS, CNT) arguments of a scaled-GEMM launch: split K's workspace for a config with
+    SPLIT_K > 1, else placeholders the kernel never touches."""
+    if (config or {}).get("SPLIT_K", 1) > 1:
+        return split_workspace(device, M, N)
+    return scratch(device), scratch(device)
+
+
 def split_k(tiles: int, sms: int) -> int:
     """K split 4 or 2 ways when a launch has that many times fewer tiles than SMs (few tokens, few
     output channels: the audio FFN's 8192->2048 at M=126 has 16-32 tiles for 132 SMs)."""

@@ -425,7 +425,7 @@ def scaled_gemm(xq, sx, w4, *, u=None, A=None, bias=None, gelu=False, h_scale=No
         # On the H100, 64-token tiles with split K gave wrong pairs of rows in some launches (with
         # the low-rank term; bench/w4a8_explore_h100.log section 4); 128-token tiles were exact.
         raise ValueError(f"W4A8 split K needs 128-token tiles (BM=128), got BM={bm}")
-    ws, cnt = G.split_workspace(xq.device, M, N) if split else (G.scratch(xq.device),) * 2
+    ws, cnt = G.split_operands(xq.device, M, N, config)
     # the block bytes as TMA sees them: rows of 16 bytes (_sb_desc)
     G.launch_gemm(W4A8_GEMM, (xq, w4["q"], out, w4["sb"].view(-1, 16)), (sx, w4["q_scale"], *ptrs, ws, cnt, *sizes),
                   dict(flags, SB=w4["block"]), M, N, xq.device, config, u_next if next_B is not None else None)
