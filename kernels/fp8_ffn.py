@@ -196,7 +196,8 @@ if triton is not None:
                             M, N, K, R, R2, M_KEY,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                             EPI_SPLIT: tl.constexpr, PERSIST: tl.constexpr, FLATTEN: tl.constexpr,
-                            PROMOTE: tl.constexpr, SPLIT_K: tl.constexpr, ROW_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            PROMOTE: tl.constexpr, SPLIT_K: tl.constexpr, ROW_SCALAR: tl.constexpr,
+                            HAS_BIAS: tl.constexpr,
                             RB: tl.constexpr, R_CHUNKS: tl.constexpr, GELU: tl.constexpr, OUT_FP8: tl.constexpr,
                             R2B: tl.constexpr, R2_CHUNKS: tl.constexpr, INTERP: tl.constexpr):
         """SPLIT_K > 1 (few tokens, few tiles): SPLIT_K programs per tile share its K tiles (whole
