@@ -170,14 +170,11 @@ if gluon is not None:
             h_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma2, k_width=2)
             blk2: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
             h = gl.convert_layout(acc.to(gl.bfloat16), h_op)
-            r2rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma2))
         if PREFETCH and R2_CHUNKS > 0 and NT > 1:
             u2acc = warpgroup_mma(h, b2_s.permute((1, 0)), u2acc)
         if PREFETCH and R2_CHUNKS > 0 and NT == 1:
             part = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-            rc = gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
-            gl.atomic_add(U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0), part,
-                          mask=gl.expand_dims(r2rows < M, 1) & gl.expand_dims(rc < R2, 0), sem="relaxed")
+            _add_u2(part, om, 0, U2, M, R2, WG, R2B)
         if (not PREFETCH) and R2_CHUNKS > 0:
             b2_stage = b2_bufs.index(WG)
             bcol = on + gl.arange(0, _BN, layout=gl.SliceLayout(0, blk2))
@@ -188,19 +185,17 @@ if gluon is not None:
                 b2_stage.store(b2)
                 fence_async_shared()
                 part = warpgroup_mma(h, b2_stage.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-                rc = j * R2B + gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
-                gl.atomic_add(U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0), part,
-                              mask=gl.expand_dims(r2rows < M, 1) & gl.expand_dims(rc < R2, 0), sem="relaxed")
+                _add_u2(part, om, j * R2B, U2, M, R2, WG, R2B)
         return u2acc
 
     @gluon.jit
-    def _add_u2(part, om, U2, M, R2, WG: gl.constexpr, R2B: gl.constexpr):
-        """U2[this warpgroup's rows of the tile, :R2B] += part (fp32 atomics)."""
+    def _add_u2(part, om, c0, U2, M, R2, WG: gl.constexpr, R2B: gl.constexpr):
+        """U2[this warpgroup's rows of the tile, c0:c0 + R2B] += part (fp32 atomics)."""
         HM: gl.constexpr = _BM // 2
         mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, R2B, 16])
         r2rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma2))
-        rc = gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
+        rc = c0 + gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
         gl.atomic_add(U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0), part,
                       mask=gl.expand_dims(r2rows < M, 1) & gl.expand_dims(rc < R2, 0), sem="relaxed")
 
@@ -210,8 +205,8 @@ if gluon is not None:
               R2_CHUNKS: gl.constexpr, PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
         """One math warpgroup: rows WG*64..+64 of every tile. The tensor cores sum PROMOTE K tiles into
         `part` (reduced precision), then it is added to the fp32 accumulator; waiting for its own MMAs
-        stalls only this warpgroup. A work item is NT tiles side by side along N; with NT > 1 the next linear's low-rank partial
-        sums of its tiles are added up in registers and reach U2 once per item."""
+        stalls only this warpgroup. A work item is NT tiles side by side along N; with NT > 1 the next
+        linear's low-rank partial sums of its tiles are added up in registers and reach U2 once per item."""
         (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
          a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
         HM: gl.constexpr = _BM // 2
@@ -252,7 +247,7 @@ if gluon is not None:
                         mbarrier.arrive(epi_empty, count=1)
                     t += 1
             if NT > 1 and R2_CHUNKS > 0:
-                _add_u2(u2acc, om, U2, M, R2, WG, R2B)
+                _add_u2(u2acc, om, 0, U2, M, R2, WG, R2B)
         tma.store_wait(pendings=0)
 
     @gluon.jit
