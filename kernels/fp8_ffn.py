@@ -62,6 +62,7 @@ arithmetic first and the casts are exact.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -297,6 +298,7 @@ if triton is not None:
     # tile, so the CPU tests' small K still go through it.
     INTERP_CONFIG = _meta(32, 64, 32, 4, 2, True, True, 1, group=2)
 
+    @functools.lru_cache(maxsize=1024)  # asked on every few-token call: no dict built per call (shared: read only)
     def few_tokens_split(M: int, N: int, sms: int, interval: int = G.PROMOTE_K) -> dict | None:
         """Few tokens and few output channels (8192->2048 at M=126: 32 tiles of 64 x 128 for 132 SMs):
         128 x 64 tiles with K split 2 or 4 ways; None where there are tiles enough. 128-token tiles

@@ -37,6 +37,8 @@ The in-register kernel:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import formats as F
@@ -378,6 +380,7 @@ if triton is not None:
                              ("x_desc", "w_desc", "c_desc", "sb_desc"))
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every few-token call: no dict built per call (shared: read only)
 def few_tokens_config(M: int, N: int, sms: int) -> dict:
     """64 x 128 tiles, K split 2 or 4 ways when there are fewer tiles than SMs (H100: 8192->2048 at
     M=126, 32 tiles, 31 -> 14 us; 2048->8192, 128 tiles, stays unsplit; bench/w4a8_explore_h100.log)."""
