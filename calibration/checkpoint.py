@@ -36,11 +36,15 @@ def _prefix(keys) -> str:
     return ltx2.CKPT_PREFIX if any(k.startswith(ltx2.CKPT_PREFIX) for k in keys) else ""
 
 
-def ffn_linears(keys, which: str = "all") -> tuple[str, list[str]]:
+def block_linears(keys, which: str = "all") -> tuple[str, list[str]]:
+    """(key prefix, the selected block linears) of a checkpoint; which as ltx2.selection takes it."""
     keys = list(keys)
     p = _prefix(keys)
     names = [k[len(p):-len(".weight")] for k in keys if k.startswith(p) and k.endswith(".weight")]
     return p, ltx2.select(names, which)
+
+
+ffn_linears = block_linears
 
 
 def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True, policy: RankPolicy | None = None):
@@ -48,10 +52,10 @@ def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True, p
     statistics' fingerprint). Everything that can be known before a layer is compressed is checked
     here (check_inputs), so a bad input fails before any work and leaves no file."""
     keys = list(f.keys())
-    p, names = ffn_linears(keys, which)
+    p, names = block_linears(keys, which)
     if p + ltx2.MARKER not in keys or not names:
         raise ValueError(
-            f"{ckpt} is not an LTX-2 checkpoint (no {p + ltx2.MARKER!r} or no FFN layers "
+            f"{ckpt} is not an LTX-2 checkpoint (no {p + ltx2.MARKER!r} or none of the selected layers, e.g. FFNs "
             f"named like 'transformer_blocks.0.ff.net.0.proj'); LiteFFN compresses LTX-2 only"
         )
     quant = json.loads((f.metadata() or {}).get("_quantization_metadata", "{}")).get("layers", {})
@@ -67,7 +71,7 @@ def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True, p
 
 
 def check_inputs(f, keys, p: str, names: list[str], quant: dict, ckpt: str, policy: RankPolicy | None) -> dict:
-    """Header-only checks of the selected FFN linears of an open checkpoint -> {name: (out, in)}:
+    """Header-only checks of the selected block linears of an open checkpoint -> {name: (out, in)}:
     both linears of every FFN, 2-D weights of a dtype LiteFFN reads (FP8 with its scale), the two
     linears' shapes fitting each other, biases [out], a fixed rank within every layer."""
     shapes = {}
@@ -94,7 +98,7 @@ def check_inputs(f, keys, p: str, names: list[str], quant: dict, ckpt: str, poli
                 raise LayerError(f"{ckpt}: layer {name} has a {b.get_dtype()} bias of shape {list(b.get_shape())}, "
                                  f"expected bf16/fp16/fp32 [{shape[0]}]")
         shapes[name] = shape
-    for name in names:  # LiteFFN replaces whole FFNs: both linears or neither
+    for name in filter(ltx2.is_ffn_linear, names):  # LiteFFN replaces whole FFNs: both linears or neither
         ffn = ltx2.ffn_of(name)
         up, down = f"{ffn}.{ltx2.UP}", f"{ffn}.{ltx2.DOWN}"
         other = down if name == up else up
@@ -164,7 +168,7 @@ def compress_checkpoint(ckpt: str, out: str, stats_path: str | None = None, poli
                         fmt: str = "fp8", which: str = "all", device: str | None = None, damp: float = 0.01,
                         gptq: bool = True, progress: bool = True, devices: list[str] | str | None = None,
                         timings: dict | None = None) -> dict:
-    """Compress every selected FFN linear of ckpt into out; returns {name: info}.
+    """Compress every selected linear of ckpt into out (which: ltx2.selection); returns {name: info}.
 
     devices (e.g. ["cuda:0", "cuda:1"]): one process per device, the layers divided by cost
     (compress_rank); the file has the same bytes as a run on one of them. timings, if given, is

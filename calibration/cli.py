@@ -15,6 +15,8 @@ import math
 import os
 import sys
 
+from . import ltx2
+
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 DEFAULT_RANK, DEFAULT_MAX_RANK = 64, 512
 FP4_BLOCK = 32  # the demo's widths: FP4 residuals quantize blocks of 16 (NVFP4) / 32 (MXFP4) inputs
@@ -103,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", default="fp8", choices=formats,
                    help="residual format: fp8 (E4M3, per-row scales), nvfp4 / mxfp4 (4-bit blocks), bf16 "
                         "(unquantized) (default fp8)")
-    c.add_argument("--layers", default="all", choices=["all", "video", "audio"],
-                   help="which FFNs: all, video (`ff`) or audio (`audio_ff`) (default all)")
+    c.add_argument("--layers", default="ffn", choices=[*ltx2.LAYERS, *ltx2.STREAMS],
+                   help="which linears of each block: ffn (the FFNs), ffn+attention (also every q, k, v and out "
+                        "projection) or attention (default ffn); all / video / audio: the FFNs of those streams, "
+                        "as before --streams existed")
+    c.add_argument("--streams", default="all", choices=list(ltx2.STREAMS),
+                   help="which streams: all, video or audio (default all)")
     where = c.add_mutually_exclusive_group()
     where.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     where.add_argument("--devices", help="spread the layers over these devices, one process each, e.g. "
@@ -132,6 +138,11 @@ def _check(ap, a) -> None:
                      "not both")
         if a.energy is None and a.max_rank is not None:
             err("--max-rank caps the rank --energy chooses; with a fixed rank use --rank alone")
+        if a.layers in ltx2.STREAMS and a.streams != "all":
+            err(f"--layers {a.layers} is the older way to pick the FFNs of a stream; give --layers ffn "
+                f"--streams {a.streams} (or ffn+attention)")
+        # one selection string for the compress functions (ltx2.selection): "ffn+attention:video"
+        a.which = a.layers if a.layers in ltx2.STREAMS else f"{a.layers}:{a.streams}"
     elif a.cmd == "demo":
         cap = min(a.video_dim, a.audio_dim)
         if max(a.ranks) > cap:
@@ -273,14 +284,14 @@ def main(argv=None) -> int:
                 raise ValueError("give --device or --devices, not both")
             from .compressed_file import check_checkpoint_output
 
-            check_checkpoint_output(a.out, a.checkpoint, a.stats, a.layers, 0 if a.energy is not None else a.rank,
+            check_checkpoint_output(a.out, a.checkpoint, a.stats, a.which, 0 if a.energy is not None else a.rank,
                                     a.format)  # before any work: not an input, room on the disk
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 return _compress_torchrun(a)
             from .checkpoint import compress_checkpoint
 
             timings = {}
-            infos = compress_checkpoint(a.checkpoint, a.out, a.stats, _policy(a), a.format, a.layers, a.device,
+            infos = compress_checkpoint(a.checkpoint, a.out, a.stats, _policy(a), a.format, a.which, a.device,
                                         a.damp, not a.no_gptq, devices=a.devices, timings=timings)
             _summary(a.out, infos, timings)
         else:
@@ -330,7 +341,7 @@ def _compress_torchrun(a) -> int:
         raise ValueError("under torchrun each rank takes cuda:LOCAL_RANK; --device may only be cpu")
     rank, world, device = init_from_env("gloo", device=a.device, timeout_s=WAIT_S)
     try:
-        res = compress_rank(rank, world, device, a.checkpoint, a.out, a.stats, _policy(a), a.format, a.layers,
+        res = compress_rank(rank, world, device, a.checkpoint, a.out, a.stats, _policy(a), a.format, a.which,
                             a.damp, not a.no_gptq)
     except AgreedError:  # raised on every rank: rank 0 says it
         if rank:

@@ -204,8 +204,11 @@ class CompressedFFN(torch.nn.Module):
         return ref()
 
 
+def linear_from_layer(c) -> CompressedLinear:
+    """CompressedLinear from a CompressedLayer (calibration/compress.py)."""
+    return CompressedLinear(c.info["format"], c.info["in_features"], c.info["out_features"], c.tensors)
+
+
 def ffn_from_layers(up, down) -> CompressedFFN:
     """CompressedFFN from the two CompressedLayers (calibration/compress.py) of one FFN."""
-    mods = [CompressedLinear(c.info["format"], c.info["in_features"], c.info["out_features"], c.tensors)
-            for c in (up, down)]
-    return CompressedFFN(*mods)
+    return CompressedFFN(linear_from_layer(up), linear_from_layer(down))

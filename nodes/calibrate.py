@@ -1,4 +1,5 @@
-"""LiteFFN Calibrate: sample with ComfyUI's own sampler while recording FFN input statistics."""
+"""LiteFFN Calibrate: sample with ComfyUI's own sampler while recording the input statistics of the
+linears LiteFFN compresses."""
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ from ..calibration.compressed_file import MismatchError, compare_fingerprints
 from ..calibration.stats import (ActivationStats, StatsCollector, append_to_file, check_stats_output,
                                  plan_passes)
 from . import model as M
-from .files import FOLDER, Stats, output_path, selection_inputs
+from .files import FOLDER, Stats, layers_input, output_path, selection_inputs
 
 log = logging.getLogger("liteffn")
 WRAPPER_KEY = "liteffn_calibrate"
@@ -32,7 +33,7 @@ class LiteFFNCalibrate(io.ComfyNode):
             category="LiteFFN",
             is_output_node=True,  # it saves a file: runs headless even with nothing connected
             description="Samples the LTX-2 model on your prompts with ComfyUI's sampler and records the input "
-                        "statistics of every FFN linear (R = E[x x^T], ranges) for LiteFFN Compress Model. "
+                        "statistics of every selected linear (R = E[x x^T], ranges) for LiteFFN Compress Model. "
                         "Saved runs with the same filename add up.",
             inputs=[
                 io.Model.Input("model"),
@@ -48,8 +49,9 @@ class LiteFFNCalibrate(io.ComfyNode):
                              tooltip="Runs with seed, seed+1, ...: more activations for the same prompt."),
                 *selection_inputs(),
                 io.Float.Input("memory_budget_gb", default=8.0, min=0.1, max=1024.0, step=0.5,
-                               tooltip="Most memory the statistics may hold at once. LTX-2 19B needs ~63 GB "
-                                       "for all FFNs; under a smaller budget the sampling runs once per group "
+                               tooltip="Most memory the statistics may hold at once. LTX-2 19B needs ~64 GiB "
+                                       "for all FFNs and ~43 GiB more with the attention projections; under a "
+                                       "smaller budget the sampling runs once per group "
                                        "of layers that fits (same seeds, same activations)."),
                 io.Combo.Input("storage", options=["gpu", "cpu"], default="gpu",
                                tooltip="Where the statistics accumulate: cpu saves VRAM, costs a copy per step."),
@@ -61,15 +63,17 @@ class LiteFFNCalibrate(io.ComfyNode):
                 Stats.Input("stats", optional=True,
                             tooltip="Statistics of an earlier Calibrate node to add these to: chain one node per "
                                     "prompt and the last one holds them all."),
+                layers_input(),
             ],
             outputs=[Stats.Output(display_name="stats"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, seeds,
-                layers, blocks, memory_budget_gb, storage, filename, append, stats=None) -> io.NodeOutput:
+                streams, blocks, memory_budget_gb, storage, filename, append, stats=None,
+                layers="ffn") -> io.NodeOutput:
         dm = M.diffusion_model(model)
-        names = [f"{f}.{sub}" for f in M.ffn_names(model, layers, blocks) for sub in (ltx2.UP, ltx2.DOWN)]
+        names = ltx2.linears(M.unit_names(model, streams, blocks, layers))
         widths = {n: int(M.linear_of(model, n).in_features) for n in names}
         budget = int(memory_budget_gb * 2**30)
         groups = plan_passes(widths, budget)
@@ -108,13 +112,13 @@ class LiteFFNCalibrate(io.ComfyNode):
             del col, work
         missing = [n for n in names if n not in stats or stats[n].rows == 0]
         if missing:
-            raise RuntimeError(f"LiteFFN Calibrate: {len(missing)} FFN linears never ran (e.g. {missing[0]}); "
-                               "is this latent empty, or does another node skip the FFNs?")
+            raise RuntimeError(f"LiteFFN Calibrate: {len(missing)} linears never ran (e.g. {missing[0]}); "
+                               "is this latent empty, or does another node skip them?")
         for n in names:
             stats[n].check_finite(n)
         if earlier is not None:  # into the fresh object: the earlier node's cached output stays as it was
             stats.merge_(earlier)
-        summary = (f"{len(names)} FFN linears of {len(dm.transformer_blocks)} blocks, {seeds} seed(s) x {steps} steps, "
+        summary = (f"{len(names)} linears ({layers}) of {len(dm.transformer_blocks)} blocks, {seeds} seed(s) x {steps} steps, "
                    f"{len(groups)} pass(es); {stats[names[0]].rows} rows seen by {names[0]}"
                    + (f" (with {stats.meta['runs'] - 1} earlier run(s))" if earlier is not None else ""))
         if path:

@@ -1,4 +1,5 @@
-"""LiteFFN Compress Model: compress the FFNs of the MODEL in the graph; patched clone + report."""
+"""LiteFFN Compress Model: compress the FFNs (and attention projections) of the MODEL in the graph;
+patched clone + report."""
 from __future__ import annotations
 
 import contextlib
@@ -17,9 +18,8 @@ from ..calibration.report import format_report
 from ..calibration.safe_io import check_output
 from ..calibration.stats import ActivationStats
 from ..kernels.formats import FORMATS
-from ..kernels.modules import ffn_from_layers
 from . import model as M
-from .files import Stats, full_path, output_path, selection_inputs
+from .files import Stats, full_path, layers_input, output_path, selection_inputs
 
 log = logging.getLogger("liteffn")
 NO_FILE = "(none)"
@@ -35,7 +35,8 @@ class LiteFFNCompressModel(io.ComfyNode):
             display_name="LiteFFN Compress Model",
             category="LiteFFN",
             is_output_node=True,  # it saves a file: runs headless even with nothing connected
-            description="Replaces the LTX-2 FFNs by a calibrated low-rank branch (bf16) plus a quantized residual. "
+            description="Replaces the LTX-2 FFNs (with layers = ffn+attention also every attention projection) by a "
+                        "calibrated low-rank branch (bf16) plus a quantized residual. "
                         "Returns a patched copy of the MODEL (the input MODEL stays as it was) and a per-layer report; "
                         "saves the compressed file for the Low-Rank FFN Loader when given a name.",
             inputs=[
@@ -57,15 +58,16 @@ class LiteFFNCompressModel(io.ComfyNode):
                 *selection_inputs(),
                 io.String.Input("save_name", default="",
                                 tooltip="Saved as models/liteffn/<save_name>.safetensors; empty: not saved."),
+                layers_input(),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="report")],
         )
 
     @classmethod
-    def execute(cls, model, rank, energy, residual, layers, blocks, save_name, stats_file=NO_FILE,
-                stats=None) -> io.NodeOutput:
-        ffns = M.ffn_names(model, layers, blocks)
-        names = [f"{f}.{sub}" for f in ffns for sub in (ltx2.UP, ltx2.DOWN)]
+    def execute(cls, model, rank, energy, residual, streams, blocks, save_name, stats_file=NO_FILE,
+                stats=None, layers="ffn") -> io.NodeOutput:
+        units = M.unit_names(model, streams, blocks, layers)
+        names = ltx2.linears(units)
         policy = RankPolicy(rank=None, energy=energy, max_rank=rank) if energy > 0 else RankPolicy(rank=rank)
         path = output_path(save_name) if save_name.strip() else None
         writer_args = _checked_output(model, names, path, stats_file, policy, residual)  # before any work
@@ -73,7 +75,7 @@ class LiteFFNCompressModel(io.ComfyNode):
         notes += M.lora_notes(model, names)
         device = comfy.model_management.get_torch_device()
         pbar = comfy.utils.ProgressBar(len(names))
-        extra = {"policy": policy.describe(), "residual_format": residual, "selection": {"layers": layers, "blocks": blocks}}
+        extra = {"policy": policy.describe(), "residual_format": residual, "selection": {"layers": layers, "streams": streams, "blocks": blocks}}
         done, dense = {}, 0
         writer = compressed_file.Writer(path, ltx2.FAMILY, extra, **writer_args) if path else contextlib.nullcontext()
         with writer as w:
@@ -87,8 +89,7 @@ class LiteFFNCompressModel(io.ComfyNode):
                 done[name] = layer
                 dense += weight.numel() * 2
                 pbar.update_absolute(i + 1)
-        patched = M.patched(model, {f: ffn_from_layers(done[f"{f}.{ltx2.UP}"], done[f"{f}.{ltx2.DOWN}"])
-                                    for f in ffns})
+        patched = M.patched(model, {u: M.build_unit(u, done) for u in units})
         header = f"LiteFFN {policy.describe()} {residual}" + (f" -> {os.path.basename(path)}" if path else "")
         report = format_report({n: c.info for n, c in done.items()}, dense, header, notes)
         log.info("LiteFFN Compress Model:\n%s", "\n".join(report.splitlines()[:4]))
@@ -131,12 +132,12 @@ def _stats_source(stats, stats_file, model, names):
         return (lambda n: None), notes
     missing = [n for n in names if not have(n)]
     if len(missing) == len(names):
-        raise ValueError("the statistics hold none of the selected FFN linears: were they collected on this model, "
-                         "with these layers and blocks?")
+        raise ValueError("the statistics hold none of the selected linears: were they collected on this model, "
+                         "with these layers, streams and blocks?")
     if missing:
         notes.append(f"{len(missing)} linears have no statistics (e.g. {missing[0]}): plain SVD for those")
     if fp and _differs(fp, M.model_fingerprint(model, {n: fp[n] for n in names if n in fp})):
-        notes.append("the statistics were collected on a model with other FFN weights (another checkpoint or "
+        notes.append("the statistics were collected on a model with other weights (another checkpoint or "
                      "precision); used anyway")
     for n in notes:
         log.warning("LiteFFN: %s", n)

@@ -40,9 +40,20 @@ def output_path(name: str) -> str:
 
 
 def selection_inputs() -> list:
-    """Which FFNs a node works on: the same two inputs on Calibrate and Compress."""
+    """Which blocks and streams a node works on: the same two inputs on Calibrate and Compress
+    (`layers`, the kinds of linears, comes last: workflows saved before it keep their values)."""
     from ..calibration.ltx2 import STREAMS
 
-    return [io.Combo.Input("layers", options=list(STREAMS), default="all",
-                           tooltip="video: each block's ff; audio: each block's audio_ff."),
+    return [io.Combo.Input("streams", options=list(STREAMS), default="all",
+                           tooltip="video: the video stream's layers (ff, attn1, attn2, audio_to_video_attn); "
+                                   "audio: the audio stream's (audio_ff, audio_attn1, audio_attn2, "
+                                   "video_to_audio_attn)."),
             io.String.Input("blocks", default="all", tooltip="'all' or blocks like '0-11, 20'.")]
+
+
+def layers_input():
+    from ..calibration.ltx2 import LAYERS
+
+    return io.Combo.Input("layers", options=list(LAYERS), default="ffn", optional=True,
+                          tooltip="Which linears of each block: ffn (the FFNs), ffn+attention (also every q, k, v "
+                                  "and out projection: faster and smaller, slightly larger error), attention.")

@@ -7,7 +7,6 @@ from comfy_api.latest import io
 
 from ..calibration import compressed_file, ltx2
 from ..calibration.report import format_report
-from ..kernels.modules import ffn_from_layers
 from . import model as M
 from .files import files, full_path
 
@@ -22,7 +21,7 @@ class LowRankFFNLoader(io.ComfyNode):
             display_name="Low-Rank FFN Loader",
             category="LiteFFN",
             description="Loads a file made by LiteFFN Compress Model (or `liteffn compress`) onto the LTX-2 MODEL "
-                        "it was made from. The file is checked against the model's FFN weights first.",
+                        "it was made from. The file is checked against the model's weights first.",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("compressed_file", options=files(), tooltip="From models/liteffn/."),
@@ -40,14 +39,14 @@ def load_onto(model, path: str):
     meta = compressed_file.read_meta(path)
     model_fp = M.model_fingerprint(model, meta["fingerprint"])
     layers, meta = compressed_file.load(path, model_fp, family=ltx2.FAMILY)
-    ffns: dict[str, dict] = {}
+    units: dict[str, dict] = {}
     for name, layer in layers.items():
-        ffns.setdefault(ltx2.ffn_of(name), {})[ltx2.UP if name.endswith("." + ltx2.UP) else ltx2.DOWN] = layer
-    broken = [f for f, pair in ffns.items() if len(pair) != 2]
+        units.setdefault(ltx2.unit_of(name), {})[name] = layer
+    broken = [u for u, got in units.items() if len(got) != len(ltx2.linears_of(u))]
     if broken:
         raise ValueError(f"{path} holds only one linear of {broken[0]} (and {len(broken) - 1} more FFNs); "
                          "LiteFFN replaces whole FFNs: compress both linears")
-    patched = M.patched(model, {f: ffn_from_layers(p[ltx2.UP], p[ltx2.DOWN]) for f, p in ffns.items()})
+    patched = M.patched(model, {u: M.build_unit(u, got) for u, got in units.items()})
     dense = sum(2 * i["in_features"] * i["out_features"] for i in meta["layers"].values())
     notes = M.lora_notes(model, list(layers))
     report = format_report(meta["layers"], dense, f"loaded {path.rsplit('/', 1)[-1]} ({meta.get('policy', '?')})", notes)

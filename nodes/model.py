@@ -1,4 +1,5 @@
-"""The LTX-2 MODEL as ComfyUI hands it to a node (a ModelPatcher): checks, its FFN linears,
+"""The LTX-2 MODEL as ComfyUI hands it to a node (a ModelPatcher): checks, the linears LiteFFN
+compresses (grouped in units: whole FFNs, single attention projections; calibration/ltx2.py),
 their source weights, and the patched clone that carries our modules.
 
 Reads go through the patcher, never the live module tree alone: while another clone of the
@@ -14,7 +15,7 @@ import torch
 
 from ..calibration import ltx2
 from ..calibration.compressed_file import fingerprint
-from ..kernels.modules import CompressedFFN
+from ..kernels.modules import CompressedFFN, CompressedLinear
 
 log = logging.getLogger("liteffn")
 PREFIX = "diffusion_model."  # inside a ModelPatcher
@@ -35,30 +36,43 @@ def ffn_names(model, which: str = "all", blocks: str = "") -> list[str]:
     return ltx2.ffn_modules(len(diffusion_model(model).transformer_blocks), which, blocks)
 
 
+def unit_names(model, which: str = "all", blocks: str = "", layers: str = "ffn") -> list[str]:
+    """The units (FFNs, attention projections) of a selection; see calibration/ltx2.py."""
+    return ltx2.units(len(diffusion_model(model).transformer_blocks), which, blocks, layers)
+
+
 def original_ffn(model, ffn: str) -> torch.nn.Module:
-    """The model's own FeedForward at `ffn`, whatever clone is loaded now."""
-    key = PREFIX + ffn
+    return original_unit(model, ffn)
+
+
+def original_unit(model, unit: str) -> torch.nn.Module:
+    """The model's own module at `unit` (an FFN or a Linear), whatever clone is loaded now."""
+    key = PREFIX + unit
     m = model.get_model_object(key)
-    if isinstance(m, (CompressedFFN, _FFNProxy)):
+    what = "FFN" if ltx2.is_ffn_unit(unit) else "linear"
+    if isinstance(m, (CompressedFFN, CompressedLinear, _Proxy)):
         raise ValueError(
-            f"{ffn} is already compressed by LiteFFN in this MODEL. Connect the MODEL from before the "
+            f"{unit} is already compressed by LiteFFN in this MODEL. Connect the MODEL from before the "
             "LiteFFN Compress / Low-Rank FFN Loader node."
         )
-    if key in model.object_patches or not isinstance(getattr(m, "net", None), torch.nn.Sequential):
+    own = (isinstance(getattr(m, "net", None), torch.nn.Sequential) if ltx2.is_ffn_unit(unit)
+           else isinstance(m, torch.nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "weight")))
+    if key in model.object_patches or not own:
         raise ValueError(
-            f"{ffn} was replaced by another node ({type(m).__name__}); LiteFFN needs LTX-2's own FeedForward. "
+            f"{unit} was replaced by another node ({type(m).__name__}); LiteFFN needs LTX-2's own {what}. "
             "Apply LiteFFN before that node."
         )
     return m
 
 
 def linear_of(model, linear: str) -> torch.nn.Module:
-    ffn = ltx2.ffn_of(linear)
-    return original_ffn(model, ffn).get_submodule(linear[len(ffn) + 1:])
+    unit = ltx2.unit_of(linear)
+    m = original_unit(model, unit)
+    return m if unit == linear else m.get_submodule(linear[len(unit) + 1:])
 
 
 def source(model, linear: str):
-    """(weight as stored, its FP8 scale or None, bias) of an FFN linear, originals (not LoRA-patched).
+    """(weight as stored, its FP8 scale or None, bias) of a block linear, originals (not LoRA-patched).
     A comfy-kitchen QuantizedTensor (FP8 checkpoints) comes back as its FP8 codes and scale."""
     mod = linear_of(model, linear)
     w = _original(model, linear + ".weight", mod.weight)
@@ -102,21 +116,21 @@ class LoRAError(ValueError):
     pass
 
 
-def lora_terms(model, ffn: str) -> dict[str, tuple | None]:
-    """{UP/DOWN: (up, down) or None}: the LoRA patches that ComfyUI's LoRA loaders put on this FFN's
-    weights, as one low-rank delta per linear (strength and alpha/rank folded into `up`).
+def lora_terms(model, unit: str) -> dict[str, tuple | None]:
+    """{linear: (up, down) or None} for the linears of a unit: the LoRA patches that ComfyUI's LoRA
+    loaders put on their weights, as one low-rank delta per linear (strength and alpha/rank folded
+    into `up`).
 
-    A compressed FFN has no dense weight for ComfyUI to patch, so a LoRA's low-rank delta is added
+    A compressed linear has no dense weight for ComfyUI to patch, so a LoRA's low-rank delta is added
     to the compressed low-rank branch instead (CompressedLinear.set_lora): the same function as the
     patched dense weight, whatever the order of the loaders. Patches that are not a low-rank delta
     (full weight diffs, LoHa/LoKr/OFT, DoRA, bias diffs, a scaled base weight) raise LoRAError."""
-    prefix = PREFIX + ffn + "."
-    out = {ltx2.UP: None, ltx2.DOWN: None}
+    out = {n: None for n in ltx2.linears_of(unit)}
+    weights = {PREFIX + n + ".weight": n for n in out}
     for key, entries in model.patches.items():
-        if not key.startswith(prefix):
+        if not (key.startswith(PREFIX + unit + ".") or key.removesuffix(".weight") == PREFIX + unit):
             continue
-        sub = key[len(prefix):].removesuffix(".weight")
-        if sub not in out or not key.endswith(".weight"):
+        if key not in weights:
             raise LoRAError(_unsupported(key, "a patch of a tensor other than the weight"))
         ups, downs = [], []
         for strength, v, strength_model, offset, function in entries:
@@ -133,7 +147,7 @@ def lora_terms(model, ffn: str) -> dict[str, tuple | None]:
             ups.append(up * (strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)))
             downs.append(down)
         if ups:
-            out[sub] = (torch.cat(ups, 1), torch.cat(downs, 0))
+            out[weights[key]] = (torch.cat(ups, 1), torch.cat(downs, 0))
     return out
 
 
@@ -144,39 +158,49 @@ def _patch_kind(v) -> str:
 
 
 def _unsupported(key: str, what: str) -> str:
-    return (f"{key} carries {what}, which a compressed FFN cannot apply: LiteFFN adds plain LoRAs (up/down "
-            "factors) to the compressed FFNs' low-rank branch. Merge this patch into the model first (its "
-            "loader, then ComfyUI's Save Checkpoint) and compress that model, or load it without its FFN part.")
+    return (f"{key} carries {what}, which a compressed linear cannot apply: LiteFFN adds plain LoRAs (up/down "
+            "factors) to the compressed linears' low-rank branch. Merge this patch into the model first (its "
+            "loader, then ComfyUI's Save Checkpoint) and compress that model, or load it without that part.")
 
 
 def lora_notes(model, linears) -> list[str]:
-    """Check that the LoRA patches on these FFN linears can run on compressed FFNs (raises LoRAError
+    """Check that the LoRA patches on these linears can run on compressed ones (raises LoRAError
     if not) and say so in the report."""
-    ffns = sorted({ltx2.ffn_of(n) for n in linears})
-    hit = [f for f in ffns if any(lora_terms(model, f).values())]
+    units = sorted({ltx2.unit_of(n) for n in linears})
+    hit = [u for u in units if any(lora_terms(model, u).values())]
     if not hit:
         return []
-    msg = (f"a LoRA patches {len(hit)} of the FFNs (e.g. {hit[0]}): it runs on the compressed FFNs, added "
-           "to their low-rank branch at sampling time (strength changes need no re-compression)")
+    msg = (f"a LoRA patches {len(hit)} of the compressed units (e.g. {hit[0]}): it runs on the compressed "
+           "linears, added to their low-rank branch at sampling time (strength changes need no re-compression)")
     log.info("LiteFFN: %s", msg)
     return [msg]
 
 
-class _FFNProxy(torch.nn.Module):
-    """What the object patch puts at `ff`: no tensors of its own, it calls the compressed FFN.
+def compressed_linear(target: torch.nn.Module, unit: str, linear: str) -> CompressedLinear:
+    """The CompressedLinear of `linear` inside the module that replaced `unit`."""
+    return target if unit == linear else (target.up if linear.endswith("." + ltx2.UP) else target.down)
+
+
+def original_linear(original: torch.nn.Module, unit: str, linear: str) -> torch.nn.Module:
+    return original if unit == linear else original.get_submodule(linear[len(unit) + 1:])
+
+
+class _Proxy(torch.nn.Module):
+    """What the object patch puts at a unit (`ff`, `attn1.to_q`): no tensors of its own, it calls the
+    compressed module.
 
     The compressed tensors live in one container module that the patched MODEL carries as an
     additional model (as ControlNets are), so ComfyUI loads, offloads, counts and frees them
     as a model of their own. Tensors inside an object-patched subtree break dynamic VRAM:
     it restores its weight backups by name after the object patches are undone."""
 
-    def __init__(self, target: CompressedFFN, original: torch.nn.Module):
+    def __init__(self, target: CompressedFFN | CompressedLinear, original: torch.nn.Module):
         super().__init__()
         # neither registered: not part of the main model's tree, so neither is loaded with it
         self.__dict__["target"], self.__dict__["original"] = target, original
 
     def __getattr__(self, name):
-        # Paths into the replaced FFN (`ff.net.0.proj.weight`) still resolve, to the original: dynamic
+        # Paths into the replaced unit (`ff.net.0.proj.weight`, `to_q.weight`) still resolve, to the original: dynamic
         # VRAM restores another clone's weight backups by name while this proxy is patched in.
         try:
             return super().__getattr__(name)
@@ -185,14 +209,14 @@ class _FFNProxy(torch.nn.Module):
 
     def __setattr__(self, name, value):
         # Another pack's object patch of `ff.forward` applied after ours (KJNodes' chunked FFN) lands here;
-        # it would call the dense FFN that is no longer loaded. The compressed FFN needs no chunking.
+        # it would call the dense FFN that is no longer loaded. The compressed modules need no chunking.
         if name == "forward":  # _before_sampling names the patch in a warning
             return
         super().__setattr__(name, value)
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         # ComfyUI maps and accepts LoRA keys by the live state_dict (model_lora_keys_unet, add_patches),
-        # which holds this proxy while the compressed MODEL is loaded: the FFN's keys must stay there.
+        # which holds this proxy while the compressed MODEL is loaded: the unit's keys must stay there.
         return self.__dict__["original"].state_dict(*args, destination=destination, prefix=prefix,
                                                     keep_vars=keep_vars)
 
@@ -200,29 +224,32 @@ class _FFNProxy(torch.nn.Module):
         return self.target(x)
 
     def extra_repr(self):
-        return f"LiteFFN -> {self.target.up.extra_repr()}"
+        return f"LiteFFN -> {getattr(self.target, 'up', self.target).extra_repr()}"
+
+
+_FFNProxy = _Proxy  # the name earlier versions and their tests used
 
 
 ADDITIONAL_KEY = "liteffn"
 
 
-def patched(model, modules: dict[str, CompressedFFN]):
-    """A clone of model whose FFNs run the compressed modules; model itself is untouched.
-    Sizes are what ComfyUI plans VRAM with: the clone's drops by the dense FFNs it no longer
-    loads, the compressed tensors are counted by their own patcher."""
+def patched(model, modules: dict[str, CompressedFFN | CompressedLinear]):
+    """A clone of model whose units (FFNs, attention projections) run the compressed modules; model
+    itself is untouched. Sizes are what ComfyUI plans VRAM with: the clone's drops by the dense
+    weights it no longer loads, the compressed tensors are counted by their own patcher."""
     import comfy.model_patcher
     from comfy.patcher_extension import CallbacksMP
 
     m = model.clone()
-    container = torch.nn.ModuleDict({_key(f): mod for f, mod in modules.items()})
+    container = torch.nn.ModuleDict({_key(u): mod for u, mod in modules.items()})
     saved = 0
-    for ffn, mod in modules.items():
-        key = PREFIX + ffn
-        orig = original_ffn(model, ffn)
+    for unit, mod in modules.items():
+        key = PREFIX + unit
+        orig = original_unit(model, unit)
         for k in [k for k in m.object_patches if k.startswith(key + ".")]:
-            log.warning("LiteFFN: dropping another node's patch %s: its FFN is now compressed", k)
+            log.warning("LiteFFN: dropping another node's patch %s: %s is now compressed", k, unit)
             del m.object_patches[k]
-        m.add_object_patch(key, _FFNProxy(mod, orig))
+        m.add_object_patch(key, _Proxy(mod, orig))
         saved += _nbytes(orig)
     m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, ADDITIONAL_KEY, _before_sampling)
     m.add_callback_with_key(CallbacksMP.ON_CLEANUP, ADDITIONAL_KEY, _after_sampling)
@@ -230,43 +257,44 @@ def patched(model, modules: dict[str, CompressedFFN]):
         container, load_device=model.load_device, offload_device=model.offload_device)])
     m.size = max(model.model_size() - saved, 1)
     # ComfyUI swaps clones of one model without moving weights when their patches_uuid match, which
-    # would leave the dense FFNs of the other branch wherever they were (found on the GPU: CPU
+    # would leave the dense weights of the other branch wherever they were (found on the GPU: CPU
     # weights, CUDA input). A new uuid makes a switch reload, as a LoRA or a dtype change does.
     m.patches_uuid = uuid.uuid4()
     return m
 
 
 def _proxies(model):
-    return [(k[len(PREFIX):], v) for k, v in model.object_patches.items() if isinstance(v, _FFNProxy)]
+    return [(k[len(PREFIX):], v) for k, v in model.object_patches.items() if isinstance(v, _Proxy)]
 
 
 def _before_sampling(model) -> None:
     """ON_PRE_RUN of the MODEL being sampled (after loading): its LoRA patches go into the compressed
-    FFNs, which clones share, so they are set for this run and cleared after it."""
+    linears, which clones share, so they are set for this run and cleared after it."""
     proxies = _proxies(model)
-    for ffn, proxy in proxies:
-        terms = lora_terms(model, ffn)
-        for sub, linear in ((ltx2.UP, proxy.target.up), (ltx2.DOWN, proxy.target.down)):
-            linear.set_lora(*(terms[sub] or (None,)))
-            if "forward" in vars(proxy.original.get_submodule(sub)):  # e.g. Load LoRA (Bypass)'s injection
-                raise LoRAError(f"another node replaced the forward of {ffn}.{sub} (a bypass LoRA or similar), an "
-                                "FFN linear that LiteFFN compressed, so it would be ignored. Use ComfyUI's Load LoRA "
-                                "for LoRAs (LiteFFN adds them to the compressed FFNs), or apply that node to the "
+    for unit, proxy in proxies:
+        terms = lora_terms(model, unit)
+        for name in ltx2.linears_of(unit):
+            compressed_linear(proxy.target, unit, name).set_lora(*(terms[name] or (None,)))
+            if "forward" in vars(original_linear(proxy.original, unit, name)):  # e.g. Load LoRA (Bypass)
+                raise LoRAError(f"another node replaced the forward of {name} (a bypass LoRA or similar), a "
+                                "linear that LiteFFN compressed, so it would be ignored. Use ComfyUI's Load LoRA "
+                                "for LoRAs (LiteFFN adds them to the compressed linears), or apply that node to the "
                                 "uncompressed MODEL.")
-    ours = {PREFIX + f for f, _ in proxies}
+    ours = {PREFIX + u for u, _ in proxies}
     for k in model.object_patches:
         if k not in ours and any(k.startswith(o + ".") for o in ours):
-            _warn_once(f"another node's patch {k} is ignored: that FFN is compressed by LiteFFN")
-    hooked = [k for hp in model.hook_patches.values() for k in hp if any(k.startswith(o + ".") for o in ours)]
+            _warn_once(f"another node's patch {k} is ignored: that unit is compressed by LiteFFN")
+    hooked = [k for hp in model.hook_patches.values() for k in hp
+              if any(k.startswith(o + ".") for o in ours)]
     if hooked:
-        raise LoRAError(f"a hook LoRA (Create Hook LoRA / Set Model Hooks) patches {hooked[0]}, an FFN that LiteFFN "
-                        "compressed; hooks cannot reach compressed FFNs. Use a LoRA loader node instead.")
+        raise LoRAError(f"a hook LoRA (Create Hook LoRA / Set Model Hooks) patches {hooked[0]}, a layer that LiteFFN "
+                        "compressed; hooks cannot reach compressed layers. Use a LoRA loader node instead.")
 
 
 def _after_sampling(model) -> None:
-    for _, proxy in _proxies(model):
-        proxy.target.up.set_lora(None)
-        proxy.target.down.set_lora(None)
+    for unit, proxy in _proxies(model):
+        for name in ltx2.linears_of(unit):
+            compressed_linear(proxy.target, unit, name).set_lora(None)
 
 
 _warned: set[str] = set()
@@ -278,13 +306,22 @@ def _warn_once(msg: str) -> None:
         log.warning("LiteFFN: %s", msg)
 
 
-def compressed_modules(model) -> dict[str, CompressedFFN]:
-    """{ffn name: CompressedFFN} of a MODEL patched by LiteFFN ({} for any other)."""
-    return {ffn: proxy.target for ffn, proxy in _proxies(model)}
+def compressed_modules(model, ffn_only: bool = False) -> dict[str, CompressedFFN | CompressedLinear]:
+    """{unit: CompressedFFN or CompressedLinear} of a MODEL patched by LiteFFN ({} for any other)."""
+    return {u: p.target for u, p in _proxies(model) if not ffn_only or ltx2.is_ffn_unit(u)}
 
 
-def _key(ffn: str) -> str:
-    return ffn.replace(".", "-")
+def build_unit(unit: str, layers: dict) -> CompressedFFN | CompressedLinear:
+    """The module for a unit from its CompressedLayers {linear: layer} (calibration/compress.py)."""
+    from ..kernels.modules import ffn_from_layers, linear_from_layer
+
+    if ltx2.is_ffn_unit(unit):
+        return ffn_from_layers(layers[f"{unit}.{ltx2.UP}"], layers[f"{unit}.{ltx2.DOWN}"])
+    return linear_from_layer(layers[unit])
+
+
+def _key(unit: str) -> str:
+    return unit.replace(".", "-")
 
 
 def _nbytes(module: torch.nn.Module) -> int:

@@ -55,6 +55,22 @@ def test_video_only_selection_and_cli(tmp_path, capsys):
     assert all(".ff." in n for n in layers)
 
 
+def test_attention_projections_by_layers(tmp_path, capsys):
+    # --layers ffn+attention takes the projection the FFN-only runs leave alone; --streams narrows it
+    _, sd, path = _checkpoint(tmp_path)
+    out = tmp_path / "a.safetensors"
+    rc = main(["compress", str(path), "-o", str(out), "--layers", "ffn+attention", "--rank", "4", "--device", "cpu"])
+    assert rc == 0 and "9 layers" in capsys.readouterr().out
+    layers, _ = cf.load(str(out))
+    q = layers["transformer_blocks.0.attn1.to_q"]
+    w = sd[P + "transformer_blocks.0.attn1.to_q.weight"]
+    assert q.info["in_features"] == w.shape[1] and q.info["rel_err"] < 0.05
+    out2 = tmp_path / "b.safetensors"
+    assert main(["compress", str(path), "-o", str(out2), "--layers", "attention", "--streams", "audio",
+                 "--rank", "4", "--device", "cpu"]) == 2  # no audio attention in this checkpoint
+    assert "none of the selected layers" in capsys.readouterr().err and not out2.exists()
+
+
 def test_not_ltx2_and_bad_rank_fail_cleanly(tmp_path, capsys):
     save_file({"model.diffusion_model.double_blocks.0.img_mlp.0.weight": torch.zeros(4, 4)},
               str(tmp_path / "flux.safetensors"))
