@@ -249,7 +249,7 @@ def compare_ranks() -> Graph:
         yy = y + 480 * (i + 1)
         lite = g.node("LiteFFNCompressModel", (20, yy), title=f"LiteFFN Compress r={r}", w=400,
                       model=ckpt[0], stats_file=STATS + ".safetensors", rank=r, energy=0.0, residual="fp8",
-                      layers="all", blocks="all", save_name="")
+                      streams="all", blocks="all", save_name="", layers="ffn")
         frames = _branch(g, lite[0], cond, shared, latent, ckpt, audio_vae, f"r{r}", (470, yy))
         cmp = g.node("LiteFFNCompare", (1200, yy + 200), reference=base[0], test=frames[0],
                      label=f"r={r} fp8", w=300)
@@ -272,7 +272,9 @@ def calibrate_and_compress() -> Graph:
         "**LiteFFN Compress Model** then writes "
         f"`models/liteffn/{COMPRESSED}.safetensors` for the **Low-Rank FFN Loader** (ltx2_t2v_liteffn).\n\n"
         "`memory_budget_gb`: LTX-2 19B needs ~63 GB of statistics for all FFNs; under a smaller budget the "
-        "sampling runs once per group of layers (slower, same result). `storage: cpu` keeps them in RAM."))
+        "sampling runs once per group of layers (slower, same result). `storage: cpu` keeps them in RAM.\n\n"
+        "`layers`: `ffn` compresses the FFNs; `ffn+attention` also every attention projection (q, k, v and out; "
+        "~43 GiB more statistics). Set the same value on every Calibrate node and on Compress Model."))
     prev = None
     for i, text in enumerate(CALIBRATION_PROMPTS):
         x = 480 + 760 * i
@@ -280,14 +282,15 @@ def calibrate_and_compress() -> Graph:
         last = i == len(CALIBRATION_PROMPTS) - 1
         cal = g.node("LiteFFNCalibrate", (x, 240), title=f"LiteFFN Calibrate {i + 1}", w=360,
                      model=ckpt[0], positive=cond[0], negative=cond[1], latent_image=latent[0], seed=SEED,
-                     steps=STEPS, cfg=CFG, sampler_name="euler", scheduler="simple", seeds=1, layers="all",
+                     steps=STEPS, cfg=CFG, sampler_name="euler", scheduler="simple", seeds=1, streams="all",
                      blocks="all", memory_budget_gb=8.0, storage="gpu", filename=STATS if last else "",
-                     append=False, **({"stats": prev[0]} if prev else {}))
+                     append=False, layers="ffn", **({"stats": prev[0]} if prev else {}))
         g.group(f"Prompt {i + 1}", (x - 10, -40, 740, 900), BLUE)
         prev = cal
     x = 480 + 760 * len(CALIBRATION_PROMPTS)
     g.node("LiteFFNCompressModel", (x, 480), w=400, model=ckpt[0], stats=prev[0], stats_file="(none)",
-           rank=64, energy=0.0, residual="fp8", layers="all", blocks="all", save_name=COMPRESSED)
+           rank=64, energy=0.0, residual="fp8", streams="all", blocks="all", save_name=COMPRESSED,
+           layers="ffn")
     g.group("Compress and save", (x - 10, 440, 420, 400), PURPLE)
     return g
 

@@ -23,17 +23,17 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def calibrate(node, model, filename="", append=True, seeds=2, layers="all", budget=1.0):
+def calibrate(node, model, filename="", append=True, seeds=2, streams="all", budget=1.0, layers="ffn"):
     pos, neg = ltx2_tiny.conditioning()
     return node("LiteFFNCalibrate").execute(
         model=model, positive=pos, negative=neg, latent_image=ltx2_tiny.latent(), seed=1, steps=STEPS, cfg=3.0,
-        sampler_name="euler", scheduler="simple", seeds=seeds, layers=layers, blocks="all",
-        memory_budget_gb=budget, storage="cpu", filename=filename, append=append)
+        sampler_name="euler", scheduler="simple", seeds=seeds, streams=streams, blocks="all",
+        memory_budget_gb=budget, storage="cpu", filename=filename, append=append, layers=layers)
 
 
-def compress(node, model, stats=None, rank=16, residual="fp8", save_name="", energy=0.0, layers="all"):
+def compress(node, model, stats=None, rank=16, residual="fp8", save_name="", energy=0.0, streams="all", layers="ffn"):
     return node("LiteFFNCompressModel").execute(model=model, stats=stats, rank=rank, energy=energy, residual=residual,
-                                                layers=layers, blocks="all", save_name=save_name)
+                                                streams=streams, blocks="all", save_name=save_name, layers=layers)
 
 
 def folder():
@@ -43,8 +43,9 @@ def folder():
 
 
 def test_schemas_list_three_nodes_in_category(pack, node):
-    for nid, must in [("LiteFFNCalibrate", {"model", "positive", "negative", "latent_image", "seeds", "filename"}),
-                      ("LiteFFNCompressModel", {"model", "stats", "rank", "residual", "layers", "save_name"}),
+    for nid, must in [("LiteFFNCalibrate", {"model", "positive", "negative", "latent_image", "seeds", "streams", "layers",
+                                          "filename"}),
+                      ("LiteFFNCompressModel", {"model", "stats", "rank", "residual", "streams", "layers", "save_name"}),
                       ("LowRankFFNLoader", {"model", "compressed_file"})]:
         info = node(nid).GET_NODE_INFO_V1()
         names = set(info["input"]["required"]) | set(info["input"].get("optional", {}))
@@ -131,7 +132,7 @@ def test_loader_explains_mismatched_files(pack, node, ltx2):
 def test_compress_rejects_bad_requests_clearly(pack, node, ltx2):
     model = ltx2()
     with pytest.raises(ValueError, match="rank 100 is larger than layer"):
-        compress(node, model, None, rank=100, layers="audio")
+        compress(node, model, None, rank=100, streams="audio")
     with pytest.raises(ValueError, match="LTX-2 models only"):
         compress(node, ltx2(video_only=True), None)
     patched, _ = compress(node, model, None, rank=4).result
@@ -190,9 +191,9 @@ def test_statistics_accumulate_over_runs_of_one_model(pack, node, ltx2):
     assert ActivationStats.load(path).meta["runs"] == 2  # the file is as it was
     # compress from the saved file (read one layer at a time) equals compress from the node output
     a, _ = node("LiteFFNCompressModel").execute(model=model, stats=saved, rank=8, energy=0.0, residual="fp8",
-                                                layers="all", blocks="all", save_name="").result
+                                                streams="all", blocks="all", save_name="").result
     b, _ = node("LiteFFNCompressModel").execute(model=model, stats_file="acc.safetensors", rank=8, energy=0.0,
-                                                residual="fp8", layers="all", blocks="all", save_name="").result
+                                                residual="fp8", streams="all", blocks="all", save_name="").result
     assert torch.equal(sample(a), sample(b))
 
 
@@ -203,11 +204,11 @@ def test_chained_calibrate_nodes_add_up_without_touching_the_earlier_output(pack
     pos, neg = ltx2_tiny.conditioning(seed=5)  # a second prompt
     both, summary = node("LiteFFNCalibrate").execute(
         model=model, positive=pos, negative=neg, latent_image=ltx2_tiny.latent(), seed=1, steps=STEPS, cfg=3.0,
-        sampler_name="euler", scheduler="simple", seeds=1, layers="all", blocks="all", memory_budget_gb=1.0,
+        sampler_name="euler", scheduler="simple", seeds=1, streams="all", blocks="all", memory_budget_gb=1.0,
         storage="cpu", filename="", append=False, stats=first).result
     second, _ = node("LiteFFNCalibrate").execute(
         model=model, positive=pos, negative=neg, latent_image=ltx2_tiny.latent(), seed=1, steps=STEPS, cfg=3.0,
-        sampler_name="euler", scheduler="simple", seeds=1, layers="all", blocks="all", memory_budget_gb=1.0,
+        sampler_name="euler", scheduler="simple", seeds=1, streams="all", blocks="all", memory_budget_gb=1.0,
         storage="cpu", filename="", append=False).result
     n = "transformer_blocks.0.audio_ff.net.0.proj"
     assert both.meta["runs"] == 2 and both[n].rows == first[n].rows + second[n].rows, summary
@@ -216,7 +217,7 @@ def test_chained_calibrate_nodes_add_up_without_touching_the_earlier_output(pack
     with pytest.raises(ValueError, match="statistics of another model"):
         calibrate_other = node("LiteFFNCalibrate").execute
         calibrate_other(model=ltx2(seed=3), positive=pos, negative=neg, latent_image=ltx2_tiny.latent(), seed=1,
-                        steps=1, cfg=3.0, sampler_name="euler", scheduler="simple", seeds=1, layers="all",
+                        steps=1, cfg=3.0, sampler_name="euler", scheduler="simple", seeds=1, streams="all",
                         blocks="all", memory_budget_gb=1.0, storage="cpu", filename="", append=False, stats=first)
 
 

@@ -28,7 +28,7 @@ def test_save_name_of_a_statistics_file_is_refused(pack, node, ltx2, monkeypatch
     for kw in ({"stats_file": "keep_stats.safetensors"}, {}):  # the statistics input itself, or another file
         with pytest.raises(ValueError, match=f"save_name {path} (is the input|exists and is a LiteFFN statistics "
                                              "file).*give save_name another file name"):
-            node("LiteFFNCompressModel").execute(model=model, rank=4, energy=0.0, residual="fp8", layers="all",
+            node("LiteFFNCompressModel").execute(model=model, rank=4, energy=0.0, residual="fp8", streams="all",
                                                  blocks="all", save_name="keep_stats", **kw)
     assert open(path, "rb").read() == before and not _litter(os.path.dirname(path))
 

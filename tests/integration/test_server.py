@@ -12,10 +12,10 @@ def test_object_info_lists_the_nodes_with_their_inputs(server):
     info = get(url + "/object_info")
     want = {
         "LiteFFNCalibrate": {"model", "positive", "negative", "latent_image", "seed", "steps", "cfg", "sampler_name",
-                             "scheduler", "seeds", "layers", "blocks", "memory_budget_gb", "storage", "filename",
+                             "scheduler", "seeds", "streams", "layers", "blocks", "memory_budget_gb", "storage", "filename",
                              "append", "stats"},
-        "LiteFFNCompressModel": {"model", "stats", "stats_file", "rank", "energy", "residual", "layers", "blocks",
-                                 "save_name"},
+        "LiteFFNCompressModel": {"model", "stats", "stats_file", "rank", "energy", "residual", "streams", "layers",
+                                 "blocks", "save_name"},
         "LowRankFFNLoader": {"model", "compressed_file"},
         "LiteFFNCompare": {"reference", "test", "label"},
     }
@@ -37,7 +37,7 @@ def _compress_workflow(rank=4, save_name="headless_r4"):
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "ltx2_tiny.safetensors", "weight_dtype": "default"}},
         "2": {"class_type": "LiteFFNCompressModel",
               "inputs": {"model": ["1", 0], "stats_file": "(none)", "rank": rank, "energy": 0.0, "residual": "fp8",
-                         "layers": "all", "blocks": "all", "save_name": save_name}},
+                         "streams": "all", "blocks": "all", "save_name": save_name, "layers": "ffn"}},
     }
 
 
