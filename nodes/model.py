@@ -201,16 +201,26 @@ class _Proxy(torch.nn.Module):
 
     def __getattr__(self, name):
         # Paths into the replaced unit (`ff.net.0.proj.weight`, `to_q.weight`) still resolve, to the original: dynamic
-        # VRAM restores another clone's weight backups by name while this proxy is patched in.
+        # VRAM restores another clone's weight backups by name while this proxy is patched in. Only its parameters,
+        # buffers and submodules: ComfyUI's state of its own Linears (`comfy_cast_weights`) read through the proxy of
+        # a projection made ComfyUI load, count and patch the proxy as one of them (KeyError on `weight`).
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["original"], name)
+            original = self.__dict__["original"]
+            for kind in ("_parameters", "_buffers", "_modules"):
+                if name in original.__dict__[kind]:
+                    return original.__dict__[kind][name]
+            raise
 
     def __setattr__(self, name, value):
         # Another pack's object patch of `ff.forward` applied after ours (KJNodes' chunked FFN) lands here;
         # it would call the dense FFN that is no longer loaded. The compressed modules need no chunking.
         if name == "forward":  # _before_sampling names the patch in a warning
+            return
+        original = self.__dict__.get("original")
+        if original is not None and (name in original._parameters or name in original._buffers):
+            setattr(original, name, value)  # a weight set by name (`to_q.weight`, backups restored) is the original's
             return
         super().__setattr__(name, value)
 

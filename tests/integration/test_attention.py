@@ -287,3 +287,44 @@ def test_patches_a_compressed_projection_cannot_apply_are_refused_clearly(pack, 
             sample(late)
     sample(patched)  # the failed runs left nothing behind
 
+
+def test_comfyui_model_management_leaves_the_compressed_projections_alone(pack, node, ltx2, units, attention_lora):
+    """A compressed projection's unit is a proxy in place of a Linear; ComfyUI must not take it for one of its
+    own weight-casting Linears: its loaders (legacy and dynamic VRAM) pick their modules with _load_list, and
+    would count the dense weight as loaded, move and patch it through the proxy (a LoRA's key names that
+    weight). Here ComfyUI's partial (low-VRAM) load with the patches forced onto the weights, as
+    load_models_gpu(force_patch_weights=True) does with little VRAM, then its unpatch: the compressed model still
+    runs the LoRA through the pack, and the originals come out of it unchanged."""
+    model = ltx2()
+    dm = model.model.diffusion_model
+    attn = attention_units(units)
+    originals = {u: dm.get_submodule(u) for u in attn}
+    weights = {u: m.weight.detach().clone() for u, m in originals.items()}
+    patched = full_rank(node, model)[0]
+    lora = with_lora(patched, attention_lora, 0.8)
+    dense = sample(with_lora(model, attention_lora, 0.8))
+    sample(lora)  # loaded: the proxies sit in the live tree
+    loaded = {x[-3] for x in lora._load_list()}
+    assert not loaded & {"diffusion_model." + u for u in attn}, sorted(loaded & {"diffusion_model." + u for u in attn})
+    cpu = torch.device("cpu")
+    lora.unpatch_model(cpu)
+    lora.patch_model(device_to=cpu, lowvram_model_memory=1, load_weights=True, force_patch_weights=True)
+    try:
+        for u in attn:
+            proxy = lora.object_patches["diffusion_model." + u]
+            assert dm.get_submodule(u) is proxy and not list(proxy.parameters()), u  # no weight of its own
+    finally:
+        lora.unpatch_model(cpu)
+    for u in attn:
+        assert dm.get_submodule(u) is originals[u] and torch.equal(originals[u].weight, weights[u]), u
+    assert rel(sample(lora), dense) < tol(model)
+    # loaded again: a weight that ComfyUI sets by name (dynamic VRAM restores weight backups so, whichever clone
+    # is patched in) lands on the original Linear, not on the proxy
+    import comfy.utils
+
+    u = "transformer_blocks.1.audio_to_video_attn.to_out.0"
+    proxy = dm.get_submodule(u)
+    assert proxy is lora.object_patches["diffusion_model." + u]
+    comfy.utils.set_attr_param(lora.model, f"diffusion_model.{u}.weight", weights[u].clone())
+    assert not list(proxy.parameters()) and torch.equal(originals[u].weight, weights[u])
+    assert comfy.utils.get_attr(lora.model, f"diffusion_model.{u}.weight") is originals[u].weight
