@@ -261,10 +261,13 @@ def patched(model, modules: dict[str, CompressedFFN | CompressedLinear]):
             del m.object_patches[k]
         m.add_object_patch(key, _Proxy(mod, orig))
         saved += _nbytes(orig)
-    m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, ADDITIONAL_KEY, _before_sampling)
-    m.add_callback_with_key(CallbacksMP.ON_CLEANUP, ADDITIONAL_KEY, _after_sampling)
-    m.set_additional_models(ADDITIONAL_KEY, [comfy.model_patcher.CoreModelPatcher(
-        container, load_device=model.load_device, offload_device=model.offload_device)])
+    if not m.get_callbacks(CallbacksMP.ON_PRE_RUN, ADDITIONAL_KEY):  # once, also on a MODEL patched by LiteFFN before
+        m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, ADDITIONAL_KEY, _before_sampling)
+        m.add_callback_with_key(CallbacksMP.ON_CLEANUP, ADDITIONAL_KEY, _after_sampling)
+    # beside the containers of earlier LiteFFN nodes on this MODEL (FFNs loaded, then attention compressed)
+    m.set_additional_models(ADDITIONAL_KEY, m.get_additional_models_with_key(ADDITIONAL_KEY) + [
+        comfy.model_patcher.CoreModelPatcher(container, load_device=model.load_device,
+                                             offload_device=model.offload_device)])
     m.size = max(model.model_size() - saved, 1)
     # ComfyUI swaps clones of one model without moving weights when their patches_uuid match, which
     # would leave the dense weights of the other branch wherever they were (found on the GPU: CPU

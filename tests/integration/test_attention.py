@@ -328,3 +328,27 @@ def test_comfyui_model_management_leaves_the_compressed_projections_alone(pack, 
     comfy.utils.set_attr_param(lora.model, f"diffusion_model.{u}.weight", weights[u].clone())
     assert not list(proxy.parameters()) and torch.equal(originals[u].weight, weights[u])
     assert comfy.utils.get_attr(lora.model, f"diffusion_model.{u}.weight") is originals[u].weight
+
+
+def test_attention_compressed_onto_a_model_with_compressed_ffns_keeps_both(pack, node, ltx2, units):
+    """Low-Rank FFN Loader with an FFN file, then Compress Model (layers = attention) on its output: the MODEL
+    carries both, every compressed tensor in a model that ComfyUI loads, offloads and counts with it (its
+    additional models), and it is the one-step ffn+attention compression."""
+    M = pack.nodes.model
+    model = ltx2()
+    compress(node, model, None, rank=8, save_name="attn/ffn_only_r8")
+    ffn, _ = node("LowRankFFNLoader").execute(model=model, compressed_file="attn/ffn_only_r8.safetensors").result
+    both, _ = compress(node, ffn, None, rank=8, layers="attention").result
+    one, _ = compress(node, model, None, rank=8, layers="ffn+attention").result
+    mods = M.compressed_modules(both)
+    assert sorted(mods) == sorted(units["ffn+attention"])
+    managed = {id(p) for extra in both.get_nested_additional_models() for p in extra.model.parameters()}
+    unmanaged = [u for u, m in mods.items() if any(id(p) not in managed for p in m.parameters())]
+    assert not unmanaged, unmanaged
+    assert both.model_size() == one.model_size()
+    from comfy.patcher_extension import CallbacksMP
+
+    assert len(both.get_callbacks(CallbacksMP.ON_PRE_RUN, "liteffn")) == 1  # the pack's hooks run once per sampling
+    assert torch.equal(sample(both), sample(one))
+    with pytest.raises(ValueError, match="already compressed by LiteFFN"):
+        compress(node, both, None, rank=8)
