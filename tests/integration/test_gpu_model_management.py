@@ -55,3 +55,26 @@ def test_sampling_on_gpu_uses_the_triton_path(pack, node, ltx2):
     err = float((out - sample(model)).norm() / sample(model).norm())
     print(f"r=8 fp8 uncalibrated on GPU: relative difference to baseline {err:.4f}")
     assert err < 0.1
+
+
+def test_attention_units_load_with_the_model_and_leave_the_dense_projections(pack, node, ltx2):
+    """layers = ffn+attention: the CompressedLinears load to the GPU with the model (they are in its additional
+    model); the dense projections they replace are not ComfyUI's to load (with legacy and dynamic VRAM alike,
+    LITEFFN_TEST_DYNAMIC=1): they stay on the CPU, and the model samples close to the dense one."""
+    import comfy.model_management as mm
+
+    model = ltx2()
+    patched, _ = compress(node, model, None, rank=8, layers="ffn+attention").result
+    mods = pack.nodes.model.compressed_modules(patched)
+    attn = {u: m for u, m in mods.items() if not pack.calibration.ltx2.is_ffn_unit(u)}
+    assert len(attn) == 2 * 6 * 4
+    dense = [patched.object_patches["diffusion_model." + u].original for u in attn]
+    mm.unload_all_models()
+    mm.load_models_gpu([patched] + patched.get_nested_additional_models())
+    assert all(p.device.type == "cuda" for m in attn.values() for p in m.parameters())
+    assert all(d.weight.device.type == "cpu" for d in dense)
+    out = sample(patched)
+    assert all(d.weight.device.type == "cpu" for d in dense)
+    err = float((out - sample(model)).norm() / sample(model).norm())
+    print(f"ffn+attention r=8 fp8 uncalibrated on GPU: relative difference to baseline {err:.4f} (CPU: 0.023)")
+    assert torch.isfinite(out).all() and err < 0.1
