@@ -4,6 +4,7 @@ wrap it exactly as the real model. Random weights: what matters here is the mode
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -43,25 +44,40 @@ def random_like(sd: dict, seed: int, dtype=torch.bfloat16) -> dict:
     return out
 
 
-def save(path: str, config=CONFIG, seed=0, fp8_ffn=False, video_only=False) -> str:
+# the attention projections of the transformer blocks (attn1, attn2, audio_attn1/2, audio_to_video_attn,
+# video_to_audio_attn): to_q, to_k, to_v, to_out.0; not those of the text embeddings connectors
+ATTENTION_WEIGHT = re.compile(r"model\.diffusion_model\.transformer_blocks\.\d+\.\w+\.(to_q|to_k|to_v|to_out\.0)\.weight")
+
+
+def save(path: str, config=CONFIG, seed=0, fp8_ffn=False, video_only=False, fp8_attention=False) -> str:
     """fp8_ffn: FFN weights stored as FP8 E4M3 with per-tensor `weight_scale` and
-    `_quantization_metadata`, the layout of ComfyUI's FP8 LTX-2 checkpoints."""
+    `_quantization_metadata`, the layout of ComfyUI's FP8 LTX-2 checkpoints (the keys matching
+    ".ff.net.": the video FFNs `ff`; `audio_ff` stays bf16). fp8_attention: the same for the blocks'
+    attention projections (ATTENTION_WEIGHT, both streams)."""
     from safetensors.torch import save_file
 
     sd = state_dict(config, seed, video_only)
     meta = {"config": json.dumps({"transformer": {k: v for k, v in config.items()
                                                   if not (video_only and k.startswith("audio"))}})}
-    if fp8_ffn:
-        layers = {}
-        for k in [k for k in sd if ".ff.net." in k and k.endswith(".weight")]:
-            w = sd[k].float()
-            s = w.abs().amax() / 448
-            sd[k] = (w / s).to(torch.float8_e4m3fn)
-            sd[k[: -len("weight")] + "weight_scale"] = s.reshape(())
-            layers[k[: -len(".weight")]] = {"format": "float8_e4m3fn"}
-        meta["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
+    keys = [k for k in sd if (fp8_ffn and ".ff.net." in k and k.endswith(".weight"))
+            or (fp8_attention and ATTENTION_WEIGHT.fullmatch(k))]
+    if keys:
+        meta["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": quantize_fp8(sd, keys)})
     save_file(sd, path, metadata=meta)
     return path
+
+
+def quantize_fp8(sd: dict, keys) -> dict:
+    """The weights `keys` of sd replaced, in place, by FP8 E4M3 codes with a per-tensor `weight_scale`
+    (amax / 448) beside them. -> the `layers` of `_quantization_metadata` that mark them so."""
+    layers = {}
+    for k in keys:
+        w = sd[k].float()
+        s = w.abs().amax() / 448
+        sd[k] = (w / s).to(torch.float8_e4m3fn)
+        sd[k[: -len("weight")] + "weight_scale"] = s.reshape(())
+        layers[k[: -len(".weight")]] = {"format": "float8_e4m3fn"}
+    return layers
 
 
 def conditioning(seed=0, tokens=7):

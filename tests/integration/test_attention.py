@@ -352,3 +352,118 @@ def test_attention_compressed_onto_a_model_with_compressed_ffns_keeps_both(pack,
     assert torch.equal(sample(both), sample(one))
     with pytest.raises(ValueError, match="already compressed by LiteFFN"):
         compress(node, both, None, rank=8)
+
+
+# FP8 checkpoints: ComfyUI's scaled FP8 layout (E4M3 codes + per-tensor weight_scale + _quantization_metadata)
+# on the attention projections, read by ComfyUI as comfy-kitchen QuantizedTensors
+
+def _quantized(t) -> bool:
+    return type(t).__name__ == "QuantizedTensor"
+
+
+def _fp8_model(ltx2):
+    pytest.importorskip("comfy_kitchen", reason="ComfyUI reads FP8 checkpoints through comfy-kitchen")
+    return ltx2(fp8_ffn=True, fp8_attention=True)
+
+
+def test_fp8_checkpoint_as_source_of_attention_projections(pack, node, ltx2, units):
+    import os
+
+    import ltx2_tiny
+    from test_nodes import folder
+
+    M = pack.nodes.model
+    fp8 = _fp8_model(ltx2)
+    dm = fp8.model.diffusion_model
+    attn = attention_units(units)
+    qt = {u: dm.get_submodule(u).weight for u in attn}
+    assert all(_quantized(w) for w in qt.values()), [u for u, w in qt.items() if not _quantized(w)]
+    assert _quantized(dm.transformer_blocks[0].ff.net[0].proj.weight)
+    # ComfyUI's dequantized weight is the bf16 checkpoint's to E4M3 precision (3 mantissa bits)
+    bf16 = ltx2().model.diffusion_model
+    deq = {u: w.detach().dequantize().float() for u, w in qt.items()}
+    for u in PROJ:
+        d = rel(deq[u], bf16.get_submodule(u).weight.detach().float())
+        assert 0 < d < 0.05, (u, d)
+
+    # the source a compressed projection is built from is the FP8 weight, its scale applied
+    exact, report = full_rank(node, fp8)
+    mods = M.compressed_modules(exact)
+    assert sorted(mods) == sorted(units["ffn+attention"]) and "56 linears" in report, report
+    for u in attn:
+        d = rel(mods[u].dense_weight().detach(), deq[u])
+        assert d < 1e-2, (u, d)
+    base = sample(fp8)
+    err_exact = rel(sample(exact), base)
+    print(f"FP8 attention source, full rank bf16 residual: {err_exact:.2e} from the FP8 model")
+    assert err_exact < tol(fp8)
+
+    # calibrate and compress ffn+attention from the FP8 model: close to the FP8 model's own output
+    stats, summary = calibrate(node, fp8, seeds=1, layers="ffn+attention").result
+    names = pack.calibration.ltx2.linears(units["ffn+attention"])
+    assert sorted(stats.names()) == sorted(names) and all(stats[n].rows > 0 for n in names), summary
+    patched, report = compress(node, fp8, stats, rank=16, layers="ffn+attention").result
+    assert "56 linears" in report and "56 calibrated" in report, report
+    err = rel(sample(patched), base)
+    print(f"FP8 attention source, ffn+attention r=16 fp8 calibrated: {err:.4f} from the FP8 model")
+    assert 0 < err < 0.05
+    assert all(_quantized(dm.get_submodule(u).weight) for u in attn)  # the FP8 model is as ComfyUI loaded it
+
+    # saved, then loaded onto the FP8 model: the file's fingerprints are those of the FP8 codes of the checkpoint
+    saved, _ = compress(node, fp8, stats, rank=8, save_name="attn/fp8_fa_r8", layers="ffn+attention").result
+    meta = pack.calibration.compressed_file.read_meta(os.path.join(folder(), "attn", "fp8_fa_r8.safetensors"))
+    sd = ltx2_tiny.state_dict()
+    ltx2_tiny.quantize_fp8(sd, [f"model.diffusion_model.{u}.weight" for u in attn])
+    codes = pack.calibration.fingerprint.fingerprint([(u, sd[f"model.diffusion_model.{u}.weight"]) for u in attn])
+    assert {u: meta["fingerprint"][u] for u in attn} == codes
+    assert M.model_fingerprint(fp8, list(attn)) == codes
+    loaded, report = node("LowRankFFNLoader").execute(model=fp8, compressed_file="attn/fp8_fa_r8.safetensors").result
+    assert "loaded fp8_fa_r8.safetensors" in report and "56 linears" in report, report
+    a, b = M.compressed_modules(saved), M.compressed_modules(loaded)
+    assert sorted(a) == sorted(b) == sorted(units["ffn+attention"])
+    for k, m in a.items():
+        other = dict(b[k].named_parameters())
+        for n, p in m.named_parameters():
+            assert torch.equal(p.view(torch.uint8), other[n].view(torch.uint8)), (k, n)
+    assert torch.equal(sample(saved), sample(loaded))
+    assert not fp8.object_patches
+    # onto the checkpoint whose FFNs alone are FP8: exactly the 48 projections differ (bf16 there)
+    with pytest.raises(ValueError, match=r"48 layers hold different weights \(e\.g\. transformer_blocks\.\d+\.\w+\.to_"):
+        node("LowRankFFNLoader").execute(model=ltx2(fp8_ffn=True), compressed_file="attn/fp8_fa_r8.safetensors")
+
+
+@pytest.mark.parametrize("layers", ["ffn", "attention"])
+def test_fp8_layers_left_uncompressed_keep_comfyuis_quantized_weights(pack, node, ltx2, units, layers):
+    """A MODEL from an FP8 checkpoint (video FFNs and every projection FP8) compressed on one kind of layer: the
+    other kind keeps ComfyUI's own modules, with the same QuantizedTensor weights, in the patched clone's tree
+    (while it samples, and after), and runs them. (ComfyUI re-wraps a QuantizedTensor parameter when it first
+    loads the model, over the same FP8 storage: the weight is compared by storage and value, not identity.)"""
+    M = pack.nodes.model
+    fp8 = _fp8_model(ltx2)
+    dm = fp8.model.diffusion_model
+    other = [u for u in units["ffn+attention"] if u not in units[layers]]
+    linears = {n: dm.get_submodule(n) for n in pack.calibration.ltx2.linears(other)}
+    kept = {n: m for n, m in linears.items() if _quantized(m.weight)}  # audio_ff is bf16 in this checkpoint
+    assert len(kept) == (48 if layers == "ffn" else 4), sorted(kept)
+    before = {n: (m.weight.data_ptr(), m.weight.dequantize().clone()) for n, m in kept.items()}
+    patched, report = compress(node, fp8, None, rank=8, layers=layers).result
+    assert sorted(M.compressed_modules(patched)) == sorted(units[layers])
+    assert not any(k.removeprefix("diffusion_model.").startswith(tuple(other)) for k in patched.object_patches)
+    ran, handles = _count_calls(kept)
+    try:
+        out = sample(patched)  # loaded: the live tree is the patched clone's
+        tree = patched.model.diffusion_model
+        for n, m in kept.items():
+            w = tree.get_submodule(n).weight
+            assert tree.get_submodule(n) is m and _quantized(w) and w.data_ptr() == before[n][0], n
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(ran.values()), [n for n, c in ran.items() if not c]
+    for n, m in kept.items():
+        assert patched.get_model_object("diffusion_model." + n) is m and m.weight.data_ptr() == before[n][0], n
+        assert _quantized(m.weight) and torch.equal(m.weight.dequantize(), before[n][1]), n
+    assert not any(k.removeprefix("diffusion_model.").removesuffix(".weight") in kept for k in patched.backup)
+    err = rel(out, sample(fp8))
+    print(f"FP8 checkpoint, layers={layers} r=8 fp8: {err:.4f} from the FP8 model")
+    assert 0 < err < 0.2

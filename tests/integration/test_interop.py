@@ -111,15 +111,20 @@ def test_patches_a_compressed_ffn_cannot_apply_are_refused_clearly(pack, node, l
     sample(patched)  # the failed run left nothing behind
 
 
-def test_torch_compile_through_comfyui_has_no_graph_break_in_our_modules(pack, node, ltx2):
-    """ComfyUI's compile path (what its TorchCompileModel node calls) over a compressed MODEL: the same
-    result, and dynamo's explanation of one step lists no graph break inside this pack's code."""
+@pytest.mark.parametrize("layers", ["ffn", "ffn+attention"])
+def test_torch_compile_through_comfyui_has_no_graph_break_in_our_modules(pack, node, ltx2, layers):
+    """ComfyUI's compile path (what its TorchCompileModel node calls) over a compressed MODEL (FFNs, or FFNs
+    and every attention projection): the same result, and dynamo's explanation of one step lists no graph
+    break inside this pack's code."""
     import os
+    import re
 
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     model = ltx2()
-    patched = compress(node, model, None, rank=8).result[0]
+    patched = compress(node, model, None, rank=8, layers=layers).result[0]
+    units = pack.calibration.ltx2.units(2, layers=layers)
+    assert sorted(pack.nodes.model.compressed_modules(patched)) == sorted(units)  # 4 FFNs, or + 48 projections
     eager = sample(patched)
     ours = tuple(os.path.join(os.path.dirname(pack.__file__), d, "") for d in ("nodes", "kernels", "calibration"))
     explained = []
@@ -139,6 +144,12 @@ def test_torch_compile_through_comfyui_has_no_graph_break_in_our_modules(pack, n
     for r in ex.break_reasons[:5]:
         print("  ComfyUI's:", r.reason.splitlines()[0][:100], "@", r.user_stack[-1].filename if r.user_stack else "")
     assert not inside, inside[0].reason
+    # our modules are traced into dynamo's graphs (not run around them): the paths of the compressed modules in them
+    traced = {v[0] for g in ex.graphs for n in g.graph.nodes for v in (n.meta.get("nn_module_stack") or {}).values()
+              if getattr(v[1], "__name__", str(v[1])).rsplit(".", 1)[-1] in ("CompressedFFN", "CompressedLinear")}
+    print(f"compressed modules in the graphs: {len(traced)}, e.g. {sorted(traced)[:2]}")
+    assert any(".ff" in p for p in traced), sorted(traced)
+    assert any(re.search(r"\.to_(q|k|v|out)\b", p) for p in traced) == (layers == "ffn+attention"), sorted(traced)
     compiled = patched.clone()
     backend = "inductor" if compiled.load_device.type == "cuda" else "aot_eager"  # inductor on CPU needs a C++ toolchain
     set_torch_compile_wrapper(model=compiled, backend=backend)
