@@ -1,0 +1,93 @@
+"""The synthetic LTX-2-shaped stack (calibration/synthetic.py) with its attention projections, and
+the demo's per-kind table (calibration/demo.py): error of each kind of linear, calibrated vs plain."""
+import torch
+
+from liteffn.calibration import ltx2
+from liteffn.calibration.synthetic import SyntheticAttention, SyntheticLTX2
+
+P = ltx2.CKPT_PREFIX
+
+
+def _linears(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_attention_projections_under_ltx2_names_in_the_checkpoint():
+    m = SyntheticLTX2(blocks=2, video_dim=64, audio_dim=32, attention=True)
+    sd = m.checkpoint()
+    names = [k[len(P):-len(".weight")] for k in sd if k.endswith(".weight")]
+    attn = ltx2.select(names, "all", "attention")
+    assert len(attn) == 2 * 2 * 4  # blocks x (attn1, audio_attn1) x (q, k, v, out.0)
+    assert len(ltx2.select(names, "all", "ffn+attention")) == len(attn) + 2 * 4
+    assert set(attn) == {f"transformer_blocks.{i}.{a}.{p}" for i in range(2) for a in ("attn1", "audio_attn1")
+                         for p in ltx2.PROJECTIONS}
+    assert ltx2.select(names, "video", "attention") == [n for n in attn if ".attn1." in n]
+    for n in attn:  # dim -> dim with a bias, video 64 and audio 32 wide
+        d = 64 if ".attn1." in n else 32
+        assert sd[P + n + ".weight"].shape == (d, d) and sd[P + n + ".bias"].shape == (d,)
+    # every linear of the stack is one the pack compresses, among the units it patches (LTX-2 has four
+    # more attentions per block than the stack)
+    assert sorted(_linears(m)) == sorted(ltx2.select(names, "all", "ffn+attention"))
+    assert set(_linears(m)) < set(ltx2.linears(ltx2.units(2, layers="ffn+attention")))
+
+
+def test_ffn_only_stack_is_unchanged_by_the_attention_option():
+    plain, full = SyntheticLTX2(2, 64, 32, seed=3), SyntheticLTX2(2, 64, 32, seed=3, attention=True)
+    sd0, sd1 = plain.checkpoint(), full.checkpoint()
+    assert not any(".attn1." in k for k in sd0) and len(_linears(plain)) == 8
+    assert all(torch.equal(v, sd1[k]) for k, v in sd0.items())  # FFN names and weights as before
+    x = plain.video_acts.sample(16, 0)
+    assert torch.equal(x, full.video_acts.sample(16, 0))
+
+
+def test_attention_weights_have_a_decaying_spectrum():
+    """Like the FFNs': the low-rank branch has something to hold (the top direction carries ~10% of the
+    energy, a gaussian matrix's 3%; the top 16 of 128 ~47%, a gaussian's 37%), but not everything (a
+    noise floor)."""
+    att = SyntheticAttention(128, seed=1)
+    for lin in (att.to_q, att.to_k, att.to_v, att.to_out[0]):
+        s2 = torch.linalg.svdvals(lin.weight.detach()) ** 2
+        top1, top16 = float(s2[0] / s2.sum()), float(s2[:16].sum() / s2.sum())
+        assert top1 > 0.07 and 0.43 < top16 < 0.8, (top1, top16)
+    assert len({float(lin.weight.detach().norm()) for lin in (att.to_q, att.to_k, att.to_v, att.to_out[0])}) == 4
+
+
+def test_projections_see_the_stream_and_the_attention_output():
+    m = SyntheticLTX2(blocks=1, video_dim=64, audio_dim=32, attention=True)
+    seen = {}
+    for n in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_out.0",
+              "transformer_blocks.0.audio_attn1.to_k", "transformer_blocks.0.ff.net.0.proj"):
+        m.get_submodule(n).register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, a[0]))
+    v, a = m.video_acts.sample(256, 0), m.audio_acts.sample(64, 0)
+    with torch.no_grad():
+        m(v, a)
+    assert torch.equal(seen["transformer_blocks.0.attn1.to_q"], v)  # the stream, outlier channels and all
+    assert torch.equal(seen["transformer_blocks.0.audio_attn1.to_k"], a)
+    amax = v.abs().amax(0).sort(descending=True).values
+    assert float(amax[0] / amax.median()) > 5
+    o = seen["transformer_blocks.0.attn1.to_out.0"]
+    assert o.shape == v.shape and not torch.allclose(o, v)
+    # the FFN runs after the attention, on the stream with the attention's residual added
+    assert not torch.allclose(seen["transformer_blocks.0.ff.net.0.proj"], v)
+
+
+def test_attention_is_a_real_attention_over_tokens():
+    """softmax attention: a batch gives each sample's result; permuting the tokens permutes the output;
+    each query weighs many tokens but not all alike."""
+    torch.manual_seed(0)
+    att = SyntheticAttention(64, seed=2)
+    x = torch.randn(2, 128, 64) * torch.linspace(0.5, 3, 64)
+    with torch.no_grad():
+        y = att(x)
+        assert torch.allclose(y[1], att(x[1]), atol=1e-5)
+        perm = torch.randperm(128)
+        assert torch.allclose(att(x[:, perm]), y[:, perm], atol=1e-5)
+        # the token mixing: to_out's input is a convex combination of the rows of v
+        v = att.to_v(x[0])
+        captured = {}
+        h = att.to_out[0].register_forward_pre_hook(lambda mod, a: captured.__setitem__("o", a[0]))
+        att(x[0])
+        h.remove()
+    o = captured["o"]
+    assert not torch.allclose(o, v, atol=1e-3)  # not the identity
+    assert (o.amax(0) <= v.amax(0) + 1e-4).all() and (o.amin(0) >= v.amin(0) - 1e-4).all()
