@@ -91,3 +91,68 @@ def test_attention_is_a_real_attention_over_tokens():
     o = captured["o"]
     assert not torch.allclose(o, v, atol=1e-3)  # not the identity
     assert (o.amax(0) <= v.amax(0) + 1e-4).all() and (o.amin(0) >= v.amin(0) - 1e-4).all()
+
+
+# ------------------------------------------------------------------ the demo's per-kind table
+def test_demo_calibrated_beats_plain_for_each_kind(capsys):
+    """At the demo's size, rank 16: the statistics lower the error of both kinds of linear, by a good
+    margin (measured: fp8 ~30-40%, nvfp4 ~65%), and the per-kind table shows both kinds."""
+    from liteffn.calibration.demo import run
+
+    rows = run(ranks=(16,), formats=("fp8", "nvfp4"), workers=1)
+    out = capsys.readouterr().out
+    for row in rows:
+        for kind in ("ffn", "attention"):
+            e = row["kinds"][kind]
+            margin = 0.85 if row["format"] == "fp8" else 0.5
+            assert e["err_cal"] < margin * e["err_plain"], (row["format"], kind, e)
+            assert 0 < e["bytes_ratio"] < 1
+        assert row["err_cal"] < row["err_plain"]  # the whole-FFN table, as before
+    assert rows[0]["kinds"]["ffn"]["linears"] == 8 and rows[0]["kinds"]["attention"]["linears"] == 16
+    assert "FFN output error on held-out activations" in out and "Error per kind of linear" in out
+    table = out[out.index("Error per kind of linear"):].splitlines()[2:]
+    assert [ln.split()[:3] for ln in table] == [[k, f, "16"] for k in ("ffn", "attention") for f in ("fp8", "nvfp4")]
+    assert "calibrated 8 FFN linears and 16 attention projections" in out
+
+
+def test_demo_kind_error_is_the_mean_of_each_linears_error_on_its_held_out_input():
+    """The per-kind number, recomputed by hand: each linear compressed alone (compress_linear), run as the
+    pack runs it (CompressedLinear) on the input it got in the held-out pass, ||y' - y|| / ||y||, averaged
+    over the kind's linears."""
+    from liteffn.calibration.demo import calibrate, compress_projection, held_out, run
+    from liteffn.calibration.lowrank import RankPolicy
+
+    kw = dict(blocks=1, video_dim=64, audio_dim=32, batches=2, tokens=256, seed=0)
+    row = run(ranks=(8,), formats=("nvfp4",), workers=1, **kw)[0]
+    torch.manual_seed(0)
+    m = SyntheticLTX2(1, 64, 32, 0, attention=True)
+    stats = calibrate(m, 2, 256, 0)
+    held = held_out(m, 256, 1000)
+    for cal in (False, True):
+        errs = {"ffn": [], "attention": []}
+        for n in stats.names():
+            c = compress_projection(m.get_submodule(n), n, stats if cal else None, RankPolicy(rank=8), "nvfp4")
+            x, y = held[n]
+            with torch.no_grad():
+                assert torch.equal(y, m.get_submodule(n)(x))
+                errs[ltx2.kind_of(n)].append(float((c(x) - y).norm() / y.norm()))
+        for k, e in errs.items():
+            got = row["kinds"][k]["err_cal" if cal else "err_plain"]
+            assert abs(got - sum(e) / len(e)) < 1e-6 * got, (k, cal, got, e)
+
+
+def test_demo_on_worker_processes_matches_one_process(capsys):
+    """Worker processes (one torch thread each) give the numbers of the in-process run, to rounding."""
+    from liteffn.calibration.demo import run
+
+    kw = dict(blocks=1, video_dim=64, audio_dim=32, ranks=(0, 8), formats=("fp8", "mxfp4"), batches=2, tokens=256)
+    one, two = run(workers=1, **kw), run(workers=2, **kw)
+    out = capsys.readouterr().out
+    assert "(2 worker processes)" in out and "worker processes failed" not in out  # no fallback to this process
+    for a, b in zip(one, two):
+        assert abs(a["err_cal"] - b["err_cal"]) < 0.02 * a["err_cal"] and a["bytes"] == b["bytes"]
+        for k in ("ffn", "attention"):
+            for key in ("err_plain", "err_cal"):
+                assert abs(a["kinds"][k][key] - b["kinds"][k][key]) < 0.02 * a["kinds"][k][key], (k, key)
+            assert a["kinds"][k]["bytes"] == b["kinds"][k]["bytes"]
+
