@@ -156,3 +156,12 @@ def test_demo_on_worker_processes_matches_one_process(capsys):
                 assert abs(a["kinds"][k][key] - b["kinds"][k][key]) < 0.02 * a["kinds"][k][key], (k, key)
             assert a["kinds"][k]["bytes"] == b["kinds"][k]["bytes"]
 
+
+def test_demo_workers_option(capsys):
+    from liteffn.calibration.cli import main
+
+    assert main(["demo", "--workers", "0"]) == 2 and "--workers: 0: must be >= 1" in capsys.readouterr().err
+    rc = main(["demo", "--blocks", "1", "--video-dim", "32", "--audio-dim", "32", "--ranks", "4", "--formats", "fp8",
+               "--workers", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "(1 process)" in out and "attention  fp8" in out
