@@ -165,3 +165,24 @@ def test_demo_workers_option(capsys):
                "--workers", "1"])
     out = capsys.readouterr().out
     assert rc == 0 and "(1 process)" in out and "attention  fp8" in out
+
+
+def test_offline_command_compresses_the_stacks_attention_with_its_statistics(tmp_path, capsys):
+    """The stack with attention as an LTX-2 checkpoint: `compress --layers ffn+attention` with the demo's
+    statistics takes all 12 linears of a block, every one calibrated, attn1.to_out.0 included."""
+    from safetensors.torch import save_file
+
+    from liteffn.calibration import compressed_file as cf
+    from liteffn.calibration.cli import main
+    from liteffn.calibration.demo import calibrate
+
+    m = SyntheticLTX2(blocks=1, video_dim=64, audio_dim=32, attention=True)
+    save_file(m.checkpoint(), str(tmp_path / "ck.safetensors"))
+    calibrate(m, 2, 128).save(str(tmp_path / "stats.safetensors"))
+    out = tmp_path / "o.safetensors"
+    rc = main(["compress", str(tmp_path / "ck.safetensors"), "-o", str(out), "--stats",
+               str(tmp_path / "stats.safetensors"), "--layers", "ffn+attention", "--rank", "8", "--device", "cpu"])
+    assert rc == 0 and "12 layers" in capsys.readouterr().out
+    layers, _ = cf.load(str(out))
+    assert len(ltx2.select(layers, "all", "attention")) == 8 and all(lay.info["calibrated"] for lay in layers.values())
+    assert layers["transformer_blocks.0.attn1.to_out.0"].info["in_features"] == 64
