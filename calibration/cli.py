@@ -43,6 +43,7 @@ _max_rank = _number(int, 1, what=">= 1")
 _energy = _number(float, 0.0, True, 1.0, what="in (0, 1], e.g. 0.5")
 _damp = _number(float, 0.0, True, what="> 0 (a fraction of R's mean diagonal added to R, e.g. 0.01)")
 _blocks = _number(int, 1, what=">= 1")
+_workers = _number(int, 1, what=">= 1")
 
 
 def _width(s: str) -> int:
@@ -74,20 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", title="commands", parser_class=_Parser)
 
     d = sub.add_parser("demo", parents=[debug], help="calibrate and compress a small synthetic LTX-2-shaped stack "
-                       "(no GPU, no files): prints error and bytes per format and rank",
-                       description="Calibrate a small synthetic LTX-2-shaped stack with forward hooks, compress "
-                       "it at each rank and residual format with and without the statistics, and print the FFN "
-                       "output error on held-out activations and the bytes. Takes minutes on a CPU; each step "
-                       "is printed as it finishes.")
+                       "(no GPU, no files): prints error and bytes per format and rank, and per kind of linear",
+                       description="Calibrate a small synthetic LTX-2-shaped stack (FFNs and self-attention "
+                       "projections) with forward hooks, compress it at each rank and residual format with and "
+                       "without the statistics, and print the FFN output error on held-out activations and the "
+                       "bytes, then the error of each kind of linear (ffn, attention). Takes under a minute on a "
+                       "2-core CPU; each step is printed as it finishes.")
     d.add_argument("--blocks", type=_blocks, default=2, help="transformer blocks of the stack (default 2)")
     d.add_argument("--video-dim", type=_width, default=256,
-                   help="video FFN width (hidden 4x; a multiple of 32; default 256)")
+                   help="video stream width: attn1 projections dim->dim, ff hidden 4x (a multiple of 32; default 256)")
     d.add_argument("--audio-dim", type=_width, default=128,
-                   help="audio FFN width (hidden 4x; a multiple of 32; default 128)")
+                   help="audio stream width: audio_attn1 projections dim->dim, audio_ff hidden 4x (a multiple of "
+                   "32; default 128)")
     d.add_argument("--ranks", type=_rank, nargs="+", default=[0, 16, 64], metavar="RANK",
                    help="ranks of the low-rank branch to try, each <= --audio-dim (default 0 16 64)")
     d.add_argument("--formats", nargs="+", default=["fp8", "nvfp4", "mxfp4"], choices=formats, metavar="FORMAT",
                    help=f"residual formats to try, of {', '.join(formats)} (default fp8 nvfp4 mxfp4)")
+    d.add_argument("--workers", type=_workers, default=None,
+                   help="processes that compress (default: one per CPU, at most 8; 1: all in this process)")
 
     c = sub.add_parser("compress", parents=[debug], help="compress an LTX-2 checkpoint's FFNs into a LiteFFN file",
                        description="Compress the FFN linears of an LTX-2 checkpoint, one layer at a time, into "
@@ -278,7 +283,7 @@ def main(argv=None) -> int:
         if a.cmd == "demo":
             from .demo import run
 
-            run(a.blocks, a.video_dim, a.audio_dim, tuple(a.ranks), tuple(a.formats))
+            run(a.blocks, a.video_dim, a.audio_dim, tuple(a.ranks), tuple(a.formats), workers=a.workers)
         elif a.cmd == "compress":
             if a.device and a.devices:
                 raise ValueError("give --device or --devices, not both")

@@ -71,14 +71,60 @@ class SyntheticFFN(torch.nn.Module):
         return self.net(x)
 
 
-class SyntheticLTX2(torch.nn.Module):
-    """A few blocks with video `ff` and audio `audio_ff`, named as in LTX-2."""
+class SyntheticAttention(torch.nn.Module):
+    """LTX-2 attention layout (to_q, to_k, to_v, to_out.0: dim -> dim, with biases) with structured
+    weights like SyntheticFFN's. Self-attention over the stream's tokens in heads of 32 channels:
+    q and k RMS-normalised over all channels (LTX-2's q_norm / k_norm), softmax(sharpness q k^T /
+    sqrt(head dim)) v, then to_out.0. sharpness stands in for the norms' learned gains: at 1 each
+    query spreads over most of 1024 tokens, at 3 over ~150 (largest weight ~8%). So to_q/k/v see
+    the stream itself (outlier channels and all) and to_out.0 the attention output, as in the
+    transformer."""
 
-    def __init__(self, blocks: int = 2, video_dim: int = 256, audio_dim: int = 128, seed: int = 0):
+    def __init__(self, dim: int, seed: int = 0, head_dim: int = 32, sharpness: float = 3.0):
         super().__init__()
+        self.heads = max(1, dim // head_dim)
+        self.sharpness = sharpness
+        if dim % self.heads:
+            raise ValueError(f"attention width {dim} does not split into {self.heads} heads")
+        g = torch.Generator().manual_seed(seed)
+        lins = {}
+        for j, name in enumerate(("to_q", "to_k", "to_v", "out")):
+            lin = torch.nn.Linear(dim, dim)
+            with torch.no_grad():
+                lin.weight.copy_(synthetic_weight(dim, dim, seed + j))
+                lin.bias.copy_(0.02 * torch.randn(dim, generator=g))
+            lins[name] = lin
+        self.to_q, self.to_k, self.to_v = lins["to_q"], lins["to_k"], lins["to_v"]
+        self.to_out = torch.nn.Sequential(lins["out"], torch.nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, dim] or [batch, tokens, dim]; the projections see it as given."""
+        Fn = torch.nn.functional
+        t, c = x.shape[-2:]
+        # heads as [batch, heads, tokens, head dim]: 4-D takes SDPA's fast CPU kernel (3-D the slow one)
+        heads = lambda z: z.reshape(-1, t, self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
+        q = heads(Fn.rms_norm(self.to_q(x), (c,)))
+        k = heads(Fn.rms_norm(self.to_k(x), (c,)))
+        o = Fn.scaled_dot_product_attention(q, k, heads(self.to_v(x)), scale=self.sharpness * (self.heads / c) ** 0.5)
+        return self.to_out(o.transpose(1, 2).reshape(x.shape))
+
+
+class SyntheticLTX2(torch.nn.Module):
+    """A few blocks with video `ff` and audio `audio_ff`, named as in LTX-2. With attention=True
+    each block also has a self-attention per stream, `attn1` (video) and `audio_attn1` (audio),
+    run before the FFNs as in the transformer (LTX-2's other four attentions, text and
+    cross-modal, are left out: the demo measures the projection kind, not every attention)."""
+
+    def __init__(self, blocks: int = 2, video_dim: int = 256, audio_dim: int = 128, seed: int = 0,
+                 attention: bool = False):
+        super().__init__()
+        self.attention = attention
         self.transformer_blocks = torch.nn.ModuleList()
         for i in range(blocks):
             b = torch.nn.Module()
+            if attention:  # registered first: a block's modules in the order they run
+                b.attn1 = SyntheticAttention(video_dim, seed=seed + 10 * i + 100_000)
+                b.audio_attn1 = SyntheticAttention(audio_dim, seed=seed + 10 * i + 100_005)
             b.ff = SyntheticFFN(video_dim, seed=seed + 10 * i)
             b.audio_ff = SyntheticFFN(audio_dim, seed=seed + 10 * i + 5)
             self.transformer_blocks.append(b)
@@ -95,8 +141,12 @@ class SyntheticLTX2(torch.nn.Module):
         return sd
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor):
-        """Each block's FFNs see the stream (with a residual add), as in the transformer."""
+        """Each block's attentions, then its FFNs, see the stream (each with a residual add), as in the
+        transformer. Streams are [tokens, dim] or [batch, tokens, dim]."""
         for b in self.transformer_blocks:
+            if self.attention:
+                video = video + b.attn1(video)
+                audio = audio + b.audio_attn1(audio)
             video = video + b.ff(video)
             audio = audio + b.audio_ff(audio)
         return video, audio

@@ -99,3 +99,6 @@ def test_demo_runs_and_prints_table():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "calibrated" in r.stdout and "fp8" in r.stdout and "vs bf16" in r.stdout
+    # the error per kind of linear: FFN linears and attention projections, each at every rank
+    kinds = r.stdout[r.stdout.index("Error per kind of linear"):].splitlines()[2:]
+    assert [ln.split()[:3] for ln in kinds] == [[k, "fp8", rank] for k in ("ffn", "attention") for rank in ("0", "8")]
