@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +116,12 @@ class ActivationStats:
     def names(self):
         return list(self.layers)
 
+    def width_of(self, name: str) -> int:
+        return self.layers[name].width
+
+    def rows_of(self, name: str) -> int:
+        return int(self.layers[name].rows)
+
     def nbytes(self) -> int:
         return sum(s.xtx.numel() * 4 + s.absmax.numel() * 4 for s in self.layers.values())
 
@@ -121,20 +129,17 @@ class ActivationStats:
                ) -> "ActivationStats":
         """Add other's statistics in place; layers only in other are copied over. Statistics of
         another model (family, per-layer fingerprints, widths) are refused (MismatchError) before
-        anything is added. names: how messages call self and other."""
-        check_same_model(self.meta, other.meta, *names)
-        for name, s in other.layers.items():
-            if name in self.layers and self.layers[name].width != s.width:
-                raise MismatchError(f"{names[0]} and {names[1]} hold layer {name} at widths {self.layers[name].width} "
-                                    f"and {s.width}: statistics of different models cannot be added")
-        for name, s in other.layers.items():
+        anything is added. names: how messages call self and other. other may be file-backed
+        (FileStats): it is read one layer at a time."""
+        check_mergeable(self.meta, {n: self.width_of(n) for n in self.names()}, other, names)
+        for name in other.names():
+            s = other[name]
             if name in self.layers:
                 self.layers[name].merge_(s)
             else:
                 self.layers[name] = LayerStats(s.xtx.clone(), s.absmax.clone(), s.rows)
-        self.meta["runs"] = int(self.meta.get("runs", 1)) + int(other.meta.get("runs", 1))
-        if "fingerprint" in other.meta:  # source weights of every layer held
-            self.meta["fingerprint"] = {**other.meta["fingerprint"], **self.meta.get("fingerprint", {})}
+            del s
+        self.meta = merged_meta(self.meta, other.meta)
         return self
 
     # ------------------------------------------------------------ file
@@ -165,6 +170,176 @@ class ActivationStats:
                 layers[name] = read_layer(f, path, name, info, device)
         meta.pop("layers"), meta.pop("format"), meta.pop("version")
         return cls(layers, meta)
+
+
+def merged_meta(mine: dict, other: dict) -> dict:
+    """Metadata of statistics plus other's (ActivationStats.merge_): mine's keys, runs added,
+    fingerprints of both (mine's entries first)."""
+    meta = dict(mine)
+    meta["runs"] = int(mine.get("runs", 1)) + int(other.get("runs", 1))
+    if "fingerprint" in other:  # source weights of every layer held
+        meta["fingerprint"] = {**other["fingerprint"], **mine.get("fingerprint", {})}
+    return meta
+
+
+def check_mergeable(meta: dict, widths: dict[str, int], other: "ActivationStats",
+                    names: tuple[str, str] = ("these statistics", "the others")) -> None:
+    """MismatchError when other (in memory or file-backed: nothing read but its metadata) holds
+    statistics of another model than meta / widths (family, per-layer fingerprints, widths)."""
+    check_same_model(meta, other.meta, *names)
+    for name in other.names():
+        if name in widths and widths[name] != other.width_of(name):
+            raise MismatchError(f"{names[0]} and {names[1]} hold layer {name} at widths {widths[name]} "
+                                f"and {other.width_of(name)}: statistics of different models cannot be added")
+
+
+class _FileLayers(Mapping):
+    """FileStats.layers: a read-only mapping whose values are read from the file when asked for."""
+
+    def __init__(self, owner: "FileStats"):
+        self._owner = owner
+
+    def __getitem__(self, name) -> LayerStats:
+        return self._owner[name]
+
+    def __iter__(self):
+        return iter(self._owner.infos)
+
+    def __len__(self):
+        return len(self._owner.infos)
+
+    def __contains__(self, name):
+        return name in self._owner.infos
+
+
+class FileStats(ActivationStats):
+    """Statistics that stay in their file (LiteFFN Calibrate's output once saved): names, widths,
+    rows and metadata are known from the header; `stats[name]` reads that one layer (checked as
+    ActivationStats.load checks it), so a consumer that goes layer by layer (Compress Model,
+    merge_, a chained Calibrate) never holds the whole file. Read-only (merge_ refused).
+
+    The file must stay the one that was opened: if it is replaced afterwards (another run wrote
+    that filename), reading refuses with a clear FileError rather than returning other data."""
+
+    def __init__(self, path: str):
+        meta, f = open_checked(path, STATS_FORMAT, STATS_VERSION)
+        with f:
+            infos = check_stats_meta(meta, path)
+        self.path = os.path.abspath(path)
+        self.infos: dict[str, dict] = {n: {"rows": int(i["rows"]), "width": int(i["width"])} for n, i in infos.items()}
+        self.meta = {k: v for k, v in meta.items() if k not in ("format", "version", "layers")}
+        self.layers = _FileLayers(self)
+        self._identity = _file_identity(self.path)
+
+    def __contains__(self, name):
+        return name in self.infos
+
+    def __getitem__(self, name) -> LayerStats:
+        if name not in self.infos:
+            raise KeyError(name)
+        self.check_unchanged()
+        _, f = open_checked(self.path, STATS_FORMAT, STATS_VERSION)
+        with f:
+            return read_layer(f, self.path, name, self.infos[name])
+
+    def names(self):
+        return list(self.infos)
+
+    def width_of(self, name: str) -> int:
+        return self.infos[name]["width"]
+
+    def rows_of(self, name: str) -> int:
+        return self.infos[name]["rows"]
+
+    def nbytes(self) -> int:
+        return 0  # nothing held in memory
+
+    def file_bytes(self) -> int:
+        return stats_file_bytes({n: i["width"] for n, i in self.infos.items()})
+
+    def is_file(self, path: str) -> bool:
+        """Whether path is this object's file, as it was when opened."""
+        try:
+            return os.path.samefile(path, self.path) and _file_identity(self.path) == self._identity
+        except OSError:
+            return False
+
+    def check_unchanged(self) -> None:
+        try:
+            now = _file_identity(self.path)
+        except OSError:
+            now = None
+        if now != self._identity:
+            raise FileError(f"statistics file {self.path} was {'removed' if now is None else 'replaced'} after "
+                            "these statistics were saved into it (another run wrote that file): run the LiteFFN "
+                            "Calibrate node that made them again, or load the file as it is now")
+
+    def merge_(self, other, names=("these statistics", "the others")):
+        raise TypeError("statistics kept in their file are read-only; merge them into ActivationStats()")
+
+    def __repr__(self):
+        return f"FileStats({self.path!r}, {len(self.infos)} layers)"
+
+
+def _file_identity(path: str) -> tuple:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def stream_passes(groups, run_group, earlier: "ActivationStats | None" = None, release: bool = False,
+                  rows: dict | None = None):
+    """Calibration once per group of layers, yielding each group's statistics on the host as soon
+    as its pass ends: (name, LayerStats) pairs, in the order the collector met them.
+
+    run_group(group) -> {name: LayerStats} runs the calibration for that group (e.g. the
+    collector's stats.layers; its entries are taken out of it). earlier: statistics added into
+    each layer (in memory or a FileStats, read one layer at a time); its layers this run lacks
+    follow at the end, as read. release: after the consumer asks for the next layer, the one it
+    had is emptied (xtx, absmax = None), so a consumer that writes and forgets (write_stats)
+    keeps one group alive at most, never the whole run; off when the consumer keeps them. rows:
+    filled with {name: rows} of what was yielded. A layer that never ran raises RuntimeError,
+    non-finite statistics ValueError (LayerStats.check_finite), before its group is yielded."""
+    seen = set()
+    for group in groups:
+        got = run_group(group)
+        missing = [n for n in group if n not in got or got[n].rows == 0]
+        if missing:
+            raise RuntimeError(f"LiteFFN Calibrate: {len(missing)} linears never ran (e.g. {missing[0]}); "
+                               "is this latent empty, or does another node skip them?")
+        for n in group:
+            got[n].check_finite(n)
+        for n in [n for n in got if n in group]:
+            st = got.pop(n)
+            s = LayerStats(st.xtx.cpu(), st.absmax.cpu(), st.rows)  # off the GPU (no copy when on the host)
+            del st
+            if earlier is not None and n in earlier:
+                s.merge_(earlier[n])
+            seen.add(n)
+            if rows is not None:
+                rows[n] = int(s.rows)
+            yield n, s
+            if release:
+                s.xtx = s.absmax = None
+            del s
+        del got
+    if earlier is not None:
+        for n in earlier.names():
+            if n in seen:
+                continue
+            s = earlier[n]
+            if rows is not None:
+                rows[n] = int(s.rows)
+            yield n, s
+            del s
+
+
+def sibling_temp(path: str) -> str:
+    """A name for a scratch file beside path that safe_io.clean_stale recognises as LiteFFN's (and
+    removes once this process is gone)."""
+    from .safe_io import TMP_TAG, _host
+
+    d, base = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{base[:120]}.run{TMP_TAG}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def check_stats_meta(meta: dict, path: str) -> dict:
@@ -370,13 +545,42 @@ def _stats_header_room(layers: int) -> int:
     return 16384 + 1024 * layers  # ~330 bytes per layer measured with LTX-2's names
 
 
-def check_stats_output(path: str, widths: dict[str, int] | None = None, inputs=(), option: str = "output") -> str:
+def check_stats_output(path: str, widths: dict[str, int] | None = None, inputs=(), option: str = "output",
+                       extra_bytes: int = 0) -> str:
     """A statistics output checked before any work (safe_io.check_output): not an input, not a
-    directory or device, not an existing file of another kind, room for its size."""
+    directory or device, not an existing file of another kind, room for its size (plus
+    extra_bytes of scratch written beside it first, e.g. save_stream's run file)."""
     from .safe_io import check_output
 
     return check_output(path, inputs, expect_format=STATS_FORMAT, option=option,
-                        expected_bytes=None if widths is None else stats_file_bytes(widths))
+                        expected_bytes=None if widths is None else stats_file_bytes(widths) + int(extra_bytes))
+
+
+def save_stream(path: str, layers, meta: dict, widths: dict[str, int], append: bool = False,
+                option: str = "output") -> "FileStats":
+    """Write (name, LayerStats) pairs (a generator: stream_passes) to the statistics file at path,
+    one layer in memory at a time, and return the result kept in its file (FileStats).
+
+    append and a file at path: the pairs go into a scratch statistics file beside path first
+    (their widths up front, as write_stats takes them), which is then summed with the file into
+    path layer by layer (_stream_merge, the same sums and order as append_to_file) and removed
+    whatever happens. Either way path appears whole or not at all: an error (or a layer the
+    generator refuses) leaves it as it was and no temp. Disk: the scratch file plus the new file
+    (check_stats_output(..., extra_bytes=) checks that before the work)."""
+    if not (append and os.path.exists(path)):
+        write_stats(path, layers, meta, widths=widths, option=option)
+        return FileStats(path)
+    run = sibling_temp(path)
+    try:
+        write_stats(run, layers, meta, widths=widths, option=option)
+        _stream_merge([path, run], path, None, inputs=(), option=option)  # path is read while its successor
+        # is written; x + y == y + x in fp32, so the totals are bit-identical to append_to_file's
+    finally:
+        try:
+            os.unlink(run)
+        except FileNotFoundError:
+            pass
+    return FileStats(path)
 
 
 def write_stats(path: str, layers, meta: dict, *, inputs=(), widths: dict[str, int] | None = None,
