@@ -271,8 +271,9 @@ class FileStats(ActivationStats):
             now = None
         if now != self._identity:
             raise FileError(f"statistics file {self.path} was {'removed' if now is None else 'replaced'} after "
-                            "these statistics were saved into it (another run wrote that file): run the LiteFFN "
-                            "Calibrate node that made them again, or load the file as it is now")
+                            "these statistics were saved into it (another run wrote that file since); to use the "
+                            "file as it is now choose it in LiteFFN Compress Model's stats_file, or run the LiteFFN "
+                            "Calibrate node that made these statistics again")
 
     def merge_(self, other, names=("these statistics", "the others")):
         raise TypeError("statistics kept in their file are read-only; merge them into ActivationStats()")

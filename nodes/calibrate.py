@@ -15,8 +15,8 @@ import comfy.utils
 
 from ..calibration import ltx2
 from ..calibration.compressed_file import MismatchError, compare_fingerprints
-from ..calibration.stats import (ActivationStats, StatsCollector, append_to_file, check_stats_output,
-                                 plan_passes)
+from ..calibration.stats import (ActivationStats, FileStats, StatsCollector, check_mergeable, check_stats_output,
+                                 merged_meta, plan_passes, save_stream, stats_file_bytes, stream_passes)
 from . import model as M
 from .files import FOLDER, Stats, layers_input, output_path, selection_inputs
 
@@ -52,7 +52,9 @@ class LiteFFNCalibrate(io.ComfyNode):
                                tooltip="Most memory the statistics may hold at once. LTX-2 19B needs ~64 GiB "
                                        "for all FFNs and ~43 GiB more with the attention projections; under a "
                                        "smaller budget the sampling runs once per group "
-                                       "of layers that fits (same seeds, same activations)."),
+                                       "of layers that fits (same seeds, same activations). With a filename "
+                                       "each group is saved as its pass ends, so host memory stays within it "
+                                       "too; without one the output holds all groups."),
                 io.Combo.Input("storage", options=["gpu", "cpu"], default="gpu",
                                tooltip="Where the statistics accumulate: cpu saves VRAM, costs a copy per step."),
                 io.String.Input("filename", default="ltx2_stats",
@@ -81,52 +83,68 @@ class LiteFFNCalibrate(io.ComfyNode):
         if path:  # before sampling: not a directory or another kind of file, room on its disk
             check_stats_output(path, widths, option="filename")
         fp = M.model_fingerprint(model, names)
-        if path and append and os.path.exists(path):
-            _check_same_model(ActivationStats.load_meta(path), fp, path,
-                              "(statistics of another model); choose another filename, or turn append off to "
-                              "replace the file")  # fail before sampling, not after
+        appending = bool(path and append and os.path.exists(path))
+        if appending:
+            saved = ActivationStats.load_meta(path)
+            _check_same_model(saved, fp, path, "(statistics of another model); choose another filename, or turn "
+                              "append off to replace the file")  # fail before sampling, not after
         earlier = stats
+        meta = {"model_family": ltx2.FAMILY, "fingerprint": fp, "runs": 1}
+        note = ""
         if earlier is not None:
             _check_same_model(earlier.meta, fp, "the stats input", "(The stats input holds statistics of another "
                               "model: connect this model's, or leave the input empty.)")
+            if isinstance(earlier, FileStats):
+                earlier.check_unchanged()  # its file replaced since: refused now, not after sampling
+            check_mergeable(meta, widths, earlier)
+            if appending and isinstance(earlier, FileStats) and earlier.is_file(path):
+                earlier, note = None, f" (the stats input is {os.path.basename(path)} itself: counted once)"
+        out_widths = {**widths, **{n: earlier.width_of(n) for n in earlier.names() if n not in widths}} \
+            if earlier is not None else widths
+        if path:  # room for everything written: this run with the stats input, then with the file
+            total = {**{n: i["width"] for n, i in saved["layers"].items()}, **out_widths} if appending else out_widths
+            check_stats_output(path, total, option="filename",
+                               extra_bytes=stats_file_bytes(out_widths) if appending else 0)
 
         latent = latent_image["samples"]
         latent = comfy.sample.fix_empty_latent_channels(model, latent, latent_image.get("downscale_ratio_spacial"),
                                                         latent_image.get("downscale_ratio_temporal"))
-        total = len(groups) * seeds * steps
-        pbar = comfy.utils.ProgressBar(total)
+        total_steps = len(groups) * seeds * steps
+        pbar = comfy.utils.ProgressBar(total_steps)
         done = [0]
-        stats = ActivationStats(meta={"model_family": ltx2.FAMILY, "fingerprint": fp, "runs": 1})
         dev = "cpu" if storage == "cpu" else None
-        log.info("LiteFFN Calibrate: %d linears in %d pass(es) x %d seed(s) x %d steps, budget %.1f GB",
-                 len(names), len(groups), seeds, steps, memory_budget_gb)
-        for group in groups:
+        log.info("LiteFFN Calibrate: %d linears in %d pass(es) x %d seed(s) x %d steps, budget %.1f GB%s",
+                 len(names), len(groups), seeds, steps, memory_budget_gb,
+                 "; each pass saved when it ends" if path else "")
+
+        def run_group(group):
+            """One pass: sample every seed with this group's hooks on; -> its statistics."""
             col = StatsCollector.for_widths({n: widths[n] for n in group}, budget_bytes=budget, storage=dev)
             work = model.clone()
             work.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _hooks(col))
             for s in range(seeds):
                 _sample(work, seed + s, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, latent,
                         lambda *_: _step(pbar, done))
-            for n, st in col.stats.layers.items():  # off the GPU before the next group
-                stats.layers[n] = type(st)(st.xtx.cpu(), st.absmax.cpu(), st.rows)
-            del col, work
-        missing = [n for n in names if n not in stats or stats[n].rows == 0]
-        if missing:
-            raise RuntimeError(f"LiteFFN Calibrate: {len(missing)} linears never ran (e.g. {missing[0]}); "
-                               "is this latent empty, or does another node skip them?")
-        for n in names:
-            stats[n].check_finite(n)
-        if earlier is not None:  # into the fresh object: the earlier node's cached output stays as it was
-            stats.merge_(earlier)
+            return col.stats.layers
+
+        rows = {}
+        if path:  # each pass goes to disk as it ends: host memory holds one group, not the whole run
+            stats = save_stream(path, stream_passes(groups, run_group, earlier, release=True, rows=rows),
+                                merged_meta(meta, earlier.meta) if earlier is not None else meta,
+                                out_widths, append=appending, option="filename")
+        else:  # nothing to stream to: the output holds them
+            stats = ActivationStats(meta=meta)
+            stats.layers.update(stream_passes(groups, run_group, rows=rows))
+            if earlier is not None:  # into the fresh object: the earlier node's cached output stays as it was
+                stats.merge_(earlier)
+                rows[names[0]] = stats.rows_of(names[0])
         summary = (f"{len(names)} linears ({layers}) of {len(dm.transformer_blocks)} blocks, {seeds} seed(s) x {steps} steps, "
-                   f"{len(groups)} pass(es); {stats[names[0]].rows} rows seen by {names[0]}"
-                   + (f" (with {stats.meta['runs'] - 1} earlier run(s))" if earlier is not None else ""))
+                   f"{len(groups)} pass(es); {rows[names[0]]} rows seen by {names[0]}"
+                   + (f" (with {int(earlier.meta.get('runs', 1))} earlier run(s))" if earlier is not None else ""))
         if path:
-            if append and os.path.exists(path):
-                append_to_file(stats, path)  # layer by layer; stats' layers become the totals
-                summary += f"; added to {os.path.basename(path)} ({stats.meta['runs']} runs)"
+            if appending:
+                summary += f"; added to {os.path.basename(path)} ({stats.meta['runs']} runs){note}"
             else:
-                stats.save(path)
                 summary += f"; saved {os.path.basename(path)}"
         return io.NodeOutput(stats, summary, ui=ui.PreviewText(summary))
 

@@ -180,12 +180,15 @@ def test_statistics_accumulate_over_runs_of_one_model(pack, node, ltx2):
     ActivationStats = pack.calibration.stats.ActivationStats
     model = ltx2()
     path = os.path.join(folder(), "acc.safetensors")
-    one, _ = calibrate(node, model, filename="acc", append=False, seeds=1).result
+    first, _ = calibrate(node, model, filename="acc", append=False, seeds=1).result
+    n = "transformer_blocks.1.ff.net.2"
+    one = first[n]  # the output is kept in the file: read now, while the file is this run's
     calibrate(node, model, filename="acc", append=True, seeds=1)
     saved = ActivationStats.load(path)
-    n = "transformer_blocks.1.ff.net.2"
-    assert saved.meta["runs"] == 2 and saved[n].rows == 2 * one[n].rows
-    torch.testing.assert_close(saved[n].xtx, 2 * one[n].xtx, rtol=1e-5, atol=1e-5)  # same seed: same activations
+    assert saved.meta["runs"] == 2 and saved[n].rows == 2 * one.rows
+    torch.testing.assert_close(saved[n].xtx, 2 * one.xtx, rtol=1e-5, atol=1e-5)  # same seed: same activations
+    with pytest.raises(pack.calibration.validate.FileError, match="was replaced after"):
+        first[n]  # the file now holds both runs: the first node's output refuses rather than read them
     with pytest.raises(ValueError, match="statistics of another model"):
         calibrate(node, ltx2(seed=3), filename="acc", append=True, seeds=1)
     assert ActivationStats.load(path).meta["runs"] == 2  # the file is as it was
