@@ -572,16 +572,35 @@ def save_stream(path: str, layers, meta: dict, widths: dict[str, int], append: b
         write_stats(path, layers, meta, widths=widths, option=option)
         return FileStats(path)
     run = sibling_temp(path)
+    lock = None
     try:
         write_stats(run, layers, meta, widths=widths, option=option)
+        lock = _hold_lock(run)  # another process's clean_stale leaves it alone while it is merged
         _stream_merge([path, run], path, None, inputs=(), option=option)  # path is read while its successor
         # is written; x + y == y + x in fp32, so the totals are bit-identical to append_to_file's
     finally:
+        if lock is not None:
+            os.close(lock)
         try:
             os.unlink(run)
         except FileNotFoundError:
             pass
     return FileStats(path)
+
+
+def _hold_lock(path: str):
+    """An open descriptor holding an exclusive flock on path (as SafeOutput holds on its temps), or
+    None where there are no flocks."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass
+    return fd
 
 
 def write_stats(path: str, layers, meta: dict, *, inputs=(), widths: dict[str, int] | None = None,

@@ -147,3 +147,24 @@ def test_a_fault_in_a_later_pass_leaves_the_file_as_it_was(pack, node, ltx2, mon
     finally:
         comfy.model_management.interrupt_current_processing(False)
     assert not any(m._forward_pre_hooks for m in model.model.modules())
+
+
+def test_append_needs_room_for_its_scratch_file_and_is_refused_before_sampling(pack, node, ltx2, monkeypatch):
+    S, safe_io = pack.calibration.stats, pack.calibration.safe_io
+    model = ltx2()
+    saved, _ = run(node, model, filename="roomy")
+    path = os.path.join(folder(), "roomy.safetensors")
+    before = open(path, "rb").read()
+    size = S.stats_file_bytes({n: saved.width_of(n) for n in saved.names()})
+
+    class Half:  # room for the new file, not for it and this run's scratch file together
+        f_bavail, f_frsize = int(size * 1.3) // 4096, 4096
+
+    monkeypatch.setattr(safe_io.os, "statvfs", lambda d: Half)
+    with monkeypatch.context() as m:
+        m.setattr(pack.nodes.calibrate, "_sample", lambda *a, **k: pytest.fail("sampled"))
+        with pytest.raises(ValueError, match=f"not enough free space for {path}"):
+            run(node, model, filename="roomy", append=True)
+    assert open(path, "rb").read() == before and not _litter(folder())
+    _, summary = run(node, model, filename="roomy", append=False)  # replacing it needs the new file only
+    assert "saved roomy.safetensors" in summary
