@@ -222,6 +222,7 @@ class FileStats(ActivationStats):
     that filename), reading refuses with a clear FileError rather than returning other data."""
 
     def __init__(self, path: str):
+        self._identity = _file_identity(path)  # first: a file replaced while its header is read is refused later
         meta, f = open_checked(path, STATS_FORMAT, STATS_VERSION)
         with f:
             infos = check_stats_meta(meta, path)
@@ -229,7 +230,6 @@ class FileStats(ActivationStats):
         self.infos: dict[str, dict] = {n: {"rows": int(i["rows"]), "width": int(i["width"])} for n, i in infos.items()}
         self.meta = {k: v for k, v in meta.items() if k not in ("format", "version", "layers")}
         self.layers = _FileLayers(self)
-        self._identity = _file_identity(self.path)
 
     def __contains__(self, name):
         return name in self.infos
@@ -253,9 +253,6 @@ class FileStats(ActivationStats):
 
     def nbytes(self) -> int:
         return 0  # nothing held in memory
-
-    def file_bytes(self) -> int:
-        return stats_file_bytes({n: i["width"] for n, i in self.infos.items()})
 
     def is_file(self, path: str) -> bool:
         """Whether path is this object's file, as it was when opened."""

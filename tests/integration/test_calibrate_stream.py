@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ltx2_tiny
-from test_nodes import STEPS, calibrate, folder, sample
+from test_nodes import STEPS, folder, sample
 
 SMALL = 0.0043  # GiB: several passes on the tiny model (4 MiB of it row-chunk scratch)
 
@@ -96,6 +96,7 @@ def test_chaining_from_a_saved_output(pack, node, ltx2, monkeypatch):
     S, FileError = pack.calibration.stats, pack.calibration.validate.FileError
     model = ltx2()
     first, _ = run(node, model, filename="chain_a")
+    assert isinstance(first, S.FileStats)
     n = "transformer_blocks.1.audio_ff.net.0.proj"
     one = first[n]
     second, _ = run(node, model, prompt=5)
