@@ -186,31 +186,46 @@ def measure(m, inp, a, ffn=True):
     return r
 
 
-def ffn_ms(m, inp, reps):
-    """ms inside the FFN calls of one step (median over reps): events recorded around each call and
-    read once the step has synchronised, so the step runs as it would unobserved."""
+def call_ms(m, inp, paths, by=None) -> float:
+    """ms inside the calls of the modules at paths during one step: CUDA events recorded around each
+    call and read once the step has synchronised, so the step runs as it would unobserved. by: a dict
+    filled with ms per path below its block (`ff`, `attn1.to_q`), summed over the blocks."""
     marks = []
 
-    def stamp(*_):
-        if DEV == "cuda":
-            marks.append(torch.cuda.Event(enable_timing=True))
-            marks[-1].record()
-        else:
-            marks.append(time.perf_counter())
+    def stamp_for(path):
+        key = ".".join(path.split(".")[2:])
 
-    mods = [f for blk in m.transformer_blocks for f in (blk.ff, blk.audio_ff)]
-    hooks = [h for f in mods for h in (f.register_forward_pre_hook(stamp), f.register_forward_hook(stamp))]
-    totals = []
+        def stamp(*_):
+            if DEV == "cuda":
+                marks.append((key, torch.cuda.Event(enable_timing=True)))
+                marks[-1][1].record()
+            else:
+                marks.append((key, time.perf_counter()))
+        return stamp
+
+    hooks = []
+    for p in paths:
+        mod, stamp = m.get_submodule(p), stamp_for(p)
+        hooks += [mod.register_forward_pre_hook(stamp), mod.register_forward_hook(stamp)]
     try:
-        for _ in range(reps):
-            marks.clear()
-            forward(m, inp)
-            sync()
-            totals.append(sum(s.elapsed_time(e) if DEV == "cuda" else 1e3 * (e - s) for s, e in zip(marks[::2], marks[1::2])))
+        forward(m, inp)
+        sync()
     finally:
         for h in hooks:
             h.remove()
-    return statistics.median(totals)
+    total = 0.0
+    for (k, s), (_, e) in zip(marks[::2], marks[1::2]):
+        ms = s.elapsed_time(e) if DEV == "cuda" else 1e3 * (e - s)
+        total += ms
+        if by is not None:
+            by[k] = by.get(k, 0.0) + ms
+    return total
+
+
+def ffn_ms(m, inp, reps):
+    """ms inside the 96 FFN calls of one step, median over reps."""
+    paths = ltx2.ffn_modules(len(m.transformer_blocks))
+    return statistics.median(call_ms(m, inp, paths) for _ in range(reps))
 
 
 def compiled(m, a, key, R):
@@ -241,16 +256,17 @@ def compiled(m, a, key, R):
 
 
 # ------------------------------------------------------------------ compression
-def compress(m, a, R):
-    n_blocks = len(m.transformer_blocks)
-    names = [f"{f}.{s}" for f in ltx2.ffn_modules(n_blocks) for s in (ltx2.UP, ltx2.DOWN)]
+def calibrate_and_compress(m, a, names) -> tuple[dict, dict]:
+    """{name: CompressedLayer} of names, calibrated in passes that fit --stats-budget-gb and compressed
+    on the device as Compress Model does, and the timings: passes, calib_s, compress_s, and per kind of
+    linear (ltx2.kind_of) its count, seconds and R-weighted errors."""
     mods = dict(m.named_modules())
     budget = int(a.stats_budget_gb * 2**30)
     groups = plan_passes({n: mods[n].in_features for n in names}, budget)
     # the same inputs for every group, so each group sees the activations the others saw
     calib = [inputs(m, a.calib_tokens, a, seed=1000 + i) for i in range(a.calib_steps)]
     log(f"calibrating {len(names)} linears in {len(groups)} passes x {a.calib_steps} steps at {a.calib_tokens} video tokens")
-    layers, t_cal, t_comp = {}, 0.0, 0.0
+    layers, t_cal, t_comp, kinds = {}, 0.0, 0.0, {}
     for gi, group in enumerate(groups):
         t = time.perf_counter()
         with StatsCollector(m, group, budget_bytes=budget) as col:
@@ -262,14 +278,29 @@ def compress(m, a, R):
         for n in group:
             lin = mods[n]
             rank = min(a.rank, min(lin.weight.shape) // 2)  # binds only at tiny size
+            t1 = time.perf_counter()
             layers[n] = compress_linear(lin.weight, lin.bias, col.stats.layers.pop(n), RankPolicy(rank=rank),
                                         a.format, device=DEV, name=n)
+            k = kinds.setdefault(ltx2.kind_of(n), {"n": 0, "s": 0.0, "err": []})
+            k["n"] += 1
+            k["s"] += time.perf_counter() - t1
+            k["err"].append(layers[n].info["rel_err"])
         sync()
         t_comp += time.perf_counter() - t
         del col
         sync(free=True)
         log(f"  pass {gi + 1}/{len(groups)}: {len(group)} linears; calibration {t_cal:.1f} s, compression {t_comp:.1f} s so far")
-    del calib, mods
+    info = dict(linears=len(names), passes=len(groups), calib_steps=a.calib_steps, calib_tokens=a.calib_tokens,
+                calib_s=t_cal, compress_s=t_comp,
+                by_kind={k: dict(linears=v["n"], seconds=v["s"], rel_err_median=statistics.median(v["err"]),
+                                 rel_err_max=max(v["err"])) for k, v in kinds.items()})
+    return layers, info
+
+
+def compress(m, a, R):
+    n_blocks = len(m.transformer_blocks)
+    names = [f"{f}.{s}" for f in ltx2.ffn_modules(n_blocks) for s in (ltx2.UP, ltx2.DOWN)]
+    layers, info = calibrate_and_compress(m, a, names)
     errs = sorted(c.info["rel_err"] for c in layers.values())
     t = time.perf_counter()
     for f in ltx2.ffn_modules(n_blocks):
@@ -277,9 +308,8 @@ def compress(m, a, R):
         new = ffn_from_layers(layers.pop(f"{f}.{ltx2.UP}"), layers.pop(f"{f}.{ltx2.DOWN}")).to(DEV)
         setattr(m.get_submodule(parent), attr, new)  # drops the dense FFN
     sync(free=True)
-    R["compress"] = dict(linears=len(names), passes=len(groups), calib_steps=a.calib_steps, calib_tokens=a.calib_tokens,
-                         calib_s=t_cal, compress_s=t_comp, replace_s=time.perf_counter() - t,
-                         rel_err_median=errs[len(errs) // 2], rel_err_max=errs[-1])
+    R["compress"] = dict(info, replace_s=time.perf_counter() - t, rel_err_median=errs[len(errs) // 2],
+                         rel_err_max=errs[-1])
     R["weights_gib_liteffn"] = weight_gib(m)
     log(f"compressed: {R['compress']}, weights {R['weights_gib_liteffn']:.3g} GiB")
 
@@ -339,32 +369,48 @@ def write(R, a):
 
 
 # ------------------------------------------------------------------ main
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str, calib_steps: int, stats_budget_gb: float) -> argparse.ArgumentParser:
+    """The options this bench and bench/ltx2_step.py share."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--size", choices=("tiny", "full"), default="full")
     ap.add_argument("--tokens", type=int, nargs="+", help="video tokens (default 6144 24576; tiny 32)")
     ap.add_argument("--audio-tokens", type=int, default=126)
     ap.add_argument("--context-tokens", type=int, default=1024, help="ComfyUI pads LTX-2's Gemma prompt to 1024")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--format", default="fp8", choices=("fp8", "mxfp4", "nvfp4"))
-    ap.add_argument("--calib-steps", type=int, default=2)
+    ap.add_argument("--calib-steps", type=int, default=calib_steps)
     ap.add_argument("--calib-tokens", type=int, help="video tokens of calibration steps (default 6144; tiny: first --tokens)")
-    ap.add_argument("--stats-budget-gb", type=float, default=24.0, help="GiB of X^T X statistics per calibration pass")
+    ap.add_argument("--stats-budget-gb", type=float, default=stats_budget_gb,
+                    help="GiB of X^T X statistics per calibration pass")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--attention", choices=("all", "default"), default="all",
-                    help="all: also try every other attention that runs here and report the fastest")
-    ap.add_argument("--compile", action="store_true", help="also time compiled blocks (first token count)")
     ap.add_argument("--out", help="markdown table")
     ap.add_argument("--json", help="raw numbers")
+    return ap
+
+
+def parsed(ap) -> argparse.Namespace:
     a = ap.parse_args()
     a.tokens = a.tokens or ([32] if a.size == "tiny" else [6144, 24576])
     a.calib_tokens = a.calib_tokens or (a.tokens[0] if a.size == "tiny" else 6144)
+    return a
+
+
+def triton_version() -> str:
     try:
         import triton
-        tv = triton.__version__
+        return triton.__version__
     except ImportError:
-        tv = "none"
+        return "none"
+
+
+def main():
+    ap = arguments(__doc__, calib_steps=2, stats_budget_gb=24.0)
+    ap.add_argument("--attention", choices=("all", "default"), default="all",
+                    help="all: also try every other attention that runs here and report the fastest")
+    ap.add_argument("--compile", action="store_true", help="also time compiled blocks (first token count)")
+    a = parsed(ap)
+    tv = triton_version()
 
     m = build(a.size, torch.bfloat16)
     sync()

@@ -30,7 +30,6 @@ rewritten after every variant: a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import itertools
 import json
@@ -48,10 +47,8 @@ from ltx2_e2e import DEV, build, forward, inputs, log, sync  # noqa: E402
 import comfy.ops  # noqa: E402
 
 from liteffn.calibration import ltx2  # noqa: E402
-from liteffn.calibration.compress import CompressedLayer, compress_linear  # noqa: E402
-from liteffn.calibration.lowrank import RankPolicy  # noqa: E402
+from liteffn.calibration.compress import CompressedLayer  # noqa: E402
 from liteffn.calibration.residual import quantize_residual  # noqa: E402
-from liteffn.calibration.stats import StatsCollector, plan_passes  # noqa: E402
 from liteffn.kernels import dispatch  # noqa: E402
 from liteffn.kernels.modules import ffn_from_layers, linear_from_layer  # noqa: E402
 
@@ -141,44 +138,6 @@ def comfy_fp8_fast(lin: torch.nn.Linear):
 
 
 # ------------------------------------------------------------------ LiteFFN
-def compress_all(m, a, names, R):
-    """CompressedLayers of names (calibrated in passes that fit the statistics budget)."""
-    mods = dict(m.named_modules())
-    budget = int(a.stats_budget_gb * 2**30)
-    groups = plan_passes({n: mods[n].in_features for n in names}, budget)
-    calib = [inputs(m, a.calib_tokens, a, seed=1000 + i) for i in range(a.calib_steps)]
-    log(f"calibrating {len(names)} linears in {len(groups)} passes x {a.calib_steps} steps")
-    layers, t_cal, t_comp, by_kind = {}, 0.0, 0.0, {}
-    for gi, group in enumerate(groups):
-        t = time.perf_counter()
-        with StatsCollector(m, group, budget_bytes=budget) as col:
-            for inp in calib:
-                forward(m, inp)
-        sync()
-        t_cal += time.perf_counter() - t
-        t = time.perf_counter()
-        for n in group:
-            lin = mods[n]
-            rank = min(a.rank, min(lin.weight.shape) // 2)  # binds only at tiny size
-            t1 = time.perf_counter()
-            layers[n] = compress_linear(lin.weight, lin.bias, col.stats.layers.pop(n), RankPolicy(rank=rank),
-                                        a.format, device=DEV, name=n)
-            k = by_kind.setdefault(ltx2.kind_of(n), {"n": 0, "s": 0.0, "err": []})
-            k["n"] += 1
-            k["s"] += time.perf_counter() - t1
-            k["err"].append(layers[n].info["rel_err"])
-        sync()
-        t_comp += time.perf_counter() - t
-        del col
-        sync(free=True)
-        log(f"  pass {gi + 1}/{len(groups)}: {len(group)} linears; calibration {t_cal:.1f} s, compression {t_comp:.1f} s")
-    R["compress"] = dict(linears=len(names), passes=len(groups), calib_steps=a.calib_steps, calib_tokens=a.calib_tokens,
-                         calib_s=t_cal, compress_s=t_comp,
-                         by_kind={k: dict(linears=v["n"], seconds=v["s"], rel_err_median=statistics.median(v["err"]),
-                                          rel_err_max=max(v["err"])) for k, v in by_kind.items()})
-    return layers
-
-
 def fake_all(m, a, names):
     """Timing only (--fast): the residual rounded to nearest from W itself, random rank-r factors,
     a fixed input range; same tensors, shapes and kernel paths as compress_linear's, seconds instead
@@ -206,41 +165,6 @@ def liteffn_modules(layers, units) -> dict:
 
 
 # ------------------------------------------------------------------ measurement
-def timed_calls(m, inp, paths, by=None) -> float:
-    """ms inside the calls of the modules at paths in one step, by CUDA events read after the step;
-    by: a dict filled with ms per projection kind (`attn1.to_q`, summed over blocks)."""
-    marks = []
-
-    def hooks_of(path):
-        key = ".".join(path.split(".")[2:])
-
-        def stamp(*_):
-            if DEV == "cuda":
-                marks.append((key, torch.cuda.Event(enable_timing=True)))
-                marks[-1][1].record()
-            else:
-                marks.append((key, time.perf_counter()))
-        return stamp
-
-    hooks = []
-    for p in paths:
-        f, stamp = m.get_submodule(p), hooks_of(p)
-        hooks += [f.register_forward_pre_hook(stamp), f.register_forward_hook(stamp)]
-    try:
-        forward(m, inp)
-        sync()
-    finally:
-        for h in hooks:
-            h.remove()
-    total = 0.0
-    for (k, s), (_, e) in zip(marks[::2], marks[1::2]):
-        ms = s.elapsed_time(e) if DEV == "cuda" else 1e3 * (e - s)
-        total += ms
-        if by is not None:
-            by[k] = by.get(k, 0.0) + ms
-    return total
-
-
 def measure(m, inp, a, ffn_paths, attn_paths, weights_bytes):
     for _ in range(a.warmup):
         forward(m, inp)
@@ -260,9 +184,9 @@ def measure(m, inp, a, ffn_paths, attn_paths, weights_bytes):
          "weights_gib": weights_bytes / 2**30}
     if DEV == "cuda":
         r["peak_gib"] = (weights_bytes + torch.cuda.max_memory_allocated() - base) / 2**30
-    r["ffn_ms"] = timed_calls(m, inp, ffn_paths)  # one step each: events around 96 / 1152 calls
+    r["ffn_ms"] = E.call_ms(m, inp, ffn_paths)  # one step each: events around 96 / 1152 calls
     r["attn_by_projection_ms"] = {}
-    r["attn_linear_ms"] = timed_calls(m, inp, attn_paths, r["attn_by_projection_ms"])
+    r["attn_linear_ms"] = E.call_ms(m, inp, attn_paths, r["attn_by_projection_ms"])
     return r
 
 
@@ -317,32 +241,13 @@ def write(R, a):
 
 # ------------------------------------------------------------------ main
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=("tiny", "full"), default="full")
-    ap.add_argument("--tokens", type=int, nargs="+", help="video tokens (default 6144 24576; tiny 32)")
-    ap.add_argument("--audio-tokens", type=int, default=126)
-    ap.add_argument("--context-tokens", type=int, default=1024)
-    ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--format", default="fp8", choices=("fp8", "mxfp4", "nvfp4"))
+    ap = E.arguments(__doc__, calib_steps=1, stats_budget_gb=60.0)
     ap.add_argument("--layers", nargs="+", default=["ffn", "ffn+attention"], choices=[*ltx2.LAYERS, VIDEO_TOKENS])
     ap.add_argument("--no-comfy", action="store_true", help="leave out ComfyUI's FP8 variants")
     ap.add_argument("--fast", action="store_true", help="timing only: no calibration, residuals rounded from W, "
                                                         "random factors (the output difference means nothing)")
-    ap.add_argument("--calib-steps", type=int, default=1)
-    ap.add_argument("--calib-tokens", type=int)
-    ap.add_argument("--stats-budget-gb", type=float, default=60.0)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--out")
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    a.tokens = a.tokens or ([32] if a.size == "tiny" else [6144, 24576])
-    a.calib_tokens = a.calib_tokens or (a.tokens[0] if a.size == "tiny" else 6144)
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = "none"
+    a = E.parsed(ap)
+    tv = E.triton_version()
     import comfy.ldm.modules.attention as comfy_attn
 
     m = build(a.size, torch.bfloat16)
@@ -396,7 +301,10 @@ def main():
 
     units = {layers: choice_units(n_blocks, layers) for layers in a.layers}
     needed = sorted({n for u in set().union(*units.values()) for n in ltx2.linears_of(u)})
-    layers = fake_all(m, a, needed) if a.fast else compress_all(m, a, needed, R)
+    if a.fast:
+        layers = fake_all(m, a, needed)
+    else:
+        layers, R["compress"] = E.calibrate_and_compress(m, a, needed)
     write(R, a)
     dispatch.counts.clear()
     for choice, us in units.items():
