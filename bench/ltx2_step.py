@@ -50,7 +50,7 @@ from liteffn.calibration import ltx2  # noqa: E402
 from liteffn.calibration.compress import CompressedLayer  # noqa: E402
 from liteffn.calibration.residual import quantize_residual  # noqa: E402
 from liteffn.kernels import dispatch  # noqa: E402
-from liteffn.kernels.modules import ffn_from_layers, linear_from_layer  # noqa: E402
+from liteffn.kernels.modules import module_from_layers  # noqa: E402
 
 # a bench-only choice: the FFNs and the projections whose input is the video stream (thousands of
 # tokens), leaving dense those that see the 126 audio or the 1024 text tokens
@@ -160,8 +160,7 @@ def fake_all(m, a, names):
 
 
 def liteffn_modules(layers, units) -> dict:
-    return {u: (ffn_from_layers(layers[f"{u}.{ltx2.UP}"], layers[f"{u}.{ltx2.DOWN}"]) if ltx2.is_ffn_unit(u)
-                else linear_from_layer(layers[u])).to(DEV) for u in units}
+    return {u: module_from_layers([layers[n] for n in ltx2.linears_of(u)]).to(DEV) for u in units}
 
 
 # ------------------------------------------------------------------ measurement

@@ -212,3 +212,13 @@ def linear_from_layer(c) -> CompressedLinear:
 def ffn_from_layers(up, down) -> CompressedFFN:
     """CompressedFFN from the two CompressedLayers (calibration/compress.py) of one FFN."""
     return CompressedFFN(linear_from_layer(up), linear_from_layer(down))
+
+
+def module_from_layers(layers) -> CompressedLinear | CompressedFFN:
+    """The module that runs a unit's CompressedLayers, given in the order they run: one linear, or
+    an FFN's two (up, down)."""
+    if len(layers) == 1:
+        return linear_from_layer(layers[0])
+    if len(layers) == 2:
+        return ffn_from_layers(*layers)
+    raise ValueError(f"a unit holds one linear or an FFN's two, not {len(layers)}")

@@ -15,7 +15,7 @@ import torch
 
 from ..calibration import ltx2
 from ..calibration.compressed_file import fingerprint
-from ..kernels.modules import CompressedFFN, CompressedLinear
+from ..kernels.modules import CompressedFFN, CompressedLinear, module_from_layers
 
 log = logging.getLogger("liteffn")
 PREFIX = "diffusion_model."  # inside a ModelPatcher
@@ -116,21 +116,45 @@ class LoRAError(ValueError):
     pass
 
 
-def lora_terms(model, unit: str) -> dict[str, tuple | None]:
-    """{linear: (up, down) or None} for the linears of a unit: the LoRA patches that ComfyUI's LoRA
-    loaders put on their weights, as one low-rank delta per linear (strength and alpha/rank folded
-    into `up`).
+def unit_finder(units):
+    """key -> the unit among units (names relative to the diffusion model) that a patcher key
+    (`diffusion_model.transformer_blocks.0.attn1.to_q.weight`) names or lies under, else None.
+    Looked up by the key's leading names, so a model's patches are sorted in one pass, not one
+    pass per unit (1248 units with ffn+attention)."""
+    units = set(units)
+    depths = sorted({u.count(".") + 1 for u in units})
+
+    def find(key: str) -> str | None:
+        if not key.startswith(PREFIX):
+            return None
+        parts = key[len(PREFIX):].split(".")
+        for depth in depths:
+            if depth > len(parts):
+                break
+            u = ".".join(parts[:depth])
+            if u in units:
+                return u
+        return None
+    return find
+
+
+def lora_terms(model, units) -> dict[str, dict[str, tuple | None]]:
+    """{unit: {linear: (up, down) or None}} for the linears of units: the LoRA patches that
+    ComfyUI's LoRA loaders put on their weights, as one low-rank delta per linear (strength and
+    alpha/rank folded into `up`).
 
     A compressed linear has no dense weight for ComfyUI to patch, so a LoRA's low-rank delta is added
     to the compressed low-rank branch instead (CompressedLinear.set_lora): the same function as the
     patched dense weight, whatever the order of the loaders. Patches that are not a low-rank delta
     (full weight diffs, LoHa/LoKr/OFT, DoRA, bias diffs, a scaled base weight) raise LoRAError."""
-    out = {n: None for n in ltx2.linears_of(unit)}
-    weights = {PREFIX + n + ".weight": n for n in out}
+    out = {u: {n: None for n in ltx2.linears_of(u)} for u in units}
+    find = unit_finder(out)
     for key, entries in model.patches.items():
-        if not (key.startswith(PREFIX + unit + ".") or key.removesuffix(".weight") == PREFIX + unit):
+        unit = find(key)
+        if unit is None:
             continue
-        if key not in weights:
+        linear = key[len(PREFIX):].removesuffix(".weight")
+        if not key.endswith(".weight") or linear not in out[unit]:
             raise LoRAError(_unsupported(key, "a patch of a tensor other than the weight"))
         ups, downs = [], []
         for strength, v, strength_model, offset, function in entries:
@@ -147,7 +171,7 @@ def lora_terms(model, unit: str) -> dict[str, tuple | None]:
             ups.append(up * (strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)))
             downs.append(down)
         if ups:
-            out[weights[key]] = (torch.cat(ups, 1), torch.cat(downs, 0))
+            out[unit][linear] = (torch.cat(ups, 1), torch.cat(downs, 0))
     return out
 
 
@@ -167,7 +191,8 @@ def lora_notes(model, linears) -> list[str]:
     """Check that the LoRA patches on these linears can run on compressed ones (raises LoRAError
     if not) and say so in the report."""
     units = sorted({ltx2.unit_of(n) for n in linears})
-    hit = [u for u in units if any(lora_terms(model, u).values())]
+    terms = lora_terms(model, units)
+    hit = [u for u in units if any(terms[u].values())]
     if not hit:
         return []
     msg = (f"a LoRA patches {len(hit)} of the compressed units (e.g. {hit[0]}): it runs on the compressed "
@@ -253,12 +278,15 @@ def patched(model, modules: dict[str, CompressedFFN | CompressedLinear]):
     m = model.clone()
     container = torch.nn.ModuleDict({_key(u): mod for u, mod in modules.items()})
     saved = 0
+    find = unit_finder(modules)
+    for k in list(m.object_patches):  # other nodes' patches inside a unit about to be replaced
+        unit = find(k)
+        if unit is not None and k != PREFIX + unit:
+            log.warning("LiteFFN: dropping another node's patch %s: %s is now compressed", k, unit)
+            del m.object_patches[k]
     for unit, mod in modules.items():
         key = PREFIX + unit
         orig = original_unit(model, unit)
-        for k in [k for k in m.object_patches if k.startswith(key + ".")]:
-            log.warning("LiteFFN: dropping another node's patch %s: %s is now compressed", k, unit)
-            del m.object_patches[k]
         m.add_object_patch(key, _Proxy(mod, orig))
         saved += _nbytes(orig)
     if not m.get_callbacks(CallbacksMP.ON_PRE_RUN, ADDITIONAL_KEY):  # once, also on a MODEL patched by LiteFFN before
@@ -284,21 +312,26 @@ def _before_sampling(model) -> None:
     """ON_PRE_RUN of the MODEL being sampled (after loading): its LoRA patches go into the compressed
     linears, which clones share, so they are set for this run and cleared after it."""
     proxies = _proxies(model)
+    ours = {u for u, _ in proxies}
+    terms = lora_terms(model, ours)
     for unit, proxy in proxies:
-        terms = lora_terms(model, unit)
         for name in ltx2.linears_of(unit):
-            compressed_linear(proxy.target, unit, name).set_lora(*(terms[name] or (None,)))
+            compressed_linear(proxy.target, unit, name).set_lora(*(terms[unit][name] or (None,)))
             if "forward" in vars(original_linear(proxy.original, unit, name)):  # e.g. Load LoRA (Bypass)
                 raise LoRAError(f"another node replaced the forward of {name} (a bypass LoRA or similar), a "
                                 "linear that LiteFFN compressed, so it would be ignored. Use ComfyUI's Load LoRA "
                                 "for LoRAs (LiteFFN adds them to the compressed linears), or apply that node to the "
                                 "uncompressed MODEL.")
-    ours = {PREFIX + u for u, _ in proxies}
+    find = unit_finder(ours)
+
+    def inside(k):  # strictly below one of our units
+        u = find(k)
+        return u is not None and k != PREFIX + u
+
     for k in model.object_patches:
-        if k not in ours and any(k.startswith(o + ".") for o in ours):
+        if inside(k):
             _warn_once(f"another node's patch {k} is ignored: that unit is compressed by LiteFFN")
-    hooked = [k for hp in model.hook_patches.values() for k in hp
-              if any(k.startswith(o + ".") for o in ours)]
+    hooked = [k for hp in model.hook_patches.values() for k in hp if inside(k)]
     if hooked:
         raise LoRAError(f"a hook LoRA (Create Hook LoRA / Set Model Hooks) patches {hooked[0]}, a layer that LiteFFN "
                         "compressed; hooks cannot reach compressed layers. Use a LoRA loader node instead.")
@@ -326,11 +359,7 @@ def compressed_modules(model, ffn_only: bool = False) -> dict[str, CompressedFFN
 
 def build_unit(unit: str, layers: dict) -> CompressedFFN | CompressedLinear:
     """The module for a unit from its CompressedLayers {linear: layer} (calibration/compress.py)."""
-    from ..kernels.modules import ffn_from_layers, linear_from_layer
-
-    if ltx2.is_ffn_unit(unit):
-        return ffn_from_layers(layers[f"{unit}.{ltx2.UP}"], layers[f"{unit}.{ltx2.DOWN}"])
-    return linear_from_layer(layers[unit])
+    return module_from_layers([layers[n] for n in ltx2.linears_of(unit)])
 
 
 def _key(unit: str) -> str:
