@@ -36,23 +36,24 @@ def _prefix(keys) -> str:
     return ltx2.CKPT_PREFIX if any(k.startswith(ltx2.CKPT_PREFIX) for k in keys) else ""
 
 
-def block_linears(keys, which: str = "all") -> tuple[str, list[str]]:
-    """(key prefix, the selected block linears) of a checkpoint; which as ltx2.selection takes it."""
+def block_linears(keys, which: str = "all", layers: str = "ffn") -> tuple[str, list[str]]:
+    """(key prefix, the selected block linears) of a checkpoint (ltx2.select's streams and layers)."""
     keys = list(keys)
     p = _prefix(keys)
     names = [k[len(p):-len(".weight")] for k in keys if k.startswith(p) and k.endswith(".weight")]
-    return p, ltx2.select(names, which)
+    return p, ltx2.select(names, which, layers)
 
 
 ffn_linears = block_linears
 
 
-def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True, policy: RankPolicy | None = None):
+def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True, policy: RankPolicy | None = None,
+          layers: str = "ffn"):
     """(keys, prefix, selected FFN linear names, FP8 quantization metadata, statistics' layer infos,
     statistics' fingerprint). Everything that can be known before a layer is compressed is checked
     here (check_inputs), so a bad input fails before any work and leaves no file."""
     keys = list(f.keys())
-    p, names = block_linears(keys, which)
+    p, names = block_linears(keys, which, layers)
     if p + ltx2.MARKER not in keys or not names:
         raise ValueError(
             f"{ckpt} is not an LTX-2 checkpoint (no {p + ltx2.MARKER!r} or none of the selected layers, e.g. FFNs "
@@ -167,8 +168,9 @@ def _extra(policy: RankPolicy, fmt: str, ckpt: str) -> dict:
 def compress_checkpoint(ckpt: str, out: str, stats_path: str | None = None, policy: RankPolicy | int = 64,
                         fmt: str = "fp8", which: str = "all", device: str | None = None, damp: float = 0.01,
                         gptq: bool = True, progress: bool = True, devices: list[str] | str | None = None,
-                        timings: dict | None = None) -> dict:
-    """Compress every selected linear of ckpt into out (which: ltx2.selection); returns {name: info}.
+                        timings: dict | None = None, layers: str = "ffn") -> dict:
+    """Compress every selected linear of ckpt (streams which, kinds layers: ltx2.select) into out;
+    returns {name: info}.
 
     devices (e.g. ["cuda:0", "cuda:1"]): one process per device, the layers divided by cost
     (compress_rank); the file has the same bytes as a run on one of them. timings, if given, is
@@ -185,7 +187,7 @@ def compress_checkpoint(ckpt: str, out: str, stats_path: str | None = None, poli
             raise ValueError("give either device or devices, not both")
         devices = parse_devices(devices)
         if len(devices) > 1:
-            res = launch(compress_rank, devices, ckpt, out, stats_path, policy, fmt, which, damp, gptq, progress,
+            res = launch(compress_rank, devices, ckpt, out, stats_path, policy, fmt, which, damp, gptq, progress, layers,
                          backend="gloo", timeout_s=WAIT_S)[0]
             if timings is not None:
                 timings.update(ranks=res["ranks"], write_s=res["write_s"])
@@ -195,7 +197,7 @@ def compress_checkpoint(ckpt: str, out: str, stats_path: str | None = None, poli
     t0 = time.perf_counter()
     on_gpu = torch.cuda.device(torch.device(device)) if torch.device(device).type == "cuda" else nullcontext()
     with on_gpu, safe_open(ckpt, framework="pt") as f:  # on_gpu: Triton launches on cuda:N, not the current GPU
-        keys, p, names, quant, stats_infos, stats_fp = _open(f, ckpt, which, stats_path, policy=policy)
+        keys, p, names, quant, stats_infos, stats_fp = _open(f, ckpt, which, stats_path, policy=policy, layers=layers)
         infos = {}
         with compressed_file.Writer(out, ltx2.FAMILY, _extra(policy, fmt, ckpt), inputs=_inputs(ckpt, stats_path),
                                     expected_layers=len(names)) as w:
@@ -241,7 +243,7 @@ def _part(parts: str, i: int) -> str:
 
 def compress_rank(rank: int, world: int, device: str, ckpt: str, out: str, stats_path: str | None = None,
                   policy: RankPolicy | int = 64, fmt: str = "fp8", which: str = "all", damp: float = 0.01,
-                  gptq: bool = True, progress: bool = True) -> dict:
+                  gptq: bool = True, progress: bool = True, layers: str = "ffn") -> dict:
     """One rank's share of a compression spread over processes (collective: every rank of the
     default process group calls it; launch() or torchrun starts them, gloo suffices).
 
@@ -286,7 +288,7 @@ def compress_rank(rank: int, world: int, device: str, ckpt: str, out: str, stats
             f = safe_open(ckpt, framework="pt")
             check_damp(damp)
             keys, p, names, quant, stats_infos, stats_fp = _open(f, ckpt, which, stats_path, warn=rank == 0,
-                                                                 policy=policy)
+                                                                 policy=policy, layers=layers)
             costs = {n: layer_cost(*f.get_slice(f"{p}{n}.weight").get_shape()) for n in names}
             owner = assign_by_cost(costs, world)
             mine = [n for n in names if owner[n] == rank]

@@ -146,8 +146,8 @@ def _check(ap, a) -> None:
         if a.layers in ltx2.STREAMS and a.streams != "all":
             err(f"--layers {a.layers} is the older way to pick the FFNs of a stream; give --layers ffn "
                 f"--streams {a.streams} (or ffn+attention)")
-        # one selection string for the compress functions (ltx2.selection): "ffn+attention:video"
-        a.which = a.layers if a.layers in ltx2.STREAMS else f"{a.layers}:{a.streams}"
+        # the older `--layers video` is the video stream's FFNs
+        a.which, a.kinds = (a.layers, "ffn") if a.layers in ltx2.STREAMS else (a.streams, a.layers)
     elif a.cmd == "demo":
         cap = min(a.video_dim, a.audio_dim)
         if max(a.ranks) > cap:
@@ -290,14 +290,14 @@ def main(argv=None) -> int:
             from .compressed_file import check_checkpoint_output
 
             check_checkpoint_output(a.out, a.checkpoint, a.stats, a.which, 0 if a.energy is not None else a.rank,
-                                    a.format)  # before any work: not an input, room on the disk
+                                    a.format, layers=a.kinds)  # before any work: not an input, room on the disk
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 return _compress_torchrun(a)
             from .checkpoint import compress_checkpoint
 
             timings = {}
             infos = compress_checkpoint(a.checkpoint, a.out, a.stats, _policy(a), a.format, a.which, a.device,
-                                        a.damp, not a.no_gptq, devices=a.devices, timings=timings)
+                                        a.damp, not a.no_gptq, devices=a.devices, timings=timings, layers=a.kinds)
             _summary(a.out, infos, timings)
         else:
             from .stats import ActivationStats, check_stats_output, merge_files
@@ -347,7 +347,7 @@ def _compress_torchrun(a) -> int:
     rank, world, device = init_from_env("gloo", device=a.device, timeout_s=WAIT_S)
     try:
         res = compress_rank(rank, world, device, a.checkpoint, a.out, a.stats, _policy(a), a.format, a.which,
-                            a.damp, not a.no_gptq)
+                            a.damp, not a.no_gptq, layers=a.kinds)
     except AgreedError:  # raised on every rank: rank 0 says it
         if rank:
             return 2

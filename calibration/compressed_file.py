@@ -112,7 +112,7 @@ def estimate_bytes(shapes, rank: int, fmt, bias: bool = True) -> int:
 
 
 def check_checkpoint_output(out: str, ckpt: str, stats: str | None, which: str, rank: int, fmt,
-                            option: str = "-o") -> None:
+                            option: str = "-o", layers: str = "ffn") -> None:
     """The offline command's output, checked before any work: not an input, a writable file of
     the right kind, and room on its disk for the file (sized from the selected linears' shapes;
     skipped when the checkpoint cannot be read: loading it says why)."""
@@ -124,7 +124,7 @@ def check_checkpoint_output(out: str, ckpt: str, stats: str | None, which: str, 
 
         with safe_open(ckpt, framework="pt") as f:
             keys = list(f.keys())
-            p, names = block_linears(keys, which)
+            p, names = block_linears(keys, which, layers)
             shapes = [tuple(f.get_slice(f"{p}{n}.weight").get_shape()) for n in names]
             bias = any(f"{p}{n}.bias" in keys for n in names)
         if shapes and all(len(s) == 2 for s in shapes):

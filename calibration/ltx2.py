@@ -89,21 +89,9 @@ def kinds(layers: str) -> tuple[str, ...]:
     return LAYERS[layers]
 
 
-def selection(which: str, layers: str | None = None) -> tuple[str, str]:
-    """(streams, layers) of a selection string as the offline command passes it through: a stream
-    (all | video | audio: FFNs, as before `layers` existed) or `layers[:streams]` (ffn+attention:audio)."""
-    if layers is not None:
-        return which, layers
-    if which in STREAMS:
-        return which, "ffn"
-    kind, _, which = which.partition(":")
-    return which or "all", kind
-
-
-def select(names, which: str = "all", layers: str | None = None) -> list[str]:
+def select(names, which: str = "all", layers: str = "ffn") -> list[str]:
     """The linears among names that a selection compresses: streams which = all | video | audio,
-    kinds layers = ffn | ffn+attention | attention (or both in which, see selection)."""
-    which, layers = selection(which, layers)
+    kinds layers = ffn | ffn+attention | attention."""
     keep, want = streams(which), kinds(layers)
     return [n for n in names if kind_of(n) in want and stream_of(n) in keep]
 

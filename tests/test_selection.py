@@ -61,11 +61,11 @@ def test_linear_kinds_and_units():
             ltx2.unit_of(name)
 
 
-def test_selection_strings_of_the_offline_command():
+def test_selection_by_streams_and_layers():
     names = ["transformer_blocks.0.attn1.to_q", "transformer_blocks.0.ff.net.2", "transformer_blocks.0.audio_ff.net.2",
              "transformer_blocks.0.video_to_audio_attn.to_v", "proj_out"]
-    assert ltx2.select(names) == names[1:3]  # a stream name alone: FFNs, as before `layers` existed
+    assert ltx2.select(names) == names[1:3]  # a stream alone: FFNs, as before `layers` existed
     assert ltx2.select(names, "video") == names[1:2]
-    assert ltx2.select(names, "ffn+attention") == names[:4]
-    assert ltx2.select(names, "attention:audio") == names[3:4]
+    assert ltx2.select(names, "all", "ffn+attention") == names[:4]
+    assert ltx2.select(names, "audio", "attention") == names[3:4]
     assert ltx2.select(names, "all", "attention") == [names[0], names[3]]
