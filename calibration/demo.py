@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from ..kernels.modules import CompressedFFN, CompressedLinear
+from ..kernels.modules import CompressedFFN, CompressedLinear, linear_from_layer
 from . import ltx2
 from .compress import compress_linear
 from .lowrank import RankPolicy
@@ -59,13 +59,8 @@ def held_out(model: SyntheticLTX2, tokens: int, seed: int) -> dict:
 
 def compress_projection(lin: torch.nn.Linear, name: str, stats, policy, fmt: str) -> CompressedLinear:
     """One linear (e.g. an attention projection) as the pack replaces it: a CompressedLinear."""
-    layer = compress_linear(lin.weight, lin.bias, stats[name] if stats else None, policy, fmt, name=name)
-    return CompressedLinear(fmt, lin.in_features, lin.out_features, layer.tensors)
-
-
-def compress_ffn(ffn, prefix: str, stats, policy, fmt: str) -> CompressedFFN:
-    return CompressedFFN(*(compress_projection(ffn.get_submodule(sub), f"{prefix}.{sub}", stats, policy, fmt)
-                           for sub in (ltx2.UP, ltx2.DOWN)))
+    return linear_from_layer(compress_linear(lin.weight, lin.bias, stats[name] if stats else None, policy, fmt,
+                                             name=name))
 
 
 def _bytes(c: CompressedLinear) -> int:
@@ -104,8 +99,7 @@ def _unit_job(job, data: dict | None = None) -> dict:
     out, comp = {}, []
     for n, w, b, xtx, absmax, rows, x, y in lins:
         stats = LayerStats(xtx, absmax, rows) if calibrated else None
-        layer = compress_linear(w, b, stats, RankPolicy(rank=rank), fmt, name=n)
-        c = CompressedLinear(fmt, w.shape[1], w.shape[0], layer.tensors)
+        c = linear_from_layer(compress_linear(w, b, stats, RankPolicy(rank=rank), fmt, name=n))
         with torch.no_grad():
             out[n] = (_rel(y, c(x)), _bytes(c))  # the linear alone: FP8 activations per token
         comp.append(c)

@@ -405,7 +405,8 @@ def merge_files(inputs: list[str], out: str, option: str = "output") -> dict:
 
 def append_to_file(stats: "ActivationStats", path: str, option: str = "filename") -> "ActivationStats":
     """Add stats to the statistics file at path (or write it if there is none), streaming the
-    file layer by layer (Calibrate's append). stats' own layers become the totals, in place; the
+    file layer by layer: the append of statistics held in memory (Calibrate streams its passes
+    through save_stream instead, which gives the same file). stats' own layers become the totals, in place; the
     file's other layers are copied through without being held. Returns stats (meta: runs and
     fingerprint of the total). An error leaves the file as it was (stats may hold part of the sum)."""
     if not os.path.exists(path):
