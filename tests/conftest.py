@@ -10,6 +10,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the tests' shared helpers (_tiny.py): --import-mode=importlib puts no test folder on the path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
     import liteffn  # noqa: F401  (pip install -e .)
 except ImportError:  # plain checkout: the repository root is the package

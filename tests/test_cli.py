@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from _tiny import tiny_checkpoint
+
 from liteffn.calibration import checkpoint
 from liteffn.calibration.cli import build_parser, main
-from liteffn.calibration.demo import calibrate
-from liteffn.calibration.synthetic import SyntheticLTX2
 
 P = "model.diffusion_model."
 
@@ -23,10 +23,7 @@ P = "model.diffusion_model."
 def files(tmp_path_factory):
     """A tiny LTX-2-layout checkpoint, its statistics, and broken variants."""
     d = tmp_path_factory.mktemp("cli")
-    m = SyntheticLTX2(blocks=1, video_dim=32, audio_dim=16)
-    sd = m.checkpoint()
-    save_file(sd, str(d / "ck.safetensors"))
-    calibrate(m, 1, 32).save(str(d / "stats.safetensors"))
+    _, sd, _, _ = tiny_checkpoint(d, "ck.safetensors")
     save_file({k: (v.to(torch.int8) if k.endswith("net.2.weight") else v) for k, v in sd.items()},
               str(d / "int8.safetensors"))
     data = (d / "ck.safetensors").read_bytes()

@@ -7,17 +7,15 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _dist_workers as W  # noqa: E402
+from _tiny import tiny_checkpoint  # noqa: E402
 
 from liteffn.calibration import distributed as D  # noqa: E402
 from liteffn.calibration.checkpoint import assign_by_cost, compress_checkpoint, layer_cost  # noqa: E402
 from liteffn.calibration.cli import main  # noqa: E402
-from liteffn.calibration.demo import calibrate  # noqa: E402
 from liteffn.calibration.stats import ActivationStats, layer_bytes  # noqa: E402
-from liteffn.calibration.synthetic import SyntheticLTX2  # noqa: E402
 
 P = "model.diffusion_model."
 
@@ -63,12 +61,8 @@ def test_group_plan_respects_budget_and_refuses_a_layer_too_wide():
 
 # ------------------------------------------------------------------ compression
 def _checkpoint(tmp_path, blocks=2):
-    m = SyntheticLTX2(blocks=blocks, video_dim=32, audio_dim=16)
-    sd = m.checkpoint()
-    path = tmp_path / "ltx2.safetensors"
-    save_file(sd, str(path))
-    calibrate(m, 2, 64).save(str(tmp_path / "stats.safetensors"))
-    return str(path), str(tmp_path / "stats.safetensors")
+    _, _, ck, stats = tiny_checkpoint(tmp_path, blocks=blocks, batches=2, tokens=64)
+    return str(ck), str(stats)
 
 
 @pytest.fixture

@@ -14,17 +14,15 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import liteffn.calibration.checkpoint as checkpoint_mod
 from liteffn.calibration import compressed_file as cf
 from liteffn.calibration import safe_io, st_writer
 from liteffn.calibration.cli import main
 from liteffn.calibration.compress import compress_linear
-from liteffn.calibration.demo import calibrate
 from liteffn.calibration.lowrank import RankPolicy
 from liteffn.calibration.stats import ActivationStats, LayerStats, check_stats_output
-from liteffn.calibration.synthetic import SyntheticLTX2
+from _tiny import tiny_checkpoint
 
 P = "model.diffusion_model."
 SAFE_IO = safe_io.__file__
@@ -38,12 +36,8 @@ def test_worktree_code_is_tested():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny LTX-2 checkpoint and its statistics file (made once)."""
-    d = tmp_path_factory.mktemp("ck")
-    m = SyntheticLTX2(blocks=1, video_dim=16, audio_dim=8)
-    sd = m.checkpoint()
-    save_file(sd, str(d / "ltx2.safetensors"))
-    calibrate(m, 1, 32).save(str(d / "stats.safetensors"))
-    return d / "ltx2.safetensors", d / "stats.safetensors"
+    _, _, ck, stats = tiny_checkpoint(tmp_path_factory.mktemp("ck"), video_dim=16, audio_dim=8)
+    return ck, stats
 
 
 def _snapshot(*paths):
