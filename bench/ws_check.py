@@ -1,6 +1,6 @@
 """Device check of kernels/fp8_ws.py (the warp-specialized Gluon GEMM) against the Triton scaled GEMM
-of fp8_ffn, with every epilogue the FFN uses, and the times of its variants (promotion interval,
-prefetch, one MMA in flight or each waited for, one or two tiles per work item).
+of fp8_ffn, with every epilogue the FFN uses, and the times of its variants (the epilogue run by the
+math warpgroups or by its own warpgroup, prefetch, one or two tiles per work item).
 
     python bench/ws_check.py [--out DIR]
 """
@@ -46,17 +46,28 @@ def ws_gemm(xq, sx, q, qs, promote_k=128, **kw):
     return out
 
 
-DEFAULTS = (W.PREFETCH, W.PAIR_TILES)
-# (prefetch, tiles per item where the epilogue sums the next low rank; launch() still picks 1 where pairs
-# would add a wave). (bench/ws_check_h200.log also has "1 MMA in flight" variants: a kernel option that
-# lost everywhere and was removed.)
-VARIANTS = [(False, 1), (True, 1), (True, 2)]
-VNAME = {(False, 1): "no prefetch", (True, 1): "1 tile/item", (True, 2): "2 tiles/item"}
+def _knobs():
+    return W.EPI_WG, W.PREFETCH, W.PAIR_TILES
+
+
+def _set(v):
+    W.EPI_WG, W.PREFETCH, W.PAIR_TILES = v
+
+
+DEFAULTS = _knobs()
+# (epilogue warpgroup, prefetch, tiles per item where the epilogue sums the next low rank; launch() still
+# picks 1 where pairs would add a wave, and always with the epilogue warpgroup). (bench/ws_check_h200.log
+# also has "1 MMA in flight" variants: a kernel option that lost everywhere and was removed.)
+VARIANTS = [("none", True, 2), ("all", True, 1), ("heavy", True, 2)]
+VNAME = {("none", True, 2): "math WGs run the epilogue", ("all", True, 1): "epilogue WG",
+         ("heavy", True, 2): "epilogue WG for GELU/next-rank epilogues"}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cases", nargs="*", help="only GEMM cases whose name starts with one of these (e.g. up r0)")
+    ap.add_argument("--rows", nargs="*", type=int, default=[6144, 1000], help="GEMM rows (M) to check")
     a = ap.parse_args()
     say = logger(a.out, "ws_check.log")
     say(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')}")
@@ -64,7 +75,7 @@ def main():
     tri = dict(K.DEFAULT_CONFIGS[1], PROMOTE=1)
     tri4 = dict(tri, PROMOTE=4)
     for (k, n) in ((4096, 16384), (16384, 4096), (2048, 8192), (8192, 2048)):
-        for m in (6144, 1000):
+        for m in a.rows:
             g = torch.Generator(device="cuda").manual_seed(k + m)
             x = (torch.randn(m, k, generator=g, device="cuda") * (torch.rand(m, 1, generator=g, device="cuda") * 3 + .1)
                  ).bfloat16()
@@ -83,6 +94,8 @@ def main():
                 "down: static sx, fp32 u": dict(u=u, A=t["A"], bias=t["bias"], static=True),
             }
             for name, kw in cases.items():
+                if a.cases and not any(name.startswith(c) for c in a.cases):
+                    continue
                 try:
                     kw = dict(kw)
                     sxx = hs if kw.pop("static", False) else sx
@@ -113,8 +126,8 @@ def main():
                         t_t = us(lambda: K.scaled_gemm(xq, sxx, t["q"], t["q_scale"], config=tri4, **kwt))
                         line += f" | triton (every 512) {t_t:.1f} us; gluon ws every 512:"
                         base = None
-                        for pre, nt in VARIANTS:
-                            W.PREFETCH, W.PAIR_TILES = pre, nt
+                        for v in VARIANTS:
+                            _set(v)
                             o = run().clone()
                             u_v = kwt["u_next"].clone() if "u_next" in kwt else None
                             tv = us(run)
@@ -122,8 +135,8 @@ def main():
                                 base, u_base = o, u_v
                             same = bool((o.view(torch.uint8) == base.view(torch.uint8)).all())
                             du = f", u_next {rel(u_v, u_base):.0e}" if u_v is not None else ""
-                            line += f" [{VNAME[(pre, nt)]}] {tv:.1f}{'' if same else ' (out differs)'}{du}"
-                        W.PREFETCH, W.PAIR_TILES = DEFAULTS
+                            line += f" [{VNAME[v]}] {tv:.1f}{'' if same else ' (out differs)'}{du}"
+                        _set(DEFAULTS)
                         line += f" | cuBLAS promoted {us(lambda: torch._scaled_mm(xq, t['q'].T, sx[:, None], t['q_scale'][None, :], out_dtype=torch.bfloat16, use_fast_accum=False)):.1f}"
                     say(line)
                 except Exception as ex:  # noqa: BLE001
@@ -153,10 +166,10 @@ def main():
             t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
             line = f"FFN {dim} M={m}: bf16 {t_bf:.1f} us; fused.ffn (dispatch as shipped):"
             for v in VARIANTS:
-                W.PREFETCH, W.PAIR_TILES = v
+                _set(v)
                 tv = us(lambda: fused.ffn(x, up, dn, hs))
                 line += f" [{VNAME[v]}] {tv:.1f} ({t_bf / tv:.2f}x)"
-            W.PREFETCH, W.PAIR_TILES = DEFAULTS
+            _set(DEFAULTS)
             say(line + f"; rel diff ws (every 128) vs triton {err:.1e}")
         except Exception as ex:  # noqa: BLE001
             import traceback

@@ -15,7 +15,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on sm_90
 
 
 def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: bool, prefetch: bool,
-             out_dtype=torch.bfloat16, nt: int | None = None):
+             out_dtype=torch.bfloat16, nt: int | None = None, epi: bool | None = None):
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.compiler import BaseBackend, GPUTarget
@@ -31,21 +31,22 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     out = torch.empty(256, 256, dtype=torch.float8_e4m3fn if fp8_out else out_dtype)
     ph = W._desc(torch.zeros(16, 16, dtype=torch.bfloat16), (16, 16))
     la = W._desc(torch.empty(256, rank or 16, dtype=torch.bfloat16), (W.BN, rb)) if prefetch and rc else ph
-    ud = W._desc(torch.empty(256, rank or 16, dtype=torch.float32), (W.BM, rb)) if prefetch and rc else ph
+    epi = (W.EPI_WG == "all" or (W.EPI_WG == "heavy" and (gelu or rank_next > 0))) if epi is None else epi
+    ud = W._desc(torch.empty(256, rank or 16, dtype=torch.float32), (W.BM, rb)) if prefetch and rc and not epi else ph
     b2 = W._desc(torch.empty(rank_next or 16, 256, dtype=torch.bfloat16), (r2b, W.BN)) if prefetch and r2c else ph
     descs = [W._desc(xq, (W.BM, W.BK)), W._desc(xq, (W.BN, W.BK)), W._desc(out, (W.BM // 2, W.BN)), la, ud, b2]
     ty = lambda v: native_specialize_impl(BaseBackend, v, False, True, True)[0]  # noqa: E731
     names = "a_desc b_desc c_desc la_desc u_desc b2_desc SX SW U LA BIAS LB2 U2 SH M N K R R2".split()
     types = [ty(d) for d in descs] + ["*fp32", "*fp32", "*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32"] + ["i32"] * 5
     sig = dict(zip(names, types))
-    stages = W._stages(out.element_size(), rb if rc else 0, r2b if r2c else 0, 4, prefetch)
-    nt = nt or (W.PAIR_TILES if (prefetch and r2c == 1) else 1)  # as launch() picks it at many tokens
+    stages = W._stages(out.element_size(), rb if rc else 0, r2b if r2c else 0, 4, prefetch, epi)
+    nt = nt or (W.PAIR_TILES if (prefetch and r2c == 1 and not epi) else 1)  # as launch() picks it at many tokens
     cx = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=4, PREFETCH=prefetch, NT=nt,
               ROW_SCALAR=row_scalar, HAS_BIAS=True, RB=rb, R_CHUNKS=rc, GELU=gelu, OUT_FP8=fp8_out, R2B=r2b,
-              R2_CHUNKS=r2c, num_warps=4)
+              R2_CHUNKS=r2c, EPI=epi, num_warps=4)
     sig.update({k: "constexpr" for k in cx})
     return triton.compile(GluonASTSource(W._ws_gemm_kernel, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=4, maxnreg=168))
+                          options=dict(num_warps=4, maxnreg=W.EPI_MAXNREG if epi else 168))
 
 
 @pytest.mark.parametrize("case", [
@@ -95,7 +96,9 @@ def test_launch_prepares_a_valid_launch(monkeypatch, rank_next):
     W.launch(xq, q, out, torch.ones(m), torch.ones(n), ptrs, sizes[:5], {k_: v for k_, v in flags.items()
                                                                           if k_ != "INTERP"}, 512)
     nt = got["consts"]["NT"]
-    assert nt == (W.tiles_per_item(m, n, 132) if rank_next else 1)
+    epi = W.EPI_WG == "all" or (W.EPI_WG == "heavy" and rank_next > 0)  # (rank_next: the up-projection)
+    assert nt == (W.tiles_per_item(m, n, 132) if rank_next and not epi else 1)
+    assert got["consts"]["EPI"] == epi
     assert got["grid"] == (min(132, -(-m // W.BM) * -(-n // (W.BN * nt))),)
     assert got["consts"]["PREFETCH"] and got["consts"]["PROMOTE"] == 4
     assert [d.block_shape for d in got["descs"][:3]] == [[W.BM, W.BK], [W.BN, W.BK], [W.BM // 2, W.BN]]
