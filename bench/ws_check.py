@@ -1,6 +1,5 @@
 """Device check of kernels/fp8_ws.py (the warp-specialized Gluon GEMM) against the Triton scaled GEMM
-of fp8_ffn, with every epilogue the FFN uses, and the times of its variants (the epilogue run by the
-math warpgroups or by its own warpgroup, prefetch, one or two tiles per work item).
+of fp8_ffn, with every epilogue the FFN uses, and the times of its variants (2 or 3 math warpgroups).
 
     python bench/ws_check.py [--out DIR]
 """
@@ -47,34 +46,39 @@ def ws_gemm(xq, sx, q, qs, promote_k=128, **kw):
 
 
 def _knobs():
-    return W.EPI_WG, W.PREFETCH, W.PAIR_TILES
+    return W.MATH_WGS, W.HEAVY_MIN_K
 
 
 def _set(v):
-    W.EPI_WG, W.PREFETCH, W.PAIR_TILES = v
+    W.MATH_WGS, W.HEAVY_MIN_K = v
 
 
 DEFAULTS = _knobs()
-# (epilogue warpgroup, prefetch, tiles per item where the epilogue sums the next low rank; launch() still
-# picks 1 where pairs would add a wave, and always with the epilogue warpgroup). (bench/ws_check_h200.log
-# also has "1 MMA in flight" variants: a kernel option that lost everywhere and was removed.)
-VARIANTS = [("none", True, 2), ("all", True, 1), ("heavy", True, 2)]
-VNAME = {("none", True, 2): "math WGs run the epilogue", ("all", True, 1): "epilogue WG",
-         ("heavy", True, 2): "epilogue WG for GELU/next-rank epilogues"}
+# (math warpgroups per CTA, and for the epilogues with GELU or the next linear's low rank). Earlier runs
+# compared prefetch, 1 or 2 tiles per item and "1 MMA in flight" (bench/ws_check_h200.log), and an
+# epilogue warpgroup (bench/ws_check_epi_h200.log).
+VARIANTS = [(2, 0), (3, 1 << 30), (3, 0)]
+VNAME = {(2, 0): "2 math WGs", (3, 1 << 30): "3 math WGs (2 for GELU/next-rank epilogues)",
+         (3, 0): "3 math WGs (GELU/next-rank epilogues: 1 tile per item)"}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the FFN variants")
     ap.add_argument("--cases", nargs="*", help="only GEMM cases whose name starts with one of these (e.g. up r0)")
     ap.add_argument("--rows", nargs="*", type=int, default=[6144, 1000], help="GEMM rows (M) to check")
+    ap.add_argument("--shapes", nargs="*", default=["4096x16384", "16384x4096", "2048x8192", "8192x2048"],
+                    help="GEMM shapes KxN")
+    ap.add_argument("--ffn", nargs="*", type=lambda v: tuple(int(x) for x in v.split("x")),
+                    default=[(4096, 6144), (4096, 24576), (4096, 43400), (2048, 5600)], help="FFNs as DIMxM")
     a = ap.parse_args()
     say = logger(a.out, "ws_check.log")
     say(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')}")
     # the Triton kernel's many-row default tiles, promoting every 128 (tri) and every 512 (tri4)
     tri = dict(K.DEFAULT_CONFIGS[1], PROMOTE=1)
     tri4 = dict(tri, PROMOTE=4)
-    for (k, n) in ((4096, 16384), (16384, 4096), (2048, 8192), (8192, 2048)):
+    for (k, n) in [tuple(int(v) for v in sh.split("x")) for sh in a.shapes]:
         for m in a.rows:
             g = torch.Generator(device="cuda").manual_seed(k + m)
             x = (torch.randn(m, k, generator=g, device="cuda") * (torch.rand(m, 1, generator=g, device="cuda") * 3 + .1)
@@ -114,7 +118,7 @@ def main():
                     else:
                         msg = f"out rel {rel(out, ref):.1e}, NaN {bool(out.float().isnan().any())}"
                     line = f"{k}->{n} M={m} {name:34s} {msg}"
-                    if m == 6144 and name != "r80 (LoRA-like, masked chunks)":
+                    if m >= 5000 and name != "r80 (LoRA-like, masked chunks)":
                         kwt = dict(kw_t)
 
                         def run(promote_k=512, kwt=kwt):
@@ -146,7 +150,7 @@ def main():
             del x, xq, u, t
             torch.cuda.empty_cache()
     # whole FFN with both GEMMs on the Gluon kernel vs bf16
-    for dim, m in ((4096, 6144), (4096, 24576), (4096, 43400), (2048, 5600)):
+    for dim, m in a.ffn:
         up, dn, hs, x, W1, W2 = ffn_case(dim, m)
 
         def ffn_ws():
@@ -165,10 +169,14 @@ def main():
             say(f"FFN {dim} M={m}: vs fp32 reference: triton {rel(ref[:2048], r32):.2e}, gluon ws {rel(got[:2048], r32):.2e}")
             t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
             line = f"FFN {dim} M={m}: bf16 {t_bf:.1f} us; fused.ffn (dispatch as shipped):"
+            times = {v: [] for v in VARIANTS}
+            for _ in range(a.rounds):  # variants interleaved: the GPU's clock drifts over a run
+                for v in VARIANTS:
+                    _set(v)
+                    times[v].append(us(lambda: fused.ffn(x, up, dn, hs)))
             for v in VARIANTS:
-                _set(v)
-                tv = us(lambda: fused.ffn(x, up, dn, hs))
-                line += f" [{VNAME[v]}] {tv:.1f} ({t_bf / tv:.2f}x)"
+                tv = sorted(times[v])[len(times[v]) // 2]
+                line += f" [{VNAME[v]}] {tv:.1f} ({t_bf / tv:.2f}x; {'/'.join(f'{t:.0f}' for t in times[v])})"
             _set(DEFAULTS)
             say(line + f"; rel diff ws (every 128) vs triton {err:.1e}")
         except Exception as ex:  # noqa: BLE001

@@ -5,12 +5,12 @@ this one is tested against, and the path everywhere else).
 Why a second kernel: Hopper's FP8 MMA accumulates in reduced precision, so the partial sums are
 added into an fp32 accumulator every few K tiles ("promotion", docs/kernels.md). In Triton 3.6 a
 read of an MMA accumulator inside the K loop makes every warp wait for every in-flight MMA, so each
-promotion idles the tensor cores: promoting every 512 of K cost 16-18%. Here, as in DeepGEMM, two
-math warpgroups each own 64 rows of a 128 x 128 tile and run as separate partitions; one warp issues
-the TMA loads into a ring of stages. A warpgroup waits for its own MMA and promotes while the other
-warpgroup's MMA keeps the tensor cores busy, so promoting after every 128 of K (the most precise
-interval) costs nothing measurable: 0.93-1.02x cuBLAS with promoted accumulation on the H200
-(bench/gluon_explore_h200.log), where the Triton kernel reaches 0.78-0.90x promoting every 512.
+promotion idles the tensor cores: promoting every 512 of K cost 16-18%. Here, as in DeepGEMM, math
+warpgroups each own 64 rows of a tile (128 or 192 x 128: two or three warpgroups, MATH_WGS) and run as
+separate partitions; one warp issues the TMA loads into a ring of stages. A warpgroup waits for its own
+MMA and promotes while the others' MMAs keep the tensor cores busy: with two, 0.93-1.02x cuBLAS with
+promoted accumulation on the H200 (bench/gluon_explore_h200.log), where the Triton kernel reaches
+0.78-0.90x promoting every 512; with three, 1.00-1.06x (residual only, bench/ws_check_3wg_h200.log).
 
 Epilogue, per warpgroup on its 64 x 128 part of the tile (the same steps as fp8_ffn's): scales
 (per token or one static scale, per channel), the low-rank up-projection U A^T as bf16 wgmmas into
@@ -30,9 +30,8 @@ from . import gemm as G
 
 try:
     import triton
-    import triton.language as tl
-    from triton.runtime.errors import OutOfResources
     from triton.experimental import gluon
+    from triton.runtime.errors import OutOfResources
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
@@ -41,15 +40,26 @@ try:
     # Triton 3.6 names the TMA copies async_copy_*; newer versions async_load / async_store.
     _tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
     _tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
-    # Triton 3.6 names the shared-memory reinterpret _reinterpret; newer versions reinterpret (an alias, so
-    # the kernel can be written once)
-    if not hasattr(gl.shared_memory_descriptor, "reinterpret"):
-        gl.shared_memory_descriptor.reinterpret = gl.shared_memory_descriptor._reinterpret
-    _thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (renamed barrier after 3.6)
 except Exception:  # no Triton, or a Triton without Gluon's Hopper API: the Triton kernel runs instead
     gluon = None
 
 BM, BN, BK = 128, 128, 128  # plain ints for the host side; the kernels see the constexpr copies below
+# Math warpgroups per CTA, each 64 rows of a tile (benches compare 2 and 3). Three keep the tensor cores busier
+# while each waits for its own MMAs (one promotes while two issue): H200, M = 6144, residual only, 4096->16384
+# 706 -> 672 us, 16384->4096 705 -> 675 (cuBLAS promoted: 711, 674); the video FFN 1.53x -> 1.62x bf16
+# (bench/ws_check_3wg_h200.log). With 3, U's rows come from global memory (a 192-row U tile does not fit in
+# shared memory), the math warpgroups get 160 / 152 registers instead of 256 / 232, and an epilogue that
+# sums the next linear's low-rank input works one tile at a time (a tile pair's sum would spill).
+MATH_WGS = 3
+# ... except for epilogues with GELU or the next linear's low-rank input (the FFN up-projection) over fewer
+# than HEAVY_MIN_K of K: at 2048 their share of a tile's time is twice as large, and without tile pairs the
+# audio up-projection ran 263 -> 278 us (M = 6144)
+HEAVY_MIN_K = 4096
+# ... and only where their 192-row tiles fill the GPU at least this many times: fewer, larger tiles lose
+# when there are few (the linear 4096x4096 at M = 1024, r = 64: 48 -> 60 us; at 6144, 3.9 waves: 145 us both)
+MIN_WAVES_3 = 3
+MATH3_REGS = 160  # the two worker math warpgroups; the default one gets what is left (152)
+MAXNREG3 = 128  # 16 warps at launch (the loader warp padded to a warpgroup): 65536 / 512
 # (128 + 128) x 128 bytes per stage: 5 stages measured level with 4 and 6 (bench/gluon_explore_h200.log); with
 # the low-rank epilogues' staging buffers only 4 fit in shared memory.
 STAGES = 5
@@ -57,12 +67,6 @@ STAGES_LOWRANK = 4
 MIN_M = 257  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) fill the GPU better
 PREFETCH = True  # TMA-prefetch the epilogue's operands (ranks up to 64); benches turn it off to compare
 PAIR_TILES = 2  # tiles per work item when the epilogue sums the next linear's low-rank input (benches compare)
-# Which GEMMs have a fourth warpgroup run the epilogue while the math warpgroups run the next tile's MMAs:
-# "none", "heavy" (epilogues with GELU or the next linear's low-rank input: the FFN up-projection) or "all"
-# (benches compare)
-EPI_WG = "heavy"
-EPI_MAXNREG = 128  # 16 warps at launch (the loader warp padded to a warpgroup): 65536 registers / 512 threads;
-# setmaxnreg then moves them: math 152 each, loader 40, the epilogue (default partition) what is left, 168
 
 
 log = logging.getLogger("liteffn")
@@ -98,25 +102,24 @@ def run(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> bool:
 
 
 if gluon is not None:
-    _BM, _BN, _BK = gl.constexpr(BM), gl.constexpr(BN), gl.constexpr(BK)
-    # registers per math thread with the epilogue warpgroup (acc + part: 128; at 160 the epilogue, which gets
-    # what is left (168 at 152), spilled: compiled for sm_90 with Triton 3.6)
-    EPI_MATH_REGS = gl.constexpr(152)
+    _BN, _BK = gl.constexpr(BN), gl.constexpr(BK)
+    _HM = gl.constexpr(64)  # rows per math warpgroup
+    _MATH3_REGS = gl.constexpr(MATH3_REGS)
 
     @gluon.constexpr_function
     def _swizzle(inner_bytes):
         return 128 if inner_bytes % 128 == 0 else 64 if inner_bytes % 64 == 0 else 32
 
     @gluon.jit
-    def _tile(item, M, N, GROUP_M: gl.constexpr, TN: gl.constexpr):
+    def _tile(item, M, N, GROUP_M: gl.constexpr, TN: gl.constexpr, TM: gl.constexpr):
         """Grouped order: GROUP_M row tiles at a time share the weights' column tiles in L2. TN: the
-        columns of a work item (NT tiles of _BN)."""
-        num_pid_m = gl.cdiv(M, _BM)
+        columns of a work item (NT tiles of _BN); TM: its rows."""
+        num_pid_m = gl.cdiv(M, TM)
         num_pid_n = gl.cdiv(N, TN)
         group = GROUP_M * num_pid_n
         first = (item // group) * GROUP_M
         size = gl.minimum(num_pid_m - first, GROUP_M)
-        return (first + (item % group) % size) * _BM, ((item % group) // size) * TN
+        return (first + (item % group) % size) * TM, ((item % group) // size) * TN
 
     @gluon.jit
     def _gelu_tanh(y):
@@ -126,23 +129,18 @@ if gluon is not None:
         return 0.5 * y * (1.0 + t)
 
     @gluon.jit
-    def _epilogue(acc, row0, on, t, p, u2acc, c_s, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr,
+    def _epilogue(acc, om, on, t, p, u2acc, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr,
                   RB: gl.constexpr, R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr,
-                  R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr,
-                  EPI: gl.constexpr):
-        """Rows row0..+64 (WG: which half of the tile) of the tile at columns on. t: this program's tile count (the phase of the prefetched
-        epilogue operands). NT > 1: the next linear's low-rank partial sum is added into u2acc (returned)
-        instead of into U2. c_s: the output's staging buffer. EPI: run by the epilogue warpgroup, whose
-        latency the MMAs do not wait for: U's rows come from global memory instead of a prefetched tile,
-        and c_s is the accumulator's own hand-off buffer (free once acc is in registers)."""
+                  R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+        """t: this program's tile count (the phase of the prefetched epilogue operands). NT > 1: the
+        next linear's low-rank partial sum is added into u2acc (returned) instead of into U2."""
         (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty,
-         acc_bufs, acc_full, acc_empty) = p
-        HM: gl.constexpr = _BM // 2
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
+        HM: gl.constexpr = _HM
         mma16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, _BN, 16])
         acc = gl.convert_layout(acc, mma16)
-        rows = row0 + gl.arange(0, HM, layout=gl.SliceLayout(1, mma16))
+        rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma16))
         cols = on + gl.arange(0, _BN, layout=gl.SliceLayout(0, mma16))
         rmask = rows < M
         cmask = cols < N
@@ -156,23 +154,23 @@ if gluon is not None:
         if PREFETCH and R_CHUNKS > 0:
             blk_u: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
             u_op1: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma16, k_width=2)
-            if EPI:
-                # U's rows loaded in the MMA operand's own layout (a conversion would take shared memory),
-                # 16 ranks at a time (a whole 64 x 64 operand's 64-bit addresses would spill)
-                ur = row0 + gl.arange(0, HM, layout=gl.SliceLayout(1, u_op1))
+            if u_desc.block_type.shape[0] == _HM * c_bufs.type.shape[0]:  # U's tile was prefetched
+                u = u_s.slice(WG * HM, HM).load(blk_u)
+                acc = warpgroup_mma(gl.convert_layout(u.to(gl.bfloat16), u_op1), la_s.permute((1, 0)), acc)
+            else:
+                # U's rows from global memory, in the MMA operand's own layout (a conversion would take
+                # shared memory), 16 ranks at a time (a whole 64 x 64 operand's 64-bit addresses spill)
+                ur = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, u_op1))
                 urow = U + gl.expand_dims(ur, 1) * R
                 rmu = gl.expand_dims(ur < M, 1)
                 for kc in gl.static_range(RB // 16):
                     uc = kc * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, u_op1))
                     u = gl.load(urow + gl.expand_dims(uc, 0), mask=rmu & gl.expand_dims(uc < R, 0), other=0.0)
                     acc = warpgroup_mma(u.to(gl.bfloat16), la_s.slice(kc * 16, 16, dim=1).permute((1, 0)), acc)
-            else:
-                u = u_s.slice(WG * HM, HM).load(blk_u)
-                acc = warpgroup_mma(gl.convert_layout(u.to(gl.bfloat16), u_op1), la_s.permute((1, 0)), acc)
         if (not PREFETCH) and R_CHUNKS > 0:  # low-rank up-projection into the same accumulator: acc += U[rows] A[cols]^T
             blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
             u_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma16, k_width=2)
-            br = row0 + gl.arange(0, HM, layout=gl.SliceLayout(1, blk))
+            br = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, blk))
             bc = on + gl.arange(0, _BN, layout=gl.SliceLayout(1, blk))
             la_s = la_bufs.index(WG)
             for j in gl.static_range(R_CHUNKS):
@@ -188,16 +186,14 @@ if gluon is not None:
             acc = acc + gl.expand_dims(gl.load(BIAS + cols, mask=cmask, other=0.0).to(gl.float32), 0)
         if GELU:
             acc = _gelu_tanh(acc)
-        if EPI:
-            _thread_barrier()  # every thread has read its part of acc from c_s's memory
-        else:
-            tma.store_wait(pendings=0)  # this warpgroup's previous store has left c_s
+        c_s = c_bufs.index(WG)
+        tma.store_wait(pendings=0)  # this warpgroup's previous store has left c_s
         if OUT_FP8:
             c_s.store(gl.minimum(gl.maximum(acc * (1.0 / gl.load(SH)), -448.0), 448.0).to(gl.float8e4nv))
         else:
             c_s.store(acc.to(c_desc.dtype))
         fence_async_shared()
-        _tma_store(c_desc, [row0, on], c_s)
+        _tma_store(c_desc, [om + WG * HM, on], c_s)
         if R2_CHUNKS > 0:  # the next linear's low-rank input from the unquantized output: u2 += h B2[:, cols]^T
             mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, R2B, 16])
@@ -208,7 +204,7 @@ if gluon is not None:
             u2acc = warpgroup_mma(h, b2_s.permute((1, 0)), u2acc)
         if PREFETCH and R2_CHUNKS > 0 and NT == 1:
             part = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-            _add_u2(part, row0, 0, U2, M, R2, R2B)
+            _add_u2(part, om, 0, U2, M, R2, WG, R2B)
         if (not PREFETCH) and R2_CHUNKS > 0:
             b2_stage = b2_bufs.index(WG)
             bcol = on + gl.arange(0, _BN, layout=gl.SliceLayout(0, blk2))
@@ -219,159 +215,115 @@ if gluon is not None:
                 b2_stage.store(b2)
                 fence_async_shared()
                 part = warpgroup_mma(h, b2_stage.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-                _add_u2(part, row0, j * R2B, U2, M, R2, R2B)
+                _add_u2(part, om, j * R2B, U2, M, R2, WG, R2B)
         return u2acc
 
     @gluon.jit
-    def _add_u2(part, row0, c0, U2, M, R2, R2B: gl.constexpr):
-        """U2[row0:row0 + 64, c0:c0 + R2B] += part (fp32 atomics)."""
-        HM: gl.constexpr = _BM // 2
+    def _add_u2(part, om, c0, U2, M, R2, WG: gl.constexpr, R2B: gl.constexpr):
+        """U2[this warpgroup's rows of the tile, c0:c0 + R2B] += part (fp32 atomics)."""
+        HM: gl.constexpr = _HM
         mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, R2B, 16])
-        r2rows = row0 + gl.arange(0, HM, layout=gl.SliceLayout(1, mma2))
+        r2rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma2))
         rc = c0 + gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
         gl.atomic_add(U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0), part,
                       mask=gl.expand_dims(r2rows < M, 1) & gl.expand_dims(rc < R2, 0), sem="relaxed")
 
     @gluon.jit
-    def _k_loop(p, WG: gl.constexpr, g, PROMOTE: gl.constexpr):
-        """The K loop of one tile for math warpgroup WG (its 64 rows): the tensor cores sum PROMOTE K tiles
-        into `part` (reduced precision), then it is added to the fp32 accumulator; waiting for its own MMAs
-        stalls only this warpgroup. g: the ring position (returned advanced)."""
-        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty,
-         acc_bufs, acc_full, acc_empty) = p
-        HM: gl.constexpr = _BM // 2
-        NS: gl.constexpr = a_bufs.type.shape[0]
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _BN, 32])
-        k_tiles = gl.cdiv(K, _BK)
-        acc = gl.zeros([HM, _BN], gl.float32, mma)
-        part = gl.zeros([HM, _BN], gl.float32, mma)
-        for kk in range(k_tiles):
-            s = g % NS
-            mbarrier.wait(ready.index(s), (g // NS) & 1)
-            part = warpgroup_mma(a_bufs.index(s).slice(WG * HM, HM), b_bufs.index(s).permute((1, 0)),
-                                 part, use_acc=(kk % PROMOTE) != 0, is_async=True)
-            # Each MMA is waited for at once: keeping one in flight until the next was issued
-            # was 10-20% slower (bench/ws_check_h200.log); the other warpgroup fills the gap.
-            part = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
-            mbarrier.arrive(empty.index(s), count=1)
-            if (kk % PROMOTE == PROMOTE - 1) | (kk == k_tiles - 1):  # end of a promotion interval
-                acc += part
-            g += 1
-        return acc, g
-
-    @gluon.jit
     def _math(p, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr,
               R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr,
-              R2_CHUNKS: gl.constexpr, PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr,
-              EPI: gl.constexpr):
-        """One math warpgroup: rows WG*64..+64 of every tile. A work item is NT tiles side by side along N.
-        EPI: each finished accumulator goes to shared memory for the epilogue warpgroup (_epi) and the next
-        tile's MMAs start at once. Otherwise this warpgroup runs the epilogue itself, the tensor cores idle
-        meanwhile; with NT > 1 the next linear's low-rank partial sums of an item's tiles are added up in
-        registers and reach U2 once per item."""
+              R2_CHUNKS: gl.constexpr, PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+        """One math warpgroup: rows WG*64..+64 of every tile. The tensor cores sum PROMOTE K tiles into
+        `part` (reduced precision), then it is added to the fp32 accumulator; waiting for its own MMAs
+        stalls only this warpgroup. A work item is NT tiles side by side along N; with NT > 1 the next
+        linear's low-rank partial sums of its tiles are added up in registers and reach U2 once per item."""
         (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty,
-         acc_bufs, acc_full, acc_empty) = p
-        HM: gl.constexpr = _BM // 2
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
+        TM: gl.constexpr = _HM * c_bufs.type.shape[0]  # rows of a tile: 64 per math warpgroup
+        ASPLIT: gl.constexpr = a_desc.block_type.shape[0] == _HM  # each warpgroup's rows in their own buffer
+        HM: gl.constexpr = _HM
+        NS: gl.constexpr = b_bufs.type.shape[0]
+        NWG: gl.constexpr = c_bufs.type.shape[0]
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _BN, 32])
         mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, R2B, 16])
-        num_items = gl.cdiv(M, _BM) * gl.cdiv(N, _BN * NT)
+        k_tiles = gl.cdiv(K, _BK)
+        num_items = gl.cdiv(M, TM) * gl.cdiv(N, _BN * NT)
         g = 0
         t = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            om, on0 = _tile(item, M, N, GROUP_M, _BN * NT)
-            if NT > 1 and not EPI:
+            om, on0 = _tile(item, M, N, GROUP_M, _BN * NT, TM)
+            if NT > 1:
                 u2acc = gl.zeros([HM, R2B], gl.float32, mma2)
             else:
                 u2acc = 0.0  # unused
             for j in gl.static_range(NT):
                 on = on0 + j * _BN
                 if NT == 1 or on < N:  # (NT == 1: no test, the tile exists)
-                    acc, g = _k_loop(p, WG, g, PROMOTE)
-                    if EPI:
-                        mbarrier.wait(acc_empty.index(WG), (t & 1) ^ 1)  # the epilogue has the previous one
-                        acc_bufs.index(WG).store(acc)
-                        mbarrier.arrive(acc_full.index(WG), count=1)
-                    else:
-                        u2acc = _epilogue(acc, om + WG * HM, on, t, p, u2acc, c_bufs.index(WG), WG, ROW_SCALAR, HAS_BIAS, RB,
-                                          R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PREFETCH, NT, False)
-                        if PREFETCH:
-                            mbarrier.arrive(epi_empty, count=1)
+                    acc = gl.zeros([HM, _BN], gl.float32, mma)
+                    part = gl.zeros([HM, _BN], gl.float32, mma)
+                    for kk in range(k_tiles):
+                        s = g % NS
+                        mbarrier.wait(ready.index(s), (g // NS) & 1)
+                        if ASPLIT:
+                            a_t = a_bufs.index(s * NWG + WG)
+                        else:
+                            a_t = a_bufs.index(s).slice(WG * HM, HM)
+                        part = warpgroup_mma(a_t, b_bufs.index(s).permute((1, 0)),
+                                             part, use_acc=(kk % PROMOTE) != 0, is_async=True)
+                        # Each MMA is waited for at once: keeping one in flight until the next was issued
+                        # was 10-20% slower (bench/ws_check_h200.log); the other warpgroup fills the gap.
+                        part = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
+                        mbarrier.arrive(empty.index(s), count=1)
+                        if (kk % PROMOTE == PROMOTE - 1) | (kk == k_tiles - 1):  # end of a promotion interval
+                            acc += part
+                        g += 1
+                    u2acc = _epilogue(acc, om, on, t, p, u2acc, WG, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU,
+                                      OUT_FP8, R2B, R2_CHUNKS, PREFETCH, NT)
+                    if PREFETCH:
+                        mbarrier.arrive(epi_empty, count=1)
                     t += 1
-            if NT > 1 and R2_CHUNKS > 0 and not EPI:
-                _add_u2(u2acc, om + WG * HM, 0, U2, M, R2, R2B)
+            if NT > 1 and R2_CHUNKS > 0:
+                _add_u2(u2acc, om, 0, U2, M, R2, WG, R2B)
         tma.store_wait(pendings=0)
 
     @gluon.jit
     def _math1(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-               PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr, EPI: gl.constexpr):
-        _math(p, 1, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT, EPI)
+               PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+        _math(p, 1, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)
 
     @gluon.jit
-    def _math0(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
+    def _math2(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-               PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr, EPI: gl.constexpr):
-        _math(p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT, EPI)
-
-    @gluon.jit
-    def _epi(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
-             GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-             PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr, EPI: gl.constexpr):
-        """The epilogue warpgroup (EPI, one tile per work item): both halves of every tile, one after the
-        other, while the math warpgroups run the next tile's MMAs. Each half's accumulator is taken from
-        shared memory, the same buffer is the output's staging, and it is handed back once the output's
-        TMA store has read it. (The halves are a loop, not unrolled: unrolled, the compiler keeps both
-        halves' column vectors live and the partition spills.)"""
-        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty,
-         acc_bufs, acc_full, acc_empty) = p
-        HM: gl.constexpr = _BM // 2
-        # (loaded straight into the layout the epilogue's bf16 MMAs accumulate in: no conversion)
-        mma16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, _BN, 16])
-        num_items = gl.cdiv(M, _BM) * gl.cdiv(N, _BN)
-        t = 0
-        for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            om, on = _tile(item, M, N, GROUP_M, _BN)
-            for h in tl.range(2, loop_unroll_factor=1, disable_licm=True):  # (not unrolled: see the docstring)
-                buf = acc_bufs.index(h)
-                mbarrier.wait(acc_full.index(h), t & 1)
-                acc = buf.load(mma16)
-                c_s = buf.reinterpret(c_desc.dtype, [HM, _BN], c_desc.layout)
-                _epilogue(acc, om + h * HM, on, t, p, 0.0, c_s, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU,
-                          OUT_FP8, R2B, R2_CHUNKS, PREFETCH, 1, True)
-                tma.store_wait(pendings=0)
-                mbarrier.arrive(acc_empty.index(h), count=1)
-            if PREFETCH:
-                mbarrier.arrive(epi_empty, count=1)
-            t += 1
+               PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+        _math(p, 2, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)
 
     @gluon.jit
     def _loader(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                 GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-                PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr, EPI: gl.constexpr):
-        """One warp: TMA loads of the activation [_BM, _BK] and weight [_BN, _BK] tiles into the stage ring,
+                PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+        """One warp: TMA loads of the activation [TM, _BK] and weight [_BN, _BK] tiles into the stage ring,
         each stage freed when both math warpgroups have finished their MMAs on it. With PREFETCH, after a
-        tile's last K tile also the epilogue's operands (U's rows (not with EPI), A's and B2's columns of
-        the tile), so they arrive while the math warpgroups finish the tile instead of being fetched by
-        the epilogue."""
+        tile's last K tile also the epilogue's operands (U's rows, A's and B2's columns of the tile), so
+        they arrive while the math warpgroups finish the tile instead of being fetched by the epilogue."""
         (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty,
-         acc_bufs, acc_full, acc_empty) = p
-        NS: gl.constexpr = a_bufs.type.shape[0]
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
+        NWG: gl.constexpr = c_bufs.type.shape[0]
+        TM: gl.constexpr = _HM * NWG
+        NA: gl.constexpr = TM // a_desc.block_type.shape[0]  # TMA loads of A per stage
+        NS: gl.constexpr = b_bufs.type.shape[0]
+        nbytes: gl.constexpr = NA * a_desc.block_type.nbytes + b_desc.block_type.nbytes
         k_tiles = gl.cdiv(K, _BK)
-        num_items = gl.cdiv(M, _BM) * gl.cdiv(N, _BN * NT)
+        num_items = gl.cdiv(M, TM) * gl.cdiv(N, _BN * NT)
+        U_TILE: gl.constexpr = u_desc.block_type.shape[0] == TM  # U's tile prefetched (else read by the epilogue)
         epi_bytes: gl.constexpr = ((la_desc.block_type.nbytes if R_CHUNKS > 0 else 0)
-                                   + (u_desc.block_type.nbytes if R_CHUNKS > 0 and not EPI else 0)
+                                   + (u_desc.block_type.nbytes if R_CHUNKS > 0 and U_TILE else 0)
                                    + (b2_desc.block_type.nbytes if R2_CHUNKS > 0 else 0))
         g = 0
         t = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
-            om, on0 = _tile(item, M, N, GROUP_M, _BN * NT)
+            om, on0 = _tile(item, M, N, GROUP_M, _BN * NT, TM)
             for j in gl.static_range(NT):
                 on = on0 + j * _BN
                 if NT == 1 or on < N:  # (NT == 1: no test, the tile exists)
@@ -379,15 +331,16 @@ if gluon is not None:
                         s = g % NS
                         mbarrier.wait(empty.index(s), ((g // NS) & 1) ^ 1)  # a new barrier counts as freed once
                         mbarrier.expect(ready.index(s), nbytes)
-                        _tma_load(a_desc, [om, kk * _BK], ready.index(s), a_bufs.index(s))
+                        for w in gl.static_range(NA):
+                            _tma_load(a_desc, [om + w * _HM, kk * _BK], ready.index(s), a_bufs.index(s * NA + w))
                         _tma_load(b_desc, [on, kk * _BK], ready.index(s), b_bufs.index(s))
                         g += 1
                     if PREFETCH:
-                        mbarrier.wait(epi_empty, (t & 1) ^ 1)  # the epilogue(s) of the previous tile are done
+                        mbarrier.wait(epi_empty, (t & 1) ^ 1)  # both epilogues of the previous tile are done
                         mbarrier.expect(epi_ready, epi_bytes)
                         if R_CHUNKS > 0:
                             _tma_load(la_desc, [on, 0], epi_ready, la_s)
-                            if not EPI:
+                            if U_TILE:
                                 _tma_load(u_desc, [om, 0], epi_ready, u_s)
                         if R2_CHUNKS > 0:
                             _tma_load(b2_desc, [0, on], epi_ready, b2_s)
@@ -396,31 +349,26 @@ if gluon is not None:
     @gluon.jit
     def _ws_gemm_kernel(a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH,
                         M, N, K, R, R2, GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, PROMOTE: gl.constexpr,
-                        PREFETCH: gl.constexpr, NT: gl.constexpr,
+                        PREFETCH: gl.constexpr, NT: gl.constexpr, NWG: gl.constexpr,
                         ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                         GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-                        EPI: gl.constexpr, num_warps: gl.constexpr):
-        HM: gl.constexpr = _BM // 2
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES] + a_desc.block_type.shape, a_desc.layout)
+                        num_warps: gl.constexpr):
+        # A: one [128, BK] tile per stage (2 math warpgroups), or one [64, BK] tile per warpgroup and stage
+        # (3: Gluon's shapes are powers of two)
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES * (_HM * NWG // a_desc.block_type.shape[0])]
+                                           + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NSTAGES] + b_desc.block_type.shape, b_desc.layout)
-        if EPI:  # the accumulators handed to the epilogue warpgroup, also the output's staging buffers
-            acc_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HM, _BN], gl.float32)
-            acc_bufs = gl.allocate_shared_memory(gl.float32, [2, HM, _BN], acc_layout)
-            c_bufs = acc_bufs  # (unused)
-        else:
-            c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
-            acc_bufs = c_bufs  # (unused)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [NWG] + c_desc.block_type.shape, c_desc.layout)
         la_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle((16 if PREFETCH else RB) * 2),
                                                        element_bitwidth=16,
                                                        rank=2)
-        # staging for the unprefetched path only (placeholders otherwise)
-        LBR: gl.constexpr = 16 if PREFETCH else RB
+        LBR: gl.constexpr = 16 if PREFETCH else RB  # staging for the unprefetched path only
         LBN: gl.constexpr = 16 if PREFETCH else _BN
-        la_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, LBN, LBR], la_layout)
+        la_bufs = gl.allocate_shared_memory(gl.bfloat16, [NWG, LBN, LBR], la_layout)
         b2_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(LBN * 2), element_bitwidth=16,
                                                        rank=2)
         LB2R: gl.constexpr = 16 if PREFETCH else R2B
-        b2_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, LB2R, LBN], b2_layout)
+        b2_bufs = gl.allocate_shared_memory(gl.bfloat16, [NWG, LB2R, LBN], b2_layout)
         # prefetched epilogue operands (placeholder 16 x 16 descriptors when unused)
         la_s = gl.allocate_shared_memory(la_desc.dtype, la_desc.block_type.shape, la_desc.layout)
         u_s = gl.allocate_shared_memory(u_desc.dtype, u_desc.block_type.shape, u_desc.layout)
@@ -429,40 +377,30 @@ if gluon is not None:
         empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
         epi_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         epi_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        acc_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        acc_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for j in gl.static_range(NSTAGES):
             mbarrier.init(ready.index(j), count=1)
-            mbarrier.init(empty.index(j), count=2)  # both math warpgroups release a stage
+            mbarrier.init(empty.index(j), count=NWG)  # every math warpgroup releases a stage
         mbarrier.init(epi_ready, count=1)
-        mbarrier.init(epi_empty, count=1 if EPI else 2)  # the epilogue warpgroup, or both math warpgroups
-        for j in gl.static_range(2):
-            mbarrier.init(acc_full.index(j), count=1)
-            mbarrier.init(acc_empty.index(j), count=1)
+        mbarrier.init(epi_empty, count=NWG)
         p = (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
-             GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty,
-             acc_bufs, acc_full, acc_empty)
+             GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty)
         # (the flags are spelled out: a tuple built by concatenation reaches the partitions as tensors)
-        if EPI:
-            # 4 warps epilogue (default partition: the registers the others leave), 2 x 4 warps MMAs, 1 warp loads
+        if NWG == 3:
             gl.warp_specialize([
-                (_epi, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT,
-                        EPI)),
-                (_math0, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT,
-                          EPI)),
-                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT,
-                          EPI)),
-                (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT,
-                           EPI)),
-            ], [4, 4, 1], [EPI_MATH_REGS, EPI_MATH_REGS, 40])
+                (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
+                         NT)),
+                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
+                (_math2, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
+                (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
+                           NT)),
+            ], [4, 4, 1], [_MATH3_REGS, _MATH3_REGS, 40])
         else:
             gl.warp_specialize([
-                (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT,
-                         EPI)),
-                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT,
-                          EPI)),
-                (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT,
-                           EPI)),
+                (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
+                         NT)),
+                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
+                (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
+                           NT)),
             ], [4, 1], [232, 40])
 
 
@@ -480,20 +418,20 @@ def _desc(t: torch.Tensor, block: tuple):
 SMEM = 232448 - 256  # bytes per CTA on sm_90, less the mbarriers
 
 
-def _stages(out_bytes: int, rb: int, r2b: int, u_bytes: int, prefetch: bool, epi: bool = False) -> int:
+def _stages(out_bytes: int, rb: int, r2b: int, u_bytes: int, prefetch: bool, wgs: int = 2) -> int:
     """Stages of the K ring that fit beside the output tiles and the epilogue's operand buffers
-    (the kernel's allocations, as _ws_gemm_kernel makes them). epi: the output tiles are the two fp32
-    accumulators handed to the epilogue warpgroup, and U is not prefetched."""
-    ph = 16 * 16 * 2  # a placeholder buffer
-    fixed = 2 * (BM // 2) * BN * (4 if epi else out_bytes)  # two output tiles
+    (the kernel's allocations, as _ws_gemm_kernel makes them), with wgs math warpgroups (64 rows each;
+    with 3 the U tile is not prefetched)."""
+    bm, ph = 64 * wgs, 16 * 16 * 2  # tile rows; a placeholder buffer
+    fixed = wgs * 64 * BN * out_bytes  # the output tiles
     if prefetch:
-        fixed += 4 * ph  # minimal staging buffers
+        fixed += 2 * wgs * ph  # placeholder staging buffers
         fixed += BN * rb * 2 if rb else ph  # A's tile
-        fixed += BM * rb * u_bytes if rb and not epi else ph  # U's tile
+        fixed += bm * rb * u_bytes if rb and wgs == 2 else ph  # U's tile
         fixed += r2b * BN * 2 if r2b else ph
     else:
-        fixed += 2 * BN * max(rb, 16) * 2 + 2 * max(r2b, 16) * BN * 2 + 16 * 16 * 2 * 3
-    stage = (BM + BN) * BK
+        fixed += wgs * BN * max(rb, 16) * 2 + wgs * max(r2b, 16) * BN * 2 + ph * 3
+    stage = (bm + BN) * BK
     return max(2, min(STAGES if not (rb or r2b) else STAGES_LOWRANK, (SMEM - fixed) // stage))
 
 
@@ -511,8 +449,9 @@ def tiles_per_item(M: int, N: int, sms: int) -> int:
     audio M=5600 1.36x -> 1.39x; at M=6144 a 2% tail cost for 2% fewer atomics."""
     if PAIR_TILES <= 1:
         return 1
-    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    items = triton.cdiv(M, BM) * triton.cdiv(N, BN * PAIR_TILES)
+    bm = 128  # (2 math warpgroups: the only ones that take pairs)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, BN)
+    items = triton.cdiv(M, bm) * triton.cdiv(N, BN * PAIR_TILES)
     return PAIR_TILES if PAIR_TILES * triton.cdiv(items, sms) <= 1.01 * triton.cdiv(tiles, sms) else 1
 
 
@@ -526,21 +465,27 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     U, LA, _, LB2, _, _ = ptrs
     rc, r2c = flags["R_CHUNKS"], flags["R2_CHUNKS"]
     ph = _desc(_placeholder(xq.device), (16, 16))
-    epi = EPI_WG == "all" or (EPI_WG == "heavy" and bool(flags["GELU"] or r2c))
     prefetch = (PREFETCH and rc <= 1 and r2c <= 1 and (rc or r2c) and U.dtype in (torch.float32, torch.bfloat16)
                 and (not rc or (R * 2 % 16 == 0 and R * U.element_size() % 16 == 0)))
+    sms = G.num_sms(xq.device.index or 0)
+    # (ranks above 64, a LoRA appended, stage their operands per warpgroup in shared memory: with 3 the ring
+    # got 2 stages and the video FFN at r = 256 went 1.12x -> 0.90x bf16)
+    two = (((flags["GELU"] or r2c) and K < HEAVY_MIN_K) or ((rc or r2c) and not prefetch)
+           or triton.cdiv(M, 192) * triton.cdiv(N, BN) < MIN_WAVES_3 * sms)
+    wgs = 2 if two else MATH_WGS
+    bm = 64 * wgs
     la_d = _desc(LA, (BN, flags["RB"])) if prefetch and rc else ph
-    u_d = _desc(U, (BM, flags["RB"])) if prefetch and rc and not epi else ph  # (the epilogue warpgroup loads U)
+    u_d = _desc(U, (bm, flags["RB"])) if prefetch and rc and wgs == 2 else ph  # (3: the epilogue reads U)
     b2_d = _desc(LB2, (flags["R2B"], BN)) if prefetch and r2c else ph
     stages = _stages(out.element_size(), flags["RB"] if rc else 0, flags["R2B"] if r2c else 0, U.element_size(),
-                     bool(prefetch), epi)
-    sms = G.num_sms(xq.device.index or 0)
-    nt = tiles_per_item(M, N, sms) if (prefetch and r2c == 1 and not epi) else 1
-    grid = (min(triton.cdiv(M, BM) * triton.cdiv(N, BN * nt), sms),)
+                     bool(prefetch), wgs)
+    # (tile pairs keep 32 more registers per thread: with 3 math warpgroups' 160 the epilogue spills)
+    nt = tiles_per_item(M, N, sms) if (prefetch and r2c == 1 and wgs == 2) else 1
+    grid = (min(triton.cdiv(M, bm) * triton.cdiv(N, BN * nt), sms),)
     consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
-                  PREFETCH=bool(prefetch), NT=nt, EPI=epi,
+                  PREFETCH=bool(prefetch), NT=nt, NWG=wgs,
                   **{k: v for k, v in flags.items() if k != "INTERP"})
-    descs = (_desc(xq, (BM, BK)), _desc(q, (BN, BK)), _desc(out, (BM // 2, BN)), la_d, u_d, b2_d)
+    descs = (_desc(xq, (128 if wgs == 2 else 64, BK)), _desc(q, (BN, BK)), _desc(out, (64, BN)), la_d, u_d, b2_d)
     rest = (sx, q_scale, *ptrs, *sizes)
     _launch(grid, descs, rest, consts)
 
@@ -564,14 +509,14 @@ def _launch(grid, descs, rest, consts) -> None:
             return e(grid, descs + rest)
         except Exception as ex:  # noqa: BLE001  (a launch that raises has not run)
             G._disable_fast(ex)
+    three = consts["NWG"] == 3
     while True:
         try:
-            compiled = _ws_gemm_kernel[grid](*descs, *rest, **consts, num_warps=4,
-                                             maxnreg=EPI_MAXNREG if consts["EPI"] else 168)
+            compiled = _ws_gemm_kernel[grid](*descs, *rest, **consts, num_warps=4, maxnreg=MAXNREG3 if three else 168)
             break
         except OutOfResources:
-            # _stages() counts the buffers the kernel allocates, not the compiler's scratch for layout
-            # conversions, which varies with the specialization: one stage fewer (the first launch only)
+            # _stages() counts the kernel's own buffers, not the compiler's scratch for layout conversions,
+            # which varies with the specialization: one stage fewer (at the first launch only)
             if consts["NSTAGES"] <= 2:
                 raise
             consts = dict(consts, NSTAGES=consts["NSTAGES"] - 1)

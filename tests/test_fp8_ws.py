@@ -15,7 +15,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on sm_90
 
 
 def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: bool, prefetch: bool,
-             out_dtype=torch.bfloat16, nt: int | None = None, epi: bool | None = None):
+             out_dtype=torch.bfloat16, nt: int | None = None, wgs: int | None = None):
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.compiler import BaseBackend, GPUTarget
@@ -31,22 +31,26 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     out = torch.empty(256, 256, dtype=torch.float8_e4m3fn if fp8_out else out_dtype)
     ph = W._desc(torch.zeros(16, 16, dtype=torch.bfloat16), (16, 16))
     la = W._desc(torch.empty(256, rank or 16, dtype=torch.bfloat16), (W.BN, rb)) if prefetch and rc else ph
-    epi = (W.EPI_WG == "all" or (W.EPI_WG == "heavy" and (gelu or rank_next > 0))) if epi is None else epi
-    ud = W._desc(torch.empty(256, rank or 16, dtype=torch.float32), (W.BM, rb)) if prefetch and rc and not epi else ph
+    heavy = (gelu or rank_next) and 512 < W.HEAVY_MIN_K  # (K = 512)
+    wgs = wgs or (2 if heavy or ((rank or rank_next) and not prefetch) else W.MATH_WGS)  # as launch() picks it
+    bm = 64 * wgs
+    ud = (W._desc(torch.empty(256, rank or 16, dtype=torch.float32), (bm, rb)) if prefetch and rc and wgs == 2
+          else ph)
     b2 = W._desc(torch.empty(rank_next or 16, 256, dtype=torch.bfloat16), (r2b, W.BN)) if prefetch and r2c else ph
-    descs = [W._desc(xq, (W.BM, W.BK)), W._desc(xq, (W.BN, W.BK)), W._desc(out, (W.BM // 2, W.BN)), la, ud, b2]
+    descs = [W._desc(xq, (128 if wgs == 2 else 64, W.BK)), W._desc(xq, (W.BN, W.BK)), W._desc(out, (64, W.BN)),
+             la, ud, b2]
     ty = lambda v: native_specialize_impl(BaseBackend, v, False, True, True)[0]  # noqa: E731
     names = "a_desc b_desc c_desc la_desc u_desc b2_desc SX SW U LA BIAS LB2 U2 SH M N K R R2".split()
     types = [ty(d) for d in descs] + ["*fp32", "*fp32", "*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32"] + ["i32"] * 5
     sig = dict(zip(names, types))
-    stages = W._stages(out.element_size(), rb if rc else 0, r2b if r2c else 0, 4, prefetch, epi)
-    nt = nt or (W.PAIR_TILES if (prefetch and r2c == 1 and not epi) else 1)  # as launch() picks it at many tokens
-    cx = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=4, PREFETCH=prefetch, NT=nt,
+    stages = W._stages(out.element_size(), rb if rc else 0, r2b if r2c else 0, 4, prefetch, wgs)
+    nt = nt or (W.PAIR_TILES if (prefetch and r2c == 1 and wgs == 2) else 1)  # as launch() picks it at many tokens
+    cx = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=4, PREFETCH=prefetch, NT=nt, NWG=wgs,
               ROW_SCALAR=row_scalar, HAS_BIAS=True, RB=rb, R_CHUNKS=rc, GELU=gelu, OUT_FP8=fp8_out, R2B=r2b,
-              R2_CHUNKS=r2c, EPI=epi, num_warps=4)
+              R2_CHUNKS=r2c, num_warps=4)
     sig.update({k: "constexpr" for k in cx})
     return triton.compile(GluonASTSource(W._ws_gemm_kernel, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=4, maxnreg=W.EPI_MAXNREG if epi else 168))
+                          options=dict(num_warps=4, maxnreg=W.MAXNREG3 if wgs == 3 else 168))
 
 
 @pytest.mark.parametrize("case", [
@@ -59,7 +63,10 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=True,
          out_dtype=torch.float32),  # fp32 output: fewer stages fit
     dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, nt=1),  # one tile per item
-], ids=["linear", "up", "down", "r0", "lora", "r256", "fp32-out", "up-1-tile"])
+    dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=True, prefetch=True, wgs=2),  # down, 2 WGs
+    dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, wgs=3),  # up, 3 WGs
+    dict(rank=80, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False, wgs=3),  # LoRA, 3 WGs
+], ids=["linear", "up", "down", "r0", "lora", "r256", "fp32-out", "up-1-tile", "down-2wg", "up-3wg", "lora-3wg"])
 def test_compiles_for_hopper(case):
     ck = _compile(**case)
     assert ck.metadata.shared <= SMEM_LIMIT  # launch()'s stage count fits what the kernel allocates
@@ -76,8 +83,9 @@ def test_tile_pairs_only_where_they_add_no_wave():
     assert W.tiles_per_item(6144, 16384, 132) == 1  # 47 against 48
 
 
+@pytest.mark.parametrize("n", [16384, 2048])  # 2048 at M = 1000: 96 tiles of 192 rows, too few for 3 warpgroups
 @pytest.mark.parametrize("rank_next", [0, 64])
-def test_launch_prepares_a_valid_launch(monkeypatch, rank_next):
+def test_launch_prepares_a_valid_launch(monkeypatch, rank_next, n):
     """launch()'s host side on the CPU, up to the kernel call: its descriptors, grid and constexprs (a
     slip there shows only on a Hopper GPU, where run() falls back to the Triton kernel, logged)."""
     from liteffn.kernels import gemm as G
@@ -86,7 +94,9 @@ def test_launch_prepares_a_valid_launch(monkeypatch, rank_next):
     monkeypatch.setattr(G, "num_sms", lambda index: 132)
     monkeypatch.setattr(W, "_launch", lambda grid, descs, rest, consts: got.update(grid=grid, consts=consts,
                                                                                        descs=descs, rest=rest))
-    m, k, n, r = 1000, 256, 16384, 64
+    m, k, r = 1000, 256, 64
+    few = -(-m // 192) * -(-n // W.BN) < W.MIN_WAVES_3 * 132
+    wgs = 2 if (rank_next and k < W.HEAVY_MIN_K) or few else W.MATH_WGS
     xq, q = torch.zeros(m, k, dtype=torch.float8_e4m3fn), torch.zeros(n, k, dtype=torch.float8_e4m3fn)
     u, A = torch.zeros(m, r), torch.zeros(n, r, dtype=torch.bfloat16)
     nb = torch.zeros(rank_next, n, dtype=torch.bfloat16) if rank_next else None
@@ -96,12 +106,11 @@ def test_launch_prepares_a_valid_launch(monkeypatch, rank_next):
     W.launch(xq, q, out, torch.ones(m), torch.ones(n), ptrs, sizes[:5], {k_: v for k_, v in flags.items()
                                                                           if k_ != "INTERP"}, 512)
     nt = got["consts"]["NT"]
-    epi = W.EPI_WG == "all" or (W.EPI_WG == "heavy" and rank_next > 0)  # (rank_next: the up-projection)
-    assert nt == (W.tiles_per_item(m, n, 132) if rank_next and not epi else 1)
-    assert got["consts"]["EPI"] == epi
-    assert got["grid"] == (min(132, -(-m // W.BM) * -(-n // (W.BN * nt))),)
+    assert nt == (W.tiles_per_item(m, n, 132) if rank_next else 1)
+    assert got["consts"]["NWG"] == wgs
+    assert got["grid"] == (min(132, -(-m // (64 * wgs)) * -(-n // (W.BN * nt))),)
     assert got["consts"]["PREFETCH"] and got["consts"]["PROMOTE"] == 4
-    assert [d.block_shape for d in got["descs"][:3]] == [[W.BM, W.BK], [W.BN, W.BK], [W.BM // 2, W.BN]]
+    assert [d.block_shape for d in got["descs"][:3]] == [[128 if wgs == 2 else 64, W.BK], [W.BN, W.BK], [64, W.BN]]
     assert len(got["rest"]) == 2 + 6 + 5
 
 
