@@ -2,6 +2,7 @@ import importlib.util
 import os
 import sys
 
+import pytest
 import torch
 
 # Triton kernels run in the interpreter on machines without a GPU; it must be chosen before
@@ -33,3 +34,34 @@ except ImportError:  # plain checkout: the repository root is the package
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), _link_dir) if p)
     except OSError:  # no symlinks here: the multi-process tests need `pip install -e .`
         pass
+
+
+def _triton_language_objects():
+    """What Triton's interpreter patches when it runs a kernel (triton/runtime/interpreter.py _patch_lang):
+    triton.language and .core and .math, the tensor, dtype and tensor-descriptor classes."""
+    try:
+        import triton.language as tl
+    except ImportError:
+        return []
+    objs = [tl, tl.core, tl.math, tl.core.tensor, tl.core.dtype]
+    return objs + ([tl.core.tensor_descriptor_base] if hasattr(tl.core, "tensor_descriptor_base") else [])
+
+
+# taken before any test runs a kernel in the interpreter
+_TRITON_LANGUAGE = [(o, dict(vars(o))) for o in _triton_language_objects()]
+
+
+@pytest.fixture
+def triton_language_unpatched():
+    """triton.language as it was imported. Triton's interpreter (3.9) patches it while it runs a kernel and
+    does not undo what a jit function called from another one patched (InterpretedFunction.__call__), so
+    after the interpreted kernel tests, compiling a kernel for a GPU would run the interpreter's builtins.
+    Put back for the test, and left put back (the interpreter patches again when it next runs)."""
+    for obj, saved in _TRITON_LANGUAGE:
+        for name, value in saved.items():
+            if vars(obj).get(name, None) is not value:
+                try:
+                    setattr(obj, name, value)
+                except (AttributeError, TypeError):  # read-only entries (__dict__, __weakref__) never change
+                    pass
+    yield

@@ -67,7 +67,7 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, wgs=3),  # up, 3 WGs
     dict(rank=80, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False, wgs=3),  # LoRA, 3 WGs
 ], ids=["linear", "up", "down", "r0", "lora", "r256", "fp32-out", "up-1-tile", "down-2wg", "up-3wg", "lora-3wg"])
-def test_compiles_for_hopper(case):
+def test_compiles_for_hopper(case, triton_language_unpatched):
     ck = _compile(**case)
     assert ck.metadata.shared <= SMEM_LIMIT  # launch()'s stage count fits what the kernel allocates
     ptx = ck.asm["ptx"]
