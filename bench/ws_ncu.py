@@ -30,7 +30,7 @@ def main():
     ap.add_argument("--case", default="r0", choices=["r0", "up"])
     a = ap.parse_args()
     W.MATH_WGS = a.wgs
-    W.HEAVY_MIN_K = W.MIN_WAVES_3 = 0  # every epilogue and size on a.wgs warpgroups
+    W.HEAVY_MIN_K, W.WAVE_SLACK = 0, 1e9  # every epilogue and size on a.wgs warpgroups
     m, k, n = 6144, 4096, 16384
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(m, k, generator=g, device="cuda").bfloat16()

@@ -55,9 +55,16 @@ MATH_WGS = 3
 # than HEAVY_MIN_K of K: at 2048 their share of a tile's time is twice as large, and without tile pairs the
 # audio up-projection ran 263 -> 278 us (M = 6144)
 HEAVY_MIN_K = 4096
-# ... and only where their 192-row tiles fill the GPU at least this many times: fewer, larger tiles lose
-# when there are few (the linear 4096x4096 at M = 1024, r = 64: 48 -> 60 us; at 6144, 3.9 waves: 145 us both)
-MIN_WAVES_3 = 3
+# ... and only where their waves of 192-row tiles cover at most WAVE_SLACK times the rows that the waves of
+# 128-row tiles do (a last wave partly empty costs the larger tiles more). H200, r = 64: 4096x4096 at
+# M = 1024 (2 waves either way: 384 rows against 256) 48 -> 60 us; 8192->2048 at M = 1400 (1 wave against
+# 2; two runs) 50 -> 40 us; 4096->2048 at 6144 (768 rows both) 145 us both; the video GEMMs (within 2%) 5% faster
+WAVE_SLACK = 1.05
+
+
+def _three_fit(M: int, N: int, sms: int) -> bool:
+    waves = lambda bm: triton.cdiv(triton.cdiv(M, bm) * triton.cdiv(N, BN), sms) * bm  # noqa: E731
+    return waves(192) <= WAVE_SLACK * waves(128)
 MATH3_REGS = 160  # the two worker math warpgroups; the default one gets what is left (152)
 MAXNREG3 = 128  # 16 warps at launch (the loader warp padded to a warpgroup): 65536 / 512
 # (128 + 128) x 128 bytes per stage: 5 stages measured level with 4 and 6 (bench/gluon_explore_h200.log); with
@@ -471,7 +478,7 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     # (ranks above 64, a LoRA appended, stage their operands per warpgroup in shared memory: with 3 the ring
     # got 2 stages and the video FFN at r = 256 went 1.12x -> 0.90x bf16)
     two = (((flags["GELU"] or r2c) and K < HEAVY_MIN_K) or ((rc or r2c) and not prefetch)
-           or triton.cdiv(M, 192) * triton.cdiv(N, BN) < MIN_WAVES_3 * sms)
+           or not _three_fit(M, N, sms))
     wgs = 2 if two else MATH_WGS
     bm = 64 * wgs
     la_d = _desc(LA, (BN, flags["RB"])) if prefetch and rc else ph

@@ -77,13 +77,20 @@ def test_compiles_for_hopper(case, triton_language_unpatched):
         assert ".bf16.bf16" in ptx  # the low-rank branch on bf16 tensor cores
 
 
+def test_three_warpgroups_only_where_their_waves_cost_no_more():
+    assert W._three_fit(6144, 16384, 132)  # 32 waves of 192 rows against 47 of 128: within 5%
+    assert W._three_fit(1400, 2048, 132)  # 1 wave against 2
+    assert W._three_fit(6144, 2048, 132)  # 768 rows either way
+    assert not W._three_fit(1024, 4096, 132)  # 2 waves either way: 384 rows against 256
+
+
 def test_tile_pairs_only_where_they_add_no_wave():
     assert W.tiles_per_item(24576, 16384, 132) == W.PAIR_TILES  # 187 waves of tiles, 188 of pairs
     assert W.tiles_per_item(43400, 16384, 132) == W.PAIR_TILES
     assert W.tiles_per_item(6144, 16384, 132) == 1  # 47 against 48
 
 
-@pytest.mark.parametrize("n", [16384, 2048])  # 2048 at M = 1000: 96 tiles of 192 rows, too few for 3 warpgroups
+@pytest.mark.parametrize("n", [16384, 4096])  # 4096 at M = 1000: 2 waves of 192-row tiles or of 128-row ones
 @pytest.mark.parametrize("rank_next", [0, 64])
 def test_launch_prepares_a_valid_launch(monkeypatch, rank_next, n):
     """launch()'s host side on the CPU, up to the kernel call: its descriptors, grid and constexprs (a
@@ -95,7 +102,7 @@ def test_launch_prepares_a_valid_launch(monkeypatch, rank_next, n):
     monkeypatch.setattr(W, "_launch", lambda grid, descs, rest, consts: got.update(grid=grid, consts=consts,
                                                                                        descs=descs, rest=rest))
     m, k, r = 1000, 256, 64
-    few = -(-m // 192) * -(-n // W.BN) < W.MIN_WAVES_3 * 132
+    few = not W._three_fit(m, n, 132)
     wgs = 2 if (rank_next and k < W.HEAVY_MIN_K) or few else W.MATH_WGS
     xq, q = torch.zeros(m, k, dtype=torch.float8_e4m3fn), torch.zeros(n, k, dtype=torch.float8_e4m3fn)
     u, A = torch.zeros(m, r), torch.zeros(n, r, dtype=torch.bfloat16)
