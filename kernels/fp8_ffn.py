@@ -303,7 +303,7 @@ if triton is not None:
         """Few tokens and few output channels (8192->2048 at M=126: 32 tiles of 64 x 128 for 132 SMs):
         128 x 64 tiles with K split 2 or 4 ways; None where there are tiles enough. 128-token tiles
         as w4a8's split K (64-token ones gave wrong rows there on the H100)."""
-        split = G.split_k(triton.cdiv(M, 128) * triton.cdiv(N, 64), sms)
+        split = G.split_k(G.cdiv(M, 128) * G.cdiv(N, 64), sms)
         if split == 1:
             return None
         return _meta(128, 64, 128, 4, 4, False, False, G.promote_tiles(interval, 128), split_k=split)
@@ -341,7 +341,7 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
         rows = rows or (16 if G.INTERP else 1)
         assert rows in (1, 2, 4, 8, 16), "act_quant_lowrank: 1, 2, 4, 8 or 16 rows per program"
         bk, bk2 = (32, 32) if G.INTERP else (256, max(256, 2048 // rows))
-        G.launch_kernel(_act_quant_rows_kernel, (triton.cdiv(M, rows),),
+        G.launch_kernel(_act_quant_rows_kernel, (G.cdiv(M, rows),),
                         (x, xq, sx, B if r else sx, u if r else sx, z, M, K, r, rz, x.stride(0)),
                         dict(ROWS=rows, BM=16, BK=bk, BK2=bk2, RP=rp, RZP=rzp, INTERP=G.INTERP), num_warps=warps or 4)
         return xq, sx, u
@@ -357,7 +357,7 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     split = split or (64 if G.INTERP else 256 if M <= 2048 else MANY_ROWS_SPLIT)
     split = -(-split // bk) * bk  # whole load blocks per split
     warps = warps or (8 if rp > 64 else 4)
-    grid = (triton.cdiv(M, bm), triton.cdiv(K, split))
+    grid = (G.cdiv(M, bm), G.cdiv(K, split))
     # num_stages=1: software-pipelined (2-3 stages, Triton 3.6, H200), this loop's 64-row tiles (wgmma) gave
     # u off by 0.3-1.2% and different on every call (a race: 16- and 32-row tiles and one stage are exact,
     # run to run within 1e-7; bench/act_quant_race_h200.log). One stage is as fast with 4 warps (58 us at

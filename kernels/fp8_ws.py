@@ -29,7 +29,6 @@ import torch
 from . import gemm as G
 
 try:
-    import triton
     from triton.experimental import gluon
     from triton.runtime.errors import OutOfResources
     from triton.experimental.gluon import language as gl
@@ -63,7 +62,7 @@ WAVE_SLACK = 1.05
 
 
 def _three_fit(M: int, N: int, sms: int) -> bool:
-    waves = lambda bm: triton.cdiv(triton.cdiv(M, bm) * triton.cdiv(N, BN), sms) * bm  # noqa: E731
+    waves = lambda bm: G.cdiv(G.cdiv(M, bm) * G.cdiv(N, BN), sms) * bm  # noqa: E731
     return waves(192) <= WAVE_SLACK * waves(128)
 MATH3_REGS = 160  # the two worker math warpgroups; the default one gets what is left (152)
 MAXNREG3 = 128  # 16 warps at launch (the loader warp padded to a warpgroup): 65536 / 512
@@ -443,8 +442,10 @@ def _stages(out_bytes: int, rb: int, r2b: int, u_bytes: int, prefetch: bool, wgs
 
 
 @functools.lru_cache(maxsize=None)
-def _placeholder(device: torch.device) -> torch.Tensor:
-    return torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
+def _placeholder(device: torch.device):
+    """A 16 x 16 descriptor standing in for epilogue operands a launch does not use (made once: a
+    descriptor costs microseconds of validation per call)."""
+    return _desc(torch.zeros(16, 16, device=device, dtype=torch.bfloat16), (16, 16))
 
 
 def tiles_per_item(M: int, N: int, sms: int) -> int:
@@ -457,9 +458,9 @@ def tiles_per_item(M: int, N: int, sms: int) -> int:
     if PAIR_TILES <= 1:
         return 1
     bm = 128  # (2 math warpgroups: the only ones that take pairs)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, BN)
-    items = triton.cdiv(M, bm) * triton.cdiv(N, BN * PAIR_TILES)
-    return PAIR_TILES if PAIR_TILES * triton.cdiv(items, sms) <= 1.01 * triton.cdiv(tiles, sms) else 1
+    tiles = G.cdiv(M, bm) * G.cdiv(N, BN)
+    items = G.cdiv(M, bm) * G.cdiv(N, BN * PAIR_TILES)
+    return PAIR_TILES if PAIR_TILES * G.cdiv(items, sms) <= 1.01 * G.cdiv(tiles, sms) else 1
 
 
 def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
@@ -471,7 +472,7 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     M, N, K, R, R2 = sizes
     U, LA, _, LB2, _, _ = ptrs
     rc, r2c = flags["R_CHUNKS"], flags["R2_CHUNKS"]
-    ph = _desc(_placeholder(xq.device), (16, 16))
+    ph = _placeholder(xq.device)
     prefetch = (PREFETCH and rc <= 1 and r2c <= 1 and (rc or r2c) and U.dtype in (torch.float32, torch.bfloat16)
                 and (not rc or (R * 2 % 16 == 0 and R * U.element_size() % 16 == 0)))
     sms = G.num_sms(xq.device.index or 0)
@@ -488,7 +489,7 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
                      bool(prefetch), wgs)
     # (tile pairs keep 32 more registers per thread: with 3 math warpgroups' 160 the epilogue spills)
     nt = tiles_per_item(M, N, sms) if (prefetch and r2c == 1 and wgs == 2) else 1
-    grid = (min(triton.cdiv(M, bm) * triton.cdiv(N, BN * nt), sms),)
+    grid = (min(G.cdiv(M, bm) * G.cdiv(N, BN * nt), sms),)
     consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
                   PREFETCH=bool(prefetch), NT=nt, NWG=wgs,
                   **{k: v for k, v in flags.items() if k != "INTERP"})

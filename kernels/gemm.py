@@ -232,6 +232,13 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------- host side
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host side: triton.cdiv is a constexpr function whose call costs ~4 us of Python,
+    and launch paths take several per GEMM (bench/host_overhead_h200.md: host time is what few-token calls
+    wait for)."""
+    return -(-a // b)
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -255,7 +262,7 @@ _WORKSPACES: dict = {}
 def split_workspace(device, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split K's fp32 sums [M, N] and per-tile counters (_split_k_sum), kept per device and zero between
     launches (the kernels zero what they used). One stream at a time, as ComfyUI samples."""
-    tiles = triton.cdiv(M, 32) * triton.cdiv(N, 32)  # the smallest tiles (the interpreter's)
+    tiles = cdiv(M, 32) * cdiv(N, 32)  # the smallest tiles (the interpreter's)
     ws, cnt = _WORKSPACES.get(device, (None, None))
     if ws is None or ws.numel() < M * N or cnt.numel() < tiles:
         ws = torch.zeros(max(M * N, 0 if ws is None else ws.numel()), device=device, dtype=torch.float32)
@@ -484,7 +491,7 @@ def _meta(cfg: dict) -> dict:
 
 
 def _grid(cfg: dict, M: int, N: int, sms: int) -> tuple:
-    tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]) * cfg.get("SPLIT_K", 1)
+    tiles = cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"]) * cfg.get("SPLIT_K", 1)
     return (cfg.get("programs") or (min(tiles, sms) if cfg["PERSIST"] else tiles),)
 
 

@@ -384,7 +384,7 @@ if triton is not None:
 def few_tokens_config(M: int, N: int, sms: int) -> dict:
     """64 x 128 tiles, K split 2 or 4 ways when there are fewer tiles than SMs (H100: 8192->2048 at
     M=126, 32 tiles, 31 -> 14 us; 2048->8192, 128 tiles, stays unsplit; bench/w4a8_explore_h100.log)."""
-    split = G.split_k(triton.cdiv(M, 128) * triton.cdiv(N, 64), sms)
+    split = G.split_k(G.cdiv(M, 128) * G.cdiv(N, 64), sms)
     return dict(BN=64, BM=128, GROUP_M=8, PERSIST=False, EPI_SPLIT=False, PROMOTE=1, SPLIT_K=split, num_warps=4,
                 num_stages=4 if split > 1 else 3)
 
@@ -398,7 +398,7 @@ def to_fp8(w4: dict) -> torch.Tensor:
     bn, gpp = (32, 1) if G.INTERP else (64, 4)
     w_desc = TensorDescriptor.from_tensor(q, [bn, 64])
     o_desc = TensorDescriptor.from_tensor(out, [bn, 128])
-    grid = (triton.cdiv(n, bn), triton.cdiv(k // GROUP, gpp))
+    grid = (G.cdiv(n, bn), G.cdiv(k // GROUP, gpp))
     _to_fp8_kernel[grid](w_desc, o_desc, _sb_desc(w4["sb"], bn), n, k, BN=bn, GPP=gpp, SB=w4["block"], INTERP=G.INTERP,
                          num_warps=4)
     return out
