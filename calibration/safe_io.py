@@ -59,6 +59,22 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
 
 
+def temp_path(directory: str, base: str) -> str:
+    """A scratch name in directory, beside the output named base, that clean_stale recognises as this
+    process's (and removes once the process is gone, unless the file is locked)."""
+    return os.path.join(directory, f".{base}{TMP_TAG}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def lock_exclusive(fd: int) -> None:
+    """An exclusive flock on fd where there are flocks: another process's clean_stale leaves the file
+    alone while this descriptor is open."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -310,7 +326,7 @@ class SafeOutput:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY | _O_CLOEXEC
         with _sig_lock:
             for _ in range(100):
-                tmp = os.path.join(d, f".{base}{TMP_TAG}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+                tmp = temp_path(d, base)
                 try:
                     fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
                 except FileExistsError:  # taken, or planted: never followed, never reused
@@ -325,11 +341,7 @@ class SafeOutput:
             _active[tmp] = self
             if len(_active) == 1:
                 _install()
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                pass
+        lock_exclusive(fd)
         self.file = os.fdopen(fd, "w+b")
 
     def __enter__(self) -> "SafeOutput":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -334,10 +333,10 @@ def stream_passes(groups, run_group, earlier: "ActivationStats | None" = None, r
 def sibling_temp(path: str) -> str:
     """A name for a scratch file beside path that safe_io.clean_stale recognises as LiteFFN's (and
     removes once this process is gone)."""
-    from .safe_io import TMP_TAG, _host
+    from .safe_io import temp_path
 
     d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base[:120]}.run{TMP_TAG}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+    return temp_path(d, base[:120] + ".run")
 
 
 def check_stats_meta(meta: dict, path: str) -> dict:
@@ -586,18 +585,13 @@ def save_stream(path: str, layers, meta: dict, widths: dict[str, int], append: b
     return FileStats(path)
 
 
-def _hold_lock(path: str):
-    """An open descriptor holding an exclusive flock on path (as SafeOutput holds on its temps), or
-    None where there are no flocks."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
+def _hold_lock(path: str) -> int:
+    """An open descriptor of path holding an exclusive flock on it where there are flocks (as SafeOutput
+    holds on its temps)."""
+    from .safe_io import lock_exclusive
+
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pass
+    lock_exclusive(fd)
     return fd
 
 
