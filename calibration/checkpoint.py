@@ -44,8 +44,6 @@ def block_linears(keys, which: str = "all", layers: str = "ffn") -> tuple[str, l
     return p, ltx2.select(names, which, layers)
 
 
-ffn_linears = block_linears
-
 
 def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True, policy: RankPolicy | None = None,
           layers: str = "ffn"):

@@ -118,9 +118,7 @@ def parse_blocks(spec: str, n_blocks: int) -> list[int]:
 
 def ffn_modules(n_blocks: int, which: str = "all", blocks: str = "") -> list[str]:
     """FFN module names (`transformer_blocks.N.ff` / `.audio_ff`) of the selected streams and blocks."""
-    keep = streams(which)
-    return [f"transformer_blocks.{i}.{s}" for i in parse_blocks(blocks, n_blocks)
-            for s, st in FFN_STREAM.items() if st in keep]
+    return units(n_blocks, which, blocks, "ffn")
 
 
 def units(n_blocks: int, which: str = "all", blocks: str = "", layers: str = "ffn") -> list[str]:

@@ -32,17 +32,9 @@ def diffusion_model(model) -> torch.nn.Module:
     return dm
 
 
-def ffn_names(model, which: str = "all", blocks: str = "") -> list[str]:
-    return ltx2.ffn_modules(len(diffusion_model(model).transformer_blocks), which, blocks)
-
-
 def unit_names(model, which: str = "all", blocks: str = "", layers: str = "ffn") -> list[str]:
     """The units (FFNs, attention projections) of a selection; see calibration/ltx2.py."""
     return ltx2.units(len(diffusion_model(model).transformer_blocks), which, blocks, layers)
-
-
-def original_ffn(model, ffn: str) -> torch.nn.Module:
-    return original_unit(model, ffn)
 
 
 def original_unit(model, unit: str) -> torch.nn.Module:
@@ -67,8 +59,7 @@ def original_unit(model, unit: str) -> torch.nn.Module:
 
 def linear_of(model, linear: str) -> torch.nn.Module:
     unit = ltx2.unit_of(linear)
-    m = original_unit(model, unit)
-    return m if unit == linear else m.get_submodule(linear[len(unit) + 1:])
+    return original_linear(original_unit(model, unit), unit, linear)
 
 
 def source(model, linear: str):
@@ -262,9 +253,6 @@ class _Proxy(torch.nn.Module):
         return f"LiteFFN -> {getattr(self.target, 'up', self.target).extra_repr()}"
 
 
-_FFNProxy = _Proxy  # the name earlier versions and their tests used
-
-
 ADDITIONAL_KEY = "liteffn"
 
 
@@ -352,9 +340,9 @@ def _warn_once(msg: str) -> None:
         log.warning("LiteFFN: %s", msg)
 
 
-def compressed_modules(model, ffn_only: bool = False) -> dict[str, CompressedFFN | CompressedLinear]:
+def compressed_modules(model) -> dict[str, CompressedFFN | CompressedLinear]:
     """{unit: CompressedFFN or CompressedLinear} of a MODEL patched by LiteFFN ({} for any other)."""
-    return {u: p.target for u, p in _proxies(model) if not ffn_only or ltx2.is_ffn_unit(u)}
+    return {u: p.target for u, p in _proxies(model)}
 
 
 def build_unit(unit: str, layers: dict) -> CompressedFFN | CompressedLinear:
