@@ -355,7 +355,7 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     bm = bm or (16 if (G.INTERP or M <= 2048) else MANY_ROWS_BM)
     bk = 32 if G.INTERP else 128
     split = split or (64 if G.INTERP else 256 if M <= 2048 else MANY_ROWS_SPLIT)
-    split = -(-split // bk) * bk  # whole load blocks per split
+    split = G.cdiv(split, bk) * bk  # whole load blocks per split
     warps = warps or (8 if rp > 64 else 4)
     grid = (G.cdiv(M, bm), G.cdiv(K, split))
     # num_stages=1: software-pipelined (2-3 stages, Triton 3.6, H200), this loop's 64-row tiles (wgmma) gave

@@ -42,7 +42,8 @@ try:
 except Exception:  # no Triton, or a Triton without Gluon's Hopper API: the Triton kernel runs instead
     gluon = None
 
-BM, BN, BK = 128, 128, 128  # plain ints for the host side; the kernels see the constexpr copies below
+HM, BN, BK = 64, 128, 128  # rows per math warpgroup, tile columns, K tile: plain ints for the host side;
+# the kernels see the constexpr copies below
 # Math warpgroups per CTA, each 64 rows of a tile (benches compare 2 and 3). Three keep the tensor cores busier
 # while each waits for its own MMAs (one promotes while two issue): H200, M = 6144, residual only, 4096->16384
 # 706 -> 672 us, 16384->4096 705 -> 675 (cuBLAS promoted: 711, 674); the video FFN 1.53x -> 1.62x bf16
@@ -63,7 +64,9 @@ WAVE_SLACK = 1.05
 
 def _three_fit(M: int, N: int, sms: int) -> bool:
     waves = lambda bm: G.cdiv(G.cdiv(M, bm) * G.cdiv(N, BN), sms) * bm  # noqa: E731
-    return waves(192) <= WAVE_SLACK * waves(128)
+    return waves(3 * HM) <= WAVE_SLACK * waves(2 * HM)
+
+
 MATH3_REGS = 160  # the two worker math warpgroups; the default one gets what is left (152)
 MAXNREG3 = 128  # 16 warps at launch (the loader warp padded to a warpgroup): 65536 / 512
 # (128 + 128) x 128 bytes per stage: 5 stages measured level with 4 and 6 (bench/gluon_explore_h200.log); with
@@ -109,7 +112,7 @@ def run(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> bool:
 
 if gluon is not None:
     _BN, _BK = gl.constexpr(BN), gl.constexpr(BK)
-    _HM = gl.constexpr(64)  # rows per math warpgroup
+    _HM = gl.constexpr(HM)
     _MATH3_REGS = gl.constexpr(MATH3_REGS)
 
     @gluon.constexpr_function
@@ -428,8 +431,8 @@ def _stages(out_bytes: int, rb: int, r2b: int, u_bytes: int, prefetch: bool, wgs
     """Stages of the K ring that fit beside the output tiles and the epilogue's operand buffers
     (the kernel's allocations, as _ws_gemm_kernel makes them), with wgs math warpgroups (64 rows each;
     with 3 the U tile is not prefetched)."""
-    bm, ph = 64 * wgs, 16 * 16 * 2  # tile rows; a placeholder buffer
-    fixed = wgs * 64 * BN * out_bytes  # the output tiles
+    bm, ph = HM * wgs, 16 * 16 * 2  # tile rows; a placeholder buffer
+    fixed = bm * BN * out_bytes  # the output tiles
     if prefetch:
         fixed += 2 * wgs * ph  # placeholder staging buffers
         fixed += BN * rb * 2 if rb else ph  # A's tile
@@ -457,7 +460,7 @@ def tiles_per_item(M: int, N: int, sms: int) -> int:
     audio M=5600 1.36x -> 1.39x; at M=6144 a 2% tail cost for 2% fewer atomics."""
     if PAIR_TILES <= 1:
         return 1
-    bm = 128  # (2 math warpgroups: the only ones that take pairs)
+    bm = 2 * HM  # (2 math warpgroups: the only ones that take pairs)
     tiles = G.cdiv(M, bm) * G.cdiv(N, BN)
     items = G.cdiv(M, bm) * G.cdiv(N, BN * PAIR_TILES)
     return PAIR_TILES if PAIR_TILES * G.cdiv(items, sms) <= 1.01 * G.cdiv(tiles, sms) else 1
@@ -481,7 +484,7 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     two = (((flags["GELU"] or r2c) and K < HEAVY_MIN_K) or ((rc or r2c) and not prefetch)
            or not _three_fit(M, N, sms))
     wgs = 2 if two else MATH_WGS
-    bm = 64 * wgs
+    bm = HM * wgs
     la_d = _desc(LA, (BN, flags["RB"])) if prefetch and rc else ph
     u_d = _desc(U, (bm, flags["RB"])) if prefetch and rc and wgs == 2 else ph  # (3: the epilogue reads U)
     b2_d = _desc(LB2, (flags["R2B"], BN)) if prefetch and r2c else ph
@@ -493,7 +496,8 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
                   PREFETCH=bool(prefetch), NT=nt, NWG=wgs,
                   **{k: v for k, v in flags.items() if k != "INTERP"})
-    descs = (_desc(xq, (128 if wgs == 2 else 64, BK)), _desc(q, (BN, BK)), _desc(out, (64, BN)), la_d, u_d, b2_d)
+    # A as one TMA box per tile (2 warpgroups) or per warpgroup (3: Gluon's shapes are powers of two)
+    descs = (_desc(xq, (bm if wgs == 2 else HM, BK)), _desc(q, (BN, BK)), _desc(out, (HM, BN)), la_d, u_d, b2_d)
     rest = (sx, q_scale, *ptrs, *sizes)
     _launch(grid, descs, rest, consts)
 
