@@ -43,11 +43,11 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     names = "a_desc b_desc c_desc la_desc u_desc b2_desc SX SW U LA BIAS LB2 U2 SH M N K R R2".split()
     types = [ty(d) for d in descs] + ["*fp32", "*fp32", "*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32"] + ["i32"] * 5
     sig = dict(zip(names, types))
-    stages = W._stages(out.element_size(), rb if rc else 0, r2b if r2c else 0, 4, prefetch, wgs)
-    nt = nt or (W.PAIR_TILES if (prefetch and r2c == 1 and wgs == 2) else 1)  # as launch() picks it at many tokens
+    nt = nt or (W.PAIR_TILES if (prefetch and r2c == 1 and (wgs == 2 or W.ITEMS3)) else 1)  # as launch() at many tokens
+    stages = W._stages(out.element_size(), rb if rc else 0, r2b if r2c else 0, 4, prefetch, wgs, nt > 1 and wgs == 3)
     cx = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=4, PREFETCH=prefetch, NT=nt, NWG=wgs,
               ROW_SCALAR=row_scalar, HAS_BIAS=True, RB=rb, R_CHUNKS=rc, GELU=gelu, OUT_FP8=fp8_out, R2B=r2b,
-              R2_CHUNKS=r2c, num_warps=4)
+              R2_CHUNKS=r2c, U2V=W.U2_MODE if r2c else 0, num_warps=4)
     sig.update({k: "constexpr" for k in cx})
     return triton.compile(GluonASTSource(W._ws_gemm_kernel, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=4, maxnreg=W.MAXNREG3 if wgs == 3 else 168))
