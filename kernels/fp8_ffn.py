@@ -75,7 +75,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .gemm import _dot, _grouped_tile, _split_k_sum, _store_tile, _to_fp8
+    from .gemm import _dot, _grouped_tile, _split_k_sum, _store_tile, _to_bf16, _to_fp8
 except ImportError:  # torch-only installs: dispatch never picks these kernels
     triton = None
 
@@ -127,7 +127,7 @@ if triton is not None:
                 u = _dot(x.to(tl.bfloat16), tl.trans(b), u, INTERP)
         tl.store(SX + rows, tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12), mask=rmask)
         if RP > 0:
-            tl.store(U + rows[:, None] * R + rr[None, :], u, mask=rmask[:, None] & (rr < R)[None, :])
+            tl.store(U + rows[:, None] * R + rr[None, :], _to_bf16(u, INTERP), mask=rmask[:, None] & (rr < R)[None, :])
         if RZP > 0:
             rz = tl.arange(0, RZP)
             tl.store(Z + rows[:, None] * RZ + rz[None, :], tl.zeros([BM, RZP], tl.float32),
@@ -171,13 +171,21 @@ if triton is not None:
             tl.atomic_add(U + rows[:, None] * R + rr[None, :], u, mask=rmask[:, None] & (rr < R)[None, :], sem="relaxed")
 
     @triton.jit
-    def _act_quant_kernel(X, XQ, AMAX, SX, Z, M, K, RZ, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
-                          SPLIT: tl.constexpr, RZP: tl.constexpr, INTERP: tl.constexpr):
+    def _act_quant_kernel(X, XQ, AMAX, SX, Z, U32, U, M, K, RZ, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
+                          SPLIT: tl.constexpr, RZP: tl.constexpr, RP: tl.constexpr, INTERP: tl.constexpr):
+        """The codes of x / sx; the first K split's programs also store sx, round u's fp32 sum (U32) to
+        bf16 (U) and zero Z."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         s = tl.maximum(tl.math.div_rn(tl.load(AMAX + rows, mask=rmask, other=0.0), 448.0), 1e-12)
         if tl.program_id(1) == 0:
             tl.store(SX + rows, s, mask=rmask)
+            RC: tl.constexpr = 64 if RP > 64 else RP
+            for j in tl.static_range(RP // RC if RP > 0 else 0):
+                rr = j * RC + tl.arange(0, RC)
+                um = rmask[:, None] & (rr < R)[None, :]
+                tl.store(U + rows[:, None] * R + rr[None, :],
+                         _to_bf16(tl.load(U32 + rows[:, None] * R + rr[None, :], mask=um, other=0.0), INTERP), mask=um)
             if RZP > 0:
                 rz = tl.arange(0, RZP)
                 tl.store(Z + rows[:, None] * RZ + rz[None, :], tl.zeros([BM, RZP], tl.float32),
@@ -316,8 +324,9 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
                       single: bool | None = None, rows: int | None = None, bm: int | None = None,
                       split: int | None = None, warps: int | None = None):
     """x [M, K] (bf16/fp16/fp32, row stride free, unit column stride) -> (xq fp8 [M, K],
-    sx fp32 [M], u = x B^T fp32 [M, r] or None). u stays fp32; the GEMM epilogue rounds it to
-    bf16 for the MMA. zero: an fp32 [M, r2] buffer (the next linear's u accumulator) set to zero
+    sx fp32 [M], u = x B^T bf16 [M, r] or None). u is summed in fp32 and rounded to bf16 once here: it
+    is only ever a bf16 MMA operand, and so the GEMM reads half the bytes (and with three math warpgroups
+    takes U's rows by TMA, fp8_ws._u_ring). zero: an fp32 [M, r2] buffer (the next linear's u accumulator) set to zero
     on the way. single: one launch (default for M <= SINGLE_LAUNCH_M; rows per program `rows`),
     else two over K splits (bm rows x split columns per program)."""
     M, K = x.shape
@@ -335,7 +344,7 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
         # its B tile for ranks over 64 does not fit in shared memory
         single = M <= SINGLE_LAUNCH_M and K <= 4096 and rp <= 64
     if single:
-        u = torch.empty(M, r, device=x.device, dtype=torch.float32) if r else None
+        u = torch.empty(M, r, device=x.device, dtype=torch.bfloat16) if r else None
         # one row per program was the fastest on the H200 (16.4 us at K=2048, 2 rows 17.7, 16 rows 39);
         # the interpreter's time goes with the number of programs
         rows = rows or (16 if G.INTERP else 1)
@@ -348,8 +357,9 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     # u and the row max summed by atomics: one zeroed buffer (one memset launch, not two; u first, so its
     # rows stay 16-byte aligned for the GEMMs' TMA loads)
     sums = torch.zeros(M * r + M, device=x.device, dtype=torch.float32)
-    u = sums[:M * r].view(M, r) if r else None
+    u32 = sums[:M * r].view(M, r) if r else None
     amax = sums[M * r:]
+    u = torch.empty(M, r, device=x.device, dtype=torch.bfloat16) if r else None
     # measured on the H100 (bench/ffn_kernels_explore_h100.log): M=126: 16 rows x 256 columns per
     # program, 13-15 us at K=2048/8192; M=6144, K=4096: 64 x 512, 64 us (2 TB/s)
     bm = bm or (16 if (G.INTERP or M <= 2048) else MANY_ROWS_BM)
@@ -362,10 +372,11 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     # u off by 0.3-1.2% and different on every call (a race: 16- and 32-row tiles and one stage are exact,
     # run to run within 1e-7; bench/act_quant_race_h200.log). One stage is as fast with 4 warps (58 us at
     # M=6144, K=4096, r=64); tests/test_gpu_fp8.py::test_ffn_repeats_itself guards it.
-    G.launch_kernel(_act_stats_kernel, grid, (x, amax, B if r else amax, u if r else amax, M, K, r, x.stride(0)),
+    G.launch_kernel(_act_stats_kernel, grid, (x, amax, B if r else amax, u32 if r else amax, M, K, r, x.stride(0)),
                     dict(BM=bm, BK=bk, SPLIT=split, RP=rp, INTERP=G.INTERP), num_warps=warps, num_stages=1)
-    G.launch_kernel(_act_quant_kernel, grid, (x, xq, amax, sx, z, M, K, rz, x.stride(0)),
-                    dict(BM=bm, BK=bk, SPLIT=split, RZP=rzp, INTERP=G.INTERP), num_warps=4)
+    G.launch_kernel(_act_quant_kernel, grid, (x, xq, amax, sx, z, u32 if r else sx, u if r else sx, M, K, rz, r,
+                                              x.stride(0)),
+                    dict(BM=bm, BK=bk, SPLIT=split, RZP=rzp, RP=rp, INTERP=G.INTERP), num_warps=4)
     return xq, sx, u
 
 

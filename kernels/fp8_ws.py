@@ -75,10 +75,8 @@ STAGES = 5
 STAGES_LOWRANK = 4
 MIN_M = 257  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) fill the GPU better
 PREFETCH = True  # TMA-prefetch the epilogue's operands (ranks up to 64); benches turn it off to compare
-# How the up-projection's epilogue adds its part of the next linear's low-rank input: 0 fp32 atomics, 1 vector
-# reductions of column pairs (needs an even rank), 2 not at all (wrong results: benches time the sum's cost)
-U2_MODE = 1
-ITEMS3 = True  # several tiles per item with 3 math warpgroups too (the sum in shared memory, one stage fewer)
+GELU_F16X2 = False  # GELU's tanh on f16 pairs (benches compare)
+U_RING = True  # bf16 U's rows through the K ring with 3 math warpgroups (benches turn it off to compare)
 PAIR_TILES = 2  # tiles per work item when the epilogue sums the next linear's low-rank input (benches compare)
 
 
@@ -134,22 +132,47 @@ if gluon is not None:
         size = gl.minimum(num_pid_m - first, GROUP_M)
         return (first + (item % group) % size) * TM, ((item % group) // size) * TN
 
+    # Triton 3.6 spells a shared buffer's reinterpretation _reinterpret, later versions reinterpret
+    _NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+
     @gluon.jit
-    def _gelu_tanh(y):
+    def _as(buf, desc):
+        """buf seen as a tile of desc's block (dtype, shape, layout)."""
+        if _NEW_REINTERPRET:
+            return buf.reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+        else:
+            return buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+
+    @gluon.constexpr_function
+    def _u_ring(nwg, u_rows):
+        """Three math warpgroups and bf16 U: U's rows of a tile (64 per warpgroup, rank <= 64) and A's tile come
+        by TMA into one more stage of the K ring after the tile's K tiles (bf16 [64, 64] takes the bytes and
+        the 128-byte swizzle of an FP8 [64, 128] A tile, bf16 [128, 64] those of the B tile), so the epilogue's
+        low-rank MMA reads shared memory instead of loading U's rows from global memory."""
+        return nwg == 3 and u_rows == HM
+
+    @gluon.jit
+    def _gelu_tanh(y, MODE: gl.constexpr):
         z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=gl.float32, is_pure=True,
-                                      pack=1)
+        if MODE == 2:  # tanh of two elements per MUFU op, in f16 (tanh.approx.f32's error is 2^-11 as well)
+            t = gl.inline_asm_elementwise(
+                "{ .reg .b32 h; .reg .b16 lo, hi; cvt.rn.f16x2.f32 h, $3, $2; tanh.approx.f16x2 h, h; "
+                "mov.b32 {lo, hi}, h; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }", "=r,=r,r,r", [z],
+                dtype=gl.float32, is_pure=True, pack=2)
+        else:
+            t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=gl.float32, is_pure=True,
+                                          pack=1)
         return 0.5 * y * (1.0 + t)
 
     @gluon.jit
-    def _epilogue(acc, om, on, t, p, u2acc, J: gl.constexpr, WG: gl.constexpr, ROW_SCALAR: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr,
-                  R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, U2V: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+    def _epilogue(acc, om, on, t, p, u2acc, ur_s, lar_s, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  RB: gl.constexpr, R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr,
+                  R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
         """t: this program's tile count (the phase of the prefetched epilogue operands). NT > 1: the
-        next linear's low-rank partial sum of tile J of the work item is added into u2acc (returned; two
-        math warpgroups) or into u2_s (three: no registers to spare), and reaches U2 once per item."""
+        next linear's low-rank partial sum is added into u2acc (returned) instead of into U2. ur_s, lar_s:
+        this warpgroup's rows of U and A's tile in a stage of the ring (_u_ring), else unused."""
         (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty, u2_s) = p
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
         HM: gl.constexpr = _HM
         mma16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, _BN, 16])
@@ -165,7 +188,10 @@ if gluon is not None:
         acc = acc * gl.expand_dims(gl.load(SW + cols, mask=cmask, other=0.0), 0)
         if PREFETCH:  # the loader warp brought U, A and B2's tiles for this tile into shared memory
             mbarrier.wait(epi_ready, t & 1)
-        if PREFETCH and R_CHUNKS > 0:
+        U_RING: gl.constexpr = _u_ring(c_bufs.type.shape[0], u_desc.block_type.shape[0])
+        if U_RING and R_CHUNKS > 0:  # (the caller waited for the stage)
+            acc = warpgroup_mma(ur_s, lar_s.permute((1, 0)), acc)
+        if PREFETCH and R_CHUNKS > 0 and not U_RING:
             blk_u: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
             u_op1: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma16, k_width=2)
             if u_desc.block_type.shape[0] == _HM * c_bufs.type.shape[0]:  # U's tile was prefetched
@@ -199,7 +225,7 @@ if gluon is not None:
         if HAS_BIAS:
             acc = acc + gl.expand_dims(gl.load(BIAS + cols, mask=cmask, other=0.0).to(gl.float32), 0)
         if GELU:
-            acc = _gelu_tanh(acc)
+            acc = _gelu_tanh(acc, GELU)
         c_s = c_bufs.index(WG)
         tma.store_wait(pendings=0)  # this warpgroup's previous store has left c_s
         if OUT_FP8:
@@ -214,25 +240,11 @@ if gluon is not None:
             h_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma2, k_width=2)
             blk2: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
             h = gl.convert_layout(acc.to(gl.bfloat16), h_op)
-        U2S: gl.constexpr = NT > 1 and c_bufs.type.shape[0] == 3
-        if PREFETCH and R2_CHUNKS > 0 and NT > 1 and not U2S:
+        if PREFETCH and R2_CHUNKS > 0 and NT > 1:
             u2acc = warpgroup_mma(h, b2_s.permute((1, 0)), u2acc)
-        if PREFETCH and R2_CHUNKS > 0 and U2S:
-            # each thread reads back the elements it stored (same layout): no barrier needed
-            u2w = u2_s.index(WG)
-            if J == 0:
-                part = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-            else:
-                part = warpgroup_mma(h, b2_s.permute((1, 0)), u2w.load(mma2))
-            if J == NT - 1:
-                _add_u2(part, om, 0, U2, M, R2, WG, R2B, U2V)
-            elif on + _BN < N:
-                u2w.store(part)
-            else:  # the item's last tile: the next one lies past N
-                _add_u2(part, om, 0, U2, M, R2, WG, R2B, U2V)
         if PREFETCH and R2_CHUNKS > 0 and NT == 1:
             part = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-            _add_u2(part, om, 0, U2, M, R2, WG, R2B, U2V)
+            _add_u2(part, om, 0, U2, M, R2, WG, R2B)
         if (not PREFETCH) and R2_CHUNKS > 0:
             b2_stage = b2_bufs.index(WG)
             bcol = on + gl.arange(0, _BN, layout=gl.SliceLayout(0, blk2))
@@ -243,40 +255,30 @@ if gluon is not None:
                 b2_stage.store(b2)
                 fence_async_shared()
                 part = warpgroup_mma(h, b2_stage.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-                _add_u2(part, om, j * R2B, U2, M, R2, WG, R2B, U2V)
+                _add_u2(part, om, j * R2B, U2, M, R2, WG, R2B)
         return u2acc
 
     @gluon.jit
-    def _add_u2(part, om, c0, U2, M, R2, WG: gl.constexpr, R2B: gl.constexpr, U2V: gl.constexpr):
-        """U2[this warpgroup's rows of the tile, c0:c0 + R2B] += part (fp32 atomics). U2V = 1: as vector
-        reductions of column pairs (R2 even: the MMA layout gives each thread two adjacent columns), half
-        the atomic instructions and no returned values; 2: no sum at all (benches time what it costs)."""
+    def _add_u2(part, om, c0, U2, M, R2, WG: gl.constexpr, R2B: gl.constexpr):
+        """U2[this warpgroup's rows of the tile, c0:c0 + R2B] += part (fp32 atomics)."""
         HM: gl.constexpr = _HM
         mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, R2B, 16])
         r2rows = om + WG * HM + gl.arange(0, HM, layout=gl.SliceLayout(1, mma2))
         rc = c0 + gl.arange(0, R2B, layout=gl.SliceLayout(0, mma2))
-        ptr = U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0)
-        mask = gl.expand_dims(r2rows < M, 1) & gl.expand_dims(rc < R2, 0)
-        if U2V == 0:
-            gl.atomic_add(ptr, part, mask=mask, sem="relaxed")
-        elif U2V == 1:
-            # pack=2 hands each asm two consecutive elements of a thread: columns c, c + 1 of one row
-            gl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $6, 0; @p red.relaxed.gpu.global.add.v2.f32 [$2], {$4, $5}; "
-                "mov.b32 $0, 0; mov.b32 $1, 0; }", "=r,=r,l,l,r,r,r,r", [ptr.to(gl.int64), part, mask.to(gl.int32)],
-                dtype=gl.int32, is_pure=False, pack=2)
+        gl.atomic_add(U2 + gl.expand_dims(r2rows, 1) * R2 + gl.expand_dims(rc, 0), part,
+                      mask=gl.expand_dims(r2rows < M, 1) & gl.expand_dims(rc < R2, 0), sem="relaxed")
 
     @gluon.jit
     def _math(p, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr,
               R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr,
-              R2_CHUNKS: gl.constexpr, U2V: gl.constexpr, PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+              R2_CHUNKS: gl.constexpr, PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
         """One math warpgroup: rows WG*64..+64 of every tile. The tensor cores sum PROMOTE K tiles into
         `part` (reduced precision), then it is added to the fp32 accumulator; waiting for its own MMAs
         stalls only this warpgroup. A work item is NT tiles side by side along N; with NT > 1 the next
         linear's low-rank partial sums of its tiles are added up in registers and reach U2 once per item."""
         (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty, u2_s) = p
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
         TM: gl.constexpr = _HM * c_bufs.type.shape[0]  # rows of a tile: 64 per math warpgroup
         ASPLIT: gl.constexpr = a_desc.block_type.shape[0] == _HM  # each warpgroup's rows in their own buffer
         HM: gl.constexpr = _HM
@@ -285,13 +287,14 @@ if gluon is not None:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _BN, 32])
         mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, R2B, 16])
+        U_RING: gl.constexpr = _u_ring(NWG, u_desc.block_type.shape[0])
         k_tiles = gl.cdiv(K, _BK)
         num_items = gl.cdiv(M, TM) * gl.cdiv(N, _BN * NT)
         g = 0
         t = 0
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
             om, on0 = _tile(item, M, N, GROUP_M, _BN * NT, TM)
-            if NT > 1 and NWG == 2:
+            if NT > 1:
                 u2acc = gl.zeros([HM, R2B], gl.float32, mma2)
             else:
                 u2acc = 0.0  # unused
@@ -316,37 +319,48 @@ if gluon is not None:
                         if (kk % PROMOTE == PROMOTE - 1) | (kk == k_tiles - 1):  # end of a promotion interval
                             acc += part
                         g += 1
-                    u2acc = _epilogue(acc, om, on, t, p, u2acc, j, WG, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU,
-                                      OUT_FP8, R2B, R2_CHUNKS, U2V, PREFETCH, NT)
+                    if U_RING and R_CHUNKS > 0:  # U's rows and A's tile: the ring's next stage
+                        s = g % NS
+                        mbarrier.wait(ready.index(s), (g // NS) & 1)
+                        ur_s = _as(a_bufs.index(s * NWG + WG), u_desc)
+                        lar_s = _as(b_bufs.index(s), la_desc)
+                    else:
+                        ur_s = u_s
+                        lar_s = la_s
+                    u2acc = _epilogue(acc, om, on, t, p, u2acc, ur_s, lar_s, WG, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU,
+                                      OUT_FP8, R2B, R2_CHUNKS, PREFETCH, NT)
+                    if U_RING and R_CHUNKS > 0:  # (the low-rank MMA was waited for)
+                        mbarrier.arrive(empty.index(s), count=1)
+                        g += 1
                     if PREFETCH:
                         mbarrier.arrive(epi_empty, count=1)
                     t += 1
-            if NT > 1 and NWG == 2 and R2_CHUNKS > 0:
-                _add_u2(u2acc, om, 0, U2, M, R2, WG, R2B, U2V)
+            if NT > 1 and R2_CHUNKS > 0:
+                _add_u2(u2acc, om, 0, U2, M, R2, WG, R2B)
         tma.store_wait(pendings=0)
 
     @gluon.jit
     def _math1(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
-               GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, U2V: gl.constexpr,
+               GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
                PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
-        _math(p, 1, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, U2V, PROMOTE, PREFETCH, NT)
+        _math(p, 1, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)
 
     @gluon.jit
     def _math2(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
-               GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, U2V: gl.constexpr,
+               GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
                PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
-        _math(p, 2, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, U2V, PROMOTE, PREFETCH, NT)
+        _math(p, 2, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)
 
     @gluon.jit
     def _loader(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
-                GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, U2V: gl.constexpr,
+                GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
                 PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
         """One warp: TMA loads of the activation [TM, _BK] and weight [_BN, _BK] tiles into the stage ring,
         each stage freed when both math warpgroups have finished their MMAs on it. With PREFETCH, after a
         tile's last K tile also the epilogue's operands (U's rows, A's and B2's columns of the tile), so
         they arrive while the math warpgroups finish the tile instead of being fetched by the epilogue."""
         (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty, u2_s) = p
+         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
         NWG: gl.constexpr = c_bufs.type.shape[0]
         TM: gl.constexpr = _HM * NWG
         NA: gl.constexpr = TM // a_desc.block_type.shape[0]  # TMA loads of A per stage
@@ -355,7 +369,9 @@ if gluon is not None:
         k_tiles = gl.cdiv(K, _BK)
         num_items = gl.cdiv(M, TM) * gl.cdiv(N, _BN * NT)
         U_TILE: gl.constexpr = u_desc.block_type.shape[0] == TM  # U's tile prefetched (else read by the epilogue)
-        epi_bytes: gl.constexpr = ((la_desc.block_type.nbytes if R_CHUNKS > 0 else 0)
+        U_RING: gl.constexpr = _u_ring(NWG, u_desc.block_type.shape[0])
+        ring_bytes: gl.constexpr = NWG * u_desc.block_type.nbytes + la_desc.block_type.nbytes
+        epi_bytes: gl.constexpr = ((la_desc.block_type.nbytes if R_CHUNKS > 0 and not U_RING else 0)
                                    + (u_desc.block_type.nbytes if R_CHUNKS > 0 and U_TILE else 0)
                                    + (b2_desc.block_type.nbytes if R2_CHUNKS > 0 else 0))
         g = 0
@@ -373,10 +389,20 @@ if gluon is not None:
                             _tma_load(a_desc, [om + w * _HM, kk * _BK], ready.index(s), a_bufs.index(s * NA + w))
                         _tma_load(b_desc, [on, kk * _BK], ready.index(s), b_bufs.index(s))
                         g += 1
+                    if U_RING and R_CHUNKS > 0:
+                        s = g % NS
+                        mbarrier.wait(empty.index(s), ((g // NS) & 1) ^ 1)
+                        mbarrier.expect(ready.index(s), ring_bytes)
+                        for w in gl.static_range(NWG):
+                            _tma_load(u_desc, [om + w * _HM, 0], ready.index(s),
+                                      _as(a_bufs.index(s * NA + w), u_desc))
+                        _tma_load(la_desc, [on, 0], ready.index(s),
+                                  _as(b_bufs.index(s), la_desc))
+                        g += 1
                     if PREFETCH:
                         mbarrier.wait(epi_empty, (t & 1) ^ 1)  # both epilogues of the previous tile are done
                         mbarrier.expect(epi_ready, epi_bytes)
-                        if R_CHUNKS > 0:
+                        if R_CHUNKS > 0 and not U_RING:
                             _tma_load(la_desc, [on, 0], epi_ready, la_s)
                             if U_TILE:
                                 _tma_load(u_desc, [om, 0], epi_ready, u_s)
@@ -390,7 +416,7 @@ if gluon is not None:
                         PREFETCH: gl.constexpr, NT: gl.constexpr, NWG: gl.constexpr,
                         ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                         GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-                        U2V: gl.constexpr, num_warps: gl.constexpr):
+                        num_warps: gl.constexpr):
         # A: one [128, BK] tile per stage (2 math warpgroups), or one [64, BK] tile per warpgroup and stage
         # (3: Gluon's shapes are powers of two)
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES * (_HM * NWG // a_desc.block_type.shape[0])]
@@ -402,25 +428,19 @@ if gluon is not None:
                                                        rank=2)
         LBR: gl.constexpr = 16 if PREFETCH else RB  # staging for the unprefetched path only
         LBN: gl.constexpr = 16 if PREFETCH else _BN
-        LBW: gl.constexpr = 1 if PREFETCH else NWG
-        la_bufs = gl.allocate_shared_memory(gl.bfloat16, [LBW, LBN, LBR], la_layout)
+        la_bufs = gl.allocate_shared_memory(gl.bfloat16, [NWG, LBN, LBR], la_layout)
         b2_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(LBN * 2), element_bitwidth=16,
                                                        rank=2)
         LB2R: gl.constexpr = 16 if PREFETCH else R2B
-        b2_bufs = gl.allocate_shared_memory(gl.bfloat16, [LBW, LB2R, LBN], b2_layout)
+        b2_bufs = gl.allocate_shared_memory(gl.bfloat16, [NWG, LB2R, LBN], b2_layout)
         # prefetched epilogue operands (placeholder 16 x 16 descriptors when unused)
-        la_s = gl.allocate_shared_memory(la_desc.dtype, la_desc.block_type.shape, la_desc.layout)
+        if _u_ring(NWG, u_desc.block_type.shape[0]):  # A's tile comes through the ring
+            la_s = gl.allocate_shared_memory(gl.bfloat16, [16, 16], gl.NVMMASharedLayout(swizzle_byte_width=32,
+                                                                                         element_bitwidth=16, rank=2))
+        else:
+            la_s = gl.allocate_shared_memory(la_desc.dtype, la_desc.block_type.shape, la_desc.layout)
         u_s = gl.allocate_shared_memory(u_desc.dtype, u_desc.block_type.shape, u_desc.layout)
         b2_s = gl.allocate_shared_memory(b2_desc.dtype, b2_desc.block_type.shape, b2_desc.layout)
-        # three math warpgroups summing the next linear's low-rank input over a work item of NT tiles: the sum
-        # in shared memory (placeholder otherwise)
-        U2S: gl.constexpr = NT > 1 and NWG == 3 and R2_CHUNKS > 0 and PREFETCH
-        U2N: gl.constexpr = NWG if U2S else 1
-        U2R: gl.constexpr = _HM if U2S else 16
-        U2C: gl.constexpr = R2B if U2S else 16
-        u2_s = gl.allocate_shared_memory(gl.float32, [U2N, U2R, U2C],
-                                         gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(U2C * 4), element_bitwidth=32,
-                                                              rank=2))
         ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
         epi_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -431,24 +451,23 @@ if gluon is not None:
         mbarrier.init(epi_ready, count=1)
         mbarrier.init(epi_empty, count=NWG)
         p = (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
-             GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty,
-             u2_s)
+             GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty)
         # (the flags are spelled out: a tuple built by concatenation reaches the partitions as tensors)
         if NWG == 3:
             gl.warp_specialize([
-                (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, U2V, PROMOTE, PREFETCH,
+                (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
                          NT)),
-                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, U2V, PROMOTE, PREFETCH, NT)),
-                (_math2, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, U2V, PROMOTE, PREFETCH, NT)),
-                (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, U2V, PROMOTE, PREFETCH,
+                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
+                (_math2, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
+                (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
                            NT)),
             ], [4, 4, 1], [_MATH3_REGS, _MATH3_REGS, 40])
         else:
             gl.warp_specialize([
-                (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, U2V, PROMOTE, PREFETCH,
+                (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
                          NT)),
-                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, U2V, PROMOTE, PREFETCH, NT)),
-                (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, U2V, PROMOTE, PREFETCH,
+                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
+                (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
                            NT)),
             ], [4, 1], [232, 40])
 
@@ -467,17 +486,15 @@ def _desc(t: torch.Tensor, block: tuple):
 SMEM = 232448 - 256  # bytes per CTA on sm_90, less the mbarriers
 
 
-def _stages(out_bytes: int, rb: int, r2b: int, u_bytes: int, prefetch: bool, wgs: int = 2, u2_sum: bool = False) -> int:
+def _stages(out_bytes: int, rb: int, r2b: int, u_bytes: int, prefetch: bool, wgs: int = 2, ring: bool = False) -> int:
     """Stages of the K ring that fit beside the output tiles and the epilogue's operand buffers
     (the kernel's allocations, as _ws_gemm_kernel makes them), with wgs math warpgroups (64 rows each;
-    with 3 the U tile is not prefetched). u2_sum: the next linear's low-rank sum over a work item kept in
-    shared memory (3 warpgroups, several tiles per item)."""
+    with 3 the U tile is not prefetched). ring: U's rows and A's tile come through the ring (_u_ring)."""
     bm, ph = HM * wgs, 16 * 16 * 2  # tile rows; a placeholder buffer
     fixed = bm * BN * out_bytes  # the output tiles
-    fixed += bm * r2b * 4 if u2_sum else 2 * ph
     if prefetch:
-        fixed += 2 * ph  # placeholder staging buffers
-        fixed += BN * rb * 2 if rb else ph  # A's tile
+        fixed += 2 * wgs * ph  # placeholder staging buffers
+        fixed += BN * rb * 2 if rb and not ring else ph  # A's tile
         fixed += bm * rb * u_bytes if rb and wgs == 2 else ph  # U's tile
         fixed += r2b * BN * 2 if r2b else ph
     else:
@@ -493,7 +510,7 @@ def _placeholder(device: torch.device):
     return _desc(torch.zeros(16, 16, device=device, dtype=torch.bfloat16), (16, 16))
 
 
-def tiles_per_item(M: int, N: int, sms: int, wgs: int = 2) -> int:
+def tiles_per_item(M: int, N: int, sms: int) -> int:
     """Tiles per work item where the epilogue sums the next linear's low-rank input (FFN up-projection):
     PAIR_TILES side by side along N halve its fp32 atomics (the sum of both stays in registers), unless
     the larger items add more than 1% at the end (M=6144, 4096->16384: 47 waves of tiles, 48 of tile
@@ -502,7 +519,7 @@ def tiles_per_item(M: int, N: int, sms: int, wgs: int = 2) -> int:
     audio M=5600 1.36x -> 1.39x; at M=6144 a 2% tail cost for 2% fewer atomics."""
     if PAIR_TILES <= 1:
         return 1
-    bm = wgs * HM
+    bm = 2 * HM  # (2 math warpgroups: the only ones that take pairs)
     tiles = G.cdiv(M, bm) * G.cdiv(N, BN)
     items = G.cdiv(M, bm) * G.cdiv(N, BN * PAIR_TILES)
     return PAIR_TILES if PAIR_TILES * G.cdiv(items, sms) <= 1.01 * G.cdiv(tiles, sms) else 1
@@ -527,18 +544,21 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
            or not _three_fit(M, N, sms))
     wgs = 2 if two else MATH_WGS
     bm = HM * wgs
+    # 3 warpgroups: bf16 U's rows (rank 33-64) come through the ring (_u_ring), else the epilogue reads them
+    ring = bool(prefetch and rc and wgs == 3 and flags["RB"] == 64 and U.dtype == torch.bfloat16 and U_RING)
     la_d = _desc(LA, (BN, flags["RB"])) if prefetch and rc else ph
-    u_d = _desc(U, (bm, flags["RB"])) if prefetch and rc and wgs == 2 else ph  # (3: the epilogue reads U)
+    u_d = _desc(U, (bm if wgs == 2 else HM, flags["RB"])) if prefetch and rc and (wgs == 2 or ring) else ph
     b2_d = _desc(LB2, (flags["R2B"], BN)) if prefetch and r2c else ph
-    # (with 3 math warpgroups the item's sum lives in shared memory: 32 more registers per thread spilled)
-    nt = tiles_per_item(M, N, sms, wgs) if (prefetch and r2c == 1 and (wgs == 2 or ITEMS3)) else 1
     stages = _stages(out.element_size(), flags["RB"] if rc else 0, flags["R2B"] if r2c else 0, U.element_size(),
-                     bool(prefetch), wgs, nt > 1 and wgs == 3)
+                     bool(prefetch), wgs, ring)
+    # (tile pairs keep 32 more registers per thread: with 3 math warpgroups' 160 the epilogue spills)
+    nt = tiles_per_item(M, N, sms) if (prefetch and r2c == 1 and wgs == 2) else 1
     grid = (min(G.cdiv(M, bm) * G.cdiv(N, BN * nt), sms),)
     consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
                   PREFETCH=bool(prefetch), NT=nt, NWG=wgs,
-                  **{k: v for k, v in flags.items() if k != "INTERP"},
-                  U2V=U2_MODE if (R2 % 2 == 0 or U2_MODE == 2) and r2c else 0)
+                  **{k: v for k, v in flags.items() if k != "INTERP"})
+    if consts["GELU"] and GELU_F16X2:
+        consts["GELU"] = 2
     # A as one TMA box per tile (2 warpgroups) or per warpgroup (3: Gluon's shapes are powers of two)
     descs = (_desc(xq, (bm if wgs == 2 else HM, BK)), _desc(q, (BN, BK)), _desc(out, (HM, BN)), la_d, u_d, b2_d)
     rest = (sx, q_scale, *ptrs, *sizes)

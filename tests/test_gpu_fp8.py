@@ -186,8 +186,9 @@ def test_fast_launch_matches_normal_launch(fmt, monkeypatch):
 @pytest.mark.parametrize("m", [6144, 1000, 126])
 def test_ffn_repeats_itself(m):
     """The same input twice (the input pass's 64-row tiles once raced under Triton's pipelining: u off by
-    1% and different on every call, unseen by tolerance tests on random weights): FP8 codes and scales of x equal bit for bit, the fp32 atomic sums (u, u2)
-    to rounding, and so the output nearly everywhere (a sum's last bit can flip a rounding downstream)."""
+    1% and different on every call, unseen by tolerance tests on random weights): FP8 codes and scales of x equal
+    bit for bit; u (an fp32 atomic sum rounded to bf16) and u2 (fp32 atomics) to rounding, and so the output
+    nearly everywhere."""
     up = random_fp8_layer(16384, 4096, 64, seed=1, device="cuda")
     dn = random_fp8_layer(4096, 16384, 64, seed=2, device="cuda")
     hs = torch.tensor([2.0**-6], device="cuda")
@@ -206,6 +207,7 @@ def test_ffn_repeats_itself(m):
                       u=rel(r[2], runs[0][2]), hq_same=float((r[3] == runs[0][3]).float().mean()),
                       u2=rel(r[4], runs[0][4]), y=rel(r[5], runs[0][5]))
         assert report["xq"] and report["sx"], report
-        assert report["u"] < 1e-5 and report["u2"] < 1e-4, report  # u2: from h, which u's roundings reach
+        # u: a last-bit flip of the fp32 sum moves a bf16 rounding (1e-5 seen); the race moved u by 3e-3 to 1e-2
+        assert report["u"] < 1e-3 and report["u2"] < 1e-4, report  # u2: from h, which u's roundings reach
         assert report["hq_same"] > 0.999, report
         assert report["y"] < 1e-3, report
