@@ -1,8 +1,8 @@
 """Where the rank-64 branch's time goes in the video FFN (H200): the up-projection GEMM with its epilogue
 steps added one at a time (GELU + FP8 output, the low-rank up-projection with U's rows through the K ring
 or read by the epilogue, the next linear's low-rank input), the down-projection at r = 0 and 64, the input
-pass with and without the low-rank down-projection, and the whole FFN with and without the ring. (The
-first runs in bench/ws_parts_h200.log also timed U2_MODE and ITEMS3 variants: commit de94f29.)
+pass with and without the low-rank down-projection, and the whole FFN with and without the ring. (Runs in
+bench/ws_parts_h200.log also timed U2_MODE and ITEMS3 variants, commit de94f29, and GELU_F16X2, 5f405e6.)
 Variants are interleaved over rounds (the GPU's clock drifts within a run); medians are printed.
 
     python bench/ws_parts.py [--out DIR] [--rows 6144 24576] [--rounds 3]
@@ -40,36 +40,11 @@ def timed(say, title, fns: dict, rounds: int):
     say(f"{title}: " + "; ".join(f"{k} {med(v):.1f} ({med(v) - base:+.1f})" for k, v in times.items()))
 
 
-def gelu_variants(say, m, g_up, full, x, up, dn, hs, W1, W2, rounds):
-    """GELU's tanh as tanh.approx.f32 or tanh.approx.f16x2 (half the MUFU ops): outputs and times."""
-    outs = []
-    for v in (False, True):
-        W.GELU_F16X2 = v
-        o = g_up(**full)().clone()
-        torch.cuda.synchronize()
-        outs.append((o, full["u_next"].clone(), fused.ffn(x, up, dn, hs)))
-    (o0, n0, y0), (o1, n1, y1) = outs
-    from liteffn.kernels.reference import compressed_ffn_ref
-    r32 = compressed_ffn_ref(x[:2048], "fp8", up, "fp8", dn, hs, dtype=torch.float32)
-    say(f"M={m} FFN vs fp32 reference (2048 rows): tanh f32 {rel(y0[:2048], r32):.3e}, f16x2 {rel(y1[:2048], r32):.3e}")
-    say(f"M={m} gelu f16x2 vs f32: FP8 codes equal {float((o0.view(torch.uint8) == o1.view(torch.uint8)).float().mean()):.4f}, "
-        f"u_next rel {rel(n1, n0):.1e}, FFN output rel {rel(y1, y0):.1e}")
-    timed(say, f"M={m} up full (gelu)", {"tanh f32": lambda: (setattr(W, "GELU_F16X2", False), g_up(**full)())[1],
-                                          "tanh f16x2": lambda: (setattr(W, "GELU_F16X2", True), g_up(**full)())[1]},
-          rounds)
-    t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
-    timed(say, f"M={m} FFN r64 (gelu; bf16 {t_bf:.1f})",
-          {"tanh f32": lambda: (setattr(W, "GELU_F16X2", False), fused.ffn(x, up, dn, hs))[1],
-           "tanh f16x2": lambda: (setattr(W, "GELU_F16X2", True), fused.ffn(x, up, dn, hs))[1]}, rounds)
-    W.GELU_F16X2 = False
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--rows", nargs="*", type=int, default=[6144, 24576])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--parts", nargs="*", default=["steps"], help="steps; gelu: GELU's tanh in f32 or on f16 pairs")
     a = ap.parse_args()
     say = logger(a.out, "ws_parts.log")
     say(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')}, promote every 512, us (+ vs first)")
@@ -89,15 +64,12 @@ def main():
                 return ws_gemm(xq, sx, up["q"], up["q_scale"], promote_k=512, **kw)
             return f
         full = dict(u=u, A=up["A"], bias=up["bias"], gelu=True, h_scale=hsx, next_B=dn["B"], u_next=u2)
-        if "gelu" in a.parts:
-            gelu_variants(say, m, g_up, full, x, up, dn, hs, W1, W2, a.rounds)
-        if "steps" not in a.parts:
-            continue
         # U's rows through the ring against read by the epilogue: same codes, same u_next
         o1, n1 = g_up(True, **full)().clone(), u2.clone()
         o0, n0 = g_up(False, **full)().clone(), u2.clone()
         torch.cuda.synchronize()
-        say(f"M={m} up full, ring vs epilogue loads: codes equal {bool((o1.view(torch.uint8) == o0.view(torch.uint8)).all())}, "
+        same = bool((o1.view(torch.uint8) == o0.view(torch.uint8)).all())
+        say(f"M={m} up full, ring vs epilogue loads: codes equal {same}, "
             f"u_next rel {rel(n1, n0):.1e}")
         timed(say, f"M={m} up 4096->16384", {
             "r0 bias": g_up(bias=up["bias"]),

@@ -75,7 +75,6 @@ STAGES = 5
 STAGES_LOWRANK = 4
 MIN_M = 257  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) fill the GPU better
 PREFETCH = True  # TMA-prefetch the epilogue's operands (ranks up to 64); benches turn it off to compare
-GELU_F16X2 = False  # GELU's tanh on f16 pairs (benches compare)
 U_RING = True  # bf16 U's rows through the K ring with 3 math warpgroups (benches turn it off to compare)
 PAIR_TILES = 2  # tiles per work item when the epilogue sums the next linear's low-rank input (benches compare)
 
@@ -152,22 +151,17 @@ if gluon is not None:
         return nwg == 3 and u_rows == HM
 
     @gluon.jit
-    def _gelu_tanh(y, MODE: gl.constexpr):
+    def _gelu_tanh(y):
+        # (tanh.approx.f16x2 on pairs, half the MUFU ops, was slower and less accurate: commit 5f405e6)
         z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-        if MODE == 2:  # tanh of two elements per MUFU op, in f16 (tanh.approx.f32's error is 2^-11 as well)
-            t = gl.inline_asm_elementwise(
-                "{ .reg .b32 h; .reg .b16 lo, hi; cvt.rn.f16x2.f32 h, $3, $2; tanh.approx.f16x2 h, h; "
-                "mov.b32 {lo, hi}, h; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }", "=r,=r,r,r", [z],
-                dtype=gl.float32, is_pure=True, pack=2)
-        else:
-            t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=gl.float32, is_pure=True,
-                                          pack=1)
+        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=gl.float32, is_pure=True,
+                                      pack=1)
         return 0.5 * y * (1.0 + t)
 
     @gluon.jit
-    def _epilogue(acc, om, on, t, p, u2acc, ur_s, lar_s, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  RB: gl.constexpr, R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr,
-                  R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+    def _epilogue(acc, om, on, t, p, u2acc, ur_s, lar_s, WG: gl.constexpr, ROW_SCALAR: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr, GELU: gl.constexpr,
+                  OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
         """t: this program's tile count (the phase of the prefetched epilogue operands). NT > 1: the
         next linear's low-rank partial sum is added into u2acc (returned) instead of into U2. ur_s, lar_s:
         this warpgroup's rows of U and A's tile in a stage of the ring (_u_ring), else unused."""
@@ -225,7 +219,7 @@ if gluon is not None:
         if HAS_BIAS:
             acc = acc + gl.expand_dims(gl.load(BIAS + cols, mask=cmask, other=0.0).to(gl.float32), 0)
         if GELU:
-            acc = _gelu_tanh(acc, GELU)
+            acc = _gelu_tanh(acc)
         c_s = c_bufs.index(WG)
         tma.store_wait(pendings=0)  # this warpgroup's previous store has left c_s
         if OUT_FP8:
@@ -327,8 +321,8 @@ if gluon is not None:
                     else:
                         ur_s = u_s
                         lar_s = la_s
-                    u2acc = _epilogue(acc, om, on, t, p, u2acc, ur_s, lar_s, WG, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU,
-                                      OUT_FP8, R2B, R2_CHUNKS, PREFETCH, NT)
+                    u2acc = _epilogue(acc, om, on, t, p, u2acc, ur_s, lar_s, WG, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS,
+                                      GELU, OUT_FP8, R2B, R2_CHUNKS, PREFETCH, NT)
                     if U_RING and R_CHUNKS > 0:  # (the low-rank MMA was waited for)
                         mbarrier.arrive(empty.index(s), count=1)
                         g += 1
@@ -557,8 +551,6 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
                   PREFETCH=bool(prefetch), NT=nt, NWG=wgs,
                   **{k: v for k, v in flags.items() if k != "INTERP"})
-    if consts["GELU"] and GELU_F16X2:
-        consts["GELU"] = 2
     # A as one TMA box per tile (2 warpgroups) or per warpgroup (3: Gluon's shapes are powers of two)
     descs = (_desc(xq, (bm if wgs == 2 else HM, BK)), _desc(q, (BN, BK)), _desc(out, (HM, BN)), la_d, u_d, b2_d)
     rest = (sx, q_scale, *ptrs, *sizes)

@@ -43,8 +43,8 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
              la, ud, b2]
     ty = lambda v: native_specialize_impl(BaseBackend, v, False, True, True)[0]  # noqa: E731
     names = "a_desc b_desc c_desc la_desc u_desc b2_desc SX SW U LA BIAS LB2 U2 SH M N K R R2".split()
-    types = [ty(d) for d in descs] + ["*fp32", "*fp32", "*bf16" if u_bf16 else "*fp32", "*bf16", "*bf16", "*bf16", "*fp32",
-                                      "*fp32"] + ["i32"] * 5
+    ptr_types = ["*fp32", "*fp32", "*bf16" if u_bf16 else "*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32"]
+    types = [ty(d) for d in descs] + ptr_types + ["i32"] * 5
     sig = dict(zip(names, types))
     stages = W._stages(out.element_size(), rb if rc else 0, r2b if r2c else 0, u_dt.itemsize, prefetch, wgs, ring)
     nt = nt or (W.PAIR_TILES if (prefetch and r2c == 1 and wgs == 2) else 1)  # as launch() picks it at many tokens
