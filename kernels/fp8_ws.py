@@ -161,7 +161,8 @@ if gluon is not None:
     @gluon.jit
     def _epilogue(acc, om, on, t, p, u2acc, ur_s, lar_s, WG: gl.constexpr, ROW_SCALAR: gl.constexpr,
                   HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr, GELU: gl.constexpr,
-                  OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+                  OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, PREFETCH: gl.constexpr,
+                  NT: gl.constexpr):
         """t: this program's tile count (the phase of the prefetched epilogue operands). NT > 1: the
         next linear's low-rank partial sum is added into u2acc (returned) instead of into U2. ur_s, lar_s:
         this warpgroup's rows of U and A's tile in a stage of the ring (_u_ring), else unused."""
@@ -519,6 +520,46 @@ def tiles_per_item(M: int, N: int, sms: int) -> int:
     return PAIR_TILES if PAIR_TILES * G.cdiv(items, sms) <= 1.01 * G.cdiv(tiles, sms) else 1
 
 
+def _knobs() -> tuple:
+    """The module settings a launch plan depends on (benches change them between calls)."""
+    return (MATH_WGS, HEAVY_MIN_K, WAVE_SLACK, PREFETCH, U_RING, PAIR_TILES, STAGES, STAGES_LOWRANK)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(M: int, N: int, K: int, R: int, R2: int, flags: tuple, u_dtype: torch.dtype, out_dtype: torch.dtype,
+          promote_k: int, sms: int, knobs: tuple):
+    """What a launch of this shape decides, computed once per shape (planning cost ~25 us of host time per
+    call at M = 6144 on the H200's host, bench/host_many_h200.log): (grid, constexprs, block shapes of the
+    activation, A, U and B2 descriptors, or None where a placeholder goes)."""
+    f = dict(zip(FLAG_NAMES, flags))
+    rc, r2c = f["R_CHUNKS"], f["R2_CHUNKS"]
+    u_bytes, out_bytes = u_dtype.itemsize, out_dtype.itemsize
+    prefetch = bool(PREFETCH and rc <= 1 and r2c <= 1 and (rc or r2c) and u_dtype in (torch.float32, torch.bfloat16)
+                    and (not rc or (R * 2 % 16 == 0 and R * u_bytes % 16 == 0)))
+    # (ranks above 64, a LoRA appended, stage their operands per warpgroup in shared memory: with 3 the ring
+    # got 2 stages and the video FFN at r = 256 went 1.12x -> 0.90x bf16)
+    two = (((f["GELU"] or r2c) and K < HEAVY_MIN_K) or ((rc or r2c) and not prefetch)
+           or not _three_fit(M, N, sms))
+    wgs = 2 if two else MATH_WGS
+    bm = HM * wgs
+    # 3 warpgroups: bf16 U's rows (rank 33-64) come through the ring (_u_ring), else the epilogue reads them
+    ring = bool(prefetch and rc and wgs == 3 and f["RB"] == 64 and u_dtype == torch.bfloat16 and U_RING)
+    la_blk = (BN, f["RB"]) if prefetch and rc else None
+    u_blk = (bm if wgs == 2 else HM, f["RB"]) if prefetch and rc and (wgs == 2 or ring) else None
+    b2_blk = (f["R2B"], BN) if prefetch and r2c else None
+    stages = _stages(out_bytes, f["RB"] if rc else 0, f["R2B"] if r2c else 0, u_bytes, prefetch, wgs, ring)
+    # (tile pairs keep 32 more registers per thread: with 3 math warpgroups' 160 the epilogue spills)
+    nt = tiles_per_item(M, N, sms) if (prefetch and r2c == 1 and wgs == 2) else 1
+    grid = (min(G.cdiv(M, bm) * G.cdiv(N, BN * nt), sms),)
+    consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
+                  PREFETCH=prefetch, NT=nt, NWG=wgs, **f)
+    # A as one TMA box per tile (2 warpgroups) or per warpgroup (3: Gluon's shapes are powers of two)
+    return grid, consts, (bm if wgs == 2 else HM, BK), la_blk, u_blk, b2_blk
+
+
+FLAG_NAMES = ("ROW_SCALAR", "HAS_BIAS", "RB", "R_CHUNKS", "GELU", "OUT_FP8", "R2B", "R2_CHUNKS")  # (not INTERP: never here)
+
+
 def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     """The GEMM of fp8_ffn.scaled_gemm with this kernel: ptrs (U, LA, BIAS, LB2, U2, SH), sizes
     (M, N, K, R, R2) and flags (ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS)
@@ -527,40 +568,23 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     16-byte aligned); larger ones (a LoRA appended) are loaded by the epilogue."""
     M, N, K, R, R2 = sizes
     U, LA, _, LB2, _, _ = ptrs
-    rc, r2c = flags["R_CHUNKS"], flags["R2_CHUNKS"]
-    ph = _placeholder(xq.device)
-    prefetch = (PREFETCH and rc <= 1 and r2c <= 1 and (rc or r2c) and U.dtype in (torch.float32, torch.bfloat16)
-                and (not rc or (R * 2 % 16 == 0 and R * U.element_size() % 16 == 0)))
-    sms = G.num_sms(xq.device.index or 0)
-    # (ranks above 64, a LoRA appended, stage their operands per warpgroup in shared memory: with 3 the ring
-    # got 2 stages and the video FFN at r = 256 went 1.12x -> 0.90x bf16)
-    two = (((flags["GELU"] or r2c) and K < HEAVY_MIN_K) or ((rc or r2c) and not prefetch)
-           or not _three_fit(M, N, sms))
-    wgs = 2 if two else MATH_WGS
-    bm = HM * wgs
-    # 3 warpgroups: bf16 U's rows (rank 33-64) come through the ring (_u_ring), else the epilogue reads them
-    ring = bool(prefetch and rc and wgs == 3 and flags["RB"] == 64 and U.dtype == torch.bfloat16 and U_RING)
-    la_d = _desc(LA, (BN, flags["RB"])) if prefetch and rc else ph
-    u_d = _desc(U, (bm if wgs == 2 else HM, flags["RB"])) if prefetch and rc and (wgs == 2 or ring) else ph
-    b2_d = _desc(LB2, (flags["R2B"], BN)) if prefetch and r2c else ph
-    stages = _stages(out.element_size(), flags["RB"] if rc else 0, flags["R2B"] if r2c else 0, U.element_size(),
-                     bool(prefetch), wgs, ring)
-    # (tile pairs keep 32 more registers per thread: with 3 math warpgroups' 160 the epilogue spills)
-    nt = tiles_per_item(M, N, sms) if (prefetch and r2c == 1 and wgs == 2) else 1
-    grid = (min(G.cdiv(M, bm) * G.cdiv(N, BN * nt), sms),)
-    consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
-                  PREFETCH=bool(prefetch), NT=nt, NWG=wgs,
-                  **{k: v for k, v in flags.items() if k != "INTERP"})
-    # A as one TMA box per tile (2 warpgroups) or per warpgroup (3: Gluon's shapes are powers of two)
-    descs = (_desc(xq, (bm if wgs == 2 else HM, BK)), _desc(q, (BN, BK)), _desc(out, (HM, BN)), la_d, u_d, b2_d)
-    rest = (sx, q_scale, *ptrs, *sizes)
-    _launch(grid, descs, rest, consts)
+    dev = xq.device
+    args = (M, N, K, R, R2, tuple(flags.get(k, False) for k in FLAG_NAMES), U.dtype, out.dtype, promote_k,
+            G.num_sms(dev.index or 0), _knobs())
+    grid, consts, a_blk, la_blk, u_blk, b2_blk = _plan(*args)
+    ph = _placeholder(dev)
+    descs = (_desc(xq, a_blk), _desc(q, (BN, BK)), _desc(out, (HM, BN)), _desc(LA, la_blk) if la_blk else ph,
+             _desc(U, u_blk) if u_blk else ph, _desc(LB2, b2_blk) if b2_blk else ph)
+    # the compiled kernel is found by the plan's inputs (they fix its constexprs and the descriptors' blocks)
+    # and the descriptors' dtypes
+    _launch(grid, descs, (sx, q_scale, *ptrs, *sizes), consts,
+            (dev.index, xq.dtype, q.dtype, LA.dtype, LB2.dtype, args))
 
 
 _LAUNCHES = G.LaunchCache() if gluon is not None else None
 
 
-def _launch(grid, descs, rest, consts) -> None:
+def _launch(grid, descs, rest, consts, plan_key=None) -> None:
     """_ws_gemm_kernel[grid](...) the first time per specialization, then its compiled kernel called
     directly (as gemm.launch_kernel does for the Triton kernels: Triton's binder costs ~100 us of host
     time for these 32 arguments, the whole GEMM at M = 1400 being ~50 us of device time)."""
@@ -568,8 +592,9 @@ def _launch(grid, descs, rest, consts) -> None:
     if G._FAST_OK:
         spec = G.spec_key(rest)
         if spec is not None:
-            key = (rest[0].device.index, tuple((d.base.dtype, tuple(d.block_shape)) for d in descs),
-                   *consts.values(), spec)
+            key = (plan_key, spec) if plan_key is not None else (
+                rest[0].device.index, tuple((d.base.dtype, tuple(d.block_shape)) for d in descs), *consts.values(),
+                spec)
     e = _LAUNCHES.get(key)
     if e is not None:
         try:

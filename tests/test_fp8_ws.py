@@ -105,8 +105,8 @@ def test_launch_prepares_a_valid_launch(monkeypatch, rank_next, n):
 
     got = {}
     monkeypatch.setattr(G, "num_sms", lambda index: 132)
-    monkeypatch.setattr(W, "_launch", lambda grid, descs, rest, consts: got.update(grid=grid, consts=consts,
-                                                                                       descs=descs, rest=rest))
+    monkeypatch.setattr(W, "_launch", lambda grid, descs, rest, consts, key=None: got.update(
+        grid=grid, consts=consts, descs=descs, rest=rest, key=key))
     m, k, r = 1000, 256, 64
     few = not W._three_fit(m, n, 132)
     wgs = 2 if (rank_next and k < W.HEAVY_MIN_K) or few else W.MATH_WGS
@@ -125,6 +125,14 @@ def test_launch_prepares_a_valid_launch(monkeypatch, rank_next, n):
     assert got["consts"]["PREFETCH"] and got["consts"]["PROMOTE"] == 4
     assert [d.block_shape for d in got["descs"][:3]] == [[128 if wgs == 2 else 64, W.BK], [W.BN, W.BK], [64, W.BN]]
     assert len(got["rest"]) == 2 + 6 + 5
+    # a second call of the same shape takes the cached plan: the same constexprs and launch key
+    first = dict(got)
+    W.launch(xq, q, out, torch.ones(m), torch.ones(n), ptrs, sizes[:5], flags, 512)
+    assert got["consts"] is first["consts"] and got["key"] == first["key"] and got["grid"] == first["grid"]
+    # a module setting the plan depends on (benches change them) makes a new plan
+    monkeypatch.setattr(W, "MATH_WGS", 2)
+    W.launch(xq, q, out, torch.ones(m), torch.ones(n), ptrs, sizes[:5], flags, 512)
+    assert got["consts"]["NWG"] == 2 and got["key"] != first["key"]
 
 
 def test_only_hopper_runs_it():
