@@ -88,11 +88,15 @@ def test_gluon_gemm_equals_the_triton_gemm(k, n, m, wgs, monkeypatch):
     nb = random_fp8_layer(256, n, 64, seed=3, device="cuda")["B"]
     x = act(m, k)
     xq, sx, u = fp8_ffn.act_quant_lowrank(x, t["B"])
+    t40 = random_fp8_layer(n, k, 40, seed=k + n + 1, device="cuda")  # rank 40: U's rows through the ring, zero-padded
+    _, _, u40 = fp8_ffn.act_quant_lowrank(x, t40["B"])
     hs = torch.tensor([2.0**-4], device="cuda")
     triton_cfg = fp8_ffn.DEFAULT_CONFIGS[1]
     for kw in (dict(u=u, A=t["A"], bias=t["bias"]),
                dict(u=u, A=t["A"], bias=t["bias"], gelu=True, h_scale=hs, next_B=nb),
                dict(u=u, A=t["A"], bias=t["bias"], static=True),
+               dict(u=u.float(), A=t["A"], bias=t["bias"], static=True),  # fp32 u (the down-projection's u2)
+               dict(u=u40, A=t40["A"], bias=t40["bias"], gelu=True, h_scale=hs, next_B=nb),
                dict()):
         kw = dict(kw)
         s = hs if kw.pop("static", False) else sx
