@@ -19,7 +19,7 @@ from ..calibration.safe_io import check_output
 from ..calibration.stats import ActivationStats
 from ..kernels.formats import FORMATS
 from . import model as M
-from .files import Stats, full_path, layers_input, output_path, selection_inputs
+from .files import Stats, file_state, full_path, layers_input, output_path, selection_inputs
 
 log = logging.getLogger("liteffn")
 NO_FILE = "(none)"
@@ -62,6 +62,11 @@ class LiteFFNCompressModel(io.ComfyNode):
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="report")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, stats_file=NO_FILE, **_):
+        # a statistics file rewritten under the same name (Calibrate run again) is read again
+        return file_state(stats_file) if stats_file and stats_file != NO_FILE else NO_FILE
 
     @classmethod
     def execute(cls, model, rank, energy, residual, streams, blocks, save_name, stats_file=NO_FILE,

@@ -28,6 +28,18 @@ def full_path(name: str) -> str:
     return folder_paths.get_full_path_or_raise(FOLDER, name)
 
 
+def file_state(name: str | None) -> str:
+    """What tells a file in models/liteffn/ from the one read before: ComfyUI runs a node again when its
+    fingerprint_inputs changes, so a file rewritten under the same name is read again, not taken from
+    ComfyUI's cache (path, size and modification time: no read of the file)."""
+    try:
+        path = full_path(name)
+        st = os.stat(path)
+        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    except Exception:  # noqa: BLE001  (no such file, or none chosen: the node's execute says what is wrong)
+        return f"unavailable|{name}"
+
+
 def output_path(name: str) -> str:
     """models/liteffn/<name>.safetensors for a name a user typed (subfolders allowed, no escaping)."""
     name = name.strip()

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..calibration import compressed_file, ltx2
 from ..calibration.report import format_report
 from . import model as M
-from .files import files, full_path
+from .files import file_state, files, full_path
 
 log = logging.getLogger("liteffn")
 
@@ -28,6 +28,10 @@ class LowRankFFNLoader(io.ComfyNode):
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="report")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, compressed_file=None, **_):
+        return file_state(compressed_file)  # a file rewritten under the same name is loaded again
 
     @classmethod
     def execute(cls, model, compressed_file) -> io.NodeOutput:

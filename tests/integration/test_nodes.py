@@ -109,6 +109,27 @@ def test_loader_round_trip_equals_compress_output(pack, node, ltx2):
     assert torch.equal(sample(patched), sample(loaded))
 
 
+def test_file_inputs_fingerprint_the_file_so_a_rewritten_one_is_read_again(pack, node, ltx2):
+    """ComfyUI reuses a node's cached result while its inputs and fingerprint_inputs stay the same: the Loader
+    and Compress' stats_file fingerprint the file itself, so one rewritten under the same name is read again."""
+    model = ltx2()
+    stats, _ = calibrate(node, model, seeds=1, filename="fp/stats").result
+    compress(node, model, stats, rank=4, save_name="fp/model")
+    loader, comp = node("LowRankFFNLoader"), node("LiteFFNCompressModel")
+    f_model = loader.fingerprint_inputs(compressed_file="fp/model.safetensors")
+    f_stats = comp.fingerprint_inputs(stats_file="fp/stats.safetensors", rank=4)
+    assert f_model == loader.fingerprint_inputs(compressed_file="fp/model.safetensors")  # unchanged: cache kept
+    assert comp.fingerprint_inputs(stats_file="(none)") == comp.fingerprint_inputs(rank=8)  # no file: constant
+    t = os.path.getmtime(os.path.join(folder(), "fp", "model.safetensors"))
+    compress(node, model, stats, rank=2, save_name="fp/model")  # the same name, other content
+    calibrate(node, model, seeds=1, filename="fp/stats", append=True)  # the statistics file grows
+    p = os.path.join(folder(), "fp", "model.safetensors")
+    os.utime(p, (t, t))  # even with its old modification time: the size differs
+    assert loader.fingerprint_inputs(compressed_file="fp/model.safetensors") != f_model
+    assert comp.fingerprint_inputs(stats_file="fp/stats.safetensors") != f_stats
+    assert "unavailable" in loader.fingerprint_inputs(compressed_file="fp/gone.safetensors")  # execute explains
+
+
 def test_loader_explains_mismatched_files(pack, node, ltx2):
     model = ltx2()
     compress(node, model, None, rank=4, save_name="mm")

@@ -56,6 +56,26 @@ def test_headless_client_queues_follows_and_reports(pack, server):
     assert history["status"]["status_str"] == "success"
 
 
+def test_loader_reads_a_rewritten_file_again_instead_of_comfyuis_cached_result(pack, server):
+    """The same Loader graph queued again after its file was rewritten under the same name (as the shipped
+    calibrate-and-compress workflow does on every run) loads the new file."""
+    import asyncio
+
+    from liteffn.headless import client
+    url, _ = server
+    run = lambda wf: asyncio.run(client.run(url, wf, log=lambda *_: None, timeout=300))  # noqa: E731
+    load = {"1": {"class_type": "UNETLoader",
+                  "inputs": {"unet_name": "ltx2_tiny.safetensors", "weight_dtype": "default"}},
+            "2": {"class_type": "LowRankFFNLoader",
+                  "inputs": {"model": ["1", 0], "compressed_file": "reload.safetensors"}},
+            "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}}}
+    run(_compress_workflow(rank=4, save_name="reload"))
+    assert "rank 4-4" in run(load)["outputs"]["3"]["text"][0]
+    assert "rank 4-4" in run(load)["outputs"]["3"]["text"][0]  # unchanged file: ComfyUI's cache serves it
+    run(_compress_workflow(rank=2, save_name="reload"))
+    assert "rank 2-2" in run(load)["outputs"]["3"]["text"][0]
+
+
 def test_headless_client_reports_failures_with_comfyuis_message(pack, server):
     import asyncio
 
