@@ -18,6 +18,7 @@ from ..calibration.compressed_file import MismatchError, compare_fingerprints
 from ..calibration.stats import (ActivationStats, FileStats, StatsCollector, check_mergeable, check_stats_output,
                                  merged_meta, plan_passes, save_stream, stats_file_bytes, stream_passes)
 from . import model as M
+from .errors import user_errors
 from .files import FOLDER, Stats, layers_input, output_path, selection_inputs
 
 log = logging.getLogger("liteffn")
@@ -71,6 +72,7 @@ class LiteFFNCalibrate(io.ComfyNode):
         )
 
     @classmethod
+    @user_errors
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, seeds,
                 streams, blocks, memory_budget_gb, storage, filename, append, stats=None,
                 layers="ffn") -> io.NodeOutput:
@@ -175,7 +177,7 @@ def _step(pbar, done):
 
 def _check_same_model(meta: dict, fp: dict, where: str, fix: str) -> None:
     """Statistics made on another model (per-layer weight fingerprints) are refused before sampling."""
-    try:
-        compare_fingerprints(meta.get("fingerprint") or {}, fp, where, common_only=True)
+    try:  # (with Calibrate's own advice: the default one is the Loader's)
+        compare_fingerprints(meta.get("fingerprint") or {}, fp, where, common_only=True, fix=fix)
     except MismatchError as e:
-        raise ValueError(f"{e} {fix}") from None
+        raise ValueError(str(e)) from None

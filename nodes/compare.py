@@ -5,6 +5,7 @@ from comfy_api.latest import io, ui
 
 from ..quality import metrics as Q
 from ..quality.plot import render
+from .errors import user_errors
 
 
 class LiteFFNCompare(io.ComfyNode):
@@ -31,6 +32,7 @@ class LiteFFNCompare(io.ComfyNode):
         )
 
     @classmethod
+    @user_errors
     def execute(cls, reference, test, label="") -> io.NodeOutput:
         r = Q.compare(reference, test)
         lines = [f"{label + ': ' if label else ''}PSNR {Q.fmt_db(r['psnr_all'])}, SSIM {r['ssim_all']:.4f} "

@@ -19,6 +19,7 @@ from ..calibration.safe_io import check_output
 from ..calibration.stats import ActivationStats
 from ..kernels.formats import FORMATS
 from . import model as M
+from .errors import user_errors
 from .files import Stats, file_state, full_path, layers_input, output_path, selection_inputs
 
 log = logging.getLogger("liteffn")
@@ -69,6 +70,7 @@ class LiteFFNCompressModel(io.ComfyNode):
         return file_state(stats_file) if stats_file and stats_file != NO_FILE else NO_FILE
 
     @classmethod
+    @user_errors
     def execute(cls, model, rank, energy, residual, streams, blocks, save_name, stats_file=NO_FILE,
                 stats=None, layers="ffn") -> io.NodeOutput:
         units = M.unit_names(model, streams, blocks, layers)

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..calibration import compressed_file, ltx2
 from ..calibration.report import format_report
 from . import model as M
+from .errors import user_errors
 from .files import file_state, files, full_path
 
 log = logging.getLogger("liteffn")
@@ -34,6 +35,7 @@ class LowRankFFNLoader(io.ComfyNode):
         return file_state(compressed_file)  # a file rewritten under the same name is loaded again
 
     @classmethod
+    @user_errors
     def execute(cls, model, compressed_file) -> io.NodeOutput:
         return io.NodeOutput(*load_onto(model, full_path(compressed_file)))
 

@@ -134,8 +134,10 @@ def test_loader_explains_mismatched_files(pack, node, ltx2):
     model = ltx2()
     compress(node, model, None, rank=4, save_name="mm")
     load = lambda m: node("LowRankFFNLoader").execute(model=m, compressed_file="mm.safetensors")  # noqa: E731
-    with pytest.raises(ValueError, match="hold different weights.*another checkpoint"):
+    with pytest.raises(ValueError, match="hold different weights.*another checkpoint") as e:
         load(ltx2(seed=1))
+    # ComfyUI names an exception by its type's module, here the pack folder's path: a plain ValueError
+    assert type(e.value) is ValueError and isinstance(e.value.__cause__, pack.calibration.fingerprint.MismatchError)
     wider = dict(ltx2_tiny.CONFIG, audio_attention_head_dim=16, audio_cross_attention_dim=64)
     with pytest.raises(ValueError, match="differ in shape"):
         load(ltx2(config=wider))
@@ -210,8 +212,9 @@ def test_statistics_accumulate_over_runs_of_one_model(pack, node, ltx2):
     torch.testing.assert_close(saved[n].xtx, 2 * one.xtx, rtol=1e-5, atol=1e-5)  # same seed: same activations
     with pytest.raises(pack.calibration.validate.FileError, match="was replaced after"):
         first[n]  # the file now holds both runs: the first node's output refuses rather than read them
-    with pytest.raises(ValueError, match="statistics of another model"):
+    with pytest.raises(ValueError, match="statistics of another model") as e:
         calibrate(node, ltx2(seed=3), filename="acc", append=True, seeds=1)
+    assert "turn append off" in str(e.value) and "Compress Model" not in str(e.value)  # its advice, not the Loader's
     assert ActivationStats.load(path).meta["runs"] == 2  # the file is as it was
     # compress from the saved file (read one layer at a time) equals compress from the node output
     a, _ = node("LiteFFNCompressModel").execute(model=model, stats=saved, rank=8, energy=0.0, residual="fp8",

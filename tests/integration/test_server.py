@@ -80,9 +80,20 @@ def test_headless_client_reports_failures_with_comfyuis_message(pack, server):
     import asyncio
 
     from liteffn.headless import client
-    url, _ = server
-    with pytest.raises(client.WorkflowError, match="LiteFFNCompressModel.*rank 999 is larger than layer"):
+    url, base = server
+    with pytest.raises(client.WorkflowError, match="LiteFFNCompressModel.*rank 999 is larger than layer") as e:
         asyncio.run(client.run(url, _compress_workflow(rank=999, save_name=""), log=lambda *_: None, timeout=300))
+    assert "failed: ValueError: rank 999" in str(e.value)  # no module path before the message
+    load = {"1": {"class_type": "UNETLoader",
+                  "inputs": {"unet_name": "ltx2_tiny.safetensors", "weight_dtype": "default"}},
+            "2": {"class_type": "LowRankFFNLoader",
+                  "inputs": {"model": ["1", 0], "compressed_file": "bad.safetensors"}},
+            "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}}}
+    (base / "models" / "liteffn").mkdir(parents=True, exist_ok=True)
+    (base / "models" / "liteffn" / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(client.WorkflowError) as e:  # a FileError of the pack's: shown as a ValueError
+        asyncio.run(client.run(url, load, log=lambda *_: None, timeout=120))
+    assert "failed: ValueError: " in str(e.value) and "truncated or corrupt" in str(e.value), str(e.value)
     bad = _compress_workflow()
     bad["2"]["class_type"] = "NoSuchNode"
     with pytest.raises(client.WorkflowError, match="rejected"):
