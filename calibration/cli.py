@@ -174,8 +174,11 @@ def _before(a) -> None:
         _check_output_dir(a.out)
         if a.device:
             _check_device(a.device)
+        from .compress import check_changes_something, without_statistics
+
+        check_changes_something(_policy(a), a.format)
         if not a.stats and os.environ.get("RANK", "0") == "0":
-            print("liteffn: no --stats: every layer gets plain SVD and a round-to-nearest residual (statistics "
+            print(f"liteffn: no --stats: every layer gets {without_statistics(_policy(a), a.format)} (statistics "
                   "come from ComfyUI's LiteFFN Calibrate node; with them the error is lower)", file=sys.stderr)
     elif a.cmd == "merge-stats":
         for p in a.inputs:
@@ -325,8 +328,14 @@ def _summary(out: str, infos: dict, timings: dict) -> None:
     kind = ("R-weighted: expected on the calibration inputs" if calibrated == len(infos) else
             "Frobenius, of the weights: no statistics" if not calibrated else
             f"{calibrated} layers R-weighted, {len(infos) - calibrated} without statistics Frobenius")
+    comp = sum(i["bytes"] for i in infos.values())
+    dense = sum(2 * i.get("in_features", 0) * i.get("out_features", 0) for i in infos.values())
     print(f"wrote {out}: {len(infos)} layers, mean relative error {100 * sum(errs) / max(len(errs), 1):.2f}% "
-          f"({kind}), {sum(i['bytes'] for i in infos.values()) / 2**30:.2f} GiB")
+          f"({kind}), {comp / 2**30:.2f} GiB")
+    if comp >= dense > 0:
+        from .report import larger_than_dense
+
+        print(f"liteffn: {larger_than_dense(comp, dense)}", file=sys.stderr)
     ranks = timings.get("ranks", [])
     if len(ranks) > 1:
         print("layers per process: " + ", ".join(f"{r['device']} {r['layers']} ({r['busy_s']:.1f} s)" for r in ranks))

@@ -54,6 +54,22 @@ def source_weight(weight: torch.Tensor, scale: torch.Tensor | None = None) -> to
     return weight.float()
 
 
+def check_changes_something(policy: RankPolicy, fmt) -> None:
+    """Rank 0 with an unquantized residual stores every weight as it is: refused before any work (it made a
+    file, and a patched model, that changed nothing)."""
+    if policy.rank == 0 and isinstance(F.get(fmt), F.Dense):
+        raise ValueError(f"rank 0 with a {F.get(fmt).name} residual keeps every weight exactly as it is: nothing "
+                         "would be compressed; choose an fp8, nvfp4 or mxfp4 residual, or a rank above 0")
+
+
+def without_statistics(policy: RankPolicy, fmt) -> str:
+    """What compressing without statistics does, for the messages: only the steps that take place
+    ("plain SVD and round-to-nearest"; rank 0: no SVD; a bf16 residual: no rounding)."""
+    steps = (["plain SVD"] if policy.rank != 0 else []) + ([] if isinstance(F.get(fmt), F.Dense) else
+                                                              ["round-to-nearest"])
+    return " and ".join(steps)
+
+
 def weighted_rel_err(dW: torch.Tensor, W: torch.Tensor, R: torch.Tensor | None) -> float:
     """sqrt(tr(dW R dW^T) / tr(W R W^T)): expected relative output error on the calibration
     distribution (weights only); plain Frobenius ratio without R."""

@@ -17,6 +17,7 @@ def format_report(infos: dict, dense_bytes: int, header: str = "", notes=()) -> 
         f"size {comp / 2**20:.1f} MiB vs {dense_bytes / 2**20:.1f} MiB bf16 ({comp / max(dense_bytes, 1):.2f}x)",
         f"relative error (weights on calibration inputs): mean {100 * sum(errs) / len(errs):.2f}%, "
         f"max {100 * max(errs):.2f}%",
+        *([larger_than_dense(comp, dense_bytes)] if comp >= dense_bytes > 0 else []),
         *notes,
         "",
         f"{'layer':<40} {'rank':>5} {'energy':>7} {'error':>7} {'MiB':>8}  stats",
@@ -25,3 +26,8 @@ def format_report(infos: dict, dense_bytes: int, header: str = "", notes=()) -> 
         lines.append(f"{name:<40} {i['rank']:>5} {100 * i.get('energy', 0.0):>6.1f}% {100 * i['rel_err']:>6.2f}% "
                      f"{i['bytes'] / 2**20:>8.2f}  {'yes' if i.get('calibrated') else 'no'}")
     return "\n".join(lines)
+
+
+def larger_than_dense(comp_bytes: int, dense_bytes: int) -> str:
+    return (f"WARNING: the compressed linears take {comp_bytes / max(dense_bytes, 1):.2f}x the memory of their dense "
+            "bf16 weights: no memory is saved (a lower rank or energy, or a 4-bit residual, makes them smaller)")

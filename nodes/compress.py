@@ -12,7 +12,7 @@ import comfy.model_management
 import comfy.utils
 
 from ..calibration import compressed_file, ltx2
-from ..calibration.compress import compress_linear
+from ..calibration.compress import check_changes_something, compress_linear, without_statistics
 from ..calibration.lowrank import RankPolicy
 from ..calibration.report import format_report
 from ..calibration.safe_io import check_output
@@ -77,8 +77,9 @@ class LiteFFNCompressModel(io.ComfyNode):
         names = ltx2.linears(units)
         policy = RankPolicy(rank=None, energy=energy, max_rank=rank) if energy > 0 else RankPolicy(rank=rank)
         path = output_path(save_name) if save_name.strip() else None
-        writer_args = _checked_output(model, names, path, stats_file, policy, residual)  # before any work
-        stats_of, notes = _stats_source(stats, stats_file, model, names)
+        check_changes_something(policy, residual)  # before any work
+        writer_args = _checked_output(model, names, path, stats_file, policy, residual)
+        stats_of, notes = _stats_source(stats, stats_file, model, names, without_statistics(policy, residual))
         notes += M.lora_notes(model, names)
         device = comfy.model_management.get_torch_device()
         pbar = comfy.utils.ProgressBar(len(names))
@@ -119,8 +120,9 @@ def _checked_output(model, names, path, stats_file, policy, residual) -> dict:
     return args
 
 
-def _stats_source(stats, stats_file, model, names):
-    """-> (name -> LayerStats or None, notes). A saved file is read one layer at a time."""
+def _stats_source(stats, stats_file, model, names, none_note: str):
+    """-> (name -> LayerStats or None, notes). A saved file is read one layer at a time. none_note: the note
+    without statistics."""
     notes = []
     if stats is not None and stats_file != NO_FILE:
         raise ValueError("connect statistics or choose a stats_file, not both")
@@ -135,7 +137,7 @@ def _stats_source(stats, stats_file, model, names):
         have = lambda n: n in stats  # noqa: E731
         get = lambda n: stats[n]  # noqa: E731
     else:
-        notes.append("no statistics: plain SVD and round-to-nearest (connect LiteFFN Calibrate for better quality)")
+        notes.append(f"no statistics: {none_note} (connect LiteFFN Calibrate for better quality)")
         return (lambda n: None), notes
     missing = [n for n in names if not have(n)]
     if len(missing) == len(names):

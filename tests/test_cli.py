@@ -176,11 +176,25 @@ def test_os_errors_during_the_work_are_one_line(files, tmp_path, capsys, monkeyp
 def test_without_stats_it_says_plain_svd_and_which_error(files, tmp_path, capsys):
     rc, o = _run(capsys, "compress", files["ck"], "-o", str(tmp_path / "a.safetensors"), "--rank", "4",
                  "--device", "cpu")
-    assert rc == 0 and "no --stats: every layer gets plain SVD and a round-to-nearest residual" in o.err
+    assert rc == 0 and "no --stats: every layer gets plain SVD and round-to-nearest" in o.err
     assert "Frobenius, of the weights: no statistics" in o.out
     rc, o = _run(capsys, "compress", files["ck"], "-o", str(tmp_path / "b.safetensors"), "--rank", "4",
                  "--device", "cpu", "--stats", files["stats"])
     assert rc == 0 and "no --stats" not in o.err and "R-weighted" in o.out
+
+
+def test_a_compression_that_changes_nothing_is_refused_and_one_larger_than_dense_is_flagged(files, tmp_path, capsys):
+    out = tmp_path / "noop.safetensors"
+    rc, o = _run(capsys, "compress", files["ck"], "-o", str(out), "--rank", "0", "--format", "bf16", "--device", "cpu")
+    assert rc == 2 and "rank 0 with a bf16 residual keeps every weight exactly as it is" in _one_line(o.err)
+    assert not out.exists()  # refused before any work
+    rc, o = _run(capsys, "compress", files["ck"], "-o", str(tmp_path / "r0.safetensors"), "--rank", "0",
+                 "--device", "cpu")  # rank 0, fp8: no SVD to speak of
+    assert rc == 0 and "every layer gets round-to-nearest (" in o.err and "plain SVD" not in o.err
+    rc, o = _run(capsys, "compress", files["ck"], "-o", str(tmp_path / "big.safetensors"), "--rank", "8",
+                 "--format", "bf16", "--device", "cpu")  # a bf16 residual plus factors: more than dense
+    assert rc == 0 and "WARNING: the compressed linears take" in o.err and "no memory is saved" in o.err
+    assert "every layer gets plain SVD (" in o.err
 
 
 def test_ctrl_c_is_one_line_130_and_leaves_nothing(files, tmp_path):

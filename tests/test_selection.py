@@ -31,6 +31,9 @@ def test_report_totals_and_rows():
     assert r.splitlines()[0] == "hdr" and "2 linears, residual fp8, rank 32-64 (mean 48), 1 calibrated" in r
     assert "(0.50x)" in r and "mean 3.00%, max 4.00%" in r and "a note" in r
     assert "transformer_blocks.0.ff.net.2" in r and format_report({}, 0) == "no layers compressed"
+    assert "WARNING" not in r
+    big = format_report(infos, 2**20, "hdr")  # 2 MiB of compressed layers for 1 MiB of dense weights
+    assert "(2.00x)" in big and "WARNING: the compressed linears take 2.00x the memory" in big
 
 
 def test_units_by_layers_and_streams():

@@ -130,6 +130,18 @@ def test_file_inputs_fingerprint_the_file_so_a_rewritten_one_is_read_again(pack,
     assert "unavailable" in loader.fingerprint_inputs(compressed_file="fp/gone.safetensors")  # execute explains
 
 
+def test_compress_refuses_a_no_op_and_flags_a_file_larger_than_dense(pack, node, ltx2):
+    model = ltx2()
+    with pytest.raises(ValueError, match="rank 0 with a bf16 residual keeps every weight exactly as it is") as e:
+        compress(node, model, None, rank=0, residual="bf16", save_name="noop")
+    assert type(e.value) is ValueError and not os.path.exists(os.path.join(folder(), "noop.safetensors"))
+    _, report = compress(node, model, None, rank=0, residual="fp8").result
+    assert "no statistics: round-to-nearest (" in report and "SVD" not in report and "WARNING" not in report
+    _, report = compress(node, model, None, rank=8, residual="bf16").result  # factors on top of bf16 weights
+    assert "WARNING: the compressed linears take" in report and "no memory is saved" in report
+    assert "no statistics: plain SVD (" in report
+
+
 def test_loader_explains_mismatched_files(pack, node, ltx2):
     model = ltx2()
     compress(node, model, None, rank=4, save_name="mm")
