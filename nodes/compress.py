@@ -29,7 +29,7 @@ NO_FILE = "(none)"
 class LiteFFNCompressModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from .files import files
+        from .files import STATS, files
 
         return io.Schema(
             node_id="LiteFFNCompressModel",
@@ -44,7 +44,7 @@ class LiteFFNCompressModel(io.ComfyNode):
                 io.Model.Input("model"),
                 Stats.Input("stats", optional=True,
                             tooltip="From LiteFFN Calibrate. Without statistics: plain SVD and round-to-nearest."),
-                io.Combo.Input("stats_file", options=[NO_FILE] + files(), default=NO_FILE,
+                io.Combo.Input("stats_file", options=[NO_FILE] + files(STATS), default=NO_FILE,
                                tooltip="Or statistics saved by LiteFFN Calibrate in models/liteffn/."),
                 io.Int.Input("rank", default=64, min=0, max=8192,
                              tooltip="Rank of the low-rank branch per linear (0: residual only); "

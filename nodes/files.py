@@ -9,6 +9,10 @@ from comfy_api.latest import io
 
 import folder_paths
 
+from ..calibration.compressed_file import FILE_FORMAT as COMPRESSED  # the kinds safe_io.file_kind reads
+from ..calibration.safe_io import file_kind
+from ..calibration.stats import STATS_FORMAT as STATS
+
 FOLDER = "liteffn"
 Stats = io.Custom("LITEFFN_STATS")
 
@@ -20,8 +24,32 @@ def register() -> None:
     folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
 
 
-def files() -> list[str]:
-    return [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".safetensors")]
+_KINDS: dict = {}  # (path, size, mtime) -> kind: each header read once
+
+
+def files(kind: str | None = None) -> list[str]:
+    """The .safetensors files in models/liteffn/; with kind (COMPRESSED or STATS) without the files of the other
+    LiteFFN kind, so the Loader does not list statistics nor Compress' stats_file compressed files (a file whose
+    kind is not LiteFFN's stays listed: choosing it gives the node's message)."""
+    names = [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".safetensors")]
+    if kind is None:
+        return names
+    other = STATS if kind == COMPRESSED else COMPRESSED
+    return [f for f in names if _kind(f) != other]
+
+
+def _kind(name: str) -> str | None:
+    try:
+        path = full_path(name)
+        st = os.stat(path)
+    except Exception:  # noqa: BLE001  (gone since the folder was listed)
+        return None
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _KINDS:
+        if len(_KINDS) > 4096:
+            _KINDS.clear()
+        _KINDS[key] = file_kind(path)
+    return _KINDS[key]
 
 
 def full_path(name: str) -> str:

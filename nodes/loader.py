@@ -9,7 +9,7 @@ from ..calibration import compressed_file, ltx2
 from ..calibration.report import format_report
 from . import model as M
 from .errors import user_errors
-from .files import file_state, files, full_path
+from .files import COMPRESSED, file_state, files, full_path
 
 log = logging.getLogger("liteffn")
 
@@ -25,7 +25,8 @@ class LowRankFFNLoader(io.ComfyNode):
                         "it was made from. The file is checked against the model's weights first.",
             inputs=[
                 io.Model.Input("model"),
-                io.Combo.Input("compressed_file", options=files(), tooltip="From models/liteffn/."),
+                io.Combo.Input("compressed_file", options=files(COMPRESSED),
+                               tooltip="From models/liteffn/ (compressed files; statistics files are not listed)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="report")],
         )

@@ -130,6 +130,23 @@ def test_file_inputs_fingerprint_the_file_so_a_rewritten_one_is_read_again(pack,
     assert "unavailable" in loader.fingerprint_inputs(compressed_file="fp/gone.safetensors")  # execute explains
 
 
+def test_loader_lists_compressed_files_and_stats_file_lists_statistics(pack, node, ltx2):
+    model = ltx2()
+    stats, _ = calibrate(node, model, seeds=1, filename="kinds/stats").result
+    compress(node, model, stats, rank=4, save_name="kinds/model")
+    with open(os.path.join(folder(), "kinds", "other.safetensors"), "wb") as f:  # not LiteFFN's: left in both
+        f.write(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+
+    def options(nid, name):
+        info = node(nid).GET_NODE_INFO_V1()["input"]
+        return set((info["required"].get(name) or info["optional"][name])[1]["options"])
+    loader = options("LowRankFFNLoader", "compressed_file")
+    stats_files = options("LiteFFNCompressModel", "stats_file")
+    assert "kinds/model.safetensors" in loader and "kinds/stats.safetensors" not in loader
+    assert "kinds/stats.safetensors" in stats_files and "kinds/model.safetensors" not in stats_files
+    assert "kinds/other.safetensors" in loader and "kinds/other.safetensors" in stats_files
+
+
 def test_compress_refuses_a_no_op_and_flags_a_file_larger_than_dense(pack, node, ltx2):
     model = ltx2()
     with pytest.raises(ValueError, match="rank 0 with a bf16 residual keeps every weight exactly as it is") as e:
