@@ -111,8 +111,9 @@ def test_chaining_from_a_saved_output(pack, node, ltx2, monkeypatch):
     torch.testing.assert_close(again[n].xtx, 2 * one.xtx, rtol=1e-5, atol=1e-5)
     # first's file was replaced since: refused before sampling, with what to do
     monkeypatch.setattr(pack.nodes.calibrate, "_sample", lambda *a, **k: pytest.fail("sampled"))
-    with pytest.raises(FileError, match="was replaced after these statistics were saved.*stats_file"):
+    with pytest.raises(ValueError, match="was replaced after these statistics were saved.*stats_file") as e:
         run(node, model, filename="chain_c", stats=first)
+    assert isinstance(e.value.__cause__, FileError)  # (shown to ComfyUI as a plain ValueError: nodes/errors.py)
     assert not os.path.exists(os.path.join(folder(), "chain_c.safetensors")) and not _litter(folder())
 
 
