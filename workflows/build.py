@@ -47,8 +47,8 @@ class Graph:
     def __init__(self, title: str):
         self.title, self.nodes, self.groups = title, [], []
 
-    def node(self, cls: str, pos, title: str | None = None, w: int = 320, **inputs) -> "Node":
-        n = Node(len(self.nodes) + 1, cls, pos, title, w, inputs)
+    def node(self, cls: str, pos, title: str | None = None, w: int = 320, h: int | None = None, **inputs) -> "Node":
+        n = Node(len(self.nodes) + 1, cls, pos, title, w, inputs, h)
         self.nodes.append(n)
         return n
 
@@ -104,7 +104,8 @@ class Graph:
             outputs = [{"localized_name": name, "name": name, "type": typ, "links": []}
                        for typ, name in zip(schema["output"], schema["output_name"])]
             ui_nodes.append(dict(
-                id=n.id, type=n.cls, pos=list(n.pos), size=[n.width, 46 + 24 * (len(inputs) + len(widgets))],
+                id=n.id, type=n.cls, pos=list(n.pos),
+                size=[n.width, n.height or 46 + 24 * (len(inputs) + len(widgets))],
                 flags={}, order=order[n.id], mode=0, inputs=inputs, outputs=outputs,
                 properties=_properties(n), widgets_values=widgets, **({"title": n.title} if n.title else {})))
         by_id = {u["id"]: u for u in ui_nodes}
@@ -122,8 +123,9 @@ class Out:
 
 
 class Node:
-    def __init__(self, id, cls, pos, title, width, inputs):
+    def __init__(self, id, cls, pos, title, width, inputs, height=None):
         self.id, self.cls, self.pos, self.title, self.width, self.inputs = id, cls, pos, title, width, inputs
+        self.height = height
 
     def __getitem__(self, slot: int) -> Out:
         return Out(self, slot)
@@ -174,6 +176,11 @@ def _topological(g: Graph) -> dict[int, int]:
 
 
 # -------------------------------------------------------------------------------------------- graphs
+def _show(g: Graph, out, pos, title: str, w: int = 400, h: int = 220):
+    """ComfyUI's Preview as Text on a report or summary output: the frontend shows a node's text only there."""
+    return g.node("PreviewAny", pos, title=title, w=w, h=h, source=out)
+
+
 def _loaders(g: Graph, x=0, y=0):
     g.group("Models (names as in ComfyUI's LTX-2 templates)", (x - 10, y - 40, 440, 420), GRAY)
     ckpt = g.node("CheckpointLoaderSimple", (x, y), ckpt_name=CKPT, w=400)
@@ -246,7 +253,7 @@ def compare_ranks() -> Graph:
     base = _branch(g, ckpt[0], cond, shared, latent, ckpt, audio_vae, "baseline", (470, y))
     g.group("Baseline (the checkpoint as is)", (460, y - 40, 1140, 440), GREEN)
     for i, r in enumerate((32, 64, 512)):
-        yy = y + 480 * (i + 1)
+        yy = y + 600 * (i + 1)
         lite = g.node("LiteFFNCompressModel", (20, yy), title=f"LiteFFN Compress r={r}", w=400,
                       model=ckpt[0], stats_file=STATS + ".safetensors", rank=r, energy=0.0, residual="fp8",
                       streams="all", blocks="all", save_name="", layers="ffn")
@@ -254,16 +261,20 @@ def compare_ranks() -> Graph:
         cmp = g.node("LiteFFNCompare", (1200, yy + 200), reference=base[0], test=frames[0],
                      label=f"r={r} fp8", w=300)
         g.node("PreviewImage", (1530, yy + 200), images=cmp[3], w=400)
-        g.group(f"LiteFFN r={r}", (10, yy - 40, 1930, 440), PURPLE)
+        _show(g, cmp[2], (1200, yy + 340), f"Compare report r={r}", w=300, h=160)
+        _show(g, lite[1], (20, yy + 340), f"Compress report r={r}", w=400, h=160)
+        g.group(f"LiteFFN r={r}", (10, yy - 40, 1930, 560), PURPLE)
     return g
 
 
 def calibrate_and_compress() -> Graph:
     g = Graph("LTX-2: calibrate LiteFFN on prompts, then compress")
     ckpt, clip, audio_vae = _loaders(g)
-    latent = _latent(g, audio_vae, (0, 460))
-    negative = _negative(g, clip, (0, 1090))
-    g.note((0, 720), title="Read me", size=(640, 330), text=(
+    # (left column: loaders, latents, the note, the negative prompt; the prompts' groups start right of the
+    # latents' concat node)
+    latent = _latent(g, audio_vae, (0, 400))
+    negative = _negative(g, clip, (0, 1150))
+    g.note((0, 780), title="Read me", size=(640, 330), text=(
         "# Calibrate, then compress\n"
         "Each **LiteFFN Calibrate** samples the model on its prompt and records the input statistics of every "
         "FFN linear; chained through `stats`, the last one holds all prompts and saves them to "
@@ -277,7 +288,7 @@ def calibrate_and_compress() -> Graph:
         "~43 GiB more statistics). Set the same value on every Calibrate node and on Compress Model."))
     prev = None
     for i, text in enumerate(CALIBRATION_PROMPTS):
-        x = 480 + 760 * i
+        x = 680 + 760 * i
         cond = _prompt(g, clip, text, (x, 0), title=f"Calibration prompt {i + 1}", negative=negative)
         last = i == len(CALIBRATION_PROMPTS) - 1
         cal = g.node("LiteFFNCalibrate", (x, 240), title=f"LiteFFN Calibrate {i + 1}", w=360,
@@ -285,13 +296,15 @@ def calibrate_and_compress() -> Graph:
                      steps=STEPS, cfg=CFG, sampler_name="euler", scheduler="simple", seeds=1, streams="all",
                      blocks="all", memory_budget_gb=8.0, storage="gpu", filename=STATS if last else "",
                      append=False, layers="ffn", **({"stats": prev[0]} if prev else {}))
+        _show(g, cal[1], (x + 380, 240), f"Calibrate {i + 1} summary", w=340, h=300)
         g.group(f"Prompt {i + 1}", (x - 10, -40, 740, 900), BLUE)
         prev = cal
-    x = 480 + 760 * len(CALIBRATION_PROMPTS)
-    g.node("LiteFFNCompressModel", (x, 480), w=400, model=ckpt[0], stats=prev[0], stats_file="(none)",
-           rank=64, energy=0.0, residual="fp8", streams="all", blocks="all", save_name=COMPRESSED,
-           layers="ffn")
-    g.group("Compress and save", (x - 10, 440, 420, 400), PURPLE)
+    x = 680 + 760 * len(CALIBRATION_PROMPTS)
+    comp = g.node("LiteFFNCompressModel", (x, 480), w=400, model=ckpt[0], stats=prev[0], stats_file="(none)",
+                  rank=64, energy=0.0, residual="fp8", streams="all", blocks="all", save_name=COMPRESSED,
+                  layers="ffn")
+    _show(g, comp[1], (x, 860), "Compress report", w=400, h=300)
+    g.group("Compress and save", (x - 10, 440, 420, 740), PURPLE)
     return g
 
 
@@ -299,8 +312,9 @@ def t2v_liteffn() -> Graph:
     g = Graph("LTX-2 text to video with LiteFFN")
     ckpt, clip, audio_vae = _loaders(g)
     lite = g.node("LowRankFFNLoader", (0, 470), w=400, model=ckpt[0], compressed_file=COMPRESSED + ".safetensors")
-    g.group("LiteFFN", (-10, 430, 440, 160), PURPLE)
-    g.note((0, 640), title="Read me", size=(420, 260), text=(
+    _show(g, lite[1], (0, 600), "Loader report", w=400, h=200)
+    g.group("LiteFFN", (-10, 430, 440, 390), PURPLE)
+    g.note((0, 870), title="Read me", size=(420, 260), text=(
         "# LTX-2 text to video, FFNs compressed\n"
         "ComfyUI's LTX-2 text-to-video with one node added: **Low-Rank FFN Loader** puts the compressed FFNs "
         f"(`models/liteffn/{COMPRESSED}.safetensors`, made by ltx2_calibrate_and_compress) onto the checkpoint "
