@@ -10,6 +10,28 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+
+def _interpreter_scalars_for_numpy_2_4():
+    """Triton 3.6's interpreter indexes with int() of a 1-element array, which numpy >= 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars": every kernel test with a loop bound or an index
+    taken from a scalar failed in a ComfyUI venv, numpy 2.4.6 + Triton 3.6). Later Tritons squeeze the array
+    first; the same here, for the interpreter's patch scope only (undone with the rest after each kernel)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter
+        patch = interpreter._patch_lang_tensor
+    except (ImportError, AttributeError):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    interpreter._patch_lang_tensor = patched
+
+
+_interpreter_scalars_for_numpy_2_4()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tests' shared helpers (_tiny.py): --import-mode=importlib puts no test folder on the path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -170,7 +170,14 @@ def test_fused_up_projection_writes_fp8_hidden_and_next_lowrank(cfg):
     codes_ref = (h_ref / hs).clamp(-448, 448).to(torch.float8_e4m3fn)
     assert not torch.isnan(hq.float()).any()
     same = (hq.view(torch.uint8) == codes_ref.view(torch.uint8)).float().mean()
-    assert float(same) > 0.9  # the rest are rounding-boundary neighbours (bf16 u, GELU ulps)
+    # the kernel's values differ from the fp32 reference's by bf16 roundings (u, the MMA operands) and GELU's
+    # last bits, about 4e-4 of the largest value (small values sum large terms that cancel): every code is
+    # within one FP8 step of the reference's plus 2e-3 of the largest, and most are equal (0.90-0.92 seen,
+    # by Triton version; a threshold of 0.9 sat at that edge)
+    a, b = hq.float(), codes_ref.float()
+    step = torch.exp2(torch.floor(torch.log2(torch.maximum(a.abs(), b.abs()).clamp_min(2.0**-6))) - 3)
+    assert bool(((a - b).abs() <= step + 2e-3 * b.abs().max()).all())
+    assert float(same) > 0.8
     assert rel(hq.float() * hs, h_ref) < 0.05  # FP8 is 3 mantissa bits
     assert rel(u2, h_ref.bfloat16().float() @ down["B"].float().T) < 1e-2
 
