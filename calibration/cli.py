@@ -323,18 +323,18 @@ def main(argv=None) -> int:
 
 
 def _summary(out: str, infos: dict, timings: dict) -> None:
+    from .report import dense_bytes, larger_than_dense
+
     errs = [i["rel_err"] for i in infos.values()]
     calibrated = sum(bool(i.get("calibrated")) for i in infos.values())
     kind = ("R-weighted: expected on the calibration inputs" if calibrated == len(infos) else
             "Frobenius, of the weights: no statistics" if not calibrated else
             f"{calibrated} layers R-weighted, {len(infos) - calibrated} without statistics Frobenius")
     comp = sum(i["bytes"] for i in infos.values())
-    dense = sum(2 * i.get("in_features", 0) * i.get("out_features", 0) for i in infos.values())
+    dense = dense_bytes(infos)
     print(f"wrote {out}: {len(infos)} layers, mean relative error {100 * sum(errs) / max(len(errs), 1):.2f}% "
           f"({kind}), {comp / 2**30:.2f} GiB")
     if comp >= dense > 0:
-        from .report import larger_than_dense
-
         print(f"liteffn: {larger_than_dense(comp, dense)}", file=sys.stderr)
     ranks = timings.get("ranks", [])
     if len(ranks) > 1:

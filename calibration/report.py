@@ -28,6 +28,11 @@ def format_report(infos: dict, dense_bytes: int, header: str = "", notes=()) -> 
     return "\n".join(lines)
 
 
+def dense_bytes(infos: dict) -> int:
+    """bf16 bytes of the dense weights that compressed layers (their infos) replace."""
+    return sum(2 * i["in_features"] * i["out_features"] for i in infos.values())
+
+
 def larger_than_dense(comp_bytes: int, dense_bytes: int) -> str:
     return (f"WARNING: the compressed linears take {comp_bytes / max(dense_bytes, 1):.2f}x the memory of their dense "
             "bf16 weights: no memory is saved (a lower rank or energy, or a 4-bit residual, makes them smaller)")

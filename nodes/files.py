@@ -24,7 +24,7 @@ def register() -> None:
     folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
 
 
-_KINDS: dict = {}  # (path, size, mtime) -> kind: each header read once
+_KINDS: dict = {}  # file_state -> kind: each header read once
 
 
 def files(kind: str | None = None) -> list[str]:
@@ -39,16 +39,13 @@ def files(kind: str | None = None) -> list[str]:
 
 
 def _kind(name: str) -> str | None:
-    try:
-        path = full_path(name)
-        st = os.stat(path)
-    except Exception:  # noqa: BLE001  (gone since the folder was listed)
+    key = file_state(name)
+    if key.startswith(_UNAVAILABLE):  # gone since the folder was listed
         return None
-    key = (path, st.st_size, st.st_mtime_ns)
     if key not in _KINDS:
         if len(_KINDS) > 4096:
             _KINDS.clear()
-        _KINDS[key] = file_kind(path)
+        _KINDS[key] = file_kind(key.rsplit("|", 2)[0])  # (the path: it may hold "|" itself)
     return _KINDS[key]
 
 
@@ -65,7 +62,10 @@ def file_state(name: str | None) -> str:
         st = os.stat(path)
         return f"{path}|{st.st_size}|{st.st_mtime_ns}"
     except Exception:  # noqa: BLE001  (no such file, or none chosen: the node's execute says what is wrong)
-        return f"unavailable|{name}"
+        return f"{_UNAVAILABLE}{name}"
+
+
+_UNAVAILABLE = "unavailable|"
 
 
 def output_path(name: str) -> str:

@@ -6,7 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..calibration import compressed_file, ltx2
-from ..calibration.report import format_report
+from ..calibration.report import dense_bytes, format_report
 from . import model as M
 from .errors import user_errors
 from .files import COMPRESSED, file_state, files, full_path
@@ -54,7 +54,7 @@ def load_onto(model, path: str):
         raise ValueError(f"{path} holds only one linear of {broken[0]} (and {len(broken) - 1} more FFNs); "
                          "LiteFFN replaces whole FFNs: compress both linears")
     patched = M.patched(model, {u: M.build_unit(u, got) for u, got in units.items()})
-    dense = sum(2 * i["in_features"] * i["out_features"] for i in meta["layers"].values())
+    dense = dense_bytes(meta["layers"])
     notes = M.lora_notes(model, list(layers))
     report = format_report(meta["layers"], dense, f"loaded {path.rsplit('/', 1)[-1]} ({meta.get('policy', '?')})", notes)
     return patched, report
