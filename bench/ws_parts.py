@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--rows", nargs="*", type=int, default=[6144, 24576])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only-u2", action="store_true", help="only TMA reduce against atomics (U2_TMA)")
     a = ap.parse_args()
     say = logger(a.out, "ws_parts.log")
     say(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')}, promote every 512, us (+ vs first)")
@@ -56,9 +57,9 @@ def main():
         u2 = torch.zeros(m, 64, device="cuda")
         hsx = torch.tensor([2.0**-4], device="cuda")
 
-        def g_up(ring=True, **kw):
+        def g_up(ring=True, tma=True, **kw):
             def f():
-                W.U_RING = ring
+                W.U_RING, W.U2_TMA = ring, tma
                 if "u_next" in kw:
                     kw["u_next"].zero_()
                 return ws_gemm(xq, sx, up["q"], up["q_scale"], promote_k=512, **kw)
@@ -71,6 +72,27 @@ def main():
         same = bool((o1.view(torch.uint8) == o0.view(torch.uint8)).all())
         say(f"M={m} up full, ring vs epilogue loads: codes equal {same}, "
             f"u_next rel {rel(n1, n0):.1e}")
+        # the next low-rank input summed by TMA reduce against fp32 atomics: same codes, u_next up to fp32 order
+        o2, n2 = g_up(True, False, **full)().clone(), u2.clone()
+        torch.cuda.synchronize()
+        same = bool((o1.view(torch.uint8) == o2.view(torch.uint8)).all())
+        say(f"M={m} up full, TMA reduce vs atomics: codes equal {same}, u_next rel {rel(n1, n2):.1e}")
+        if a.only_u2:
+            timed(say, f"M={m} up 4096->16384", {
+                "r0 bias": g_up(bias=up["bias"]),
+                "full (TMA reduce)": g_up(True, True, **full),
+                "full (atomics)": g_up(True, False, **full),
+                "no next rank": g_up(True, u=u, A=up["A"], bias=up["bias"], gelu=True, h_scale=hsx),
+            }, a.rounds)
+            t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
+            timed(say, f"M={m} FFN r64 (bf16 {t_bf:.1f})", {
+                "TMA reduce": lambda: (setattr(W, "U2_TMA", True), fused.ffn(x, up, dn, hs))[1],
+                "atomics": lambda: (setattr(W, "U2_TMA", False), fused.ffn(x, up, dn, hs))[1],
+            }, a.rounds)
+            W.U2_TMA = True
+            del up, dn, x, W1, W2, xq, u, u2
+            torch.cuda.empty_cache()
+            continue
         timed(say, f"M={m} up 4096->16384", {
             "r0 bias": g_up(bias=up["bias"]),
             "+gelu fp8": g_up(bias=up["bias"], gelu=True, h_scale=hsx),
@@ -78,6 +100,7 @@ def main():
             "+r64 (bf16 U by epilogue)": g_up(False, u=u, A=up["A"], bias=up["bias"], gelu=True, h_scale=hsx),
             "+r64 (fp32 U by epilogue)": g_up(False, u=u32, A=up["A"], bias=up["bias"], gelu=True, h_scale=hsx),
             "full (ring)": g_up(True, **full),
+            "full (ring, atomics)": g_up(True, False, **full),
             "full (fp32 U by epilogue)": g_up(False, **dict(full, u=u32)),
         }, a.rounds)
         W.U_RING = True

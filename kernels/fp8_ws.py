@@ -39,6 +39,18 @@ try:
     # Triton 3.6 names the TMA copies async_copy_*; newer versions async_load / async_store.
     _tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
     _tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
+    # TMA reduce-add (cp.reduce.async.bulk.tensor .add): Triton 3.9's tma.async_atomic_add; 3.6 has the IR
+    # builder's op but no Gluon function for it, so one is made here the way 3.9 makes it
+    _tma_add = getattr(tma, "async_atomic_add", None)
+    if _tma_add is None:
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
+
+        @_builtin
+        def _tma_add(tensor_desc, coord, src, _semantic=None):
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                      src.handle)
 except Exception:  # no Triton, or a Triton without Gluon's Hopper API: the Triton kernel runs instead
     gluon = None
 
@@ -77,6 +89,7 @@ MIN_M = 257  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) f
 PREFETCH = True  # TMA-prefetch the epilogue's operands (ranks up to 64); benches turn it off to compare
 U_RING = True  # bf16 U's rows through the K ring with 3 math warpgroups (benches turn it off to compare)
 PAIR_TILES = 2  # tiles per work item when the epilogue sums the next linear's low-rank input (benches compare)
+U2_TMA = True  # that sum by TMA reduce from shared memory, one tile at a time, instead of fp32 atomics
 
 
 log = logging.getLogger("liteffn")
@@ -166,8 +179,9 @@ if gluon is not None:
         """t: this program's tile count (the phase of the prefetched epilogue operands). NT > 1: the
         next linear's low-rank partial sum is added into u2acc (returned) instead of into U2. ur_s, lar_s:
         this warpgroup's rows of U and A's tile in a stage of the ring (_u_ring), else unused."""
-        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
+        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, u2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
+         GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, r_bufs, ready, empty, epi_ready,
+         epi_empty) = p
         HM: gl.constexpr = _HM
         mma16: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, _BN, 16])
@@ -239,7 +253,13 @@ if gluon is not None:
             u2acc = warpgroup_mma(h, b2_s.permute((1, 0)), u2acc)
         if PREFETCH and R2_CHUNKS > 0 and NT == 1:
             part = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-            _add_u2(part, om, 0, U2, M, R2, WG, R2B)
+            if u2_desc.dtype == gl.float32:  # TMA reduce (_tma_add) from shared memory
+                r_s = r_bufs.index(WG)  # (its previous reduce was waited for with c_s's store above)
+                r_s.store(part)
+                fence_async_shared()
+                _tma_add(u2_desc, [om + WG * HM, 0], r_s)
+            else:
+                _add_u2(part, om, 0, U2, M, R2, WG, R2B)
         if (not PREFETCH) and R2_CHUNKS > 0:
             b2_stage = b2_bufs.index(WG)
             bcol = on + gl.arange(0, _BN, layout=gl.SliceLayout(0, blk2))
@@ -272,8 +292,9 @@ if gluon is not None:
         `part` (reduced precision), then it is added to the fp32 accumulator; waiting for its own MMAs
         stalls only this warpgroup. A work item is NT tiles side by side along N; with NT > 1 the next
         linear's low-rank partial sums of its tiles are added up in registers and reach U2 once per item."""
-        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
+        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, u2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
+         GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, r_bufs, ready, empty, epi_ready,
+         epi_empty) = p
         TM: gl.constexpr = _HM * c_bufs.type.shape[0]  # rows of a tile: 64 per math warpgroup
         ASPLIT: gl.constexpr = a_desc.block_type.shape[0] == _HM  # each warpgroup's rows in their own buffer
         HM: gl.constexpr = _HM
@@ -354,8 +375,9 @@ if gluon is not None:
         each stage freed when both math warpgroups have finished their MMAs on it. With PREFETCH, after a
         tile's last K tile also the epilogue's operands (U's rows, A's and B2's columns of the tile), so
         they arrive while the math warpgroups finish the tile instead of being fetched by the epilogue."""
-        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2, GROUP_M,
-         a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty) = p
+        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, u2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
+         GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, r_bufs, ready, empty, epi_ready,
+         epi_empty) = p
         NWG: gl.constexpr = c_bufs.type.shape[0]
         TM: gl.constexpr = _HM * NWG
         NA: gl.constexpr = TM // a_desc.block_type.shape[0]  # TMA loads of A per stage
@@ -406,7 +428,7 @@ if gluon is not None:
                     t += 1
 
     @gluon.jit
-    def _ws_gemm_kernel(a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH,
+    def _ws_gemm_kernel(a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, u2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH,
                         M, N, K, R, R2, GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, PROMOTE: gl.constexpr,
                         PREFETCH: gl.constexpr, NT: gl.constexpr, NWG: gl.constexpr,
                         ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
@@ -436,6 +458,9 @@ if gluon is not None:
             la_s = gl.allocate_shared_memory(la_desc.dtype, la_desc.block_type.shape, la_desc.layout)
         u_s = gl.allocate_shared_memory(u_desc.dtype, u_desc.block_type.shape, u_desc.layout)
         b2_s = gl.allocate_shared_memory(b2_desc.dtype, b2_desc.block_type.shape, b2_desc.layout)
+        # each math warpgroup's staging of its partial sum of the next linear's low-rank input for the TMA reduce
+        # (a 16 x 16 placeholder descriptor when the sum goes by atomics)
+        r_bufs = gl.allocate_shared_memory(u2_desc.dtype, [NWG] + u2_desc.block_type.shape, u2_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
         epi_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -445,8 +470,9 @@ if gluon is not None:
             mbarrier.init(empty.index(j), count=NWG)  # every math warpgroup releases a stage
         mbarrier.init(epi_ready, count=1)
         mbarrier.init(epi_empty, count=NWG)
-        p = (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
-             GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, ready, empty, epi_ready, epi_empty)
+        p = (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, u2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R,
+             R2, GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, r_bufs, ready, empty, epi_ready,
+             epi_empty)
         # (the flags are spelled out: a tuple built by concatenation reaches the partitions as tensors)
         if NWG == 3:
             gl.warp_specialize([
@@ -481,12 +507,15 @@ def _desc(t: torch.Tensor, block: tuple):
 SMEM = 232448 - 256  # bytes per CTA on sm_90, less the mbarriers
 
 
-def _stages(out_bytes: int, rb: int, r2b: int, u_bytes: int, prefetch: bool, wgs: int = 2, ring: bool = False) -> int:
+def _stages(out_bytes: int, rb: int, r2b: int, u_bytes: int, prefetch: bool, wgs: int = 2, ring: bool = False,
+            u2_tma: bool = False) -> int:
     """Stages of the K ring that fit beside the output tiles and the epilogue's operand buffers
     (the kernel's allocations, as _ws_gemm_kernel makes them), with wgs math warpgroups (64 rows each;
-    with 3 the U tile is not prefetched). ring: U's rows and A's tile come through the ring (_u_ring)."""
+    with 3 the U tile is not prefetched). ring: U's rows and A's tile come through the ring (_u_ring).
+    u2_tma: each warpgroup stages its fp32 partial sum of the next low-rank input for a TMA reduce."""
     bm, ph = HM * wgs, 16 * 16 * 2  # tile rows; a placeholder buffer
     fixed = bm * BN * out_bytes  # the output tiles
+    fixed += bm * r2b * 4 if u2_tma else wgs * ph
     if prefetch:
         fixed += 2 * wgs * ph  # placeholder staging buffers
         fixed += BN * rb * 2 if rb and not ring else ph  # A's tile
@@ -522,7 +551,7 @@ def tiles_per_item(M: int, N: int, sms: int) -> int:
 
 def _knobs() -> tuple:
     """The module settings a launch plan depends on (benches change them between calls)."""
-    return (MATH_WGS, HEAVY_MIN_K, WAVE_SLACK, PREFETCH, U_RING, PAIR_TILES, STAGES, STAGES_LOWRANK)
+    return (MATH_WGS, HEAVY_MIN_K, WAVE_SLACK, PREFETCH, U_RING, PAIR_TILES, U2_TMA, STAGES, STAGES_LOWRANK)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -547,14 +576,17 @@ def _plan(M: int, N: int, K: int, R: int, R2: int, flags: tuple, u_dtype: torch.
     la_blk = (BN, f["RB"]) if prefetch and rc else None
     u_blk = (bm if wgs == 2 else HM, f["RB"]) if prefetch and rc and (wgs == 2 or ring) else None
     b2_blk = (f["R2B"], BN) if prefetch and r2c else None
-    stages = _stages(out_bytes, f["RB"] if rc else 0, f["R2B"] if r2c else 0, u_bytes, prefetch, wgs, ring)
     # (tile pairs keep 32 more registers per thread: with 3 math warpgroups' 160 the epilogue spills)
     nt = tiles_per_item(M, N, sms) if (prefetch and r2c == 1 and wgs == 2) else 1
+    # the next low-rank input's partial sums by TMA reduce (its rows' stride 16-byte aligned, as TMA needs)
+    u2_blk = (HM, f["R2B"]) if U2_TMA and prefetch and r2c == 1 and nt == 1 and R2 * 4 % 16 == 0 else None
+    stages = _stages(out_bytes, f["RB"] if rc else 0, f["R2B"] if r2c else 0, u_bytes, prefetch, wgs, ring,
+                     u2_blk is not None)
     grid = (min(G.cdiv(M, bm) * G.cdiv(N, BN * nt), sms),)
     consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
                   PREFETCH=prefetch, NT=nt, NWG=wgs, **f)
     # A as one TMA box per tile (2 warpgroups) or per warpgroup (3: Gluon's shapes are powers of two)
-    return grid, consts, (bm if wgs == 2 else HM, BK), la_blk, u_blk, b2_blk
+    return grid, consts, (bm if wgs == 2 else HM, BK), la_blk, u_blk, b2_blk, u2_blk
 
 
 FLAG_NAMES = ("ROW_SCALAR", "HAS_BIAS", "RB", "R_CHUNKS", "GELU", "OUT_FP8", "R2B", "R2_CHUNKS")  # (not INTERP: never here)
@@ -567,14 +599,14 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     Low ranks up to 64 (one chunk) have their epilogue operands prefetched by TMA (their rows must be
     16-byte aligned); larger ones (a LoRA appended) are loaded by the epilogue."""
     M, N, K, R, R2 = sizes
-    U, LA, _, LB2, _, _ = ptrs
+    U, LA, _, LB2, U2, _ = ptrs
     dev = xq.device
     args = (M, N, K, R, R2, tuple(flags.get(k, False) for k in FLAG_NAMES), U.dtype, out.dtype, promote_k,
             G.num_sms(dev.index or 0), _knobs())
-    grid, consts, a_blk, la_blk, u_blk, b2_blk = _plan(*args)
+    grid, consts, a_blk, la_blk, u_blk, b2_blk, u2_blk = _plan(*args)
     ph = _placeholder(dev)
     descs = (_desc(xq, a_blk), _desc(q, (BN, BK)), _desc(out, (HM, BN)), _desc(LA, la_blk) if la_blk else ph,
-             _desc(U, u_blk) if u_blk else ph, _desc(LB2, b2_blk) if b2_blk else ph)
+             _desc(U, u_blk) if u_blk else ph, _desc(LB2, b2_blk) if b2_blk else ph, _desc(U2, u2_blk) if u2_blk else ph)
     # the compiled kernel is found by the plan's inputs (they fix its constexprs and the descriptors' blocks)
     # and the descriptors' dtypes
     _launch(grid, descs, (sx, q_scale, *ptrs, *sizes), consts,

@@ -15,7 +15,8 @@ SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on sm_90
 
 
 def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: bool, prefetch: bool,
-             out_dtype=torch.bfloat16, nt: int | None = None, wgs: int | None = None, u_bf16: bool = False):
+             out_dtype=torch.bfloat16, nt: int | None = None, wgs: int | None = None, u_bf16: bool = False,
+             u2_tma: bool | None = None):
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.compiler import BaseBackend, GPUTarget
@@ -39,21 +40,26 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     ud = (W._desc(torch.empty(256, rank or 16, dtype=u_dt), (bm if wgs == 2 else 64, rb))
           if prefetch and rc and (wgs == 2 or ring) else ph)
     b2 = W._desc(torch.empty(rank_next or 16, 256, dtype=torch.bfloat16), (r2b, W.BN)) if prefetch and r2c else ph
+    nt = nt or (W.PAIR_TILES if (prefetch and r2c == 1 and wgs == 2) else 1)  # as launch() picks it at many tokens
+    if u2_tma is None:
+        u2_tma = bool(W.U2_TMA and prefetch and r2c == 1 and nt == 1)  # as launch() picks it
+    u2 = W._desc(torch.empty(256, rank_next or 16), (64, r2b)) if u2_tma else ph
     descs = [W._desc(xq, (128 if wgs == 2 else 64, W.BK)), W._desc(xq, (W.BN, W.BK)), W._desc(out, (64, W.BN)),
-             la, ud, b2]
+             la, ud, b2, u2]
     ty = lambda v: native_specialize_impl(BaseBackend, v, False, True, True)[0]  # noqa: E731
-    names = "a_desc b_desc c_desc la_desc u_desc b2_desc SX SW U LA BIAS LB2 U2 SH M N K R R2".split()
+    names = "a_desc b_desc c_desc la_desc u_desc b2_desc u2_desc SX SW U LA BIAS LB2 U2 SH M N K R R2".split()
     ptr_types = ["*fp32", "*fp32", "*bf16" if u_bf16 else "*fp32", "*bf16", "*bf16", "*bf16", "*fp32", "*fp32"]
     types = [ty(d) for d in descs] + ptr_types + ["i32"] * 5
     sig = dict(zip(names, types))
-    stages = W._stages(out.element_size(), rb if rc else 0, r2b if r2c else 0, u_dt.itemsize, prefetch, wgs, ring)
-    nt = nt or (W.PAIR_TILES if (prefetch and r2c == 1 and wgs == 2) else 1)  # as launch() picks it at many tokens
+    stages = W._stages(out.element_size(), rb if rc else 0, r2b if r2c else 0, u_dt.itemsize, prefetch, wgs, ring,
+                       u2_tma)
     cx = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=4, PREFETCH=prefetch, NT=nt, NWG=wgs,
               ROW_SCALAR=row_scalar, HAS_BIAS=True, RB=rb, R_CHUNKS=rc, GELU=gelu, OUT_FP8=fp8_out, R2B=r2b,
               R2_CHUNKS=r2c, num_warps=4)
     sig.update({k: "constexpr" for k in cx})
-    return triton.compile(GluonASTSource(W._ws_gemm_kernel, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=4, maxnreg=W.MAXNREG3 if wgs == 3 else 168))
+    ck = triton.compile(GluonASTSource(W._ws_gemm_kernel, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=4, maxnreg=W.MAXNREG3 if wgs == 3 else 168))
+    return ck, u2_tma
 
 
 @pytest.mark.parametrize("case", [
@@ -71,16 +77,22 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     dict(rank=80, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False, wgs=3),  # LoRA, 3 WGs
     dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, wgs=3, u_bf16=True),
     dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=True, wgs=3, u_bf16=True),
+    dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, wgs=3, u_bf16=True,
+         u2_tma=False),  # the next low-rank input by atomics
 ], ids=["linear", "up", "down", "r0", "lora", "r256", "fp32-out", "up-1-tile", "down-2wg", "up-3wg", "lora-3wg",
-        "up-3wg-u-ring", "linear-3wg-u-ring"])
+        "up-3wg-u-ring", "linear-3wg-u-ring", "up-3wg-atomics"])
 def test_compiles_for_hopper(case, triton_language_unpatched):
-    ck = _compile(**case)
+    ck, u2_tma = _compile(**case)
     assert ck.metadata.shared <= SMEM_LIMIT  # launch()'s stage count fits what the kernel allocates
     ptx = ck.asm["ptx"]
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx  # FP8 tensor cores
     assert "setmaxnreg" in ptx  # warp specialization took effect
     if case["rank"]:
         assert ".bf16.bf16" in ptx  # the low-rank branch on bf16 tensor cores
+    if case["rank_next"]:  # the next low-rank input's sums: TMA reduce where launch() picks it, else atomics
+        tma_reduce = "cp.reduce.async.bulk.tensor" in ptx
+        assert tma_reduce == u2_tma
+        assert ("red.global" in ptx or "atom.global" in ptx) != tma_reduce
 
 
 def test_three_warpgroups_only_where_their_waves_cost_no_more():
