@@ -46,11 +46,11 @@ def main():
     ap.add_argument("--rows", nargs="*", type=int, default=[6144, 24576])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only-u2", action="store_true", help="only TMA reduce against atomics (U2_TMA)")
+    ap.add_argument("--dims", nargs="*", type=int, default=[4096], help="FFN widths (2048: audio)")
     a = ap.parse_args()
     say = logger(a.out, "ws_parts.log")
     say(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')}, promote every 512, us (+ vs first)")
-    dim = 4096
-    for m in a.rows:
+    for dim, m in [(d, m) for d in a.dims for m in a.rows]:
         up, dn, hs, x, W1, W2 = ffn_case(dim, m)
         xq, sx, u = K.act_quant_lowrank(x, up["B"])
         u32 = u.float()
@@ -70,22 +70,22 @@ def main():
         o0, n0 = g_up(False, **full)().clone(), u2.clone()
         torch.cuda.synchronize()
         same = bool((o1.view(torch.uint8) == o0.view(torch.uint8)).all())
-        say(f"M={m} up full, ring vs epilogue loads: codes equal {same}, "
+        say(f"M={m} dim {dim} up full, ring vs epilogue loads: codes equal {same}, "
             f"u_next rel {rel(n1, n0):.1e}")
         # the next low-rank input summed by TMA reduce against fp32 atomics: same codes, u_next up to fp32 order
         o2, n2 = g_up(True, False, **full)().clone(), u2.clone()
         torch.cuda.synchronize()
         same = bool((o1.view(torch.uint8) == o2.view(torch.uint8)).all())
-        say(f"M={m} up full, TMA reduce vs atomics: codes equal {same}, u_next rel {rel(n1, n2):.1e}")
+        say(f"M={m} dim {dim} up full, TMA reduce vs atomics: codes equal {same}, u_next rel {rel(n1, n2):.1e}")
         if a.only_u2:
-            timed(say, f"M={m} up 4096->16384", {
+            timed(say, f"M={m} up {dim}->{4 * dim}", {
                 "r0 bias": g_up(bias=up["bias"]),
                 "full (TMA reduce)": g_up(True, True, **full),
                 "full (atomics)": g_up(True, False, **full),
                 "no next rank": g_up(True, u=u, A=up["A"], bias=up["bias"], gelu=True, h_scale=hsx),
             }, a.rounds)
             t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
-            timed(say, f"M={m} FFN r64 (bf16 {t_bf:.1f})", {
+            timed(say, f"M={m} dim {dim} FFN r64 (bf16 {t_bf:.1f})", {
                 "TMA reduce": lambda: (setattr(W, "U2_TMA", True), fused.ffn(x, up, dn, hs))[1],
                 "atomics": lambda: (setattr(W, "U2_TMA", False), fused.ffn(x, up, dn, hs))[1],
             }, a.rounds)
@@ -93,7 +93,7 @@ def main():
             del up, dn, x, W1, W2, xq, u, u2
             torch.cuda.empty_cache()
             continue
-        timed(say, f"M={m} up 4096->16384", {
+        timed(say, f"M={m} up {dim}->{4 * dim}", {
             "r0 bias": g_up(bias=up["bias"]),
             "+gelu fp8": g_up(bias=up["bias"], gelu=True, h_scale=hsx),
             "+r64 (ring)": g_up(True, u=u, A=up["A"], bias=up["bias"], gelu=True, h_scale=hsx),
@@ -105,17 +105,17 @@ def main():
         }, a.rounds)
         W.U_RING = True
         hq = g_up(**full)()
-        timed(say, f"M={m} down 16384->4096", {
+        timed(say, f"M={m} down {4 * dim}->{dim}", {
             "r0 bias": lambda: ws_gemm(hq, hs, dn["q"], dn["q_scale"], promote_k=512, bias=dn["bias"]),
             "r64 bias": lambda: ws_gemm(hq, hs, dn["q"], dn["q_scale"], promote_k=512, u=u2, A=dn["A"],
                                         bias=dn["bias"]),
         }, a.rounds)
-        timed(say, f"M={m} input pass 4096", {
+        timed(say, f"M={m} input pass {dim}", {
             "quant only": lambda: K.act_quant_lowrank(x, None),
             "quant + x B^T (r64)": lambda: K.act_quant_lowrank(x, up["B"]),
         }, a.rounds)
         t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
-        timed(say, f"M={m} FFN r64 (bf16 {t_bf:.1f})", {
+        timed(say, f"M={m} dim {dim} FFN r64 (bf16 {t_bf:.1f})", {
             "U ring": lambda: (setattr(W, "U_RING", True), fused.ffn(x, up, dn, hs))[1],
             "no ring": lambda: (setattr(W, "U_RING", False), fused.ffn(x, up, dn, hs))[1],
         }, a.rounds)

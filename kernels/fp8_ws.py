@@ -41,10 +41,10 @@ try:
     _tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
     # TMA reduce-add (cp.reduce.async.bulk.tensor .add): Triton 3.9's tma.async_atomic_add; 3.6 has the IR
     # builder's op but no Gluon function for it, so one is made here the way 3.9 makes it
+    from triton.experimental.gluon.language._core import builtin as _builtin
     _tma_add = getattr(tma, "async_atomic_add", None)
     if _tma_add is None:
         from triton._C.libtriton import ir as _ir
-        from triton.experimental.gluon.language._core import builtin as _builtin
 
         @_builtin
         def _tma_add(tensor_desc, coord, src, _semantic=None):
@@ -147,6 +147,12 @@ if gluon is not None:
     # Triton 3.6 spells a shared buffer's reinterpretation _reinterpret, later versions reinterpret
     _NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
 
+    @_builtin
+    def _view(buf, dtype, shape, layout, _semantic=None):
+        """buf's bytes seen as another dtype, shape and layout (no copy)."""
+        f = buf.reinterpret if hasattr(buf, "reinterpret") else buf._reinterpret
+        return f(dtype, shape, layout, _semantic=_semantic)
+
     @gluon.jit
     def _as(buf, desc):
         """buf seen as a tile of desc's block (dtype, shape, layout)."""
@@ -154,6 +160,12 @@ if gluon is not None:
             return buf.reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
         else:
             return buf._reinterpret(desc.dtype, desc.block_type.shape, desc.layout)
+
+    @gluon.constexpr_function
+    def _shares_c(u2_dtype, out_fp8):
+        """The TMA reduce's fp32 staging (16 KB per warpgroup) also holds the FP8 output tile (8 KB): both fit
+        beside 4 stages of the ring with three warpgroups, where separate buffers left 3."""
+        return u2_dtype == gl.float32 and out_fp8
 
     @gluon.constexpr_function
     def _u_ring(nwg, u_rows):
@@ -235,8 +247,12 @@ if gluon is not None:
             acc = acc + gl.expand_dims(gl.load(BIAS + cols, mask=cmask, other=0.0).to(gl.float32), 0)
         if GELU:
             acc = _gelu_tanh(acc)
-        c_s = c_bufs.index(WG)
-        tma.store_wait(pendings=0)  # this warpgroup's previous store has left c_s
+        SHARE_C: gl.constexpr = _shares_c(u2_desc.dtype, OUT_FP8)
+        if SHARE_C:
+            c_s = _as(r_bufs.index(WG), c_desc)
+        else:
+            c_s = c_bufs.index(WG)
+        tma.store_wait(pendings=0)  # this warpgroup's previous store (and reduce) has left c_s
         if OUT_FP8:
             c_s.store(gl.minimum(gl.maximum(acc * (1.0 / gl.load(SH)), -448.0), 448.0).to(gl.float8e4nv))
         else:
@@ -253,13 +269,7 @@ if gluon is not None:
             u2acc = warpgroup_mma(h, b2_s.permute((1, 0)), u2acc)
         if PREFETCH and R2_CHUNKS > 0 and NT == 1:
             part = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-            if u2_desc.dtype == gl.float32:  # TMA reduce (_tma_add) from shared memory
-                r_s = r_bufs.index(WG)  # (its previous reduce was waited for with c_s's store above)
-                r_s.store(part)
-                fence_async_shared()
-                _tma_add(u2_desc, [om + WG * HM, 0], r_s)
-            else:
-                _add_u2(part, om, 0, U2, M, R2, WG, R2B)
+            _add_u2(part, om, U2, M, R2, WG, R2B, u2_desc, r_bufs, OUT_FP8)
         if (not PREFETCH) and R2_CHUNKS > 0:
             b2_stage = b2_bufs.index(WG)
             bcol = on + gl.arange(0, _BN, layout=gl.SliceLayout(0, blk2))
@@ -270,11 +280,26 @@ if gluon is not None:
                 b2_stage.store(b2)
                 fence_async_shared()
                 part = warpgroup_mma(h, b2_stage.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-                _add_u2(part, om, j * R2B, U2, M, R2, WG, R2B)
+                _atomic_u2(part, om, j * R2B, U2, M, R2, WG, R2B)
         return u2acc
 
     @gluon.jit
-    def _add_u2(part, om, c0, U2, M, R2, WG: gl.constexpr, R2B: gl.constexpr):
+    def _add_u2(part, om, U2, M, R2, WG: gl.constexpr, R2B: gl.constexpr, u2_desc, r_bufs, OUT_FP8: gl.constexpr):
+        """U2[this warpgroup's rows of the tile, :R2B] += part: by TMA reduce from shared memory where launch()
+        gave U2's descriptor (a TMA add of the staged tile where fp32 atomics of 64 partial sums per row cost L2
+        throughput: the video FFN 1546 -> 1512 us at 6144 tokens, bench/ws_parts_h200.log), else by atomics."""
+        if u2_desc.dtype == gl.float32:
+            if _shares_c(u2_desc.dtype, OUT_FP8):
+                tma.store_wait(pendings=0)  # the output tile's store has left the shared staging
+            r_s = r_bufs.index(WG)  # (else its previous reduce was waited for before the output tile's store)
+            r_s.store(part)
+            fence_async_shared()
+            _tma_add(u2_desc, [om + WG * _HM, 0], r_s)
+        else:
+            _atomic_u2(part, om, 0, U2, M, R2, WG, R2B)
+
+    @gluon.jit
+    def _atomic_u2(part, om, c0, U2, M, R2, WG: gl.constexpr, R2B: gl.constexpr):
         """U2[this warpgroup's rows of the tile, c0:c0 + R2B] += part (fp32 atomics)."""
         HM: gl.constexpr = _HM
         mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -352,7 +377,7 @@ if gluon is not None:
                         mbarrier.arrive(epi_empty, count=1)
                     t += 1
             if NT > 1 and R2_CHUNKS > 0:
-                _add_u2(u2acc, om, 0, U2, M, R2, WG, R2B)
+                _add_u2(u2acc, om, U2, M, R2, WG, R2B, u2_desc, r_bufs, OUT_FP8)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -439,17 +464,29 @@ if gluon is not None:
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NSTAGES * (_HM * NWG // a_desc.block_type.shape[0])]
                                            + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NSTAGES] + b_desc.block_type.shape, b_desc.layout)
-        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [NWG] + c_desc.block_type.shape, c_desc.layout)
+        # each math warpgroup's staging of its partial sum of the next linear's low-rank input for the TMA reduce
+        # (a 16 x 16 placeholder descriptor when the sum goes by atomics)
+        r_bufs = gl.allocate_shared_memory(u2_desc.dtype, [NWG] + u2_desc.block_type.shape, u2_desc.layout)
+        if _shares_c(u2_desc.dtype, OUT_FP8):  # the output tiles live in r_bufs (_shares_c): a view to carry types
+            c_bufs = _view(r_bufs, c_desc.dtype, [NWG] + c_desc.block_type.shape, c_desc.layout)
+        else:
+            c_bufs = gl.allocate_shared_memory(c_desc.dtype, [NWG] + c_desc.block_type.shape, c_desc.layout)
         la_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle((16 if PREFETCH else RB) * 2),
                                                        element_bitwidth=16,
                                                        rank=2)
         LBR: gl.constexpr = 16 if PREFETCH else RB  # staging for the unprefetched path only
         LBN: gl.constexpr = 16 if PREFETCH else _BN
-        la_bufs = gl.allocate_shared_memory(gl.bfloat16, [NWG, LBN, LBR], la_layout)
+        if PREFETCH:  # (unused: views to carry types)
+            la_bufs = _view(r_bufs, gl.bfloat16, [NWG, LBN, LBR], la_layout)
+        else:
+            la_bufs = gl.allocate_shared_memory(gl.bfloat16, [NWG, LBN, LBR], la_layout)
         b2_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(LBN * 2), element_bitwidth=16,
                                                        rank=2)
         LB2R: gl.constexpr = 16 if PREFETCH else R2B
-        b2_bufs = gl.allocate_shared_memory(gl.bfloat16, [NWG, LB2R, LBN], b2_layout)
+        if PREFETCH:
+            b2_bufs = _view(r_bufs, gl.bfloat16, [NWG, LB2R, LBN], b2_layout)
+        else:
+            b2_bufs = gl.allocate_shared_memory(gl.bfloat16, [NWG, LB2R, LBN], b2_layout)
         # prefetched epilogue operands (placeholder 16 x 16 descriptors when unused)
         if _u_ring(NWG, u_desc.block_type.shape[0]):  # A's tile comes through the ring
             la_s = gl.allocate_shared_memory(gl.bfloat16, [16, 16], gl.NVMMASharedLayout(swizzle_byte_width=32,
@@ -458,9 +495,6 @@ if gluon is not None:
             la_s = gl.allocate_shared_memory(la_desc.dtype, la_desc.block_type.shape, la_desc.layout)
         u_s = gl.allocate_shared_memory(u_desc.dtype, u_desc.block_type.shape, u_desc.layout)
         b2_s = gl.allocate_shared_memory(b2_desc.dtype, b2_desc.block_type.shape, b2_desc.layout)
-        # each math warpgroup's staging of its partial sum of the next linear's low-rank input for the TMA reduce
-        # (a 16 x 16 placeholder descriptor when the sum goes by atomics)
-        r_bufs = gl.allocate_shared_memory(u2_desc.dtype, [NWG] + u2_desc.block_type.shape, u2_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NSTAGES, 1], mbarrier.MBarrierLayout())
         epi_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -514,10 +548,9 @@ def _stages(out_bytes: int, rb: int, r2b: int, u_bytes: int, prefetch: bool, wgs
     with 3 the U tile is not prefetched). ring: U's rows and A's tile come through the ring (_u_ring).
     u2_tma: each warpgroup stages its fp32 partial sum of the next low-rank input for a TMA reduce."""
     bm, ph = HM * wgs, 16 * 16 * 2  # tile rows; a placeholder buffer
-    fixed = bm * BN * out_bytes  # the output tiles
-    fixed += bm * r2b * 4 if u2_tma else wgs * ph
-    if prefetch:
-        fixed += 2 * wgs * ph  # placeholder staging buffers
+    fixed = bm * r2b * 4 if u2_tma else wgs * ph  # the TMA reduce's staging
+    fixed += 0 if u2_tma and out_bytes == 1 else bm * BN * out_bytes  # the output tiles (FP8: in that staging)
+    if prefetch:  # (the unused staging buffers are views)
         fixed += BN * rb * 2 if rb and not ring else ph  # A's tile
         fixed += bm * rb * u_bytes if rb and wgs == 2 else ph  # U's tile
         fixed += r2b * BN * 2 if r2b else ph
@@ -579,7 +612,7 @@ def _plan(M: int, N: int, K: int, R: int, R2: int, flags: tuple, u_dtype: torch.
     # (tile pairs keep 32 more registers per thread: with 3 math warpgroups' 160 the epilogue spills)
     nt = tiles_per_item(M, N, sms) if (prefetch and r2c == 1 and wgs == 2) else 1
     # the next low-rank input's partial sums by TMA reduce (its rows' stride 16-byte aligned, as TMA needs)
-    u2_blk = (HM, f["R2B"]) if U2_TMA and prefetch and r2c == 1 and nt == 1 and R2 * 4 % 16 == 0 else None
+    u2_blk = (HM, f["R2B"]) if U2_TMA and prefetch and r2c == 1 and R2 * 4 % 16 == 0 else None
     stages = _stages(out_bytes, f["RB"] if rc else 0, f["R2B"] if r2c else 0, u_bytes, prefetch, wgs, ring,
                      u2_blk is not None)
     grid = (min(G.cdiv(M, bm) * G.cdiv(N, BN * nt), sms),)

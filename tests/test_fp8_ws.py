@@ -42,7 +42,7 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     b2 = W._desc(torch.empty(rank_next or 16, 256, dtype=torch.bfloat16), (r2b, W.BN)) if prefetch and r2c else ph
     nt = nt or (W.PAIR_TILES if (prefetch and r2c == 1 and wgs == 2) else 1)  # as launch() picks it at many tokens
     if u2_tma is None:
-        u2_tma = bool(W.U2_TMA and prefetch and r2c == 1 and nt == 1)  # as launch() picks it
+        u2_tma = bool(W.U2_TMA and prefetch and r2c == 1)  # as launch() picks it
     u2 = W._desc(torch.empty(256, rank_next or 16), (64, r2b)) if u2_tma else ph
     descs = [W._desc(xq, (128 if wgs == 2 else 64, W.BK)), W._desc(xq, (W.BN, W.BK)), W._desc(out, (64, W.BN)),
              la, ud, b2, u2]
@@ -64,14 +64,15 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
 
 @pytest.mark.parametrize("case", [
     dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=True),  # a linear
-    dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True),  # FFN up-projection
+    dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, u_bf16=True),  # FFN up
     dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=True, prefetch=True),  # FFN down-projection
     dict(rank=0, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False),  # residual only
     dict(rank=80, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False),  # rank + a LoRA
     dict(rank=256, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False),  # large rank
     dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=True,
          out_dtype=torch.float32),  # fp32 output: fewer stages fit
-    dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, nt=1),  # one tile per item
+    dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, nt=1,
+         u_bf16=True),  # one tile per item
     dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=True, prefetch=True, wgs=2),  # down, 2 WGs
     dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, wgs=3),  # up, 3 WGs
     dict(rank=80, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=False, wgs=3),  # LoRA, 3 WGs
@@ -79,8 +80,9 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     dict(rank=64, rank_next=0, gelu=False, fp8_out=False, row_scalar=False, prefetch=True, wgs=3, u_bf16=True),
     dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, wgs=3, u_bf16=True,
          u2_tma=False),  # the next low-rank input by atomics
+    dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, u2_tma=False),  # fp32 u
 ], ids=["linear", "up", "down", "r0", "lora", "r256", "fp32-out", "up-1-tile", "down-2wg", "up-3wg", "lora-3wg",
-        "up-3wg-u-ring", "linear-3wg-u-ring", "up-3wg-atomics"])
+        "up-3wg-u-ring", "linear-3wg-u-ring", "up-3wg-atomics", "up-fp32-u-atomics"])
 def test_compiles_for_hopper(case, triton_language_unpatched):
     ck, u2_tma = _compile(**case)
     assert ck.metadata.shared <= SMEM_LIMIT  # launch()'s stage count fits what the kernel allocates
