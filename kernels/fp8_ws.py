@@ -88,7 +88,10 @@ STAGES_LOWRANK = 4
 MIN_M = 257  # fewer tokens: fp8_ffn's few-token configurations (64-row tiles) fill the GPU better
 PREFETCH = True  # TMA-prefetch the epilogue's operands (ranks up to 64); benches turn it off to compare
 U_RING = True  # bf16 U's rows through the K ring with 3 math warpgroups (benches turn it off to compare)
-PAIR_TILES = 2  # tiles per work item when the epilogue sums the next linear's low-rank input (benches compare)
+# Tiles per work item when the epilogue sums the next linear's low-rank input (two warpgroups only). Pairs halved
+# its fp32 atomics; with the TMA reduce one tile is as fast or faster: audio FFN at 1400 tokens 129.9 -> 122.5 us,
+# video at 24576 6066 -> 5941, equal at 5600 and 43400 (H200, bench/ws_sweep_h200.log). Benches compare 2.
+PAIR_TILES = 1
 U2_TMA = True  # that sum by TMA reduce from shared memory, one tile at a time, instead of fp32 atomics
 
 

@@ -81,8 +81,10 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, wgs=3, u_bf16=True,
          u2_tma=False),  # the next low-rank input by atomics
     dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, u2_tma=False),  # fp32 u
+    dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, nt=2,
+         u_bf16=True),  # tile pairs (PAIR_TILES = 2)
 ], ids=["linear", "up", "down", "r0", "lora", "r256", "fp32-out", "up-1-tile", "down-2wg", "up-3wg", "lora-3wg",
-        "up-3wg-u-ring", "linear-3wg-u-ring", "up-3wg-atomics", "up-fp32-u-atomics"])
+        "up-3wg-u-ring", "linear-3wg-u-ring", "up-3wg-atomics", "up-fp32-u-atomics", "up-pairs"])
 def test_compiles_for_hopper(case, triton_language_unpatched):
     ck, u2_tma = _compile(**case)
     assert ck.metadata.shared <= SMEM_LIMIT  # launch()'s stage count fits what the kernel allocates
@@ -104,7 +106,8 @@ def test_three_warpgroups_only_where_their_waves_cost_no_more():
     assert not W._three_fit(1024, 4096, 132)  # 2 waves either way: 384 rows against 256
 
 
-def test_tile_pairs_only_where_they_add_no_wave():
+def test_tile_pairs_only_where_they_add_no_wave(monkeypatch):
+    monkeypatch.setattr(W, "PAIR_TILES", 2)  # (the default is 1 tile since the TMA reduce; benches compare pairs)
     assert W.tiles_per_item(24576, 16384, 132) == W.PAIR_TILES  # 187 waves of tiles, 188 of pairs
     assert W.tiles_per_item(43400, 16384, 132) == W.PAIR_TILES
     assert W.tiles_per_item(6144, 16384, 132) == 1  # 47 against 48
