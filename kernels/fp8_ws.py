@@ -15,8 +15,8 @@ promoted accumulation on the H200 (bench/gluon_explore_h200.log), where the Trit
 Epilogue, per warpgroup on its 64 x 128 part of the tile (the same steps as fp8_ffn's): scales
 (per token or one static scale, per channel), the low-rank up-projection U A^T as bf16 wgmmas into
 the same accumulator, bias, GELU(tanh), output in bf16/fp16/fp32 or FP8 codes of out / h_scale
-through shared memory and TMA, and the next linear's low-rank input u_next += h B2^T (bf16 wgmma,
-fp32 atomics).
+through shared memory and TMA, and the next linear's low-rank input u_next += h B2^T (bf16 wgmma, the
+partial sums added by TMA reduce from shared memory; fp32 atomics for ranks above 64).
 """
 from __future__ import annotations
 
@@ -572,11 +572,10 @@ def _placeholder(device: torch.device):
 
 def tiles_per_item(M: int, N: int, sms: int) -> int:
     """Tiles per work item where the epilogue sums the next linear's low-rank input (FFN up-projection):
-    PAIR_TILES side by side along N halve its fp32 atomics (the sum of both stays in registers), unless
-    the larger items add more than 1% at the end (M=6144, 4096->16384: 47 waves of tiles, 48 of tile
-    pairs; M=24576: 187 and 188).
-    H200 (bench/ws_check_h200.log): the FFN 1.51x -> 1.61x bf16 at M=24576, 1.53x -> 1.59x at 43400,
-    audio M=5600 1.36x -> 1.39x; at M=6144 a 2% tail cost for 2% fewer atomics."""
+    PAIR_TILES side by side along N (when set above its default 1) add their sums once (the sum of both stays
+    in registers), unless the larger items add more than 1% at the end (M=6144, 4096->16384: 47 waves of
+    tiles, 48 of tile pairs; M=24576: 187 and 188). With fp32 atomics pairs paid (H200, bench/ws_check_h200.log:
+    the FFN 1.51x -> 1.61x bf16 at M=24576); with the TMA reduce they do not (PAIR_TILES' comment)."""
     if PAIR_TILES <= 1:
         return 1
     bm = 2 * HM  # (2 math warpgroups: the only ones that take pairs)
@@ -642,7 +641,8 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
     grid, consts, a_blk, la_blk, u_blk, b2_blk, u2_blk = _plan(*args)
     ph = _placeholder(dev)
     descs = (_desc(xq, a_blk), _desc(q, (BN, BK)), _desc(out, (HM, BN)), _desc(LA, la_blk) if la_blk else ph,
-             _desc(U, u_blk) if u_blk else ph, _desc(LB2, b2_blk) if b2_blk else ph, _desc(U2, u2_blk) if u2_blk else ph)
+             _desc(U, u_blk) if u_blk else ph, _desc(LB2, b2_blk) if b2_blk else ph,
+             _desc(U2, u2_blk) if u2_blk else ph)
     # the compiled kernel is found by the plan's inputs (they fix its constexprs and the descriptors' blocks)
     # and the descriptors' dtypes
     _launch(grid, descs, (sx, q_scale, *ptrs, *sizes), consts,
