@@ -64,9 +64,10 @@ HM, BN, BK = 64, 128, 128  # rows per math warpgroup, tile columns, K tile: plai
 # sums the next linear's low-rank input works one tile at a time (a tile pair's sum would spill).
 MATH_WGS = 3
 # ... except for epilogues with GELU or the next linear's low-rank input (the FFN up-projection) over fewer
-# than HEAVY_MIN_K of K: at 2048 their share of a tile's time is twice as large, and without tile pairs the
-# audio up-projection ran 263 -> 278 us (M = 6144)
-HEAVY_MIN_K = 4096
+# than HEAVY_MIN_K of K. With fp32 atomics the audio up-projection (K = 2048) lost on three (263 -> 278 us at
+# M = 6144, no tile pairs there); with the TMA reduce three are level or ahead (audio FFN 441 -> 434 us at 5600
+# tokens, 122.5 -> 121.4 at 1400; H200, bench/ws_sweep_h200.log)
+HEAVY_MIN_K = 2048
 # ... and only where their waves of 192-row tiles cover at most WAVE_SLACK times the rows that the waves of
 # 128-row tiles do (a last wave partly empty costs the larger tiles more). H200, r = 64: 4096x4096 at
 # M = 1024 (2 waves either way: 384 rows against 256) 48 -> 60 us; 8192->2048 at M = 1400 (1 wave against
