@@ -41,6 +41,8 @@ CALIBRATION_PROMPTS = [
 WIDTH, HEIGHT, FRAMES, FPS, STEPS, CFG, SEED = 768, 512, 97, 25, 20, 4.0, 42
 
 GRAY, BLUE, GREEN, PURPLE = "#444", "#3f789e", "#3f7e4f", "#6a4f8e"
+# Input types the frontend draws as widgets (COMFY_DYNAMICCOMBO_V3: a combo that adds the inputs of its choice)
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COMFY_DYNAMICCOMBO_V3")
 
 
 class Graph:
@@ -61,11 +63,14 @@ class Graph:
                                 font_size=24, flags={}))
 
     # ---------------------------------------------------------------- API format
-    def api(self) -> dict:
+    def api(self, info: dict | None = None) -> dict:
+        """With `info` (/object_info), also the declared defaults the UI format has to write (see _layout)."""
         out = {}
         for n in self.nodes:
             if isinstance(n, Node):
                 inputs = {k: ([str(v.node.id), v.slot] if isinstance(v, Out) else v) for k, v in n.inputs.items()}
+                if info is not None:
+                    inputs.update({k: vals[0] for k, _, vals, filled in _layout(n, info[n.cls])[1] if filled})
                 out[str(n.id)] = {"class_type": n.cls, "inputs": inputs, "_meta": {"title": n.title or n.cls}}
         return out
 
@@ -78,29 +83,14 @@ class Graph:
                 ui_nodes.append(n.ui(order[n.id]))
                 continue
             schema = info[n.cls]
-            spec = {**schema["input"]["required"], **schema["input"].get("optional", {})}
-            inputs, widgets = [], []
-            for name in schema.get("input_order", {}).get("required", []) + \
-                    schema.get("input_order", {}).get("optional", []):
-                kind, opts = _kind(spec[name])
-                v = n.inputs.get(name)
-                if kind == "socket":
-                    link = None
-                    if isinstance(v, Out):
-                        link = len(links) + 1
-                        links.append([link, v.node.id, v.slot, n.id, len(inputs), info[v.node.cls]["output"][v.slot]])
-                    inputs.append({"localized_name": name, "name": name, "type": spec[name][0], "link": link})
-                    continue
-                if name not in n.inputs:
-                    raise KeyError(f"{n.cls}.{name} has no value in the graph '{self.title}'")
+            sockets, fields = _layout(n, schema)
+            inputs, widgets = [], [v for _, _, vals, _ in fields for v in vals]
+            for name, typ, v in sockets:
+                link = None
                 if isinstance(v, Out):
-                    raise ValueError(f"{n.cls}.{name}: widget inputs take values here, not links")
-                widgets.append(v)
-                if opts.get("control_after_generate"):
-                    widgets.append("fixed")  # same seed every run: the comparison stays like for like
-            unknown = set(n.inputs) - set(spec)
-            if unknown:
-                raise KeyError(f"{n.cls} has no input(s) {sorted(unknown)}")
+                    link = len(links) + 1
+                    links.append([link, v.node.id, v.slot, n.id, len(inputs), info[v.node.cls]["output"][v.slot]])
+                inputs.append({"localized_name": name, "name": name, "type": typ, "link": link})
             outputs = [{"localized_name": name, "name": name, "type": typ, "links": []}
                        for typ, name in zip(schema["output"], schema["output_name"])]
             ui_nodes.append(dict(
@@ -145,9 +135,61 @@ class Note:
 def _kind(spec):
     """(socket | widget, options) of one /object_info input spec."""
     typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-    if isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+    # widgetType: a MultiType input ("FLOAT,INT", ComfyUI 0.33) drawn as that widget
+    if isinstance(typ, list) or typ in WIDGET_TYPES or opts.get("widgetType"):
         return ("socket" if opts.get("forceInput") else "widget"), opts
     return "socket", opts
+
+
+def _default(spec, opts):
+    if "default" in opts:
+        return opts["default"]
+    options = spec[0] if isinstance(spec[0], list) else opts.get("options")
+    if options:  # a combo's default is its first option, as in the frontend
+        return options[0]["key"] if isinstance(options[0], dict) else options[0]
+    raise KeyError
+
+
+def _layout(n: Node, schema: dict):
+    """The node's inputs in the frontend's order: sockets [(name, type, value)] and widgets [(name, spec, values,
+    filled)]. A dynamic combo (ComfyUI 0.33) is followed by the inputs of the option its value picks, named
+    "<combo>.<input>" (the graph may set them by the short name). A widget the graph does not set gets its
+    declared default (filled: "required" / "optional"); optional ones at the end are left out: the frontend fills
+    them in, and a ComfyUI that lacks them (a newer input) loads the same file."""
+    given, sockets, fields = dict(n.inputs), [], []
+
+    def walk(group: dict, order: list[str], prefix: str = ""):
+        spec, optional = {**group.get("required", {}), **group.get("optional", {})}, group.get("optional", {})
+        for name in order:
+            full, (kind, opts) = prefix + name, _kind(spec[name])
+            key = next((k for k in (full, name) if k in given), None)
+            v = given.pop(key) if key else None
+            if kind == "socket":
+                sockets.append((full, spec[name][0], v))
+                continue
+            if isinstance(v, Out):
+                raise ValueError(f"{n.cls}.{full}: widget inputs take values here, not links")
+            filled = None if key else ("optional" if name in optional else "required")
+            if filled:
+                try:
+                    v = _default(spec[name], opts)
+                except KeyError:
+                    raise KeyError(f"{n.cls}.{full} has no value in the graph and no default") from None
+            # same seed every run: the comparison stays like for like
+            fields.append((full, spec[name], [v, "fixed"] if opts.get("control_after_generate") else [v], filled))
+            if spec[name][0] == "COMFY_DYNAMICCOMBO_V3":
+                chosen = next((o["inputs"] for o in opts["options"] if o["key"] == v), None)
+                if chosen is None:
+                    raise ValueError(f"{n.cls}.{full}: {v!r} is not one of its options")
+                walk(chosen, [*chosen.get("required", {}), *chosen.get("optional", {})], full + ".")
+
+    order = schema.get("input_order", {})
+    walk(schema["input"], order.get("required", []) + order.get("optional", []))
+    while fields and fields[-1][3] == "optional":
+        fields.pop()
+    if given:
+        raise KeyError(f"{n.cls} has no input(s) {sorted(given)}")
+    return sockets, fields
 
 
 def _properties(n: Node) -> dict:
@@ -345,7 +387,7 @@ def write(info: dict, out_dir: str = HERE) -> list[str]:
     for name, make in GRAPHS.items():
         g = make()
         for path, data in ((os.path.join(out_dir, name + ".json"), g.ui(info)),
-                           (os.path.join(out_dir, "api", name + ".json"), g.api())):
+                           (os.path.join(out_dir, "api", name + ".json"), g.api(info))):
             with open(path, "w") as f:
                 json.dump(data, f, indent=1)
                 f.write("\n")

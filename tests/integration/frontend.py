@@ -13,6 +13,13 @@ right side panel. Exceptions while loading go to the global PrimeVue dialog (`.p
 with key "global-error", content `[data-testid="error-dialog"]`); other problems go to PrimeVue toasts
 (`.p-toast-message-<severity>`).
 
+Frontend 1.49 (ComfyUI 0.33): the overlay (role="status") only counts several problems ("2 errors found /
+Resolve them before running the workflow. / View details"), and dialogs use Reka (`[role="dialog"]`,
+aria-labelledby = the dialog key) instead of PrimeVue. In both, the overlay's button
+(`error-overlay-see-errors`) opens the Errors tab, one group per kind of problem
+(`[data-testid="error-group-<kind>"]`: missing-node, missing-model, missing-media, swap-nodes, execution):
+the load opens it and the detector reads the kinds there as well as from the overlay's lines.
+
 The graph: `window.app` is the ComfyApp; `app.rootGraph` (also `app.graph` and `window.graph` while
 the canvas shows the root) is the litegraph LGraph with `.nodes`; subgraph definitions are
 `app.rootGraph.subgraphs` (a Map id -> Subgraph with its own `.nodes`). Unknown node types become
@@ -94,7 +101,8 @@ RECORDER = r"""
 (() => {
   const KINDS = [
     ['overlay', '[data-testid="error-overlay"]'],
-    ['dialog', '.p-dialog'],
+    ['dialog', '.p-dialog, [role="dialog"], [role="alertdialog"]'],  // PrimeVue (1.43), Reka (1.49)
+    ['panel', '[data-testid^="error-group-"]'],  // the Errors tab's groups, one per kind of problem
     ['toast', '.p-toast-message'],
     ['legacy-dialog', '.comfy-modal'],
   ];
@@ -112,7 +120,7 @@ RECORDER = r"""
         if (!e) {
           e = { kind, t: performance.now(), text: '', cls: String(el.className || ''),
                 key: el.getAttribute('aria-labelledby') || '',
-                testid: el.querySelector('[data-testid]')?.dataset.testid || '' };
+                testid: (kind === 'panel' ? el : el.querySelector('[data-testid]'))?.dataset.testid || '' };
           const sev = /p-toast-message-(\w+)/.exec(e.cls);
           if (sev) e.severity = sev[1];
           known.set(el, e);
@@ -197,8 +205,11 @@ class LoadResult:
         ui = [e for e in state["ui"] if e["t"] >= state["mark"]]
         self.ui = ui
         overlays = [e["text"] for e in ui if e["kind"] == "overlay"]
-        self.missing_nodes_shown = any(MISSING_NODES_TEXT in t for t in overlays)
-        self.missing_models_shown = any(MISSING_MODELS_TEXT in t for t in overlays)
+        # Kinds of problem in the Errors tab (1.49's overlay only counts them when there are several)
+        groups = self.error_groups = sorted({e["testid"].removeprefix("error-group-") for e in ui
+                                             if e["kind"] == "panel"} - {"display-message"})
+        self.missing_nodes_shown = "missing-node" in groups or any(MISSING_NODES_TEXT in t for t in overlays)
+        self.missing_models_shown = "missing-model" in groups or any(MISSING_MODELS_TEXT in t for t in overlays)
         self.error_overlay = overlays
         self.error_dialogs = [e["text"] for e in ui if e["kind"] in ("dialog", "legacy-dialog")]
         self.error_toasts = [e["text"] for e in ui if e["kind"] == "toast" and e.get("severity") == "error"]
@@ -234,6 +245,9 @@ class LoadResult:
             out.append(f"missing models {self.state['missing_models']} (overlay: {self.error_overlay})")
         if self.error_overlay and not (self.missing_nodes_shown or self.missing_models_shown):
             out.append(f"error overlay: {self.error_overlay}")
+        other = [g for g in self.error_groups if g not in ("missing-node", "missing-model")]
+        if other:
+            out.append(f"errors tab: {other}")
         if self.error_dialogs:
             out.append(f"dialogs: {self.error_dialogs}")
         if self.state["missing_media"]:
@@ -254,6 +268,7 @@ class LoadResult:
                 f"(app up {self.timing['app']:.1f} s, load {self.timing['load']:.1f} s), tab {self.state['workflow']}; "
                 f"missing-nodes overlay {'SHOWN' if self.missing_nodes_shown else 'not shown'}, "
                 f"missing-models overlay {'SHOWN' if self.missing_models_shown else 'not shown'}"
+                + (f"; errors tab: {self.error_groups}" if self.error_groups else "")
                 + (f" {self.state['missing_models']}" if self.state["missing_models"] else "")
                 + (f"; problems: {self.problems()}" if self.problems() else "")
                 + (f"; red nodes: {self.flagged_nodes}" if self.flagged_nodes else "")
@@ -296,6 +311,8 @@ class Frontend:
         custom_nodes/<PACK>/workflows/<name>.json; 'default': ComfyUI's own templates) as the
         Templates browser does. `serve`: a workflow dict the browser gets for that URL instead of
         asking the server (for workflows that are not files of the pack)."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
         ctx = self.browser.new_context(viewport=self.viewport)
         ctx.set_default_timeout(timeout * 1000)
         try:
@@ -341,6 +358,14 @@ class Frontend:
             _quiet(page, inflight)  # the missing-model check finishes after a request (/api/folder_paths)
             page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
             page.wait_for_timeout(300)  # let the overlay's transition and the toasts render
+            see = page.locator('[data-testid="error-overlay-see-errors"]')
+            if see.count() and see.first.is_visible():  # what the overlay sums up: the Errors tab lists each kind
+                see.first.click()
+                try:
+                    page.locator('[data-testid^="error-group-"]').first.wait_for(timeout=10_000)
+                except PlaywrightTimeout:  # no group: problems() still reports the overlay
+                    pass
+                page.wait_for_timeout(300)
             state = page.evaluate(STATE)
             state["mark"] = mark
             state["threw"] = loaded.get("threw")

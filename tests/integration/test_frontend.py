@@ -114,6 +114,13 @@ def bad_workflow():
         links=[(1, 1, 0, 2, 0, "MODEL")])
 
 
+def missing_model_workflow():
+    """Only a loader set to a model file that is not there: one kind of problem, which frontend 1.49's overlay
+    words differently from several (no "N errors found")."""
+    return ui_workflow([node(1, "UNETLoader", (0, 0), widgets=["no_such_liteffn_model.safetensors", "default"],
+                             outputs=[{"name": "MODEL", "type": "MODEL", "links": []}])])
+
+
 def broken_workflow():
     """A node whose `inputs` is not a list: the frontend's schema check warns (toast), then
     LGraph.configure throws and the frontend shows its error dialog ("Loading aborted ...")."""
@@ -148,6 +155,15 @@ def test_detector_sees_missing_nodes_and_models(frontend, shots):
     assert r.graphs == fe.node_types(bad_workflow())  # the unknown node is kept, as a placeholder
     with pytest.raises(AssertionError, match="shows missing nodes"):
         check_clean(r, bad_workflow())
+
+
+def test_detector_sees_a_missing_model_alone(frontend, shots):
+    r = frontend.load(fe.PACK, "missing_model", serve=missing_model_workflow(),
+                      screenshot=str(shots / "frontend_negative_missing_model.png"))
+    print("\n" + r.summary())
+    assert r.missing_models_shown and not r.missing_nodes_shown, f"UI seen: {r.ui}"
+    with pytest.raises(AssertionError, match="the frontend shows"):
+        check_clean(r, missing_model_workflow())
 
 
 def test_detector_sees_a_broken_workflow(frontend, shots):

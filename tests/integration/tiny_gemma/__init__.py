@@ -15,7 +15,9 @@ What it changes, and nothing else (at import, idempotent):
      (`model.layers.47.self_attn.q_norm.weight`: comfy.sd.detect_te_model, and
      LTXAVTEModel.load_sd, which routes the Gemma file by that key), and the projection still
      reads all 49 hidden states.
-  2. `comfy.text_encoders.lt.LTXAVTEModel.__init__` -> the original, told to build no
+  2. Only where ComfyUI hard-codes the projection (0.22; 0.33 sizes it from the Gemma config
+     and the file, `video_projection_dim` & co., so the tiny config is enough there):
+     `comfy.text_encoders.lt.LTXAVTEModel.__init__` -> the original, told to build no
      projection, followed by the same projection class ComfyUI would build
      (`operations.Linear` for "single_linear", LTX-2; `DualLinearProjection` for
      "dual_linear", LTX-2.3) at widths 32 * 49 -> PROJECTION_OUT (resp. VIDEO/AUDIO_CONTEXT)
@@ -37,6 +39,7 @@ Gemma 3 12B tiny, which only matters to a process that loads the real one.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import comfy.text_encoders.llama as _llama
 import comfy.text_encoders.lt as _lt
@@ -66,16 +69,19 @@ class TinyGemma3_12B_Config(_llama.Gemma3_12B_Config):
     vision_config = TINY_VISION
 
 
-def _tiny_ltxav_te_init(self, dtype_llama=None, device="cpu", dtype=None, text_projection_type="single_linear",
-                        model_options={}):
-    _original_init(self, dtype_llama=dtype_llama, device=device, dtype=dtype,
-                   text_projection_type="none (tiny_gemma builds it)", model_options=model_options)
-    self.text_projection_type = text_projection_type
+def _tiny_ltxav_te_init(self, *args, **kwargs):
+    a = _SIGNATURE.bind(self, *args, **kwargs)
+    a.apply_defaults()
+    kind = a.arguments["text_projection_type"]
+    a.arguments["text_projection_type"] = "none (tiny_gemma builds it)"
+    _original_init(*a.args, **a.kwargs)
+    self.text_projection_type = kind
+    dtype, device = a.arguments["dtype"], a.arguments["device"]
     ops = self.gemma3_12b.operations
     width = HIDDEN * (LAYERS + 1)
-    if text_projection_type == "single_linear":
+    if kind == "single_linear":
         self.text_embedding_projection = ops.Linear(width, PROJECTION_OUT, bias=False, dtype=dtype, device=device)
-    elif text_projection_type == "dual_linear":
+    elif kind == "dual_linear":
         self.text_embedding_projection = _lt.DualLinearProjection(width, VIDEO_CONTEXT, AUDIO_CONTEXT, dtype=dtype,
                                                                   device=device, operations=ops)
 
@@ -84,7 +90,10 @@ if getattr(_lt.LTXAVTEModel.__init__, "_tiny_gemma", False):
     _original_init = _lt.LTXAVTEModel.__init__._original
 else:
     _original_init = _lt.LTXAVTEModel.__init__
-    _tiny_ltxav_te_init._tiny_gemma = True
-    _tiny_ltxav_te_init._original = _original_init
-    _lt.LTXAVTEModel.__init__ = _tiny_ltxav_te_init
     _llama.Gemma3_12B_Config = TinyGemma3_12B_Config
+    # A ComfyUI that sizes the projection itself (from the config and the file) needs only the tiny config.
+    if "video_projection_dim" not in inspect.signature(_original_init).parameters:
+        _tiny_ltxav_te_init._tiny_gemma = True
+        _tiny_ltxav_te_init._original = _original_init
+        _lt.LTXAVTEModel.__init__ = _tiny_ltxav_te_init
+_SIGNATURE = inspect.signature(_original_init)
