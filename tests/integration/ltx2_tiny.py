@@ -1,6 +1,7 @@
 """A small LTX-2 (LTX-AV) checkpoint built from ComfyUI's own LTXAVModel class, saved the way
 LTX-2 checkpoints are (ComfyUI key layout, `config` metadata), so ComfyUI's loaders detect and
-wrap it exactly as the real model. Random weights: what matters here is the model's structure."""
+wrap it exactly as the real model. Random weights: what matters here is the model's structure.
+VARIANTS: the same for LTX-2.3 and LTX-2.5, where this ComfyUI can build them (unsupported says why not)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,55 @@ CONFIG = dict(num_layers=2, attention_head_dim=16, num_attention_heads=4, cross_
               caption_channels=48, in_channels=128, audio_in_channels=128,
               connector_num_attention_heads=4, connector_attention_head_dim=12, connector_num_layers=2)
 CONTEXT = 96  # processed text context width (video 64 + audio 32), as LTX-2's text encoder delivers
+
+# LTX-2.3 (22B), tiny: the flags its checkpoints' `config` sets, which ComfyUI's LTXAVModel reads.
+# Gated attention (a per-head `to_gate_logits` beside q, k, v, out) in the blocks and the text
+# connectors, cross-attention AdaLN (9 modulation rows, prompt_adaln_single), the text projection
+# moved into the text encoder (dual_linear: video 4096 + audio 2048 wide, so the connectors are as
+# wide as the blocks' cross-attention and the model's caption projection is the identity), split
+# float64 RoPE.
+CONFIG_23 = dict(CONFIG, apply_gated_attention=True, connector_apply_gated_attention=True, cross_attention_adaln=True,
+                 caption_proj_before_connector=True, caption_projection_first_linear=False,
+                 connector_num_attention_heads=4, connector_attention_head_dim=16,  # = cross_attention_dim
+                 audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=8,  # = audio's
+                 rope_type="split", frequencies_precision="float64", use_middle_indices_grid=True,
+                 causal_temporal_positioning=True, av_ca_timestep_scale_multiplier=1000.0)
+# LTX-2.5 (22B): LTX-2.3 with bias-less video FFNs (`ff_bias`; the audio FFNs keep theirs, as the
+# released tensors show) and the keyframes' absolute position embedding (ComfyUI detects it by its key).
+CONFIG_25 = dict(CONFIG_23, ff_bias=False, use_keyframes_abs_pos_embedding=True)
+# LTX-2.5 with no FFN bias in either stream (`audio_ff_bias` too, as its release notes describe it).
+# (Their `use_prompt_adaln_single` = False is left out: ComfyUI 0.33 then has no prompt timestep for
+# the cross-attention AdaLN and fails in its own apply_cross_attention_adaln.)
+CONFIG_25_NO_BIAS = dict(CONFIG_25, audio_ff_bias=False)
+VARIANTS = {"ltx2.3": CONFIG_23, "ltx2.5": CONFIG_25, "ltx2.5-no-ffn-bias": CONFIG_25_NO_BIAS}
+# constructor flags a variant needs from ComfyUI (LTXAVModel / LTXBaseModel parameters): an older
+# ComfyUI takes unknown ones into **kwargs and silently builds LTX-2's layout instead
+FLAGS = ("apply_gated_attention", "cross_attention_adaln", "caption_proj_before_connector",  # LTX-2.3
+         "caption_projection_first_linear", "ff_bias", "audio_ff_bias", "use_keyframes_abs_pos_embedding")  # 2.5
+
+
+def unsupported(config) -> str | None:
+    """Why this ComfyUI cannot build config's variant (a flag its LTX-2 classes do not take), else None."""
+    import inspect
+
+    import comfy.ldm.lightricks.model as lm
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+
+    known = set(inspect.signature(LTXAVModel.__init__).parameters)
+    base = getattr(lm, "LTXBaseModel", None)
+    if base is not None:
+        known |= set(inspect.signature(base.__init__).parameters)
+    missing = [f for f in FLAGS if f in config and f not in known]
+    if not missing:
+        return None
+    try:
+        import comfyui_version
+
+        version = comfyui_version.__version__
+    except ImportError:
+        version = "?"
+    what = "LTX-2.5 (upstream 57ce8e1 'Add support for LTX 2.5')" if "ff_bias" in missing else "LTX-2.3"
+    return f"ComfyUI {version} cannot build {what}: its LTX-AV model takes no {', '.join(missing)}"
 
 
 def state_dict(config=CONFIG, seed=0, video_only=False) -> dict:
@@ -80,9 +130,13 @@ def quantize_fp8(sd: dict, keys) -> dict:
     return layers
 
 
-def conditioning(seed=0, tokens=7):
+def conditioning(seed=0, tokens=7, unprocessed=False):
+    """unprocessed: the text encoder's output before the model's text connectors, as LTX-2.3's
+    dual_linear projection delivers it (video 64 + audio 32 wide); the connectors then run in the model."""
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, tokens, CONTEXT, generator=g), {}]], [[torch.zeros(1, tokens, CONTEXT), {}]]
+    extra = {"unprocessed_ltxav_embeds": True} if unprocessed else {}
+    return ([[torch.randn(1, tokens, CONTEXT, generator=g), dict(extra)]],
+            [[torch.zeros(1, tokens, CONTEXT), dict(extra)]])
 
 
 def latent(frames=2, h=4, w=4, audio=9):
