@@ -26,7 +26,7 @@ def diffusion_model(model) -> torch.nn.Module:
     if dm is None or not hasattr(dm, "transformer_blocks") or not hasattr(dm, ltx2.MARKER.split(".")[0]):
         kind = type(getattr(model, "model", model)).__name__
         raise ValueError(
-            f"LiteFFN works on LTX-2 models only (LTX-AV: LTX-2 19B, LTX-2.3 22B); this MODEL is {kind}. "
+            f"LiteFFN works on LTX-2 models only (LTX-AV: LTX-2 19B, LTX-2.3 22B, LTX-2.5); this MODEL is {kind}. "
             "Connect the MODEL output of an LTX-2 checkpoint or diffusion-model loader."
         )
     return dm

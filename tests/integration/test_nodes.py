@@ -170,7 +170,7 @@ def test_loader_explains_mismatched_files(pack, node, ltx2):
     wider = dict(ltx2_tiny.CONFIG, audio_attention_head_dim=16, audio_cross_attention_dim=64)
     with pytest.raises(ValueError, match="differ in shape"):
         load(ltx2(config=wider))
-    with pytest.raises(ValueError, match="LTX-2 models only"):
+    with pytest.raises(ValueError, match=r"LTX-2 models only \(LTX-AV: LTX-2 19B, LTX-2.3 22B, LTX-2.5\)"):
         load(ltx2(video_only=True))  # LTX-Video 0.9: not LTX-2
     stats, _ = calibrate(node, model, filename="not_a_model_file", seeds=1).result
     with pytest.raises(ValueError, match="liteffn.stats.*expected 'liteffn.compressed'"):
