@@ -16,7 +16,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory a CTA may use on sm_90
 
 def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: bool, prefetch: bool,
              out_dtype=torch.bfloat16, nt: int | None = None, wgs: int | None = None, u_bf16: bool = False,
-             u2_tma: bool | None = None):
+             u2_tma: bool | None = None, bias: bool = True):
     try:
         from triton._C.libtriton import native_specialize_impl
         from triton.backends.compiler import BaseBackend, GPUTarget
@@ -54,7 +54,7 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     stages = W._stages(out.element_size(), rb if rc else 0, r2b if r2c else 0, u_dt.itemsize, prefetch, wgs, ring,
                        u2_tma)
     cx = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=4, PREFETCH=prefetch, NT=nt, NWG=wgs,
-              ROW_SCALAR=row_scalar, HAS_BIAS=True, RB=rb, R_CHUNKS=rc, GELU=gelu, OUT_FP8=fp8_out, R2B=r2b,
+              ROW_SCALAR=row_scalar, HAS_BIAS=bias, RB=rb, R_CHUNKS=rc, GELU=gelu, OUT_FP8=fp8_out, R2B=r2b,
               R2_CHUNKS=r2c, num_warps=4)
     sig.update({k: "constexpr" for k in cx})
     ck = triton.compile(GluonASTSource(W._ws_gemm_kernel, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
@@ -83,8 +83,11 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
     dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, u2_tma=False),  # fp32 u
     dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, nt=2,
          u_bf16=True),  # tile pairs (PAIR_TILES = 2)
+    dict(rank=64, rank_next=64, gelu=True, fp8_out=True, row_scalar=False, prefetch=True, wgs=3, u_bf16=True,
+         bias=False),  # LTX-2.5's bias-free FFN up-projection
 ], ids=["linear", "up", "down", "r0", "lora", "r256", "fp32-out", "up-1-tile", "down-2wg", "up-3wg", "lora-3wg",
-        "up-3wg-u-ring", "linear-3wg-u-ring", "up-3wg-atomics", "up-fp32-u-atomics", "up-pairs"])
+        "up-3wg-u-ring", "linear-3wg-u-ring", "up-3wg-atomics", "up-fp32-u-atomics", "up-pairs",
+        "up-3wg-no-bias"])
 def test_compiles_for_hopper(case, triton_language_unpatched):
     ck, u2_tma = _compile(**case)
     assert ck.metadata.shared <= SMEM_LIMIT  # launch()'s stage count fits what the kernel allocates
