@@ -101,6 +101,19 @@ def test_every_workflow_ships_in_both_formats():
                            for p in glob.glob(os.path.join(WORKFLOWS, "api", "*.json")))
 
 
+def test_templates_browser_lists_each_workflow_with_its_thumbnail(server):
+    """The Templates browser lists this pack's workflows by file name (GET /workflow_templates) and shows
+    <name>.jpg beside each as its card's picture (frontends 1.43 and 1.49: .../workflow_templates/<pack>/<name>.jpg)."""
+    import urllib.request
+
+    listed = get(server[0] + "/workflow_templates")
+    pack = next(k for k, v in listed.items() if set(NAMES) <= set(v))
+    for name in NAMES:
+        with urllib.request.urlopen(f"{server[0]}/api/workflow_templates/{pack}/{name}.jpg", timeout=60) as r:
+            data = r.read()
+        assert data[:3] == b"\xff\xd8\xff" and 5_000 < len(data) < 200_000, name  # a JPEG, thumbnail-sized
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_nodes_exist_with_valid_widget_values(server, ran, name):
     info = get(server[0] + "/object_info")  # after `ran`: lists the files calibrate_and_compress wrote
