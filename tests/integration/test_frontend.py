@@ -6,6 +6,10 @@ there (or a /?template=<name>&source=ComfyUI-LiteFFN link) fetches it and calls
 a real server and check what the user would see: no missing-nodes or missing-models warning, no
 error dialog or error toast, no page error, and every node of the file in the frontend's graph
 (subgraphs included). One screenshot per workflow (tmp dir; also $LITEFFN_SCREENSHOT_DIR if set).
+Then each shipped workflow is run from the browser (Run button, CPU-size inputs set in its widgets) and every
+Preview as Text node of the pack's reports must show the text the server sent; screenshots after the run: the
+whole graph (frontend_<name>_after_run.png) and the reports close up (..._after_run_reports.png). The copies
+in docs/ are frontend.compact_png of these (256 colours, a third of the size).
 The server holds the small LTX-2 model set and, once the shipped API workflows ran (`ran`), the
 files calibrate_and_compress writes, as for a user who ran it: no placeholder files.
 
@@ -27,7 +31,7 @@ pytest.importorskip("playwright.sync_api", exc_type=ImportError,
                     "(pip install playwright; Chromium from the system, no `playwright install`)")
 
 import frontend as fe  # noqa: E402
-from conftest import ROOT, get  # noqa: E402
+from conftest import CPU_SIZE, ROOT, RUN_ORDER, get, load_workflow, scaled  # noqa: E402
 
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
 EXTRA = [t.strip() for t in os.environ.get("LITEFFN_FRONTEND_TEMPLATES", "").split(",") if t.strip()]
@@ -196,3 +200,54 @@ def test_workflow_loads_in_the_frontend(frontend, shots, server, pack_module, mo
     check_clean(r, wf)
     if module == pack_module:
         assert name in get(url + "/workflow_templates").get(module, []), "not listed in the Templates browser"
+
+
+# ---------------------------------------------------------------------------------------------
+# After a run: each shipped workflow queued from the browser, its reports on the graph
+
+
+@pytest.fixture(scope="module")
+def text_sources(server, pack_module):
+    """The pack's node types (their text outputs are what the Preview as Text nodes show)."""
+    info = get(server[0] + "/object_info")
+    found = {t for t, d in info.items() if d.get("python_module") == f"custom_nodes.{pack_module}"}
+    assert {"LiteFFNCalibrate", "LiteFFNCompressModel", "LowRankFFNLoader", "LiteFFNCompare"} <= found, found
+    return found
+
+
+RUNS = [pytest.param(n, id=n + ".json") for n in RUN_ORDER]  # in a user's order: calibrate writes what the others read
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_workflow_runs_from_the_frontend_and_shows_its_reports(frontend, shots, pack_module, text_sources, name):
+    """Issue 21. Each shipped workflow opened from the Templates browser, its sizes set to a CPU-size run
+    (conftest.CPU_SIZE, as `liteffn-queue --set` and the API workflow tests) in the page's widgets, queued with
+    the Run button (the server's cache emptied first: every node runs), followed until the server's history
+    says it ended: then every Preview as Text node fed by a node of the pack shows that node's text (the text
+    the server sent, in the widget and in the text box on screen, not covered). Screenshots: the whole graph
+    after the run, and a close-up of the reports."""
+    ui = load_workflow(name + ".json")
+    r = frontend.run(pack_module, name, inputs=CPU_SIZE, text_sources=text_sources, timeout=scaled(1200),
+                     shots={"all": str(shots / f"frontend_{name}_after_run.png"),
+                            "reports": str(shots / f"frontend_{name}_after_run_reports.png")})
+    print("\n" + r.summary())
+    assert not r.loaded.problems(), f"{name}: {r.loaded.problems()}"
+    want = sorted(f"{n['id']}.{k}={v}" for n in ui["nodes"] for k, v in CPU_SIZE.get(n["type"], {}).items())
+    assert want and sorted(r.inputs_set) == want, f"widgets set: {r.inputs_set}, wanted {want}"
+    assert not r.problems(), f"{name}: {r.problems()}"
+
+    reports = [p for p in r.previews if p["source_type"] in text_sources]
+    pack_nodes = {str(n["id"]) for n in ui["nodes"] if n["type"] in text_sources}
+    assert {p["source_id"] for p in reports} == pack_nodes, "a node of the pack whose text no Preview as Text shows"
+    assert not pack_nodes & set(r.cached_nodes), f"nodes of the pack did not run (from the cache): {r.cached_nodes}"
+    sent = r.server_texts()
+    for p in reports:
+        what = f"{name}: {p['title']!r} (node {p['id']}, fed by {p['source_title']!r})"
+        assert p["text"].strip(), f"{what} shows no text after the run"
+        assert p["text"] == sent.get(p["id"]), f"{what} shows {p['text']!r}, the server sent {sent.get(p['id'])!r}"
+        for view, boxes in r.dom.items():  # the text box on screen, its middle not under another element
+            shown = [b for b in boxes.get(p["id"]) or [] if b["value"].strip() == p["text"].strip()]
+            assert shown, f"{what}: no text box on screen ({view} view) holds the text: {boxes.get(p['id'])}"
+            assert not all(b["center_covered"] for b in shown), \
+                f"{what}: its text box is covered ({view} view): {shown}"
+    assert set(r.shots) == {"all", "reports"} and all(os.path.getsize(f) > 10_000 for f in r.shots.values())
