@@ -335,8 +335,17 @@ with safe_io.SafeOutput(sys.argv[2]) as o:
 """
 
 
+def _default_signals():
+    # a test run under nohup (or started in the background) hands children SIGHUP / SIGINT ignored, which
+    # safe_io rightly leaves ignored: the child starts as from a terminal instead
+    for n in ("SIGTERM", "SIGHUP", "SIGINT"):
+        if hasattr(signal, n):
+            signal.signal(getattr(signal, n), signal.SIG_DFL)
+
+
 def _spawn(out):
-    p = subprocess.Popen([sys.executable, "-c", _CHILD, SAFE_IO, str(out)], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", _CHILD, SAFE_IO, str(out)], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=_default_signals if os.name == "posix" else None)
     tmp = p.stdout.readline().strip()
     deadline = time.time() + 10
     while os.path.getsize(tmp) < 1 << 16 and time.time() < deadline:  # mid-write
