@@ -31,6 +31,13 @@ def us(fn) -> float:
     return do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
 
 
+def bf16_ffn(x, W1, b1, W2, b2):
+    """The dense bf16 FFN (Linear -> GELU(tanh) -> Linear) the benchmarks time as the baseline."""
+    import torch.nn.functional as Fn
+
+    return Fn.linear(Fn.gelu(Fn.linear(x, W1, b1), approximate="tanh"), W2, b2)
+
+
 def rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 

@@ -13,11 +13,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
-from _common import ffn_case, logger  # noqa: E402
+from _common import bf16_ffn, ffn_case, logger  # noqa: E402
 
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
@@ -43,7 +42,7 @@ def main():
     for dim, m in ((4096, 6144), (4096, 24576), (2048, 5600)):
         up, dn, hs, x, W1, W2 = ffn_case(dim, m)
         h = (torch.randn(m, 4 * dim, device="cuda")).bfloat16()
-        t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
+        t_bf = us(lambda: bf16_ffn(x, W1, up["bias"], W2, dn["bias"]))
         ref = fused.ffn(x, up, dn, hs)
         line = f"M={m} dim {dim}: bf16 FFN {t_bf:.1f}; act quant r0 x {us(lambda: K.act_quant_lowrank(x)):.1f}"
         say(line)

@@ -58,7 +58,7 @@ import torch.nn.functional as Fn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import Rot  # noqa: E402
+from _common import Rot, bf16_ffn  # noqa: E402
 
 FULL = dict(linear={"video": ((4096, 16384), (16384, 4096)), "audio": ((2048, 8192), (8192, 2048))},
             ffn={"video": 4096, "audio": 2048},
@@ -608,10 +608,6 @@ class Bench:
                     parts.append(f"{impl}{'' if rk is None else f'@{rk}'} {t:.1f}" + (f" ({b / t:.2f}x)" if b else ""))
             say(f"{kind} {fam} {label} M={m} [{mode}] " + ", ".join(parts))
         say(f"  ({secs:.1f} s, total {time.time() - self.rep.t_start:.0f} s)")
-
-
-def bf16_ffn(x, W1, b1, W2, b2):
-    return Fn.linear(Fn.gelu(Fn.linear(x, W1, b1), approximate="tanh"), W2, b2)
 
 
 def comfy_linear(x, w8, w_scale, b, one):

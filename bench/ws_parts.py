@@ -15,11 +15,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
-from _common import ffn_case, logger, rel, us  # noqa: E402
+from _common import bf16_ffn, ffn_case, logger, rel, us  # noqa: E402
 from ws_check import ws_gemm  # noqa: E402
 
 from liteffn.kernels import fp8_ffn as K  # noqa: E402
@@ -84,7 +83,7 @@ def main():
                 "full (atomics)": g_up(True, False, **full),
                 "no next rank": g_up(True, u=u, A=up["A"], bias=up["bias"], gelu=True, h_scale=hsx),
             }, a.rounds)
-            t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
+            t_bf = us(lambda: bf16_ffn(x, W1, up["bias"], W2, dn["bias"]))
             timed(say, f"M={m} dim {dim} FFN r64 (bf16 {t_bf:.1f})", {
                 "TMA reduce": lambda: (setattr(W, "U2_TMA", True), fused.ffn(x, up, dn, hs))[1],
                 "atomics": lambda: (setattr(W, "U2_TMA", False), fused.ffn(x, up, dn, hs))[1],
@@ -114,7 +113,7 @@ def main():
             "quant only": lambda: K.act_quant_lowrank(x, None),
             "quant + x B^T (r64)": lambda: K.act_quant_lowrank(x, up["B"]),
         }, a.rounds)
-        t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
+        t_bf = us(lambda: bf16_ffn(x, W1, up["bias"], W2, dn["bias"]))
         timed(say, f"M={m} dim {dim} FFN r64 (bf16 {t_bf:.1f})", {
             "U ring": lambda: (setattr(W, "U_RING", True), fused.ffn(x, up, dn, hs))[1],
             "no ring": lambda: (setattr(W, "U_RING", False), fused.ffn(x, up, dn, hs))[1],

@@ -14,11 +14,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
-from _common import ffn_case, logger, rel, us  # noqa: E402
+from _common import bf16_ffn, ffn_case, logger, rel, us  # noqa: E402
 
 from liteffn.kernels import fp8_ws as W  # noqa: E402
 from liteffn.kernels import fused  # noqa: E402
@@ -41,7 +40,7 @@ def main():
     base = (W.PAIR_TILES, W.HEAVY_MIN_K)
     for dim, m in [(2048, 1400), (2048, 5600), (4096, 24576), (4096, 43400)]:
         up, dn, hs, x, W1, W2 = ffn_case(dim, m)
-        t_bf = us(lambda: Fn.linear(Fn.gelu(Fn.linear(x, W1, up["bias"]), approximate="tanh"), W2, dn["bias"]))
+        t_bf = us(lambda: bf16_ffn(x, W1, up["bias"], W2, dn["bias"]))
         ref = compressed_ffn_ref(x, "fp8", up, "fp8", dn, hs, dtype=torch.float32)
         times = {k: [] for k in VARIANTS}
         errs = {k: set() for k in VARIANTS}
