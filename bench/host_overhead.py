@@ -115,20 +115,23 @@ def host(m, calls):
         "torch.empty": lambda: torch.empty(m, HID, device="cuda"),
     }
     fast0 = gemm._FAST_OK
-    say(f"fast launch available: {fast0} (triton {gemm.triton.__version__})")
+    say(f"fast launch available: {fast0}, raw launch: {gemm._RAW_OK} (triton {gemm.triton.__version__})")
     G = graphs.GRAPHS
     rows = []
     for name, fn in cases.items():
         if fn is None:
             continue
         dense = name.startswith(("dense", "torch"))
-        # (label suffix, fast launch, CUDA graphs): the module calls also as ComfyUI runs them, with graphs
-        variants = [("", True, False)] if dense else [("fast launch", True, False), ("normal launch", False, False)]
+        # (label suffix, fast launch, raw launch, CUDA graphs): the module calls also as ComfyUI runs them,
+        # with graphs (few tokens)
+        variants = [("", True, True, False)] if dense else [
+            ("raw launch", True, True, False), ("fast launch", True, False, False), ("normal launch", False, False, False)]
         if name.endswith(".forward (FP8)") or name.endswith(".forward (MXFP4)"):
-            variants.append(("CUDA graphs", True, True))
-        for suffix, fast, use_graphs in variants:
+            variants.append(("CUDA graphs", True, True, True))
+        for suffix, fast, raw, use_graphs in variants:
             label = f"{name}, {suffix}" if suffix else name
             gemm._FAST_OK = fast0 and fast
+            gemm.RAW_LAUNCH = raw
             G.enabled = use_graphs
             try:
                 s0, g0 = dict(gemm.LAUNCHES.stats), dict(G.stats)
@@ -145,6 +148,7 @@ def host(m, calls):
                 OUT["errors"][label] = traceback.format_exc()[-1500:]
                 say(f"  {label}: FAILED\n{OUT['errors'][label]}")
     gemm._FAST_OK = fast0
+    gemm.RAW_LAUNCH = True
     G.enabled = None
     if G.disabled:
         OUT["errors"]["CUDA graphs"] = G.disabled
@@ -161,7 +165,8 @@ def host(m, calls):
         lines.append(f"| {label} | {r['host_us']:.1f} | {ratio} | {r['device_us']:.1f} | {r['with_sync_us']:.1f} | "
                      f"{r['fast_launches']} / {r['normal_launches']} | {g} |")
     lines.append("")
-    for label in ("CompressedFFN.forward (FP8), fast launch", "CompressedFFN.forward (FP8), CUDA graphs"):
+    for label in ("CompressedFFN.forward (FP8), raw launch", "CompressedFFN.forward (FP8), fast launch",
+                  "CompressedFFN.forward (FP8), CUDA graphs"):
         if ref and label in OUT["host"]:
             r = OUT["host"][label]
             lines.append(f"{label} / dense FFN: host **{r['host_us'] / ref['host_us']:.2f}x** (goal <= 1.5x), "

@@ -333,8 +333,8 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     assert x.stride(1) == 1, "act_quant_lowrank needs unit column stride"
     r = 0 if B is None else B.shape[0]
     rz = 0 if zero is None else zero.shape[1]
-    xq = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn) if xq is None else xq
-    sx = torch.empty(M, device=x.device, dtype=torch.float32) if sx is None else sx
+    xq = G.new((M, K), torch.float8_e4m3fn, x.device) if xq is None else xq
+    sx = G.new((M,), torch.float32, x.device) if sx is None else sx
     rp = max(16, G.p2(r)) if r else 0
     rzp = max(16, G.p2(rz)) if rz else 0
     z = zero if rz else sx  # unused pointers: any fp32 tensor of this call
@@ -344,7 +344,7 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
         # its B tile for ranks over 64 does not fit in shared memory
         single = M <= SINGLE_LAUNCH_M and K <= 4096 and rp <= 64
     if single:
-        u = torch.empty(M, r, device=x.device, dtype=torch.bfloat16) if r else None
+        u = G.new((M, r), torch.bfloat16, x.device) if r else None
         # one row per program was the fastest on the H200 (16.4 us at K=2048, 2 rows 17.7, 16 rows 39);
         # the interpreter's time goes with the number of programs
         rows = rows or (16 if G.INTERP else 1)
@@ -356,10 +356,10 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
         return xq, sx, u
     # u and the row max summed by atomics: one zeroed buffer (one memset launch, not two; u first, so its
     # rows stay 16-byte aligned for the GEMMs' TMA loads)
-    sums = torch.zeros(M * r + M, device=x.device, dtype=torch.float32)
+    sums = G.new((M * r + M,), torch.float32, x.device, zero=True)
     u32 = sums[:M * r].view(M, r) if r else None
     amax = sums[M * r:]
-    u = torch.empty(M, r, device=x.device, dtype=torch.bfloat16) if r else None
+    u = G.new((M, r), torch.bfloat16, x.device) if r else None
     # measured on the H100 (bench/ffn_kernels_explore_h100.log): M=126: 16 rows x 256 columns per
     # program, 13-15 us at K=2048/8192; M=6144, K=4096: 64 x 512, 64 us (2 TB/s)
     bm = bm or (16 if (G.INTERP or M <= 2048) else MANY_ROWS_BM)

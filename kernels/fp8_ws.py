@@ -565,10 +565,12 @@ def _stages(out_bytes: int, rb: int, r2b: int, u_bytes: int, prefetch: bool, wgs
 
 
 @functools.lru_cache(maxsize=None)
-def _placeholder(device: torch.device):
-    """A 16 x 16 descriptor standing in for epilogue operands a launch does not use (made once: a
-    descriptor costs microseconds of validation per call)."""
-    return _desc(torch.zeros(16, 16, device=device, dtype=torch.bfloat16), (16, 16))
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """The 16 x 16 tensor whose descriptor stands in for epilogue operands a launch does not use."""
+    return G.persistent(torch.zeros(16, 16, device=device, dtype=torch.bfloat16))
+
+
+PH_BLOCK = (16, 16)
 
 
 def tiles_per_item(M: int, N: int, sms: int) -> int:
@@ -641,35 +643,36 @@ def launch(xq, q, out, sx, q_scale, ptrs, sizes, flags, promote_k: int) -> None:
             G.num_sms(dev.index or 0), _knobs())
     grid, consts, a_blk, la_blk, u_blk, b2_blk, u2_blk = _plan(*args)
     ph = _placeholder(dev)
-    descs = (_desc(xq, a_blk), _desc(q, (BN, BK)), _desc(out, (HM, BN)), _desc(LA, la_blk) if la_blk else ph,
-             _desc(U, u_blk) if u_blk else ph, _desc(LB2, b2_blk) if b2_blk else ph,
-             _desc(U2, u2_blk) if u2_blk else ph)
+    # the seven descriptors' tensors and blocks (a placeholder where the launch has no such operand)
+    tensors = (xq, q, out, LA if la_blk else ph, U if u_blk else ph, LB2 if b2_blk else ph, U2 if u2_blk else ph)
+    blocks = (a_blk, (BN, BK), (HM, BN), la_blk or PH_BLOCK, u_blk or PH_BLOCK, b2_blk or PH_BLOCK, u2_blk or PH_BLOCK)
     # the compiled kernel is found by the plan's inputs (they fix its constexprs and the descriptors' blocks)
     # and the descriptors' dtypes
-    _launch(grid, descs, (sx, q_scale, *ptrs, *sizes), consts,
+    _launch(grid, tensors, blocks, (sx, q_scale, *ptrs, *sizes), consts,
             (dev.index, xq.dtype, q.dtype, LA.dtype, LB2.dtype, args))
 
 
 _LAUNCHES = G.LaunchCache() if gluon is not None else None
 
 
-def _launch(grid, descs, rest, consts, plan_key=None) -> None:
+def _launch(grid, tensors, blocks, rest, consts, plan_key=None) -> None:
     """_ws_gemm_kernel[grid](...) the first time per specialization, then its compiled kernel called
     directly (as gemm.launch_kernel does for the Triton kernels: Triton's binder costs ~100 us of host
-    time for these 32 arguments, the whole GEMM at M = 1400 being ~50 us of device time)."""
+    time for these 32 arguments, the whole GEMM at M = 1400 being ~50 us of device time). tensors: those
+    of the descriptors, with their blocks (made here only for Triton's own launch paths)."""
     key = None
     if G._FAST_OK:
         spec = G.spec_key(rest)
         if spec is not None:
             key = (plan_key, spec) if plan_key is not None else (
-                rest[0].device.index, tuple((d.base.dtype, tuple(d.block_shape)) for d in descs), *consts.values(),
-                spec)
+                rest[0].device.index, tuple((t.dtype, b) for t, b in zip(tensors, blocks)), *consts.values(), spec)
     e = _LAUNCHES.get(key)
     if e is not None:
         try:
-            return e(grid, descs + rest)
+            return e(grid, tensors + rest)
         except Exception as ex:  # noqa: BLE001  (a launch that raises has not run)
             G._disable_fast(ex)
+    descs = tuple(_desc(t, b) for t, b in zip(tensors, blocks))
     three = consts["NWG"] == 3
     while True:
         try:
@@ -681,4 +684,5 @@ def _launch(grid, descs, rest, consts, plan_key=None) -> None:
             if consts["NSTAGES"] <= 2:
                 raise
             consts = dict(consts, NSTAGES=consts["NSTAGES"] - 1)
-    _LAUNCHES.put(key, _ws_gemm_kernel, compiled, len(descs) + len(rest), dict(consts, num_warps=4))
+    _LAUNCHES.put(key, _ws_gemm_kernel, compiled, len(descs) + len(rest), dict(consts, num_warps=4), None, blocks,
+                  _desc)

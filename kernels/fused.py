@@ -11,6 +11,7 @@ import torch
 
 from . import fp8_ffn, w4a8
 from .fp8_ffn import act_quant_lowrank
+from . import gemm as G
 from .gemm import out_dtype
 
 __all__ = ["GEMMS", "layout", "linear", "ffn", "out_dtype"]
@@ -51,7 +52,7 @@ def ffn(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, co
     else:
         r2 = 0 if B2 is None else B2.shape[0]
         # the up-projection's epilogue adds into u2 atomically; act_quant_lowrank zeroes it first
-        u2 = torch.empty(x2.shape[0], r2, device=x2.device, dtype=torch.float32) if r2 else None
+        u2 = G.new((x2.shape[0], r2), torch.float32, x2.device) if r2 else None
         xq, sx, u = act_quant_lowrank(x2, up.get("B"), zero=u2, single=single)
         hq = gemm_up(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, h_scale=h_scale, next_B=B2,
                      u_next=u2, config=config)

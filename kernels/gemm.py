@@ -15,10 +15,12 @@ on Triton versions other than the ones this was written against, every launch is
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import threading
 
 import torch
 
@@ -250,10 +252,18 @@ def capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+PERSISTENT: dict = {}  # data_ptr -> bytes of buffers kept for the process, whose addresses programs.py may keep
+
+
+def persistent(t: torch.Tensor) -> torch.Tensor:
+    PERSISTENT[t.data_ptr()] = t.numel() * t.element_size()
+    return t
+
+
 @functools.lru_cache(maxsize=None)
 def scratch(device: torch.device) -> torch.Tensor:
     """A small fp32 buffer for the kernels' unused pointer arguments."""
-    return torch.zeros(16, device=device, dtype=torch.float32)
+    return persistent(torch.zeros(16, device=device, dtype=torch.float32))
 
 
 _WORKSPACES: dict = {}
@@ -306,7 +316,7 @@ def gemm_operands(xq, sx, N, u, A, bias, gelu, h_scale, next_B, u_next, out, out
     r2 = 0 if next_B is None else next_B.shape[0]
     fp8_out = h_scale is not None
     if out is None:
-        out = torch.empty(M, N, device=xq.device, dtype=torch.float8_e4m3fn if fp8_out else out_dtype)
+        out = new((M, N), torch.float8_e4m3fn if fp8_out else out_dtype, xq.device)
     rb, rc = rank_chunk(r)
     r2b, r2c = rank_chunk(r2)
     # Unused pointers get a scratch buffer, never a caller's tensor: the tuner zeroes U2 before its
@@ -361,16 +371,200 @@ def _compiled_kernel_type():
         return ()
 
 
+class _Raw:
+    """Triton 3.6's launch of a compiled kernel without its Python layers: the C launcher (what
+    CudaLauncher.__call__ and wrap_handle_tensordesc end in) called with tensors' addresses as ints
+    (it would call data_ptr() and cuPointerGetAttribute for each) and each TMA descriptor's
+    CUtensorMap kept per (address, shape, strides): what the map encodes besides the kernel's block
+    and swizzle, so a kept map is the one Triton would make (a weight's never changes; an
+    activation's recurs as the caching allocator hands out the same blocks). Those layers cost
+    more host time than the launch itself: a descriptor object and its map ~3 us each, seven per
+    GEMM (bench/host_many_h200.log). Made only for kernels that need no scratch memory and whose
+    every descriptor was lowered to a TMA map; used only while no launch hook is set (a profiler's)."""
+    __slots__ = ("compiled", "c_launch", "function", "packed", "coop", "pdl", "kinds", "tail", "maps")
+
+    _MAX_MAPS = 256  # per descriptor parameter; cleared when full (a map is ~1 us to remake)
+
+    def __init__(self, compiled, tail: tuple):
+        run = compiled.run  # CudaLauncher (after _init_handles, which the first launch ran)
+        if type(run).__name__ != "CudaLauncher" or run.global_scratch_size or run.profile_scratch_size:
+            raise TypeError("launcher needs scratch memory or is not CUDA's")
+        c_launch, metas = run.launch, getattr(compiled.metadata, "tensordesc_meta", None) or ()
+        if getattr(c_launch, "__closure__", None):  # wrap_handle_tensordesc's inner(): its C launcher
+            cells = dict(zip(c_launch.__code__.co_freevars, (c.cell_contents for c in c_launch.__closure__)))
+            c_launch = cells["launcher"]
+        if type(c_launch).__name__ != "builtin_function_or_method":
+            raise TypeError("no C launcher")
+        sig = list(compiled.src.signature.values())
+        n = len(sig) - len(tail)  # the arguments a call passes; the constexprs' values follow (tail)
+        if len(sig) != len(compiled.src.fn.arg_names) or n < 0 or any(not isinstance(s, str) for s in sig):
+            raise TypeError("signature not flat")
+        if any(s.startswith(("*", "tensordesc")) for s in sig[n:]):
+            raise TypeError("a tensor among the constexprs")
+        from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
+        kinds, d = [], 0
+        for s in sig[:n]:  # 0: pointer, 1: value (passed as is: ints, constexprs), else a descriptor's
+            if s.startswith("tensordesc"):
+                m = metas[d] if d < len(metas) else None
+                if m is None:
+                    raise TypeError("descriptor not lowered to a TMA map")
+                kinds.append((m["swizzle"], m["elem_size"], TMA_DTYPE_DEVICE_TO_HOST[m["elem_type"]],
+                              list(m["block_size"]), bool(m["fp4_padded"]), d))
+                d += 1
+            else:
+                kinds.append(0 if s.startswith("*") else 1)
+        if d != len(metas):
+            raise TypeError("descriptor count")
+        self.compiled = compiled  # (its module stays loaded while a recorded program holds this)
+        self.c_launch, self.function, self.packed = c_launch, compiled.function, compiled.packed_metadata
+        self.coop, self.pdl = run.launch_cooperative_grid, run.launch_pdl
+        self.kinds, self.tail, self.maps = tuple(kinds), tuple(tail), [{} for _ in range(d)]
+
+    @classmethod
+    def of(cls, compiled, tail: tuple):
+        if not _RAW_OK:
+            return None
+        try:
+            return cls(compiled, tail)
+        except Exception:  # noqa: BLE001  (another Triton's internals: the compiled kernel's runner)
+            return None
+
+    def map_of(self, kind, ptr: int, shape: tuple, strides: tuple) -> tuple:
+        """(CUtensorMap, *shape, *strides) of a descriptor over [ptr, shape, strides], as Triton's
+        make_tensordesc_arg expands it, kept per (address, shape, strides)."""
+        maps = self.maps[kind[5]]
+        key = (ptr, shape, strides)
+        m = maps.get(key)
+        if m is None:
+            swizzle, elem_size, elem_type, block, fp4_padded, _ = kind
+            shape, strides = list(shape), list(strides)
+            if fp4_padded:
+                shape[-1] *= 2
+            tmap = _fill_tma(ptr, swizzle, elem_size, elem_type, block, shape, strides, 0)
+            if len(maps) >= self._MAX_MAPS:
+                maps.clear()
+            m = maps[key] = (tmap, *shape, *strides)
+        return m
+
+    def __call__(self, grid, args) -> None:
+        flat = []
+        add, ext = flat.append, flat.extend
+        for kind, a in zip(self.kinds, args):
+            if kind == 0:
+                add(a.data_ptr())  # (a None pointer is specialized as a constexpr: kind 1)
+            elif kind == 1:
+                add(a)
+            else:
+                ext(self.map_of(kind, a.data_ptr(), a.shape, a.stride()))
+        self.launch_flat(grid, flat, _raw_stream(torch.cuda.current_device()))  # the device Triton's runner uses
+
+    def launch_flat(self, grid, flat: list, stream: int) -> None:
+        """The launch with the arguments already expanded (pointers as ints, descriptors as their maps)."""
+        g = (*grid, 1, 1)
+        self.c_launch(g[0], g[1], g[2], stream, self.function, self.coop, self.pdl, None, None, self.packed,
+                      None, None, None, *flat, *self.tail)
+
+
+def _raw_supported() -> bool:
+    """The C launcher is called as Triton 3.6 calls it (backends/nvidia/driver.py: _BASE_ARGS_FORMAT,
+    make_tensordesc_arg): checked against the installed Triton's own constants."""
+    if triton is None or INTERP:
+        return False
+    try:
+        from triton.backends.nvidia import driver as D
+        return (triton.__version__.startswith("3.6.") and D._BASE_ARGS_FORMAT == "iiiKKppOOOOOO"
+                and hasattr(D, "TMA_DTYPE_DEVICE_TO_HOST"))
+    except (ImportError, AttributeError):
+        return False
+
+
+# LITEFFN_RAW_LAUNCH=0: cached launches through the compiled kernel's runner (for comparison; benches and
+# tests set the module's RAW_LAUNCH, read at each launch).
+RAW_LAUNCH = os.environ.get("LITEFFN_RAW_LAUNCH", "1") != "0"
+_RAW_OK = _raw_supported()
+
+
+def _fill_tma(*a):
+    return triton.runtime.driver.active.utils.fill_tma_descriptor(*a)
+
+
+def _raw_stream(dev: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(dev)
+
+
+def _hooks_set() -> bool:
+    rt = triton.knobs.runtime
+    return bool(rt.launch_enter_hook.calls or rt.launch_exit_hook.calls)
+
+
+class Recording:
+    """What one call launched and allocated, for programs.py: (raw launch or None, grid, args) per launch
+    in order, and the buffers made through new() (tensor, zeroed). None among the launches: one that
+    went another way (Triton's normal path, the runner), which a program cannot repeat."""
+
+    def __init__(self):
+        self.launches: list = []
+        self.allocs: list = []
+        self.thread = threading.get_ident()
+
+    def launch(self, raw, grid, args) -> None:
+        if threading.get_ident() == self.thread:
+            self.launches.append((raw, None if grid is None else tuple(grid), args))
+
+
+_rec: Recording | None = None  # the recording underway (programs.py), else None
+
+
+@contextlib.contextmanager
+def recording():
+    global _rec
+    if _rec is not None:
+        raise RuntimeError("a recording is already underway")
+    _rec = r = Recording()
+    try:
+        yield r
+    finally:
+        _rec = None
+
+
+def unrepeatable() -> None:
+    """Called by a launch that goes neither through a Launch nor a LaunchCache (a kernel[grid] call of
+    its own): a recording underway cannot be made a program."""
+    if _rec is not None:
+        _rec.launch(None, None, None)
+
+
+def new(shape, dtype: torch.dtype, device, zero: bool = False) -> torch.Tensor:
+    """torch.empty (zero: torch.zeros) for a kernel's per-call buffer; a recording notes it, so that a
+    program makes a fresh one per call."""
+    t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+    if _rec is not None and threading.get_ident() == _rec.thread:
+        _rec.allocs.append((t, zero))
+    return t
+
+
 class Launch:
     """A compiled kernel and what its later launches need: the constexpr values (passed as
-    placeholders after the other arguments, in parameter order), the config and the descriptors'
-    block shapes."""
-    __slots__ = ("compiled", "tail", "cfg", "blocks")
+    placeholders after the other arguments, in parameter order), the config, the descriptors'
+    block shapes, and the function that makes a descriptor (tensor, block) where the compiled
+    kernel's runner needs one. The descriptor parameters come first; callers pass their tensors."""
+    __slots__ = ("compiled", "tail", "cfg", "blocks", "desc", "raw")
 
-    def __init__(self, compiled, tail, cfg=None, blocks=()):
+    def __init__(self, compiled, tail, cfg=None, blocks=(), desc=None):
         self.compiled, self.tail, self.cfg, self.blocks = compiled, tail, cfg, blocks
+        self.desc = desc or make_desc
+        self.raw = _Raw.of(compiled, tail)
 
     def __call__(self, grid, args):
+        if self.raw is not None and RAW_LAUNCH and not _hooks_set():
+            if _rec is not None:
+                _rec.launch(self.raw, grid, args)
+            return self.raw(grid, args)
+        if _rec is not None:
+            _rec.launch(None, grid, args)  # a launch a program cannot repeat
+        if self.blocks:
+            n = len(self.blocks)
+            args = (*(self.desc(t, b) for t, b in zip(args[:n], self.blocks)), *args[n:])
         # CompiledKernel's runner reads grid[0..2] (JITFunction.run pads the grid; this path must too)
         self.compiled[(*grid, 1, 1)[:3]](*args, *self.tail)
 
@@ -383,14 +577,13 @@ class LaunchCache:
         self.stats = {"fast": 0, "normal": 0}
 
     def get(self, key):
-        if key is None:
-            self.stats["normal"] += 1
-            return None
-        e = self.entries.get(key)
+        e = None if key is None else self.entries.get(key)
         self.stats["fast" if e is not None else "normal"] += 1
+        if e is None and _rec is not None:
+            _rec.launch(None, None, None)  # a normal launch: Triton's own path, which a program cannot repeat
         return e
 
-    def put(self, key, kernel, compiled, n_args: int, consts: dict, cfg=None, blocks=()):
+    def put(self, key, kernel, compiled, n_args: int, consts: dict, cfg=None, blocks=(), desc=None):
         """Keep `compiled` (what kernel[grid](...) returned) under key, if it is a CompiledKernel whose
         parameters past the first n_args are all constexprs given in consts (or defaulted)."""
         if key is None or not isinstance(compiled, _compiled_kernel_type()):
@@ -407,7 +600,7 @@ class LaunchCache:
                 return None
         if len(self.entries) >= _FAST_MAX:
             self.entries.clear()
-        e = self.entries[key] = Launch(compiled, tuple(tail), cfg, blocks)
+        e = self.entries[key] = Launch(compiled, tuple(tail), cfg, blocks, desc)
         return e
 
 
@@ -514,7 +707,7 @@ def launch_gemm(g: GemmKernel, tensors: tuple, args: tuple, flags: dict, M: int,
     e = cache.get(key)
     if e is not None:
         try:
-            return e(_grid(e.cfg, M, N, sms), (*(make_desc(t, b) for t, b in zip(tensors, e.blocks)), *args))
+            return e(_grid(e.cfg, M, N, sms), (*tensors, *args))
         except Exception as ex:  # noqa: BLE001  (a launch that raises has not run)
             _disable_fast(ex)
     if config is None and not INTERP and not AUTOTUNE:

@@ -81,6 +81,23 @@ def keep_alive(*tensors) -> None:
         keep.extend(t for t in tensors if t is not None)
 
 
+def operand_key(x: torch.Tensor, operands, dev: int) -> tuple | None:
+    """(x.shape, x.dtype, dev, then per operand tensor data_ptr, shape, dtype; None where absent), or
+    None if an operand is not on device dev (offloaded: copied to x's device per call, at new addresses)."""
+    key = [x.shape, x.dtype, dev]
+    add = key.append
+    for t in operands:
+        if t is None:
+            add(None)
+        elif t.get_device() != dev:
+            return None
+        else:
+            add(t.data_ptr())
+            add(t.shape)
+            add(t.dtype)
+    return tuple(key)
+
+
 class CudaBackend:
     """What Graphs needs from CUDA; tests replace it with a fake."""
 
@@ -170,18 +187,7 @@ class Graphs:
         dev = self.backend.device(x)
         if dev is None:
             return None
-        key = [x.shape, x.dtype, dev]
-        add = key.append
-        for t in operands:
-            if t is None:
-                add(None)
-            elif t.get_device() != dev:
-                return None  # offloaded: copied to x's device per call, at new addresses
-            else:
-                add(t.data_ptr())
-                add(t.shape)
-                add(t.dtype)
-        return tuple(key)
+        return operand_key(x, operands, dev)
 
     def replay(self, owner, key: tuple, x: torch.Tensor) -> torch.Tensor | None:
         """The output of owner's graph for key on x, or None when there is none (or it failed)."""

@@ -23,6 +23,7 @@ from . import dispatch, ops
 from . import formats as F
 from .fp8_ffn import static_scale
 from .graphs import GRAPHS
+from .programs import PROGRAMS
 from .reference import compressed_ffn_ref, compressed_linear_ref, dequant_weight
 
 # The low-rank factors, every registered format's residual tensors (first seen in registry
@@ -48,6 +49,25 @@ def _replay(module, key, x, name: str):
     if y is not None:
         dispatch.counts[name] += 1
     return y
+
+
+def _repeat(module, key, x, name: str):
+    """The output of module's recorded launch program for this call, or None (programs.py)."""
+    if key is None or not dispatch.triton_allowed():
+        return None
+    y = PROGRAMS.replay(module, key, x)
+    if y is not None:
+        dispatch.counts[name] += 1
+    return y
+
+
+def _eager(module, gkey, pkey, x, fn, operands, rows):
+    """The kernels' call on x: through a CUDA graph (few tokens), a recorded program, or plainly."""
+    if gkey is not None:
+        return GRAPHS.run(module, gkey, x, rows())
+    if pkey is not None:
+        return PROGRAMS.run(module, pkey, x, rows(), operands)
+    return fn()
 
 
 def _w4a8_layout(f: F.ResidualFormat, tensors: dict) -> dict:
@@ -92,6 +112,7 @@ class CompressedLinear(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         GRAPHS.drop(self)  # the tensors move: the graph's addresses go stale
+        PROGRAMS.drop(self)
         dtypes = {n: p.dtype for n, p in self._parameters.items() if p is not None}
         super()._apply(fn, recurse)
         for n, dt in dtypes.items():
@@ -136,17 +157,23 @@ class CompressedLinear(torch.nn.Module):
         return (self.format, self.act_quant, self.tensors() if t is None else t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = GRAPHS.key(x, self._operands())
+        operands = self._operands()
+        key = GRAPHS.key(x, operands)
         y = _replay(self, key, x, "linear:triton")
+        if y is not None:
+            return y
+        pkey = PROGRAMS.key(x, operands) if key is None else None
+        y = _repeat(self, pkey, x, "linear:triton")
         if y is not None:
             return y
         t = self.tensors(x.device)
         ref = lambda: compressed_linear_ref(x, self.format, t, self.act_quant)  # noqa: E731
         if dispatch.choose(x, [self.kernel_layer(t)]) == "triton":
-            if key is not None:  # few tokens: eager once, then a CUDA graph (graphs.py)
-                fn = ops.linear_rows(t, self.block, single=False)
-                return dispatch.run("linear", lambda: GRAPHS.run(self, key, x, fn), ref)
-            return dispatch.run("linear", lambda: ops.linear(x, t, self.block).to(x.dtype), ref)
+            # few tokens: eager once, then a CUDA graph (graphs.py); many: recorded once, then repeated
+            # (programs.py); both run the input pass's two-launch variant (host time is not theirs to save)
+            rows = lambda: ops.linear_rows(t, self.block, single=False)  # noqa: E731
+            fn = lambda: ops.linear(x, t, self.block).to(x.dtype)  # noqa: E731
+            return dispatch.run("linear", lambda: _eager(self, key, pkey, x, fn, operands, rows), ref)
         dispatch.note_reference("linear")
         return ref()
 
@@ -179,6 +206,7 @@ class CompressedFFN(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         GRAPHS.drop(self)  # the tensors move: the graph's addresses go stale
+        PROGRAMS.drop(self)
         return super()._apply(fn, recurse)
 
     @property
@@ -189,17 +217,21 @@ class CompressedFFN(torch.nn.Module):
         up, down = self.up, self.down
         if up.act_quant != down.act_quant:  # mixed activation handling: each linear on its own
             return down(Fn.gelu(up(x), approximate="tanh"))
-        key = GRAPHS.key(x, (*up._operands(), *down._operands(), down._parameters["input_scale"]))
+        operands = (*up._operands(), *down._operands(), down._parameters["input_scale"])
+        key = GRAPHS.key(x, operands)
         y = _replay(self, key, x, "ffn:triton")
+        if y is not None:
+            return y
+        pkey = PROGRAMS.key(x, operands) if key is None else None
+        y = _repeat(self, pkey, x, "ffn:triton")
         if y is not None:
             return y
         t1, t2, hs = up.tensors(x.device), down.tensors(x.device), down.scale_on(x.device)
         ref = lambda: compressed_ffn_ref(x, up.format, t1, down.format, t2, hs, act_quant=up.act_quant)  # noqa: E731
         if dispatch.choose(x, [up.kernel_layer(t1), down.kernel_layer(t2)]) == "triton":
-            if key is not None:
-                fn = ops.ffn_rows(t1, t2, hs, up.block, down.block, single=False)
-                return dispatch.run("ffn", lambda: GRAPHS.run(self, key, x, fn), ref)
-            return dispatch.run("ffn", lambda: ops.ffn(x, t1, t2, hs, up.block, down.block).to(x.dtype), ref)
+            rows = lambda: ops.ffn_rows(t1, t2, hs, up.block, down.block, single=False)  # noqa: E731
+            fn = lambda: ops.ffn(x, t1, t2, hs, up.block, down.block).to(x.dtype)  # noqa: E731
+            return dispatch.run("ffn", lambda: _eager(self, key, pkey, x, fn, operands, rows), ref)
         dispatch.note_reference("ffn")
         return ref()
 

@@ -399,6 +399,7 @@ def to_fp8(w4: dict) -> torch.Tensor:
     w_desc = TensorDescriptor.from_tensor(q, [bn, 64])
     o_desc = TensorDescriptor.from_tensor(out, [bn, 128])
     grid = (G.cdiv(n, bn), G.cdiv(k // GROUP, gpp))
+    G.unrepeatable()
     _to_fp8_kernel[grid](w_desc, o_desc, _sb_desc(w4["sb"], bn), n, k, BN=bn, GPP=gpp, SB=w4["block"], INTERP=G.INTERP,
                          num_warps=4)
     return out

@@ -125,8 +125,8 @@ def test_launch_prepares_a_valid_launch(monkeypatch, rank_next, n):
 
     got = {}
     monkeypatch.setattr(G, "num_sms", lambda index: 132)
-    monkeypatch.setattr(W, "_launch", lambda grid, descs, rest, consts, key=None: got.update(
-        grid=grid, consts=consts, descs=descs, rest=rest, key=key))
+    monkeypatch.setattr(W, "_launch", lambda grid, tensors, blocks, rest, consts, key=None: got.update(
+        grid=grid, consts=consts, descs=[W._desc(t, b) for t, b in zip(tensors, blocks)], rest=rest, key=key))
     m, k, r = 1000, 256, 64
     few = not W._three_fit(m, n, 132)
     wgs = 2 if (rank_next and k < W.HEAVY_MIN_K) or few else W.MATH_WGS
@@ -144,6 +144,8 @@ def test_launch_prepares_a_valid_launch(monkeypatch, rank_next, n):
     assert got["grid"] == (min(132, -(-m // (64 * wgs)) * -(-n // (W.BN * nt))),)
     assert got["consts"]["PREFETCH"] and got["consts"]["PROMOTE"] == 4
     assert [d.block_shape for d in got["descs"][:3]] == [[128 if wgs == 2 else 64, W.BK], [W.BN, W.BK], [64, W.BN]]
+    assert got["descs"][0].base is xq and got["descs"][1].base is q and got["descs"][2].base is out
+    assert len(got["descs"]) == 7 and got["descs"][6].block_shape == ([64, 64] if rank_next else [16, 16])
     assert len(got["rest"]) == 2 + 6 + 5
     # a second call of the same shape takes the cached plan: the same constexprs and launch key
     first = dict(got)

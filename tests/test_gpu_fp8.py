@@ -190,6 +190,81 @@ def test_fast_launch_matches_normal_launch(fmt, monkeypatch):
         assert rel(y, want) < 1e-2  # u2 is an fp32 atomic sum: a few FP8 codes of h may flip
 
 
+@pytest.mark.parametrize("m", [1400, 6144])
+def test_raw_launch_matches_the_runner(m, monkeypatch):
+    """gemm._Raw (the C launcher called directly, TMA maps kept) computes what the compiled kernel's runner
+    computes, for the input pass (one and two launches), the Gluon GEMM with all seven descriptors and the
+    Triton GEMM, at many tokens where no graph is captured; the kept maps are reused across calls."""
+    from liteffn.kernels import fp8_ws, gemm, graphs
+
+    monkeypatch.setattr(graphs.GRAPHS, "enabled", False)
+    if not gemm._RAW_OK:
+        pytest.skip(f"no raw launch with triton {gemm.triton.__version__}")
+    dim, r = 2048, 64
+    up, down = random_fp8_layer(4 * dim, dim, r, 5, "cuda"), random_fp8_layer(dim, 4 * dim, r, 6, "cuda")
+    down["input_amax"] = torch.tensor([3.0], device="cuda")
+    ffn = CompressedFFN(CompressedLinear("fp8", dim, 4 * dim, up), CompressedLinear("fp8", 4 * dim, dim, down))
+    x = act(m, dim)
+    gemm.LAUNCHES.entries.clear(), fp8_ws._LAUNCHES.entries.clear()  # this test's kernels only
+    cfg = dict(fp8_ffn.DEFAULT_CONFIGS[1])  # the Triton GEMM too (the Gluon one takes config=None)
+    lin = lambda: fused.linear(x, ffn.up.tensors(), config=cfg)  # noqa: E731
+    ffn(x), lin()  # records the compiled kernels
+    monkeypatch.setattr(gemm, "RAW_LAUNCH", False)
+    want, want_lin = ffn(x), lin()
+    monkeypatch.setattr(gemm, "RAW_LAUNCH", True)
+    caches = [gemm.LAUNCHES] + ([fp8_ws._LAUNCHES] if fp8_ws.enabled(x.device, m) else [])
+    raws = [e.raw for c in caches for e in c.entries.values() if e.raw is not None]
+    assert raws and all(e.raw is not None for c in caches[1:] for e in c.entries.values())
+    for _ in range(2):
+        y, y_lin = ffn(x), lin()
+        assert rel(y_lin, want_lin) < 1e-3  # same kernels (u: atomics over K splits)
+        assert rel(y, want) < 1e-2  # u2 is an fp32 atomic sum: a few FP8 codes of h may flip
+    for e in (fp8_ws._LAUNCHES.entries.values() if caches[1:] else ()):
+        assert len(e.raw.maps[1]) == 1  # the weights' map made once (each projection has its own kernel)
+
+
+@pytest.mark.parametrize("m", [1400, 6144])
+def test_programs_repeat_the_eager_call(m, monkeypatch):
+    """Many-token module calls recorded once and repeated (programs.py) compute what the eager calls
+    compute: on the recorded input, on another input at another address, and after a runtime LoRA
+    changes the operands (a new key: recorded again)."""
+    from liteffn.kernels import gemm, graphs
+    from liteffn.kernels.programs import PROGRAMS
+
+    if not gemm._RAW_OK:
+        pytest.skip(f"no raw launch with triton {gemm.triton.__version__}")
+    monkeypatch.setattr(graphs.GRAPHS, "enabled", False)
+    dim, r = 2048, 64
+    up, down = random_fp8_layer(4 * dim, dim, r, 5, "cuda"), random_fp8_layer(dim, 4 * dim, r, 6, "cuda")
+    down["input_amax"] = torch.tensor([3.0], device="cuda")
+    ffn = CompressedFFN(CompressedLinear("fp8", dim, 4 * dim, up), CompressedLinear("fp8", 4 * dim, dim, down))
+    lin = CompressedLinear("fp8", dim, 4 * dim, dict(up))
+
+    def both(x, programs: bool):
+        monkeypatch.setattr(PROGRAMS, "enabled", programs)
+        return ffn(x), lin(x)
+
+    x = act(m, dim).view(1, m, dim)
+    want, want_lin = both(x, False)
+    s0 = PROGRAMS.stats["replay"]
+    for _ in range(4):
+        y, y_lin = both(x, True)
+        assert rel(y, want) < 1e-2 and rel(y_lin, want_lin) < 1e-3  # (u, u2: fp32 atomic sums)
+    assert PROGRAMS.stats["replay"] - s0 >= 4  # both modules replayed (after their recorded calls)
+    x2 = act(m, dim, seed=7).view(1, m, dim) * 2
+    want2, want2_lin = both(x2, False)
+    y2, y2_lin = both(x2, True)
+    assert rel(y2, want2) < 1e-2 and rel(y2_lin, want2_lin) < 1e-3 and rel(y2, y) > 0.1
+    g = torch.Generator(device="cuda").manual_seed(3)
+    ffn.up.set_lora(torch.randn(4 * dim, 8, device="cuda", generator=g) * 0.05,
+                    torch.randn(8, dim, device="cuda", generator=g) * 0.05)
+    want3, _ = both(x, False)
+    for _ in range(3):
+        y3, _ = both(x, True)
+        assert rel(y3, want3) < 1e-2
+    assert rel(want3, want) > 1e-3  # the LoRA changed the output, and the replays followed
+
+
 @pytest.mark.parametrize("m", [6144, 1000, 126])
 def test_ffn_repeats_itself(m):
     """The same input twice (the input pass's 64-row tiles once raced under Triton's pipelining: u off by
