@@ -181,7 +181,7 @@ def main():
     med = {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
     say("interleaved, 200 rounds (median us; ratio to the dense call it replaces):")
     for k, v in med.items():
-        ref = med["dense F.linear" if "Linear" in k else "dense FFN"]
+        ref = med["dense F.linear" if k in ("dense F.linear", "CompressedLinear.forward") else "dense FFN"]
         say(f"  {k:36s} {v:8.1f}  {v / ref:5.2f}x")
     pr = cProfile.Profile()
     for _ in range(100):

@@ -243,6 +243,9 @@ def main():
     ap = E.arguments(__doc__, calib_steps=1, stats_budget_gb=60.0)
     ap.add_argument("--layers", nargs="+", default=["ffn", "ffn+attention"], choices=[*ltx2.LAYERS, VIDEO_TOKENS])
     ap.add_argument("--no-comfy", action="store_true", help="leave out ComfyUI's FP8 variants")
+    ap.add_argument("--no-programs-too", action="store_true",
+                    help="each LiteFFN variant also with recorded launch programs off (kernels/programs.py), and "
+                         "with neither programs nor raw launches (gemm._Raw): the compiled kernels' runners")
     ap.add_argument("--fast", action="store_true", help="timing only: no calibration, residuals rounded from W, "
                                                         "random factors (the output difference means nothing)")
     a = E.parsed(ap)
@@ -311,6 +314,18 @@ def main():
         replaced = sum(nbytes(m.get_submodule(u)) for u in us)
         run(f"LiteFFN {a.format} {choice}", mods, dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
         R["paths"] = dict(dispatch.counts)
+        if a.no_programs_too:
+            from liteffn.kernels import gemm
+            from liteffn.kernels.programs import PROGRAMS
+            PROGRAMS.enabled = False
+            try:
+                run(f"LiteFFN {a.format} {choice}, no programs", mods,
+                    dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
+                gemm.RAW_LAUNCH = False
+                run(f"LiteFFN {a.format} {choice}, no programs, no raw launch", mods,
+                    dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
+            finally:
+                PROGRAMS.enabled, gemm.RAW_LAUNCH = None, True
         del mods
         sync(free=True)
     run("dense bf16 (again, last)", {}, dense_bytes)  # the GPU after minutes of compression: clocks, allocator
