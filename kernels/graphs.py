@@ -33,7 +33,8 @@ frees it at once. The tensors are not referenced by the graph's entry: an offloa
 weights are freed as usual. Buffers that the kernels keep between calls (w4a8's split-K
 workspace, which can be replaced by a larger one) are kept alive by the graph that captured
 them (keep_alive).
-No graph (eager call, as without graphs): LITEFFN_CUDA_GRAPHS=0; more than MAX_M tokens; under
+No graph (eager call, as without graphs; programs.py then repeats the call's recorded launches):
+LITEFFN_CUDA_GRAPHS=0; more than MAX_M tokens; under
 torch.compile tracing (the custom ops run there); an input on the CPU, on another GPU than the
 current one, needing grad, or a stream already capturing (someone else's graph); a module whose
 tensors are not all on x's device (partially loaded model: modules.py copies them per call, new
