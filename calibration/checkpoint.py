@@ -4,11 +4,12 @@ Reads ComfyUI's key layout (`model.diffusion_model.transformer_blocks.N.ff.net.0
 or the same without the prefix for diffusion-model-only files) through safetensors' lazy
 reader, so only one FFN weight is in memory at a time, and streams the compressed layers
 into the output file. Over several devices (compress_rank), the layers are divided by cost
-and one process writes the same file.
+and one process writes the same file. Weights in ComfyUI's quantized layouts: scaled FP8 is read
+here; int8-ConvRot (LTX-2.5's official checkpoints) and ComfyUI's other layouts through ComfyUI's
+own loader and comfy-kitchen (comfy_layouts).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from contextlib import nullcontext
 
 import torch
 
-from . import compressed_file, ltx2
+from . import comfy_layouts, compressed_file, ltx2
 from .compress import check_damp, compress_linear
 from .fingerprint import MismatchError
 from .lowrank import RankPolicy
@@ -47,7 +48,7 @@ def block_linears(keys, which: str = "all", layers: str = "ffn") -> tuple[str, l
 
 def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True, policy: RankPolicy | None = None,
           layers: str = "ffn"):
-    """(keys, prefix, selected FFN linear names, FP8 quantization metadata, statistics' layer infos,
+    """(keys, prefix, selected FFN linear names, their ComfyUI quantization configs, statistics' layer infos,
     statistics' fingerprint). Everything that can be known before a layer is compressed is checked
     here (check_inputs), so a bad input fails before any work and leaves no file."""
     keys = list(f.keys())
@@ -57,7 +58,7 @@ def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True, p
             f"{ckpt} is not an LTX-2 checkpoint (no {p + ltx2.MARKER!r} or none of the selected layers, e.g. FFNs "
             f"named like 'transformer_blocks.0.ff.net.0.proj'); LiteFFN compresses LTX-2 only"
         )
-    quant = json.loads((f.metadata() or {}).get("_quantization_metadata", "{}")).get("layers", {})
+    quant = comfy_layouts.configs(f, keys, [p + n for n in names], ckpt)
     shapes = check_inputs(f, keys, p, names, quant, ckpt, policy)
     stats_infos, stats_fp = {}, {}
     if stats_path:
@@ -71,22 +72,23 @@ def _open(f, ckpt: str, which: str, stats_path: str | None, warn: bool = True, p
 
 def check_inputs(f, keys, p: str, names: list[str], quant: dict, ckpt: str, policy: RankPolicy | None) -> dict:
     """Header-only checks of the selected block linears of an open checkpoint -> {name: (out, in)}:
-    both linears of every FFN, 2-D weights of a dtype LiteFFN reads (FP8 with its scale), the two
-    linears' shapes fitting each other, biases [out], a fixed rank within every layer."""
+    both linears of every FFN, 2-D weights of a dtype LiteFFN reads (FP8 with its scale) or in a layout of
+    ComfyUI's it reads through ComfyUI (quant: comfy_layouts.configs), the two linears' shapes fitting each
+    other, biases [out], a fixed rank within every layer."""
     shapes = {}
     for name in names:
         key = f"{p}{name}.weight"
         sl = f.get_slice(key)
         dt, shape = sl.get_dtype(), tuple(sl.get_shape())
-        qfmt = quant.get(p + name, {}).get("format")
-        if qfmt is not None and not str(qfmt).startswith("float8"):
-            raise LayerError(f"{ckpt}: layer {name} is stored as {qfmt}; LiteFFN reads bf16/fp16/fp32/FP8 sources: "
-                             "use a checkpoint with those weights")
-        if dt not in SOURCE_DTYPES:
-            raise LayerError(f"{ckpt}: layer {name} has {dt} weights; LiteFFN compresses bf16, fp16, fp32 or FP8 "
-                             "(with its weight_scale) weights: use such a checkpoint (int8 and other quantized "
-                             "weights are not read)")
-        if dt.startswith("F8") and _scale_key(keys, p + name) is None:
+        conf = quant.get(p + name)
+        if comfy_layouts.is_comfy_layout(conf):  # int8-ConvRot (LTX-2.5), NVFP4, ...: ComfyUI's loader reads it
+            shape = comfy_layouts.check(ckpt, name, conf, shape)
+        elif dt not in SOURCE_DTYPES:
+            raise LayerError(f"{ckpt}: layer {name} has {dt} weights without a quantization config saying their "
+                             "layout; LiteFFN compresses bf16, fp16, fp32 or FP8 (with its weight_scale) weights and "
+                             "ComfyUI's quantized layouts (int8-ConvRot and others, marked as ComfyUI saves them): use "
+                             "such a checkpoint (bare int8 and other quantized weights are not read)")
+        elif dt.startswith("F8") and _scale_key(keys, p + name) is None:
             raise LayerError(f"{ckpt}: layer {name} is FP8 without a weight_scale tensor; the checkpoint is "
                              "incomplete: use the full checkpoint")
         if len(shape) != 2 or min(shape) < 1:
@@ -148,15 +150,23 @@ def _check_stats_weight(stats_path: str, stats_fp: dict, ckpt: str, name: str, w
 
 def _compress_one(f, keys, p, name, quant, stats_path, stats_infos, stats_fp, policy, fmt, damp, gptq, device,
                   ckpt=""):
-    """(CompressedLayer, source weight as stored) of one linear of the open checkpoint f."""
-    weight = f.get_tensor(f"{p}{name}.weight")
-    scale = _scale(f, keys, p + name)
+    """(CompressedLayer, source weight as stored: what its fingerprint is taken of) of one linear of the open
+    checkpoint f. A layer in one of ComfyUI's quantized layouts other than scaled FP8 is loaded by ComfyUI's
+    quantized Linear and compressed from comfy-kitchen's dequantized weight (fp32)."""
+    conf = quant.get(p + name)
+    if comfy_layouts.is_comfy_layout(conf):
+        stored = comfy_layouts.load(f, keys, p + name, conf, f.get_slice(f"{p}{name}.weight").get_shape(), device,
+                                    ckpt, name)
+        weight, scale = comfy_layouts.dequantize(stored, ckpt, name, conf), None
+    else:
+        stored = weight = f.get_tensor(f"{p}{name}.weight")
+        scale = _scale(f, keys, p + name)
     bias = f.get_tensor(f"{p}{name}.bias") if f"{p}{name}.bias" in keys else None
     stats = None
     if name in stats_infos:
-        _check_stats_weight(stats_path, stats_fp, ckpt, name, weight)
+        _check_stats_weight(stats_path, stats_fp, ckpt, name, stored)
         stats = ActivationStats.load(stats_path, names=[name])[name]
-    return compress_linear(weight, bias, stats, policy, fmt, damp, gptq, device, name, scale), weight
+    return compress_linear(weight, bias, stats, policy, fmt, damp, gptq, device, name, scale), stored
 
 
 def _extra(policy: RankPolicy, fmt: str, ckpt: str) -> dict:

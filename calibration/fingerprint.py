@@ -11,7 +11,12 @@ Digest versions (the digest string says which):
   1 (files before it, a plain 16-digit hex): the sample rounded to bf16 as is, so an fp16 copy of
     bf16 weights with values below 2^-14 (or above 65504) got another digest. Still read: the
     model's digest is then taken the same way (`fingerprint(..., like=saved)`).
-FP8 weights are hashed as their raw E4M3 values (exact in bf16).
+  3 ("3:<hex>", only for weights in one of ComfyUI's quantized layouts whose codes are not FP8: a
+    comfy-kitchen QuantizedTensor in int8 / int8-ConvRot, NVFP4, ...): version 2 of its stored codes, so
+    the digest is the same wherever the weight is read (node or file) and whichever kernel would
+    dequantize it (their last bits differ between devices). Files before it hashed such weights
+    dequantized (version 2), which is how the model's digest is taken for them (`like=saved`).
+FP8 weights (scaled FP8 checkpoints included) are hashed as their raw E4M3 values (exact in bf16).
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import torch
 
 from .validate import FileError
 
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3  # the newest digest version written and read
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _SAMPLE = 4096
 _FP16_TINY = 2.0**-14  # fp16's smallest normal
 _FP16_MAX = 65504.0
@@ -36,19 +42,28 @@ def digest_version(digest) -> int:
     return int(digest.split(":", 1)[0]) if isinstance(digest, str) and ":" in digest else 1
 
 
-def weight_digest(w: torch.Tensor, version: int = FINGERPRINT_VERSION) -> str:
-    """Digest of a strided sample of the weight, the same for bf16/fp16/fp32 copies (module docstring)."""
-    flat = w.detach().reshape(-1)
+def weight_digest(w: torch.Tensor, version: int | None = None) -> str:
+    """Digest of a strided sample of the weight, the same for bf16/fp16/fp32 copies (module docstring).
+    version None: 3 for a quantized weight whose codes are not FP8, else 2."""
+    codes = getattr(w, "_qdata", None)  # a QuantizedTensor's stored codes
+    coded = codes is not None and codes.dtype not in _FP8
+    if version is None:
+        version = 3 if coded else 2
+    if coded and version < 3:
+        flat = w.dequantize()  # (how files before version 3 saw such a weight)
+    else:
+        flat = w if codes is None else codes
+    flat = flat.detach().reshape(-1)
     step = max(1, flat.numel() // _SAMPLE)
     sample = flat[::step][:_SAMPLE].to(torch.float32).to(torch.bfloat16)
+    if version > FINGERPRINT_VERSION or version < 1:
+        raise ValueError(f"unknown fingerprint version {version}")
     if version >= 2:
         s = sample.float()
         s = torch.where(s.abs() < _FP16_TINY, torch.zeros_like(s), s)
         s = torch.where(s.abs() > _FP16_MAX, torch.sign(s) * float("inf"), s)
         s = torch.where(torch.isnan(s), torch.full_like(s, float("nan")), s)  # one NaN pattern
         sample = s.to(torch.bfloat16)
-    elif version != 1:
-        raise ValueError(f"unknown fingerprint version {version}")
     h = hashlib.blake2b(sample.view(torch.int16).cpu().numpy().tobytes(), digest_size=8).hexdigest()
     return h if version == 1 else f"{version}:{h}"
 
@@ -59,7 +74,7 @@ def fingerprint(weights, like: dict | None = None) -> dict:
     out = {}
     for n, w in weights:
         version = digest_version(like[n][2]) if like and isinstance(like.get(n), list) and len(like[n]) == 3 \
-            else FINGERPRINT_VERSION
+            else None
         out[n] = [int(w.shape[0]), int(w.shape[1]), weight_digest(w, version)]
     return out
 

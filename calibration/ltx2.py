@@ -68,6 +68,13 @@ def unit_of(linear: str) -> str:
     raise ValueError(f"{linear} is not a linear LiteFFN compresses (LTX-2 block FFNs and attention projections)")
 
 
+def ffn_hidden(up_out):
+    """The FFN's down-linear input from its up linear's output: GELU (tanh), as ComfyUI's GELU_approx."""
+    import torch  # here: the command line reads this module before it needs torch
+
+    return torch.nn.functional.gelu(up_out, approximate="tanh")
+
+
 def is_ffn_unit(unit: str) -> bool:
     return unit.rsplit(".", 1)[-1] in FFN_STREAM
 

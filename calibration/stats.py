@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ltx2
 from .fingerprint import MismatchError, check_fingerprint, compare_files
 from .validate import FileError, all_finite
 
@@ -706,6 +707,37 @@ class StatsCollector:
         """Hook the collected layers as found under root now."""
         for n in self.widths:
             self._handles.append(root.get_submodule(n).register_forward_pre_hook(self._hook(n)))
+            if ltx2.is_ffn_linear(n) and n.endswith("." + ltx2.DOWN):
+                self._hook_fused_down(root, n)
+
+    def _hook_fused_down(self, root: torch.nn.Module, name: str) -> None:
+        """An FFN's down linear may run without its module being called: ComfyUI (0.33) folds the GELU
+        into the int8 activation quantizer of an int8 (int8-ConvRot: LTX-2.5's official checkpoints)
+        down linear and calls the kernel directly (comfy.ops.linear_input_act). Its input is then taken
+        from the up linear's output: held when the up linear returns, dropped when the down linear's own
+        hook runs, counted (through the FFN's GELU) when the next up call or the FFN's return finds it
+        still held. So each row is counted once, whichever way the FFN ran."""
+        ffn = ltx2.ffn_of(name)
+        try:
+            up, unit = root.get_submodule(f"{ffn}.{ltx2.UP}"), root.get_submodule(ffn)
+        except AttributeError:  # not LTX-2's FFN module tree (a model of other modules): its own hook only
+            return
+        held = [None]
+
+        def flush():
+            if held[0] is not None:
+                h, held[0] = held[0], None
+                self.update(name, ltx2.ffn_hidden(h))
+
+        def up_done(_module, _args, out):
+            flush()  # an earlier chunk's output that no down-linear call consumed
+            held[0] = out
+
+        def down_called(_module, _args):
+            held[0] = None
+
+        self._handles += [up.register_forward_hook(up_done), unit.register_forward_hook(lambda *_: flush()),
+                          root.get_submodule(name).register_forward_pre_hook(down_called)]
 
     def detach(self) -> None:
         for h in self._handles:

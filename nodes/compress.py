@@ -92,8 +92,8 @@ class LiteFFNCompressModel(io.ComfyNode):
                 weight, scale, bias = M.source(model, name)
                 layer = compress_linear(weight, bias, stats_of(name), policy, residual, device=device, name=name,
                                         weight_scale=scale)
-                if w is not None:
-                    w.add(name, layer, weight)
+                if w is not None:  # fingerprinted as ComfyUI holds it (a quantized weight by its codes)
+                    w.add(name, layer, M.stored(model, name))
                 done[name] = layer
                 dense += weight.numel() * 2
                 pbar.update_absolute(i + 1)

@@ -64,24 +64,61 @@ def linear_of(model, linear: str) -> torch.nn.Module:
 
 def source(model, linear: str):
     """(weight as stored, its FP8 scale or None, bias) of a block linear, originals (not LoRA-patched).
-    A comfy-kitchen QuantizedTensor (FP8 checkpoints) comes back as its FP8 codes and scale."""
+    A comfy-kitchen QuantizedTensor in FP8 with one scale per tensor or row (scaled FP8 checkpoints) comes
+    back as its FP8 codes and scale; in any other layout (int8-ConvRot as LTX-2.5 ships, NVFP4, MXFP8, ...)
+    dequantized by ComfyUI's own code. A weight in a layout LiteFFN cannot read raises a ValueError naming it."""
     mod = linear_of(model, linear)
-    w = _original(model, linear + ".weight", mod.weight)
+    w = stored(model, linear, mod)
     b = _original(model, linear + ".bias", mod.bias) if getattr(mod, "bias", None) is not None else None
     scale = None
     if type(w).__name__ == "QuantizedTensor":
         qdata = getattr(w, "_qdata", None)
         s = getattr(getattr(w, "_params", None), "scale", None)
-        if qdata is not None and qdata.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and s is not None:
+        if (str(getattr(w, "_layout_cls", "")).startswith("TensorCoreFP8") and qdata is not None
+                and qdata.dtype in FP8 and s is not None and s.numel() in (1, qdata.shape[0])):
             w, scale = qdata, s
-        else:  # other layouts (NVFP4, MXFP8): compress from the dequantized weight
-            w = w.dequantize()
-    elif w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        else:  # block scales (MXFP8), int8, FP4: ComfyUI's dequantize, to the model's compute dtype
+            w = _dequantized(w, mod, linear)
+    elif w.dtype in FP8:
         scale = getattr(mod, "weight_scale", None)
         scale = getattr(mod, "scale_weight", None) if scale is None else scale
+    elif not w.is_floating_point():  # e.g. a GGUF loader's packed tensor, or int8 codes without their layout
+        kind = getattr(w, "tensor_type", None)  # ComfyUI-GGUF's quantization type (Q4_K, Q8_0, ...)
+        what = (f"{w.dtype} weights without a quantized layout" if type(w) in (torch.Tensor, torch.nn.Parameter)
+                else f"a {type(w).__name__} weight ({getattr(kind, 'name', kind) or w.dtype})")
+        raise UnreadableWeight(f"{linear} holds {what}, which LiteFFN cannot read: {_READS}")
     if isinstance(w, torch.nn.Parameter):
         w = w.data
     return w, scale, b
+
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_READS = ("it compresses bf16, fp16 and fp32 weights and the quantized layouts ComfyUI loads (scaled FP8; int8 and "
+          "int8-ConvRot, as LTX-2.5 ships; NVFP4; MXFP8). Load the model from such a checkpoint.")
+
+
+class UnreadableWeight(ValueError):
+    """A weight in a layout LiteFFN cannot read (the message names it)."""
+
+
+def _dequantized(w, mod, linear: str) -> torch.Tensor:
+    """ComfyUI's own dequantize of a QuantizedTensor; a failure names the layout."""
+    fmt = getattr(mod, "quant_format", None)
+    layout = str(getattr(w, "_layout_cls", type(w).__name__))
+    try:
+        return w.dequantize()
+    except Exception as e:  # noqa: BLE001: whatever the layout's code raises, the user sees which layout it is
+        why = type(e).__name__ + (": " + str(e).strip().splitlines()[0] if str(e).strip() else "")
+        raise UnreadableWeight(f"{linear} is stored in the {fmt + ' / ' if fmt else ''}{layout} layout, which "
+                               f"ComfyUI could not dequantize here ({why}). Update ComfyUI and comfy-kitchen, or load "
+                               "the model from a bf16, fp16, fp32 or scaled FP8 checkpoint.") from e
+
+
+def stored(model, linear: str, mod=None) -> torch.Tensor:
+    """The weight of a block linear as ComfyUI holds it (a QuantizedTensor stays one), not LoRA-patched:
+    what fingerprints are taken of (calibration/fingerprint.py), without dequantizing anything."""
+    mod = linear_of(model, linear) if mod is None else mod
+    return _original(model, linear + ".weight", mod.weight)
 
 
 def _original(model, key_rel: str, live):
@@ -96,7 +133,7 @@ def model_fingerprint(model, linears) -> dict:
     out = {}
     for name in linears:
         try:
-            w, _, _ = source(model, name)
+            w = stored(model, name)
         except (AttributeError, ValueError):
             continue
         out.update(fingerprint([(name, w)], like=like))

@@ -102,3 +102,95 @@ def test_demo_runs_and_prints_table():
     # the error per kind of linear: FFN linears and attention projections, each at every rank
     kinds = r.stdout[r.stdout.index("Error per kind of linear"):].splitlines()[2:]
     assert [ln.split()[:3] for ln in kinds] == [[k, "fp8", rank] for k in ("ffn", "attention") for rank in ("0", "8")]
+
+
+# ComfyUI's quantized layouts: each layer's config ({"format": ...}) in the `_quantization_metadata` header or
+# in a `<layer>.comfy_quant` tensor (as ComfyUI saves layers). Scaled FP8 is read here; any other layout only
+# through ComfyUI's own loader (tests/integration/test_int8_convrot.py reads LTX-2.5's int8-ConvRot through it).
+DOWN = P + "transformer_blocks.0.ff.net.2"
+
+
+def _quantized_checkpoint(tmp_path, conf, where="header"):
+    """The tiny checkpoint with one FFN linear stored as int8 codes + per-row weight_scale, marked conf."""
+    import json
+
+    _, sd, _ = _checkpoint(tmp_path)
+    w = sd[DOWN + ".weight"]
+    sd[DOWN + ".weight"] = torch.randint(-127, 128, w.shape, dtype=torch.int8)
+    sd[DOWN + ".weight_scale"] = torch.full((w.shape[0], 1), 0.01)
+    meta = {}
+    if where == "header":
+        meta["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": {DOWN: conf}})
+    else:
+        sd[DOWN + ".comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+    path = tmp_path / f"q_{where}.safetensors"
+    save_file(sd, str(path), metadata=meta)
+    return path
+
+
+def _compress_error(tmp_path, capsys, path) -> str:
+    out = tmp_path / "o.safetensors"
+    rc = main(["compress", str(path), "-o", str(out), "--rank", "4", "--device", "cpu",
+               "--stats", str(tmp_path / "stats.safetensors")])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert not list(tmp_path.glob("o.safetensors*")) and not list(tmp_path.glob(".o.safetensors*"))
+    return lines[0]
+
+
+def _no_comfyui(monkeypatch):
+    from liteffn.calibration import comfy_layouts
+
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    try:
+        comfy_layouts.comfyui()
+    except LookupError:
+        return
+    pytest.skip("ComfyUI's layouts are importable in this Python: the integration tier reads them "
+                "(tests/integration/test_int8_convrot.py)")
+
+
+@pytest.mark.parametrize("where", ["header", "tensor"])
+def test_unknown_quantized_layout_is_named(tmp_path, capsys, monkeypatch, where):
+    _no_comfyui(monkeypatch)
+    path = _quantized_checkpoint(tmp_path, {"format": "made_up_fp3", "group_size": 7}, where)
+    line = _compress_error(tmp_path, capsys, path)
+    assert "layer transformer_blocks.0.ff.net.2" in line and "'made_up_fp3'" in line, line
+
+
+def test_int8_convrot_without_comfyui_names_the_layout_and_the_fix(tmp_path, capsys, monkeypatch):
+    _no_comfyui(monkeypatch)
+    path = _quantized_checkpoint(tmp_path, {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 64},
+                                 "tensor")
+    line = _compress_error(tmp_path, capsys, path)
+    assert "'int8_tensorwise' (int8-ConvRot" in line and "transformer_blocks.0.ff.net.2" in line, line
+    assert "comfy-kitchen" in line and "COMFYUI_PATH" in line and "custom_nodes" in line, line
+    # a COMFYUI_PATH that is no ComfyUI says so (where comfy-kitchen is installed; else that is the reason)
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path))
+    line = _compress_error(tmp_path, capsys, path)
+    assert ("not a ComfyUI folder" in line or "comfy-kitchen is not installed" in line) and "'int8_tensorwise'" in line
+
+
+def test_quantization_config_without_format_or_damaged_header(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    line = _compress_error(tmp_path, capsys, _quantized_checkpoint(tmp_path, {"convrot": True}, "tensor"))
+    assert "without a format" in line and "transformer_blocks.0.ff.net.2" in line, line
+    _, sd, _ = _checkpoint(tmp_path)
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata={"_quantization_metadata": "{not json"})
+    line = _compress_error(tmp_path, capsys, tmp_path / "bad.safetensors")
+    assert "_quantization_metadata" in line and "damaged" in line, line
+
+
+def test_fp8_marked_in_comfy_quant_tensors_is_read_as_before(tmp_path):
+    """Scaled FP8 is read by LiteFFN itself, however ComfyUI marks it (header or per-layer tensor)."""
+    import json
+
+    m, sd, _ = _checkpoint(tmp_path, fp8=True)
+    for k in [k for k in sd if k.endswith("net.2.weight")]:
+        sd[k[: -len("weight")] + "comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
+                                                               dtype=torch.uint8)
+    save_file(sd, str(tmp_path / "fp8q.safetensors"))
+    infos = compress_checkpoint(str(tmp_path / "fp8q.safetensors"), str(tmp_path / "o.safetensors"),
+                                str(tmp_path / "stats.safetensors"), 8, "fp8", device="cpu", progress=False)
+    assert len(infos) == 8 and all(i["rel_err"] < 0.05 for i in infos.values()), infos

@@ -234,6 +234,34 @@ def test_fingerprint_agrees_across_bf16_fp16_fp32_copies():
     assert weight_digest(small, 1) != weight_digest(small.half(), 1)
 
 
+class _Quantized:
+    """Stands for a comfy-kitchen QuantizedTensor: stored codes (_qdata), the weight's shape, dequantize()."""
+
+    def __init__(self, codes, scale):
+        self._qdata, self.scale, self.shape = codes, scale, codes.shape
+
+    def dequantize(self):
+        return (self._qdata.float() * self.scale[:, None]).bfloat16()
+
+
+def test_quantized_weights_are_fingerprinted_by_their_codes_and_old_files_by_their_values():
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-127, 128, (64, 128), generator=g, dtype=torch.int8)
+    q = _Quantized(codes, torch.rand(64, generator=g) * 0.01 + 0.001)
+    d = weight_digest(q)
+    assert d.startswith("3:") and d == weight_digest(_Quantized(codes, q.scale * 1.0001))  # the codes, not the scale
+    assert d != weight_digest(_Quantized(codes.flip(0), q.scale))
+    # a file made before version 3 holds the digest of the dequantized weight: the model's is taken the same way
+    old = {"l": [64, 128, weight_digest(q.dequantize())]}
+    assert old["l"][2].startswith("2:") and cf.fingerprint([("l", q)], like=old) == old
+    assert cf.fingerprint([("l", q)])["l"][2] == d
+    # FP8 codes (scaled FP8 checkpoints) keep version 2, as they always were hashed by their codes
+    f8 = torch.randn(64, 128, generator=g).to(torch.float8_e4m3fn)
+    assert weight_digest(_Quantized(f8, q.scale)) == weight_digest(f8) and weight_digest(f8).startswith("2:")
+    with pytest.raises(ValueError, match="unknown fingerprint version"):
+        weight_digest(f8, cf.FINGERPRINT_VERSION + 1)
+
+
 def test_files_with_old_fingerprints_still_load(tmp_path):
     path, w = _compressed(tmp_path)
     old = {n: [int(t.shape[0]), int(t.shape[1]), weight_digest(t, 1)] for n, t in w.items()}

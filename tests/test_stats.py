@@ -31,6 +31,38 @@ def test_collector_matches_direct_computation():
     assert s.rows == 64
 
 
+def test_down_linear_run_without_its_module_is_counted_once():
+    """ComfyUI 0.33 runs an int8 (int8-ConvRot) FFN's down linear as a kernel with the GELU folded in, never
+    calling the module (comfy.ops.linear_input_act): its statistics come from the up linear's output then,
+    the same rows as when the module runs, each once; chunked calls too."""
+    m = _model()
+    ff = m.transformer_blocks[0].ff
+    names = [f"transformer_blocks.0.ff.{ltx2.UP}", f"transformer_blocks.0.ff.{ltx2.DOWN}"]
+    x = m.video_acts.sample(64, 0)
+    stock = _ff_stats(m, names, lambda: ff(x))
+    up, down = ff.net[0].proj, ff.net[2]
+
+    def fused(h):  # the down linear computed without calling its module
+        return torch.nn.functional.linear(torch.nn.functional.gelu(up(h), approximate="tanh"), down.weight, down.bias)
+    ff.forward = fused
+    for chunks in (1, 4):
+        got = _ff_stats(m, names, lambda: torch.cat([ff(c) for c in x.chunk(chunks)]))
+        for n in names:
+            assert got[n].rows == stock[n].rows == 64, (chunks, n)
+            torch.testing.assert_close(got[n].xtx, stock[n].xtx, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(got[n].absmax, stock[n].absmax)
+    ff.forward = lambda h: torch.cat([ff.net(c) for c in h.chunk(4)])  # chunked through the modules: once each
+    got = _ff_stats(m, names, lambda: ff(x))
+    assert got[names[1]].rows == 64
+    torch.testing.assert_close(got[names[1]].xtx, stock[names[1]].xtx, rtol=1e-5, atol=1e-4)
+
+
+def _ff_stats(m, names, run):
+    with StatsCollector(m, names) as col, torch.no_grad():
+        run()
+    return col.stats
+
+
 def test_merged_statistics_equal_statistics_of_the_union():
     m = _model()
     a, b = _run(m, 2, seed0=0), _run(m, 3, seed0=2)

@@ -99,11 +99,18 @@ def random_like(sd: dict, seed: int, dtype=torch.bfloat16) -> dict:
 ATTENTION_WEIGHT = re.compile(r"model\.diffusion_model\.transformer_blocks\.\d+\.\w+\.(to_q|to_k|to_v|to_out\.0)\.weight")
 
 
-def save(path: str, config=CONFIG, seed=0, fp8_ffn=False, video_only=False, fp8_attention=False) -> str:
+# the FFN linears of the transformer blocks, both streams (`ff`, `audio_ff`)
+FFN_WEIGHT = re.compile(r"model\.diffusion_model\.transformer_blocks\.\d+\.(ff|audio_ff)\.net\.(0\.proj|2)\.weight")
+
+
+def save(path: str, config=CONFIG, seed=0, fp8_ffn=False, video_only=False, fp8_attention=False,
+         int8_convrot=False) -> str:
     """fp8_ffn: FFN weights stored as FP8 E4M3 with per-tensor `weight_scale` and
     `_quantization_metadata`, the layout of ComfyUI's FP8 LTX-2 checkpoints (the keys matching
     ".ff.net.": the video FFNs `ff`; `audio_ff` stays bf16). fp8_attention: the same for the blocks'
-    attention projections (ATTENTION_WEIGHT, both streams)."""
+    attention projections (ATTENTION_WEIGHT, both streams). int8_convrot: every block linear LiteFFN
+    compresses (FFNs of both streams, attention projections) in the layout of LTX-2.5's official
+    `...-comfy-int8-convrot` transformer (quantize_int8_convrot)."""
     from safetensors.torch import save_file
 
     sd = state_dict(config, seed, video_only)
@@ -113,8 +120,50 @@ def save(path: str, config=CONFIG, seed=0, fp8_ffn=False, video_only=False, fp8_
             or (fp8_attention and ATTENTION_WEIGHT.fullmatch(k))]
     if keys:
         meta["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": quantize_fp8(sd, keys)})
+    if int8_convrot:
+        quantize_int8_convrot(sd, [k for k in sd if FFN_WEIGHT.fullmatch(k) or ATTENTION_WEIGHT.fullmatch(k)])
     save_file(sd, path, metadata=meta)
     return path
+
+
+def int8_convrot_unsupported() -> str | None:
+    """Why this ComfyUI cannot load int8-ConvRot checkpoints (no `int8_tensorwise` layout), else None."""
+    try:
+        import comfy.quant_ops as q
+    except ImportError as e:
+        return f"ComfyUI's quantized layouts are not importable here ({e})"
+    if "int8_tensorwise" in q.QUANT_ALGOS and getattr(q, "_CK_AVAILABLE", False):
+        return None
+    import comfyui_version
+
+    return (f"ComfyUI {comfyui_version.__version__} reads no int8-ConvRot checkpoints: its comfy.quant_ops has no "
+            f"int8_tensorwise layout (it has {', '.join(q.QUANT_ALGOS)})"
+            + ("" if getattr(q, "_CK_AVAILABLE", True) else "; comfy-kitchen is not importable"))
+
+
+def convrot_groupsize(width: int) -> int:
+    """ConvRot's Hadamard group: a power of 4 dividing the input width (the kernels' rule). LTX-2.5's widths
+    (2048, 4096, 8192, 16384) all take ComfyUI's default 256; the tiny model's 32-wide audio stream takes 16."""
+    return next(g for g in (256, 64, 16, 4) if width % g == 0)
+
+
+def quantize_int8_convrot(sd: dict, keys) -> None:
+    """The weights `keys` of sd replaced, in place, by int8-ConvRot (ComfyUI's `int8_tensorwise` layout with
+    ConvRot: Hadamard-rotated, per-row int8), quantized by comfy-kitchen and written by ComfyUI's own
+    quantized Linear: `weight` (int8), `weight_scale` and the `comfy_quant` config tensor, as ComfyUI saves
+    such a layer and as LTX-2.5's official checkpoint holds it."""
+    import comfy.ops
+    from comfy.quant_ops import QuantizedTensor
+
+    for k in keys:
+        w = sd.pop(k)
+        prefix = k[: -len("weight")]
+        lin = comfy.ops.mixed_precision_ops({}).Linear(w.shape[1], w.shape[0], bias=False)
+        lin.weight = torch.nn.Parameter(QuantizedTensor.from_float(
+            w, "TensorWiseINT8Layout", per_channel=True, convrot=True, convrot_groupsize=convrot_groupsize(w.shape[1])),
+            requires_grad=False)
+        lin.quant_format = "int8_tensorwise"
+        sd.update({key: t.detach().contiguous() for key, t in lin.state_dict(prefix=prefix).items()})
 
 
 def quantize_fp8(sd: dict, keys) -> dict:
