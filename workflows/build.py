@@ -295,17 +295,18 @@ def compare_ranks() -> Graph:
     base = _branch(g, ckpt[0], cond, shared, latent, ckpt, audio_vae, "baseline", (470, y))
     g.group("Baseline (the checkpoint as is)", (460, y - 40, 1140, 440), GREEN)
     for i, r in enumerate((32, 64, 512)):
-        yy = y + 600 * (i + 1)
+        # (Save Video, right of the decoders, grows about 400 px tall with its player after a run: Compare and
+        # its plot start right of it; the reports get room for their first lines without scrolling)
+        yy = y + 700 * (i + 1)
         lite = g.node("LiteFFNCompressModel", (20, yy), title=f"LiteFFN Compress r={r}", w=400,
                       model=ckpt[0], stats_file=STATS + ".safetensors", rank=r, energy=0.0, residual="fp8",
                       streams="all", blocks="all", save_name="", layers="ffn")
         frames = _branch(g, lite[0], cond, shared, latent, ckpt, audio_vae, f"r{r}", (470, yy))
-        cmp = g.node("LiteFFNCompare", (1200, yy + 200), reference=base[0], test=frames[0],
-                     label=f"r={r} fp8", w=300)
-        g.node("PreviewImage", (1530, yy + 200), images=cmp[3], w=400)
-        _show(g, cmp[2], (1200, yy + 340), f"Compare report r={r}", w=300, h=160)
-        _show(g, lite[1], (20, yy + 340), f"Compress report r={r}", w=400, h=160)
-        g.group(f"LiteFFN r={r}", (10, yy - 40, 1930, 560), PURPLE)
+        cmp = g.node("LiteFFNCompare", (1380, yy), reference=base[0], test=frames[0], label=f"r={r} fp8", w=320)
+        g.node("PreviewImage", (1730, yy), images=cmp[3], w=420)
+        _show(g, cmp[2], (1380, yy + 160), f"Compare report r={r}", w=320, h=420)
+        _show(g, lite[1], (20, yy + 340), f"Compress report r={r}", w=400, h=260)
+        g.group(f"LiteFFN r={r}", (10, yy - 40, 2150, 660), PURPLE)
     return g
 
 
