@@ -41,24 +41,25 @@ def _on(t, device):
     return t if t is None or device is None or t.device == device else t.to(device, non_blocking=True)
 
 
-def _replay(module, key, x, name: str):
-    """The output of module's CUDA graph for this call, or None (no key, no graph, kernels off)."""
+def _replay(store, module, key, x, name: str):
+    """The output of module's CUDA graph (store GRAPHS) or recorded launch program (PROGRAMS) for this
+    call, or None (no key, none recorded, kernels off)."""
     if key is None or not dispatch.triton_allowed():
         return None
-    y = GRAPHS.replay(module, key, x)
+    y = store.replay(module, key, x)
     if y is not None:
         dispatch.counts[name] += 1
     return y
 
 
-def _repeat(module, key, x, name: str):
-    """The output of module's recorded launch program for this call, or None (programs.py)."""
-    if key is None or not dispatch.triton_allowed():
-        return None
-    y = PROGRAMS.replay(module, key, x)
+def _replayed(module, operands, x, name: str):
+    """(output or None, graph key, program key) of a call: a CUDA graph for few tokens, else a program."""
+    key = GRAPHS.key(x, operands)
+    y = _replay(GRAPHS, module, key, x, name)
     if y is not None:
-        dispatch.counts[name] += 1
-    return y
+        return y, key, None
+    pkey = PROGRAMS.key(x, operands) if key is None else None
+    return _replay(PROGRAMS, module, pkey, x, name), key, pkey
 
 
 def _eager(module, gkey, pkey, x, fn, operands, rows):
@@ -158,12 +159,7 @@ class CompressedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         operands = self._operands()
-        key = GRAPHS.key(x, operands)
-        y = _replay(self, key, x, "linear:triton")
-        if y is not None:
-            return y
-        pkey = PROGRAMS.key(x, operands) if key is None else None
-        y = _repeat(self, pkey, x, "linear:triton")
+        y, key, pkey = _replayed(self, operands, x, "linear:triton")
         if y is not None:
             return y
         t = self.tensors(x.device)
@@ -218,12 +214,7 @@ class CompressedFFN(torch.nn.Module):
         if up.act_quant != down.act_quant:  # mixed activation handling: each linear on its own
             return down(Fn.gelu(up(x), approximate="tanh"))
         operands = (*up._operands(), *down._operands(), down._parameters["input_scale"])
-        key = GRAPHS.key(x, operands)
-        y = _replay(self, key, x, "ffn:triton")
-        if y is not None:
-            return y
-        pkey = PROGRAMS.key(x, operands) if key is None else None
-        y = _repeat(self, pkey, x, "ffn:triton")
+        y, key, pkey = _replayed(self, operands, x, "ffn:triton")
         if y is not None:
             return y
         t1, t2, hs = up.tensors(x.device), down.tensors(x.device), down.scale_on(x.device)

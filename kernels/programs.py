@@ -42,7 +42,7 @@ import torch
 
 from . import fp8_ws
 from . import gemm as G
-from .graphs import CudaBackend, operand_key
+from .graphs import CudaBackend, _shaped, operand_key
 
 log = logging.getLogger("liteffn")
 
@@ -52,8 +52,8 @@ TRIES = 3  # recordings per key before its calls stay eager
 
 class Program:
     """A recorded call: its buffers laid out in two allocations (one zeroed) plus the output, and its
-    launches as (raw, grid, template, patches): the expanded argument list with the call's own
-    addresses left to patch, a patch being (position, base, byte offset) for a pointer or (position,
+    launches as (raw, grid, template, patches): the expanded argument list (less the constexprs, which
+    raw.launch_flat appends) with the call's own addresses left to patch, a patch being (position, base, byte offset) for a pointer or (position,
     base, byte offset, shape, strides, kind) for a descriptor (its map, shape and strides fill
     1 + 2 * ndim positions). Bases: 0 the workspace, 1 the zeroed workspace, 2 the output, 3 the input."""
     __slots__ = ("ws", "zs", "out", "launches")
@@ -119,7 +119,6 @@ class Program:
                             patches.append((len(template), b, off, a.shape, a.stride(), kind))
                             m = (None,) * (1 + 2 * a.dim())
                         template.extend(m)
-                template.extend(raw.tail)
                 launches.append((raw, (*grid, 1, 1)[:3], template, tuple(patches)))
         except LookupError:
             return None
@@ -141,8 +140,7 @@ class Program:
                 else:
                     i, m = p[0], raw.map_of(p[5], base[p[1]] + p[2], p[3], p[4])
                     flat[i:i + len(m)] = m
-            raw.c_launch(grid[0], grid[1], grid[2], stream, raw.function, raw.coop, raw.pdl, None, None, raw.packed,
-                         None, None, None, *flat)
+            raw.launch_flat(grid, flat, stream)
         return out
 
 
@@ -220,11 +218,6 @@ class Programs:
                         "in Python from now on (same results, more host time per call)",
                         self.disabled.splitlines()[0][:300])
         self.states = weakref.WeakKeyDictionary()
-
-
-def _shaped(y2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    y = y2.reshape(*x.shape[:-1], y2.shape[-1])
-    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 PROGRAMS = Programs()

@@ -404,6 +404,12 @@ def _json(response):
         return {"text": response.text()[:2000]}
 
 
+def page_problems(page_errors, console) -> list[str]:
+    """What the page itself reported (uncaught errors, console errors), as LoadResult and RunResult list it."""
+    return ([f"page errors: {page_errors}"] if page_errors else []) + (
+        [f"console errors: {console}"] if console else [])
+
+
 class LoadResult:
     """What one workflow load showed. `problems()` lists what a user would call a failure."""
 
@@ -470,11 +476,7 @@ class LoadResult:
             out.append(f"error toasts: {self.error_toasts}")
         if self.warn_toasts:
             out.append(f"warning toasts: {self.warn_toasts}")
-        if self.page_errors:
-            out.append(f"page errors: {self.page_errors}")
-        if self.console:
-            out.append(f"console errors: {self.console}")
-        return out
+        return out + page_problems(self.page_errors, self.console)
 
     def summary(self) -> str:
         n = sum(sum(c.values()) for c in self.graphs.values())
@@ -747,11 +749,7 @@ class RunResult:
                   or (e["kind"] == "toast" and e.get("severity") in ("error", "warn"))]
         if errors:
             out.append(f"errors shown: {errors}")
-        if self.page_errors:
-            out.append(f"page errors: {self.page_errors}")
-        if self.console:
-            out.append(f"console errors: {self.console}")
-        return out
+        return out + page_problems(self.page_errors, self.console)
 
     def summary(self) -> str:
         shown = [p for p in self.previews if p["text"].strip()]
