@@ -94,11 +94,6 @@ U_RING = True  # bf16 U's rows through the K ring with 3 math warpgroups (benche
 # video at 24576 6066 -> 5941, equal at 5600 and 43400 (H200, bench/ws_sweep_h200.log). Benches compare 2.
 PAIR_TILES = 1
 U2_TMA = True  # that sum by TMA reduce from shared memory, one tile at a time, instead of fp32 atomics
-# K tiles of the next tile whose MMAs each math warpgroup issues during its epilogue, so the tensor cores are not
-# idle while all warpgroups finish a tile at once: EARLY[0] after the epilogue's low-rank MMA, EARLY[1] after the
-# output's store (epilogues that go on to the next linear's low-rank input). At most PROMOTE - 1 together (they
-# stay inside the next tile's first promotion interval). Same MMAs in the same order: bit-identical results.
-EARLY = (0, 0)
 
 
 log = logging.getLogger("liteffn")
@@ -193,53 +188,13 @@ if gluon is not None:
         return 0.5 * y * (1.0 + t)
 
     @gluon.jit
-    def _issue(part, p, g, kk0, has_next, WG: gl.constexpr, n: gl.constexpr, PROMOTE: gl.constexpr):
-        """The MMAs of K tiles kk0..kk0+n-1 of the next tile (ring stages g..g+n-1) into `part`, not waited for
-        (EARLY). Without a next tile they run on stale stages, unwaited and unreleased, and are discarded."""
-        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, u2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
-         GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, r_bufs, ready, empty, epi_ready,
-         epi_empty) = p
-        NS: gl.constexpr = b_bufs.type.shape[0]
-        NWG: gl.constexpr = c_bufs.type.shape[0]
-        ASPLIT: gl.constexpr = a_desc.block_type.shape[0] == _HM
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _BN, 32])
-        for i in gl.static_range(n):
-            s = (g + i) % NS
-            mbarrier.wait(ready.index(s), ((g + i) // NS) & 1, pred=has_next)
-            if ASPLIT:
-                a_t = a_bufs.index(s * NWG + WG)
-            else:
-                a_t = a_bufs.index(s).slice(WG * _HM, _HM)
-            if (kk0 + i) % PROMOTE == 0:  # (a fresh accumulator: the old one need not live until here)
-                part = warpgroup_mma(a_t, b_bufs.index(s).permute((1, 0)),
-                                     gl.zeros([_HM, _BN], gl.float32, mma), use_acc=False, is_async=True)
-            else:
-                part = warpgroup_mma(a_t, b_bufs.index(s).permute((1, 0)), part, is_async=True)
-        return part
-
-    @gluon.jit
-    def _settle(part, p, g, has_next, n: gl.constexpr):
-        """Wait for _issue's MMAs and release their n stages from g."""
-        (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, u2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
-         GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, r_bufs, ready, empty, epi_ready,
-         epi_empty) = p
-        NS: gl.constexpr = b_bufs.type.shape[0]
-        part = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
-        for i in gl.static_range(n):
-            mbarrier.arrive(empty.index((g + i) % NS), count=1, pred=has_next)
-        return part
-
-    @gluon.jit
-    def _epilogue(acc, om, on, t, p, u2acc, ur_s, lar_s, part, g, su, has_next, WG: gl.constexpr,
-                  ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
-                  GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-                  PREFETCH: gl.constexpr, NT: gl.constexpr, E1: gl.constexpr, E2: gl.constexpr,
-                  PROMOTE: gl.constexpr):
+    def _epilogue(acc, om, on, t, p, u2acc, ur_s, lar_s, WG: gl.constexpr, ROW_SCALAR: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr, GELU: gl.constexpr,
+                  OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr, PREFETCH: gl.constexpr,
+                  NT: gl.constexpr):
         """t: this program's tile count (the phase of the prefetched epilogue operands). NT > 1: the
-        next linear's low-rank partial sum is added into u2acc instead of into U2. ur_s, lar_s:
-        this warpgroup's rows of U and A's tile in ring stage su (_u_ring), else unused. part, g, has_next:
-        the next tile's partial sum, the ring stage of its first K tile, whether it exists (EARLY: E1 + E2 of
-        its K tiles are issued here). Returns (u2acc, part)."""
+        next linear's low-rank partial sum is added into u2acc (returned) instead of into U2. ur_s, lar_s:
+        this warpgroup's rows of U and A's tile in a stage of the ring (_u_ring), else unused."""
         (a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, u2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH, M, N, K, R, R2,
          GROUP_M, a_bufs, b_bufs, c_bufs, la_bufs, b2_bufs, la_s, u_s, b2_s, r_bufs, ready, empty, epi_ready,
          epi_empty) = p
@@ -261,7 +216,6 @@ if gluon is not None:
         U_RING: gl.constexpr = _u_ring(c_bufs.type.shape[0], u_desc.block_type.shape[0])
         if U_RING and R_CHUNKS > 0:  # (the caller waited for the stage)
             acc = warpgroup_mma(ur_s, lar_s.permute((1, 0)), acc)
-            mbarrier.arrive(empty.index(su), count=1)  # (the MMA was waited for)
         if PREFETCH and R_CHUNKS > 0 and not U_RING:
             blk_u: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
             u_op1: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma16, k_width=2)
@@ -295,8 +249,6 @@ if gluon is not None:
                 acc = warpgroup_mma(gl.convert_layout(u.to(gl.bfloat16), u_op), la_s.permute((1, 0)), acc)
         if HAS_BIAS:
             acc = acc + gl.expand_dims(gl.load(BIAS + cols, mask=cmask, other=0.0).to(gl.float32), 0)
-        if E1 > 0:  # the tensor cores start on the next tile while this warpgroup finishes this one
-            part = _issue(part, p, g, 0, has_next, WG, E1, PROMOTE)
         if GELU:
             acc = _gelu_tanh(acc)
         SHARE_C: gl.constexpr = _shares_c(u2_desc.dtype, OUT_FP8)
@@ -311,10 +263,6 @@ if gluon is not None:
             c_s.store(acc.to(c_desc.dtype))
         fence_async_shared()
         _tma_store(c_desc, [om + WG * HM, on], c_s)
-        if E2 > 0:
-            if E1 > 0:
-                part = _settle(part, p, g, has_next, E1)
-            part = _issue(part, p, g + E1, E1, has_next, WG, E2, PROMOTE)
         if R2_CHUNKS > 0:  # the next linear's low-rank input from the unquantized output: u2 += h B2[:, cols]^T
             mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, R2B, 16])
@@ -324,8 +272,8 @@ if gluon is not None:
         if PREFETCH and R2_CHUNKS > 0 and NT > 1:
             u2acc = warpgroup_mma(h, b2_s.permute((1, 0)), u2acc)
         if PREFETCH and R2_CHUNKS > 0 and NT == 1:
-            u2p = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-            _add_u2(u2p, om, U2, M, R2, WG, R2B, u2_desc, r_bufs, OUT_FP8)
+            part = warpgroup_mma(h, b2_s.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
+            _add_u2(part, om, U2, M, R2, WG, R2B, u2_desc, r_bufs, OUT_FP8)
         if (not PREFETCH) and R2_CHUNKS > 0:
             b2_stage = b2_bufs.index(WG)
             bcol = on + gl.arange(0, _BN, layout=gl.SliceLayout(0, blk2))
@@ -335,13 +283,9 @@ if gluon is not None:
                              mask=gl.expand_dims(rr < R2, 1) & gl.expand_dims(bcol < N, 0), other=0.0)
                 b2_stage.store(b2)
                 fence_async_shared()
-                u2p = warpgroup_mma(h, b2_stage.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
-                _atomic_u2(u2p, om, j * R2B, U2, M, R2, WG, R2B)
-        if E2 > 0:
-            part = _settle(part, p, g + E1, has_next, E2)
-        elif E1 > 0:
-            part = _settle(part, p, g, has_next, E1)
-        return u2acc, part
+                part = warpgroup_mma(h, b2_stage.permute((1, 0)), gl.zeros([HM, R2B], gl.float32, mma2))
+                _atomic_u2(part, om, j * R2B, U2, M, R2, WG, R2B)
+        return u2acc
 
     @gluon.jit
     def _add_u2(part, om, U2, M, R2, WG: gl.constexpr, R2B: gl.constexpr, u2_desc, r_bufs, OUT_FP8: gl.constexpr):
@@ -372,8 +316,7 @@ if gluon is not None:
     @gluon.jit
     def _math(p, WG: gl.constexpr, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr,
               R_CHUNKS: gl.constexpr, GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr,
-              R2_CHUNKS: gl.constexpr, PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr,
-              E1: gl.constexpr, E2: gl.constexpr):
+              R2_CHUNKS: gl.constexpr, PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
         """One math warpgroup: rows WG*64..+64 of every tile. The tensor cores sum PROMOTE K tiles into
         `part` (reduced precision), then it is added to the fp32 accumulator; waiting for its own MMAs
         stalls only this warpgroup. A work item is NT tiles side by side along N; with NT > 1 the next
@@ -394,11 +337,8 @@ if gluon is not None:
         num_items = gl.cdiv(M, TM) * gl.cdiv(N, _BN * NT)
         g = 0
         t = 0
-        kstart = 0  # K tiles of this tile already issued by the previous epilogue (EARLY)
-        part = gl.zeros([HM, _BN], gl.float32, mma)
         for item in range(gl.program_id(0), num_items, gl.num_programs(0)):
             om, on0 = _tile(item, M, N, GROUP_M, _BN * NT, TM)
-            has_next = item + gl.num_programs(0) < num_items
             if NT > 1:
                 u2acc = gl.zeros([HM, R2B], gl.float32, mma2)
             else:
@@ -407,9 +347,8 @@ if gluon is not None:
                 on = on0 + j * _BN
                 if NT == 1 or on < N:  # (NT == 1: no test, the tile exists)
                     acc = gl.zeros([HM, _BN], gl.float32, mma)
-                    if E1 + E2 == 0:
-                        part = gl.zeros([HM, _BN], gl.float32, mma)  # (dead through the epilogue)
-                    for kk in range(kstart, k_tiles):
+                    part = gl.zeros([HM, _BN], gl.float32, mma)
+                    for kk in range(k_tiles):
                         s = g % NS
                         mbarrier.wait(ready.index(s), (g // NS) & 1)
                         if ASPLIT:
@@ -425,20 +364,19 @@ if gluon is not None:
                         if (kk % PROMOTE == PROMOTE - 1) | (kk == k_tiles - 1):  # end of a promotion interval
                             acc += part
                         g += 1
-                    su = g % NS
-                    if U_RING and R_CHUNKS > 0:  # U's rows and A's tile: the ring's next stage (released by the
-                        mbarrier.wait(ready.index(su), (g // NS) & 1)  # epilogue after its low-rank MMA)
-                        ur_s = _as(a_bufs.index(su * NWG + WG), u_desc)
-                        lar_s = _as(b_bufs.index(su), la_desc)
-                        g += 1
+                    if U_RING and R_CHUNKS > 0:  # U's rows and A's tile: the ring's next stage
+                        s = g % NS
+                        mbarrier.wait(ready.index(s), (g // NS) & 1)
+                        ur_s = _as(a_bufs.index(s * NWG + WG), u_desc)
+                        lar_s = _as(b_bufs.index(s), la_desc)
                     else:
                         ur_s = u_s
                         lar_s = la_s
-                    u2acc, part = _epilogue(acc, om, on, t, p, u2acc, ur_s, lar_s, part, g, su, has_next, WG,
-                                            ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS,
-                                            PREFETCH, NT, E1, E2, PROMOTE)
-                    g += E1 + E2
-                    kstart = E1 + E2
+                    u2acc = _epilogue(acc, om, on, t, p, u2acc, ur_s, lar_s, WG, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS,
+                                      GELU, OUT_FP8, R2B, R2_CHUNKS, PREFETCH, NT)
+                    if U_RING and R_CHUNKS > 0:  # (the low-rank MMA was waited for)
+                        mbarrier.arrive(empty.index(s), count=1)
+                        g += 1
                     if PREFETCH:
                         mbarrier.arrive(epi_empty, count=1)
                     t += 1
@@ -449,22 +387,19 @@ if gluon is not None:
     @gluon.jit
     def _math1(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-               PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr, E1: gl.constexpr,
-               E2: gl.constexpr):
-        _math(p, 1, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT, E1, E2)
+               PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+        _math(p, 1, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)
 
     @gluon.jit
     def _math2(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-               PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr, E1: gl.constexpr,
-               E2: gl.constexpr):
-        _math(p, 2, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT, E1, E2)
+               PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
+        _math(p, 2, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)
 
     @gluon.jit
     def _loader(p, ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                 GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
-                PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr, E1: gl.constexpr,
-                E2: gl.constexpr):
+                PROMOTE: gl.constexpr, PREFETCH: gl.constexpr, NT: gl.constexpr):
         """One warp: TMA loads of the activation [TM, _BK] and weight [_BN, _BK] tiles into the stage ring,
         each stage freed when both math warpgroups have finished their MMAs on it. With PREFETCH, after a
         tile's last K tile also the epilogue's operands (U's rows, A's and B2's columns of the tile), so
@@ -524,8 +459,7 @@ if gluon is not None:
     @gluon.jit
     def _ws_gemm_kernel(a_desc, b_desc, c_desc, la_desc, u_desc, b2_desc, u2_desc, SX, SW, U, LA, BIAS, LB2, U2, SH,
                         M, N, K, R, R2, GROUP_M: gl.constexpr, NSTAGES: gl.constexpr, PROMOTE: gl.constexpr,
-                        PREFETCH: gl.constexpr, NT: gl.constexpr, NWG: gl.constexpr, E1: gl.constexpr,
-                        E2: gl.constexpr,
+                        PREFETCH: gl.constexpr, NT: gl.constexpr, NWG: gl.constexpr,
                         ROW_SCALAR: gl.constexpr, HAS_BIAS: gl.constexpr, RB: gl.constexpr, R_CHUNKS: gl.constexpr,
                         GELU: gl.constexpr, OUT_FP8: gl.constexpr, R2B: gl.constexpr, R2_CHUNKS: gl.constexpr,
                         num_warps: gl.constexpr):
@@ -581,22 +515,19 @@ if gluon is not None:
         if NWG == 3:
             gl.warp_specialize([
                 (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
-                         NT, E1, E2)),
-                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT, E1,
-                          E2)),
-                (_math2, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT, E1,
-                          E2)),
+                         NT)),
+                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
+                (_math2, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
                 (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
-                           NT, E1, E2)),
+                           NT)),
             ], [4, 4, 1], [_MATH3_REGS, _MATH3_REGS, 40])
         else:
             gl.warp_specialize([
                 (_math, (p, 0, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
-                         NT, E1, E2)),
-                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT, E1,
-                          E2)),
+                         NT)),
+                (_math1, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH, NT)),
                 (_loader, (p, ROW_SCALAR, HAS_BIAS, RB, R_CHUNKS, GELU, OUT_FP8, R2B, R2_CHUNKS, PROMOTE, PREFETCH,
-                           NT, E1, E2)),
+                           NT)),
             ], [4, 1], [232, 40])
 
 
@@ -658,7 +589,7 @@ def tiles_per_item(M: int, N: int, sms: int) -> int:
 
 def _knobs() -> tuple:
     """The module settings a launch plan depends on (benches change them between calls)."""
-    return (MATH_WGS, HEAVY_MIN_K, WAVE_SLACK, PREFETCH, U_RING, PAIR_TILES, U2_TMA, STAGES, STAGES_LOWRANK, EARLY)
+    return (MATH_WGS, HEAVY_MIN_K, WAVE_SLACK, PREFETCH, U_RING, PAIR_TILES, U2_TMA, STAGES, STAGES_LOWRANK)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -690,16 +621,8 @@ def _plan(M: int, N: int, K: int, R: int, R2: int, flags: tuple, u_dtype: torch.
     stages = _stages(out_bytes, f["RB"] if rc else 0, f["R2B"] if r2c else 0, u_bytes, prefetch, wgs, ring,
                      u2_blk is not None)
     grid = (min(G.cdiv(M, bm) * G.cdiv(N, BN * nt), sms),)
-    promote = max(1, promote_k // BK) if promote_k else 1 << 20  # 0: never
-    # EARLY's K tiles stay inside the next tile's first promotion interval, and each part held leaves the loader
-    # a free stage; the second part only where the epilogue goes on after the output's store (next low rank)
-    # (two math warpgroups only: with three, a warpgroup's 160 registers do not hold both accumulators beside
-    # the epilogue's values, and ptxas spills and serializes the MMAs)
-    e1, e2 = EARLY if nt == 1 and wgs == 2 else (0, 0)
-    total, held = max(0, min(promote - 1, G.cdiv(K, BK) - 1)), max(0, stages - 2)
-    e1 = min(e1, total, held)
-    e2 = min(e2, total - e1, held) if r2c else 0
-    consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=promote, PREFETCH=prefetch, NT=nt, NWG=wgs, E1=e1, E2=e2, **f)
+    consts = dict(GROUP_M=8, NSTAGES=stages, PROMOTE=max(1, promote_k // BK) if promote_k else 1 << 20,  # 0: never
+                  PREFETCH=prefetch, NT=nt, NWG=wgs, **f)
     # A as one TMA box per tile (2 warpgroups) or per warpgroup (3: Gluon's shapes are powers of two)
     return grid, consts, (bm if wgs == 2 else HM, BK), la_blk, u_blk, b2_blk, u2_blk
 
