@@ -91,6 +91,9 @@ def _compile(rank: int, rank_next: int, gelu: bool, fp8_out: bool, row_scalar: b
 def test_compiles_for_hopper(case, triton_language_unpatched):
     ck, u2_tma = _compile(**case)
     assert ck.metadata.shared <= SMEM_LIMIT  # launch()'s stage count fits what the kernel allocates
+    sass = _sass(ck)
+    if sass is not None and case["prefetch"]:  # no spilled accumulators (ranks up to 64; larger ones stage
+        assert sass.count(" STL") <= 8, sass.count(" STL")  # through memory): a few spilled scalars at most
     ptx = ck.asm["ptx"]
     assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx  # FP8 tensor cores
     assert "setmaxnreg" in ptx  # warp specialization took effect
@@ -100,6 +103,22 @@ def test_compiles_for_hopper(case, triton_language_unpatched):
         tma_reduce = "cp.reduce.async.bulk.tensor" in ptx
         assert tma_reduce == u2_tma
         assert ("red.global" in ptx or "atom.global" in ptx) != tma_reduce
+
+
+def _sass(ck) -> str | None:
+    """The kernel's SASS through the cuobjdump that Triton ships (None where it has none)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
 def test_three_warpgroups_only_where_their_waves_cost_no_more():
