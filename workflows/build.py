@@ -47,7 +47,7 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "COMFY_DYNAMICCOMB
 
 class Graph:
     def __init__(self, title: str):
-        self.title, self.nodes, self.groups = title, [], []
+        self.title, self.nodes, self.groups, self.buses = title, [], [], []
 
     def node(self, cls: str, pos, title: str | None = None, w: int = 320, h: int | None = None, **inputs) -> "Node":
         n = Node(len(self.nodes) + 1, cls, pos, title, w, inputs, h)
@@ -56,6 +56,15 @@ class Graph:
 
     def note(self, pos, text: str, title: str, size=(420, 200)):
         self.nodes.append(Note(len(self.nodes) + 1, pos, text, title, size))
+
+    def bus(self, src: "Out", targets: list, x: float | None = None, lane: float | None = None,
+            drop: float | None = None):
+        """Draw src's links to targets [(node, input name)] along one line (the frontend's native reroutes):
+        from the output to x = drop, up or down to y = lane, along the lane to x, then down x, leaving it level
+        with each target's input. Without a lane the line starts level with the output. Targets given as
+        (node, input name, x) instead each leave the lane at their own x, down to their input. Links only:
+        the graph and its API prompt are the same without it."""
+        self.buses.append((src, targets, x, lane, drop))
 
     def group(self, title: str, bounding, color=BLUE):
         x, y, w, h = bounding  # nodes' area; the group's title bar goes above their title bars
@@ -77,7 +86,7 @@ class Graph:
     # ---------------------------------------------------------------- UI format
     def ui(self, info: dict) -> dict:
         links, order = [], _topological(self)
-        ui_nodes = []
+        ui_nodes, link_of = [], {}  # (node id, input name) -> (link id, input slot)
         for n in self.nodes:
             if isinstance(n, Note):
                 ui_nodes.append(n.ui(order[n.id]))
@@ -90,6 +99,7 @@ class Graph:
                 if isinstance(v, Out):
                     link = len(links) + 1
                     links.append([link, v.node.id, v.slot, n.id, len(inputs), info[v.node.cls]["output"][v.slot]])
+                    link_of[n.id, name] = (link, len(inputs))
                 inputs.append({"localized_name": name, "name": name, "type": typ, "link": link})
             outputs = [{"localized_name": name, "name": name, "type": typ, "links": []}
                        for typ, name in zip(schema["output"], schema["output_name"])]
@@ -101,10 +111,47 @@ class Graph:
         by_id = {u["id"]: u for u in ui_nodes}
         for link in links:
             by_id[link[1]]["outputs"][link[2]]["links"].append(link[0])
+        extra = {"ds": {"scale": 0.6, "offset": [80, 80]}}
+        if self.buses:
+            extra["reroutes"], extra["linkExtensions"] = self._reroutes(link_of, links)
         return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "liteffn/" + self.title)), "revision": 0,
                 "last_node_id": len(self.nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-                "groups": self.groups, "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [80, 80]}},
-                "version": 0.4}
+                "groups": self.groups, "config": {}, "extra": extra, "version": 0.4}
+
+    def _reroutes(self, link_of: dict, links: list):
+        """The buses as the frontend stores native reroutes (both 1.43 and 1.49): points chained by parentId from
+        the output's end, each listing the links through it, and per link its last point (linkExtensions)."""
+        reroutes, ext = [], []
+        def point(pos, ids, parent):
+            reroutes.append(dict(id=len(reroutes) + 1, pos=list(pos), linkIds=list(ids),
+                                 **({"parentId": parent} if parent else {})))
+            return reroutes[-1]["id"]
+
+        for src, targets, x, lane, drop in self.buses:
+            own = len(targets[0]) == 3  # each target leaves the lane at its own x
+            ends = [(*link_of[t[0].id, t[1]], t[0], t[2] if own else x) for t in targets]
+            ends.sort(key=(lambda e: abs(e[3] - (drop or 0))) if own else (lambda e: _slot_y(e[2], e[1])))
+            ids = [e[0] for e in ends]
+            wrong = [t.cls for (lid, _, t, _) in ends if links[lid - 1][1:3] != [src.node.id, src.slot]]
+            if wrong:
+                raise ValueError(f"bus from {src.node.cls}[{src.slot}]: {wrong} take that input from elsewhere")
+            y0 = lane if lane is not None else _slot_y(src.node, src.slot)
+            parent = point((drop, y0), ids, None) if drop is not None else None
+            if not own:
+                parent = point((x, y0), ids, parent)
+            for j, (lid, slot, t, tx) in enumerate(ends):  # in order along the line
+                if own:  # along the lane to this target's x, then a point level with its input
+                    parent = point((tx, y0), ids[j:], parent)
+                    ext.append(dict(id=lid, parentId=point((tx, _slot_y(t, slot)), [lid], parent)))
+                else:  # down the line, leaving it level with each input
+                    parent = point((x, _slot_y(t, slot)), ids[j:], parent)
+                    ext.append(dict(id=lid, parentId=parent))
+        return reroutes, ext
+
+
+def _slot_y(n: "Node", slot: int) -> float:
+    """y of a node's input or output slot in the frontend (slots 20 px apart from the top of the body)."""
+    return n.pos[1] + 14 + 20 * slot
 
 
 class Out:
@@ -260,30 +307,34 @@ def _sampling(g: Graph, latent, pos):
     return noise, sampler, sigmas
 
 
-def _branch(g: Graph, model, cond, shared, latent, ckpt, audio_vae, name: str, pos):
-    """Sample one model, decode video and audio, save the video; returns the decoded frames."""
+def _branch(g: Graph, model, cond, shared, latent, ckpt, audio_vae, name: str, pos, save_below: bool = False):
+    """Sample one model, decode video and audio, save the video; returns its nodes by role. save_below: Save
+    Video under the decoders (its player grows about 400 px after a run) instead of right of them."""
     x, y = pos
     noise, sampler, sigmas = shared
     guider = g.node("CFGGuider", (x, y), model=model, positive=cond[0], negative=cond[1], cfg=CFG, w=260)
     s = g.node("SamplerCustomAdvanced", (x, y + 150), noise=noise[0], guider=guider[0], sampler=sampler[0],
                sigmas=sigmas[0], latent_image=latent[0], w=260)
     sep = g.node("LTXVSeparateAVLatent", (x, y + 340), av_latent=s[1], w=260)  # denoised, as the template
-    frames = g.node("VAEDecode", (x + 290, y), samples=sep[0], vae=ckpt[2], w=240)
-    sound = g.node("LTXVAudioVAEDecode", (x + 290, y + 110), samples=sep[1], audio_vae=audio_vae[0], w=240)
-    video = g.node("CreateVideo", (x + 290, y + 230), images=frames[0], audio=sound[0], fps=float(FPS), w=240)
-    g.node("SaveVideo", (x + 560, y), video=video[0], filename_prefix=f"LiteFFN/{name}", format="auto",
-           codec="auto", w=300)
-    return frames
+    dx = 320 if save_below else 290
+    frames = g.node("VAEDecode", (x + dx, y), samples=sep[0], vae=ckpt[2], w=240)
+    sound = g.node("LTXVAudioVAEDecode", (x + dx, y + 110), samples=sep[1], audio_vae=audio_vae[0], w=240)
+    video = g.node("CreateVideo", (x + dx, y + 230), images=frames[0], audio=sound[0], fps=float(FPS), w=240)
+    g.node("SaveVideo", (x + dx, y + 370) if save_below else (x + 560, y), video=video[0],
+           filename_prefix=f"LiteFFN/{name}", format="auto", codec="auto", w=300)
+    return dict(guider=guider, sampler=s, frames=frames, sound=sound)
 
 
 def compare_ranks() -> Graph:
+    """Four branches one under another. The inputs they share come down buses of native reroutes (lanes under
+    the shared group, then corridors beside the columns they feed) instead of long diagonal links."""
     g = Graph("LTX-2: baseline vs LiteFFN r=32, 64, 512")
     ckpt, clip, audio_vae = _loaders(g)
-    g.group("Prompt, size, seed (shared by every branch)", (460, -40, 1700, 520), GRAY)
+    g.group("Prompt, size, seed (shared by every branch)", (460, -40, 1770, 520), GRAY)
     cond = _prompt(g, clip, PROMPT, (470, 0))
-    latent = _latent(g, audio_vae, (1530, 0))
-    shared = _sampling(g, latent, (1200, 0))
-    g.note((0, 420), title="Read me", size=(440, 360), text=(
+    latent = _latent(g, audio_vae, (1600, 0))
+    shared = _sampling(g, latent, (1220, 0))
+    g.note((2260, -40), title="Read me", size=(440, 420), text=(
         "# LTX-2 baseline vs LiteFFN\n"
         "One prompt and seed, four models: the checkpoint as is, and its FFNs compressed at rank 32, 64 and 512 "
         "(FP8 residual). Each branch saves its video under `output/LiteFFN/`; **LiteFFN Compare** shows PSNR and "
@@ -291,33 +342,53 @@ def compare_ranks() -> Graph:
         f"Needs `models/liteffn/{STATS}.safetensors`: run **ltx2_calibrate_and_compress** first. With `(none)` "
         "the compression is uncalibrated (plain SVD), which costs quality.\n\n"
         "The baseline branch is never altered: Compress Model returns a patched copy."))
-    y = 780
-    base = _branch(g, ckpt[0], cond, shared, latent, ckpt, audio_vae, "baseline", (470, y))
-    g.group("Baseline (the checkpoint as is)", (460, y - 40, 1140, 440), GREEN)
+    col_a, col_b, col_c = 630, 950, 1300  # sampling, decoding and saving, comparing
+    y, h = 780, 880
+    base = _branch(g, ckpt[0], cond, shared, latent, ckpt, audio_vae, "baseline", (col_a, y), save_below=True)
+    g.group("Baseline (the checkpoint as is)", (620, y - 40, 640, h - 80), GREEN)
+    rows = [base]
+    comps, compares = [], []
     for i, r in enumerate((32, 64, 512)):
-        # (Save Video, right of the decoders, grows about 400 px tall with its player after a run: Compare and
-        # its plot start right of it; the reports get room for their first lines without scrolling)
-        yy = y + 700 * (i + 1)
+        yy = y + h * (i + 1)
         lite = g.node("LiteFFNCompressModel", (20, yy), title=f"LiteFFN Compress r={r}", w=400,
                       model=ckpt[0], stats_file=STATS + ".safetensors", rank=r, energy=0.0, residual="fp8",
                       streams="all", blocks="all", save_name="", layers="ffn")
-        frames = _branch(g, lite[0], cond, shared, latent, ckpt, audio_vae, f"r{r}", (470, yy))
-        cmp = g.node("LiteFFNCompare", (1380, yy), reference=base[0], test=frames[0], label=f"r={r} fp8", w=320)
-        g.node("PreviewImage", (1730, yy), images=cmp[3], w=420)
-        _show(g, cmp[2], (1380, yy + 160), f"Compare report r={r}", w=320, h=420)
-        _show(g, lite[1], (20, yy + 340), f"Compress report r={r}", w=400, h=260)
-        g.group(f"LiteFFN r={r}", (10, yy - 40, 2150, 660), PURPLE)
+        row = _branch(g, lite[0], cond, shared, latent, ckpt, audio_vae, f"r{r}", (col_a, yy), save_below=True)
+        cmp = g.node("LiteFFNCompare", (col_c, yy), reference=base["frames"][0], test=row["frames"][0],
+                     label=f"r={r} fp8", w=320)
+        g.node("PreviewImage", (col_c + 350, yy), images=cmp[3], w=420)
+        _show(g, cmp[2], (col_c, yy + 160), f"Compare report r={r}", w=320, h=420)
+        _show(g, lite[1], (20, yy + 350), f"Compress report r={r}", w=400, h=300)
+        g.group(f"LiteFFN r={r}", (10, yy - 40, col_c + 770 - 10, h - 80), PURPLE)
+        rows.append(row)
+        comps.append(lite)
+        compares.append(cmp)
+    # buses: lanes 15 px apart under the shared group; the loaders' drop between their group and the shared one,
+    # the others right of their node; corridors left of the column they feed (the model also far left, for
+    # the Compress nodes), further right for lower lanes so that lanes cross no corridor
+    lane = iter(range(505, 700, 15))
+    g.bus(ckpt[2], [(r["frames"], "vae") for r in rows], col_b - 45, next(lane), drop=445)
+    g.bus(audio_vae[0], [(r["sound"], "audio_vae") for r in rows], col_b - 25, next(lane), drop=452)
+    g.bus(ckpt[0], [(c, "model") for c in comps], -40, next(lane), drop=438)
+    g.bus(ckpt[0], [(base["guider"], "model")], col_a - 160, next(lane), drop=438)
+    for k, (out, name, drop, role) in enumerate([
+            (cond[0], "positive", 1190, "guider"), (cond[1], "negative", 1200, "guider"),
+            (shared[0][0], "noise", 1552, "sampler"), (shared[1][0], "sampler", 1564, "sampler"),
+            (shared[2][0], "sigmas", 1576, "sampler"), (latent[0], "latent_image", 2222, "sampler")]):
+        g.bus(out, [(r[role], name) for r in rows], col_a - 140 + 20 * k, next(lane), drop=drop)
+    g.bus(base["frames"][0], [(c, "reference") for c in compares], col_c - 25)
     return g
 
 
 def calibrate_and_compress() -> Graph:
+    """Loaders, the negative prompt and the latents in the left column; a group per calibration prompt; Compress
+    last. The inputs every group shares come by buses (native reroutes) over the groups' titles and down the gaps
+    between them; the negative prompt's and the audio latent's own inputs up the far left."""
     g = Graph("LTX-2: calibrate LiteFFN on prompts, then compress")
     ckpt, clip, audio_vae = _loaders(g)
-    # (left column: loaders, latents, the note, the negative prompt; the prompts' groups start right of the
-    # latents' concat node)
-    latent = _latent(g, audio_vae, (0, 400))
-    negative = _negative(g, clip, (0, 1150))
-    g.note((0, 780), title="Read me", size=(640, 330), text=(
+    negative = _negative(g, clip, (0, 420))
+    latent = _latent(g, audio_vae, (0, 660))
+    g.note((0, 1060), title="Read me", size=(640, 330), text=(
         "# Calibrate, then compress\n"
         "Each **LiteFFN Calibrate** samples the model on its prompt and records the input statistics of every "
         "FFN linear; chained through `stats`, the last one holds all prompts and saves them to "
@@ -329,9 +400,10 @@ def calibrate_and_compress() -> Graph:
         "sampling runs once per group of layers (slower, same result). `storage: cpu` keeps them in RAM.\n\n"
         "`layers`: `ffn` compresses the FFNs; `ffn+attention` also every attention projection (q, k, v and out; "
         "~43 GiB more statistics). Set the same value on every Calibrate node and on Compress Model."))
-    prev = None
+    prev, texts, conds, cals = None, [], [], []
+    step = 780  # a group's width and the 40 px gap whose bus lines feed it
     for i, text in enumerate(CALIBRATION_PROMPTS):
-        x = 680 + 760 * i
+        x = 700 + step * i
         cond = _prompt(g, clip, text, (x, 0), title=f"Calibration prompt {i + 1}", negative=negative)
         last = i == len(CALIBRATION_PROMPTS) - 1
         cal = g.node("LiteFFNCalibrate", (x, 240), title=f"LiteFFN Calibrate {i + 1}", w=360,
@@ -342,12 +414,31 @@ def calibrate_and_compress() -> Graph:
         _show(g, cal[1], (x + 380, 240), f"Calibrate {i + 1} summary", w=340, h=300)
         g.group(f"Prompt {i + 1}", (x - 10, -40, 740, 900), BLUE)
         prev = cal
-    x = 680 + 760 * len(CALIBRATION_PROMPTS)
+        texts.append(cond.inputs["positive"].node)
+        conds.append(cond)
+        cals.append(cal)
+    x = 700 + step * len(CALIBRATION_PROMPTS)
     comp = g.node("LiteFFNCompressModel", (x, 480), w=400, model=ckpt[0], stats=prev[0], stats_file="(none)",
                   rank=64, energy=0.0, residual="fp8", streams="all", blocks="all", save_name=COMPRESSED,
                   layers="ffn")
     _show(g, comp[1], (x, 860), "Compress report", w=400, h=300)
     g.group("Compress and save", (x - 10, 440, 420, 740), PURPLE)
+    # lanes above the groups' titles (the lowest first), one line per group down the gap left of it; the negative
+    # conditioning's line runs between each prompt's text and its LTXVConditioning
+    xs = [700 + step * i for i in range(len(CALIBRATION_PROMPTS))]
+    g.bus(clip[0], [(t, "clip", x - 20) for t, x in zip(texts, xs)], lane=-100, drop=445)
+    g.bus(ckpt[0], [(c, "model", x - 30) for c, x in zip(cals, xs)] + [(comp, "model", xs[-1] + step - 30)],
+          lane=-115, drop=452)
+    g.bus(latent[0], [(c, "latent_image", x - 40) for c, x in zip(cals, xs)], lane=-130, drop=625)
+    g.bus(negative[0], [(c, "negative", x + 435) for c, x in zip(conds, xs)], lane=-145, drop=645)
+    g.bus(clip[0], [(negative, "clip")], -30, 395, drop=445)
+    g.bus(audio_vae[0], [(latent.inputs["audio_latent"].node, "audio_vae")], -45, 385, drop=452)
+    # in each group, the conditioning down to Calibrate under the prompt's text; the statistics from one Calibrate
+    # to the next (and to Compress) under the summaries, up the next group's left edge
+    for x, cond, cal, nxt in zip(xs, conds, cals, cals[1:] + [comp]):
+        g.bus(cond[0], [(cal, "positive", x - 8)], lane=190, drop=x + 725)
+        g.bus(cond[1], [(cal, "negative", x - 4)], lane=200, drop=x + 735)
+        g.bus(cal[0], [(nxt, "stats", nxt.pos[0] - 5)], lane=560, drop=x + 370)
     return g
 
 
