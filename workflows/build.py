@@ -307,20 +307,22 @@ def _sampling(g: Graph, latent, pos):
     return noise, sampler, sigmas
 
 
-def _branch(g: Graph, model, cond, shared, latent, ckpt, audio_vae, name: str, pos, save_below: bool = False):
+def _branch(g: Graph, model, cond, shared, latent, ckpt, audio_vae, name: str, pos, save_below: bool = False,
+            gap: int = 0):
     """Sample one model, decode video and audio, save the video; returns its nodes by role. save_below: Save
-    Video under the decoders (its player grows about 400 px after a run) instead of right of them."""
+    Video under the decoders (its player grows about 400 px after a run) instead of right of them; gap: more
+    room before the decoders (for bus lines)."""
     x, y = pos
     noise, sampler, sigmas = shared
     guider = g.node("CFGGuider", (x, y), model=model, positive=cond[0], negative=cond[1], cfg=CFG, w=260)
     s = g.node("SamplerCustomAdvanced", (x, y + 150), noise=noise[0], guider=guider[0], sampler=sampler[0],
                sigmas=sigmas[0], latent_image=latent[0], w=260)
     sep = g.node("LTXVSeparateAVLatent", (x, y + 340), av_latent=s[1], w=260)  # denoised, as the template
-    dx = 320 if save_below else 290
+    dx = (320 if save_below else 290) + gap
     frames = g.node("VAEDecode", (x + dx, y), samples=sep[0], vae=ckpt[2], w=240)
     sound = g.node("LTXVAudioVAEDecode", (x + dx, y + 110), samples=sep[1], audio_vae=audio_vae[0], w=240)
     video = g.node("CreateVideo", (x + dx, y + 230), images=frames[0], audio=sound[0], fps=float(FPS), w=240)
-    g.node("SaveVideo", (x + dx, y + 370) if save_below else (x + 560, y), video=video[0],
+    g.node("SaveVideo", (x + dx, y + 370) if save_below else (x + dx + 270, y), video=video[0],
            filename_prefix=f"LiteFFN/{name}", format="auto", codec="auto", w=300)
     return dict(guider=guider, sampler=s, frames=frames, sound=sound)
 
@@ -443,12 +445,15 @@ def calibrate_and_compress() -> Graph:
 
 
 def t2v_liteffn() -> Graph:
+    """ComfyUI's LTX-2 text-to-video layout with the Loader under the model loaders; links that would cross
+    nodes run as buses (native reroutes) over the graph, down the gap left of the sampling column and the one
+    left of the decoders."""
     g = Graph("LTX-2 text to video with LiteFFN")
     ckpt, clip, audio_vae = _loaders(g)
-    lite = g.node("LowRankFFNLoader", (0, 470), w=400, model=ckpt[0], compressed_file=COMPRESSED + ".safetensors")
-    _show(g, lite[1], (0, 600), "Loader report", w=400, h=200)
-    g.group("LiteFFN", (-10, 430, 440, 390), PURPLE)
-    g.note((0, 870), title="Read me", size=(420, 260), text=(
+    lite = g.node("LowRankFFNLoader", (0, 490), w=400, model=ckpt[0], compressed_file=COMPRESSED + ".safetensors")
+    _show(g, lite[1], (0, 620), "Loader report", w=400, h=200)
+    g.group("LiteFFN", (-10, 450, 440, 390), PURPLE)
+    g.note((0, 910), title="Read me", size=(420, 260), text=(
         "# LTX-2 text to video, FFNs compressed\n"
         "ComfyUI's LTX-2 text-to-video with one node added: **Low-Rank FFN Loader** puts the compressed FFNs "
         f"(`models/liteffn/{COMPRESSED}.safetensors`, made by ltx2_calibrate_and_compress) onto the checkpoint "
@@ -457,7 +462,17 @@ def t2v_liteffn() -> Graph:
     cond = _prompt(g, clip, PROMPT, (470, 0))
     latent = _latent(g, audio_vae, (470, 480))
     shared = _sampling(g, latent, (1200, 0))
-    _branch(g, lite[0], cond, shared, latent, ckpt, audio_vae, "t2v", (1200, 520))
+    row = _branch(g, lite[0], cond, shared, latent, ckpt, audio_vae, "t2v", (1200, 520), gap=110)
+    g.bus(ckpt[0], [(lite, "model")], -30, 397, drop=445)  # back down to the Loader, left of it
+    g.bus(ckpt[2], [(row["frames"], "vae")], 1575, -100, drop=452)  # over the prompts and the sampling column
+    g.bus(audio_vae[0], [(row["sound"], "audio_vae")], 1585, -115, drop=458)
+    g.bus(lite[0], [(row["guider"], "model")], 1150, 860, drop=438)  # under the latents
+    g.bus(latent[0], [(row["sampler"], "latent_image")], 1100)
+    for k, (out, name, role) in enumerate([(shared[0][0], "noise", "sampler"), (shared[1][0], "sampler", "sampler"),
+                                           (shared[2][0], "sigmas", "sampler")]):
+        g.bus(out, [(row[role], name)], 1160 + 8 * k, 450 + 10 * k, drop=1530 + 10 * k)  # under the scheduler
+    g.bus(cond[0], [(row["guider"], "positive")], 1186)
+    g.bus(cond[1], [(row["guider"], "negative")], 1194)
     return g
 
 
