@@ -267,16 +267,24 @@ def scratch(device: torch.device) -> torch.Tensor:
 
 
 _WORKSPACES: dict = {}
+_RETIRED: list = []  # replaced workspaces: kept, as programs (programs.py) may hold their addresses
 
 
 def split_workspace(device, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split K's fp32 sums [M, N] and per-tile counters (_split_k_sum), kept per device and zero between
-    launches (the kernels zero what they used). One stream at a time, as ComfyUI samples."""
+    launches (the kernels zero what they used). One stream at a time, as ComfyUI samples. Kept for the
+    process (persistent) so that a call with split K can become a launch program (programs.py): before, the
+    audio FFN at 126 tokens without CUDA graphs could not, and took 328 us per call from Python on the H200
+    (bench/host_overhead_126_h200.md). Split K runs at few tokens only: a few MiB."""
     tiles = cdiv(M, 32) * cdiv(N, 32)  # the smallest tiles (the interpreter's)
     ws, cnt = _WORKSPACES.get(device, (None, None))
     if ws is None or ws.numel() < M * N or cnt.numel() < tiles:
-        ws = torch.zeros(max(M * N, 0 if ws is None else ws.numel()), device=device, dtype=torch.float32)
-        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), device=device, dtype=torch.int32)
+        if ws is not None:
+            _RETIRED.append((ws, cnt))
+        ws = persistent(torch.zeros(max(M * N, 0 if ws is None else ws.numel()), device=device,
+                                    dtype=torch.float32))
+        cnt = persistent(torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), device=device,
+                                     dtype=torch.int32))
         _WORKSPACES[device] = (ws, cnt)
     graphs.keep_alive(ws, cnt)  # a graph capturing this launch keeps them, should they be replaced
     return ws, cnt

@@ -150,3 +150,25 @@ def test_a_failing_replay_turns_programs_off(monkeypatch, caplog):
     progs.states[owner] = {("k",): Broken()}
     assert progs.replay(owner, ("k",), torch.zeros(2, 8)) is None
     assert progs.disabled and not progs.on() and "failed" in caplog.text
+
+
+def test_split_k_workspace_is_a_constant_of_a_program_and_outlives_its_replacement(monkeypatch):
+    """Split K's workspace (zeroed by the kernels after use) is kept for the process: a call that uses it
+    becomes a program with its address as a constant, and a larger one that replaces it leaves it allocated
+    (a program may still hold that address)."""
+    monkeypatch.setattr(G, "_WORKSPACES", {})
+    monkeypatch.setattr(G, "_RETIRED", [])
+    x2, w = torch.randn(6, 8), torch.randn(5, 8)
+    raw = FakeRaw([0, 0, 0, 0, 0, 1])
+    with G.recording() as rec:
+        ws, cnt = G.split_workspace(x2.device, 6, 5)
+        y = G.new((6, 5), torch.float32, x2.device)
+        G._rec.launch(raw, (2,), (x2, w, ws, cnt, y, 6))
+    prog = P.Program.build(rec, x2, y, [w])
+    assert prog is not None
+    (_, _, template, patches), = prog.launches
+    assert template[2:4] == [ws.data_ptr(), cnt.data_ptr()]  # constants: no patch for them
+    assert {p[0] for p in patches} == {0, 4}  # x and the output are the call's own
+    old = ws.data_ptr()
+    ws2, _ = G.split_workspace(x2.device, 64, 64)  # larger: replaced
+    assert ws2.data_ptr() != old and G._RETIRED[0][0].data_ptr() == old and old in G.PERSISTENT
