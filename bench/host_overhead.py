@@ -1,6 +1,6 @@
 """Host time per call of the compressed layers against the dense ones, on the device GPU.
 
-    python bench/host_overhead.py [--out DIR] [--m 126] [--calls 300] [--parts host,profile,device]
+    python bench/host_overhead.py [--out DIR] [--m 126] [--calls 300] [--parts host,rotation,profile,device] [--copies 7]
 
 host: wall microseconds per call over --calls calls with no synchronization inside the loop
 (what a sampling loop pays in Python and launches), at M tokens of the audio FFN
@@ -13,6 +13,9 @@ once more as ComfyUI runs them, with CUDA graphs (kernels/graphs.py: eager once,
 second call, replayed from then on; the warm-up calls cover both). Also the device time per
 call (CUDA events over the same loop after a sync: if it is near the host time, the loop was
 GPU-bound and the host time is not the launch overhead). Goal: CompressedFFN.forward within 1.5x the dense FFN's host time.
+rotation: the dense FFN and CompressedFFN.forward (FP8; CUDA graphs on, then off: launch programs) with
+their weights rotating over 1 and over --copies copies, one module per call, as bench/ffn_kernels.py's python
+mode times them (there the weights come from HBM on every call; here also with one copy, from L2).
 profile: cProfile's top 20 (internal time) over 200 compressed FFN calls, without and with CUDA graphs.
 device: device time (CUDA graphs) of act_quant_lowrank's one-launch few-row variant per rows per
 program against the two-launch one, and of the FP8 up-projection GEMM (GELU, FP8 out, next low rank)
@@ -174,6 +177,53 @@ def host(m, calls):
     return lines
 
 
+def rotation(m, calls, copies):
+    """Back-to-back calls with weights rotating over copies (bench/ffn_kernels.py's python mode)."""
+    G = graphs.GRAPHS
+    mods, dense = [], []
+    for i in range(copies):
+        up = random_fp8_layer(HID, DIM, RANK, seed=10 + 2 * i, device="cuda")
+        dn = random_fp8_layer(DIM, HID, RANK, seed=11 + 2 * i, device="cuda")
+        up["input_amax"] = torch.tensor([4.0], device="cuda")
+        dn["input_amax"] = torch.tensor([8.0], device="cuda")
+        mods.append(Mo.CompressedFFN(Mo.CompressedLinear("fp8", DIM, HID, up), Mo.CompressedLinear("fp8", HID, DIM, dn)))
+        dense.append(((torch.randn(HID, DIM, device="cuda") / DIM**0.5).bfloat16(), up["bias"],
+                      (torch.randn(DIM, HID, device="cuda") / HID**0.5).bfloat16(), dn["bias"]))
+    x = torch.randn(1, m, DIM, device="cuda").bfloat16()
+    lines = ["", f"## Rotation: weights over 1 and {copies} copies, M={m}, back-to-back calls (us per call)", "",
+             "| call | copies | host us | device us | with sync us | graphs (calls) |", "|---|---|---|---|---|---|"]
+    for n in (1, copies):
+        it = {"i": 0}
+
+        def nxt(seq):
+            it["i"] = (it["i"] + 1) % n
+            return seq[it["i"]]
+
+        cases = [("dense bf16 FFN", None, lambda: (lambda W1, b1, W2, b2: Fn.linear(
+                     Fn.gelu(Fn.linear(x, W1, b1), approximate="tanh"), W2, b2))(*nxt(dense))),
+                 ("CompressedFFN.forward (FP8), CUDA graphs", True, lambda: nxt(mods)(x)),
+                 ("CompressedFFN.forward (FP8), no graphs (programs)", False, lambda: nxt(mods)(x))]
+        for label, use_graphs, fn in cases:
+            G.enabled = use_graphs
+            try:
+                g0 = dict(G.stats)
+                for _ in range(2 * n + 2):  # eager and capture calls of every copy before the timed ones
+                    fn()
+                t_host, t_dev, t_all = host_us(fn, calls)
+                ng = {k: v - g0.get(k, 0) for k, v in G.stats.items() if v != g0.get(k, 0)}
+                OUT.setdefault("rotation", {})[f"{label}, {n} copies"] = dict(
+                    host_us=t_host, device_us=t_dev, with_sync_us=t_all, graphs=ng)
+                g = ", ".join(f"{k} {v}" for k, v in sorted(ng.items())) or "-"
+                lines.append(f"| {label} | {n} | {t_host:.1f} | {t_dev:.1f} | {t_all:.1f} | {g} |")
+                say(f"  {label:52s} copies {n:2d}: host {t_host:7.1f}  device {t_dev:7.1f}  with sync {t_all:7.1f}  {g}")
+            except Exception:  # noqa: BLE001
+                OUT["errors"][f"rotation {label} {n}"] = traceback.format_exc()[-1500:]
+                say(f"  {label} copies {n}: FAILED\n{OUT['errors'][f'rotation {label} {n}']}")
+            finally:
+                G.enabled = None
+    return lines
+
+
 def profile(m, calls):
     ffn8, _, _, _, x = modules(m)
     lines = []
@@ -255,7 +305,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--m", type=int, default=126)
     ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument("--parts", default="host,profile,device")
+    ap.add_argument("--parts", default="host,profile,device", help="comma list of host, rotation, profile, device")
+    ap.add_argument("--copies", type=int, default=7, help="rotation: weight copies (7: ffn_kernels.py's at the audio FFN)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     say(f"# {torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M')} "
@@ -264,7 +315,7 @@ def main():
     for part in a.parts.split(","):
         t0 = time.time()
         try:
-            md += globals()[part](a.m, a.calls)
+            md += rotation(a.m, a.calls, a.copies) if part == "rotation" else globals()[part](a.m, a.calls)
         except Exception:  # noqa: BLE001
             OUT["errors"][part] = traceback.format_exc()[-3000:]
             say(f"{part} FAILED:\n{OUT['errors'][part]}")
