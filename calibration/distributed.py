@@ -40,7 +40,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .stats import ActivationStats, LayerStats, plan_passes
+from .stats import ActivationStats, LayerStats, merge_held, plan_passes
 
 DEFAULT_BUDGET = 2 << 30
 METHODS = ("ordered", "all_reduce")
@@ -183,6 +183,8 @@ def _comm_device(group) -> torch.device:
 def _describe(stats: ActivationStats) -> dict:
     return {"widths": {n: stats[n].width for n in stats.names()},
             "rows": {n: int(stats[n].rows) for n in stats.names()},
+            "held": {n: stats[n].held_rows for n in stats.names()},
+            "held_seen": {n: int(stats[n].held_seen) for n in stats.names()},
             "meta": json.loads(json.dumps(stats.meta))}  # as a file would hold it
 
 
@@ -267,10 +269,41 @@ def reduce_stats(stats: ActivationStats, budget_bytes: int = DEFAULT_BUDGET, met
                                                          stats[n].absmax.to(dev, torch.float32))])
             dist.send(buf, dst=peer(0), group=group)
             del buf
+        _reduce_held(stats, names, infos, rank, world, dev, peer, group, keep=method == "all_reduce" or rank == 0)
     if method == "ordered" and rank != 0:
         return None
     stats.meta = total.meta
     return stats
+
+
+def _reduce_held(stats, names, infos, rank, world, dev, peer, group, keep: bool) -> None:
+    """Every rank's held-out rows of these layers, broadcast by each rank in turn as bytes, merged in rank
+    order (stats.merge_held, as merge-stats merges the ranks' files); where keep, stats' layers take the result."""
+    if not any(info["held"][n] for info in infos for n in names):
+        return
+    widths = infos[0]["widths"]
+    merged = {n: (None, 0) for n in names}
+    for r in range(world):
+        size = sum(infos[r]["held"][n] * widths[n] * 2 for n in names)
+        if size:
+            if r == rank:
+                buf = torch.cat([stats[n].held.to(dev).reshape(-1).view(torch.uint8) for n in names
+                                 if infos[r]["held"][n]])
+            else:
+                buf = torch.empty(size, dtype=torch.uint8, device=dev)
+            dist.broadcast(buf, src=peer(r), group=group)
+        i = 0
+        for n in names:
+            h, k = infos[r]["held"][n], widths[n]
+            rows = buf[i:i + h * k * 2].view(torch.bfloat16).view(h, k).cpu() if h else None
+            i += h * k * 2
+            merged[n] = merge_held(*merged[n], rows, infos[r]["held_seen"][n])
+        buf = None
+    if keep:
+        for n in names:
+            s = stats[n]
+            s.held = None if merged[n][0] is None else merged[n][0].to(s.xtx.device)
+            s.held_seen = merged[n][1]
 
 
 def reduce_and_save(stats: ActivationStats, path: str, budget_bytes: int = DEFAULT_BUDGET, method: str = "ordered",

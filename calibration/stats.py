@@ -13,12 +13,22 @@ settings, so every group sees the same activations). Groups can also be kept on 
 then added into host memory, trading a device-to-host copy per layer and batch for
 device memory. Inputs are processed in row chunks so the fp32 copy of a batch is bounded
 too (`chunk_rows`).
+
+Held-out rows. A collector made with `holdout_rows > 0` (LiteFFN Calibrate: HOLDOUT_ROWS) sets aside
+every `holdout_every`-th input row of a layer (counted over the whole calibration) from X^T X, absmax
+and the row count, and keeps a uniform sample of at most `holdout_rows` of them (reservoir sampling,
+seeded by the layer's name: the same run gives the same rows) in bf16 as `LayerStats.held`. Compression
+measures on them the output error that users get (activations quantized as the kernels do), rows that
+the statistics it was fitted to never saw. Files carry them as `<layer>.held` (BF16 [rows, width]);
+files without them (older ones) load with none. Merges keep a sample of both sides' rows in
+proportion to the rows each side set aside.
 """
 from __future__ import annotations
 
 import json
 import os
 import struct
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -31,6 +41,8 @@ from .validate import FileError, all_finite
 STATS_FORMAT = "liteffn.stats"
 STATS_VERSION = 1
 RECALIBRATE = "calibrate again (LiteFFN Calibrate) to make a new statistics file"
+HOLDOUT_ROWS = 2048  # held-out rows kept per layer by LiteFFN Calibrate (at width 16384: 64 MiB, 6% of X^T X)
+HOLDOUT_EVERY = 32  # every 32nd input row is set aside (3% of the rows leave X^T X)
 
 
 @dataclass
@@ -38,6 +50,8 @@ class LayerStats:
     xtx: torch.Tensor  # [K, K] fp32, sum of x x^T over rows
     absmax: torch.Tensor  # [K] fp32, max |x| per input channel
     rows: int = 0
+    held: torch.Tensor | None = None  # [S, K] bf16: a sample of the rows set aside (not in xtx, absmax, rows)
+    held_seen: int = 0  # rows set aside in all, of which `held` is a uniform sample
 
     @classmethod
     def empty(cls, k: int, device="cpu") -> "LayerStats":
@@ -54,7 +68,8 @@ class LayerStats:
         return self.xtx / self.rows
 
     def check_finite(self, name: str = "") -> None:
-        if not (all_finite(self.xtx) and all_finite(self.absmax)):  # in pieces: no layer-sized scratch
+        if not (all_finite(self.xtx) and all_finite(self.absmax)  # in pieces: no layer-sized scratch
+                and (self.held is None or all_finite(self.held))):
             raise ValueError(
                 f"statistics of layer {name or '?'} contain NaN or Inf; the model produced "
                 "non-finite activations during calibration. Re-run calibration (check the model "
@@ -67,21 +82,52 @@ class LayerStats:
         self.xtx += other.xtx.to(self.xtx.device)
         self.absmax = torch.maximum(self.absmax, other.absmax.to(self.absmax.device))
         self.rows += other.rows
+        self.held, self.held_seen = merge_held(self.held, self.held_seen, other.held, other.held_seen)
         return self
 
+    @property
+    def held_rows(self) -> int:
+        return 0 if self.held is None else int(self.held.shape[0])
 
-def layer_bytes(width: int) -> int:
-    return width * width * 4 + width * 4
+
+def merge_held(a: torch.Tensor | None, a_seen: int, b: torch.Tensor | None, b_seen: int,
+               cap: int | None = None) -> tuple[torch.Tensor | None, int]:
+    """Two samples of held-out rows as one: both whole while they fit `cap` (default: HOLDOUT_ROWS or the
+    larger sample), else rows of each in proportion to the rows each side set aside, drawn by a generator
+    seeded from the counts (the same inputs give the same rows, in any process). -> (rows, seen)."""
+    seen = int(a_seen) + int(b_seen)
+    na, nb = (0 if t is None else int(t.shape[0]) for t in (a, b))
+    if nb == 0:
+        return a, seen
+    if na == 0:
+        return b.clone(), seen
+    b = b.to(a.device)
+    cap = max(HOLDOUT_ROWS, na, nb) if cap is None else cap
+    if na + nb <= cap:
+        return torch.cat([a, b]), seen
+    ka = min(na, max(cap - nb, round(cap * a_seen / max(seen, 1))))
+    kb = cap - ka
+    g = torch.Generator().manual_seed(int(a_seen) * 1_000_003 + int(b_seen))
+    ia = torch.randperm(na, generator=g)[:ka].sort().values.to(a.device)
+    ib = torch.randperm(nb, generator=g)[:kb].sort().values.to(a.device)
+    return torch.cat([a[ia], b[ib]]), seen
 
 
-def plan_passes(widths: dict[str, int], budget_bytes: int, chunk_rows: int = 4096) -> list[list[str]]:
-    """Split layers into groups whose accumulators plus one row chunk fit budget_bytes.
+def layer_bytes(width: int, held_rows: int = 0) -> int:
+    """Memory (and file bytes) of one layer's statistics: X^T X, absmax and up to held_rows bf16 rows."""
+    return width * width * 4 + width * 4 + held_rows * width * 2
+
+
+def plan_passes(widths: dict[str, int], budget_bytes: int, chunk_rows: int = 4096, held_rows: int = 0
+                ) -> list[list[str]]:
+    """Split layers into groups whose accumulators (and held_rows held-out rows each) plus one row chunk
+    fit budget_bytes.
 
     Greedy first-fit in the given order (model order keeps hooks of a group close)."""
     groups: list[list[str]] = []
     used: list[int] = []
     for name, k in widths.items():
-        need = layer_bytes(k)
+        need = layer_bytes(k, held_rows)
         if need + chunk_rows * k * 4 > budget_bytes:
             raise ValueError(
                 f"layer {name} ({k} wide) needs {need / 2**20:.0f} MiB for its statistics plus "
@@ -123,7 +169,7 @@ class ActivationStats:
         return int(self.layers[name].rows)
 
     def nbytes(self) -> int:
-        return sum(s.xtx.numel() * 4 + s.absmax.numel() * 4 for s in self.layers.values())
+        return sum(s.xtx.numel() * 4 + s.absmax.numel() * 4 + s.held_rows * s.width * 2 for s in self.layers.values())
 
     def merge_(self, other: "ActivationStats", names: tuple[str, str] = ("these statistics", "the others")
                ) -> "ActivationStats":
@@ -137,7 +183,8 @@ class ActivationStats:
             if name in self.layers:
                 self.layers[name].merge_(s)
             else:
-                self.layers[name] = LayerStats(s.xtx.clone(), s.absmax.clone(), s.rows)
+                self.layers[name] = LayerStats(s.xtx.clone(), s.absmax.clone(), s.rows,
+                                               None if s.held is None else s.held.clone(), s.held_seen)
             del s
         self.meta = merged_meta(self.meta, other.meta)
         return self
@@ -227,7 +274,7 @@ class FileStats(ActivationStats):
         with f:
             infos = check_stats_meta(meta, path)
         self.path = os.path.abspath(path)
-        self.infos: dict[str, dict] = {n: {"rows": int(i["rows"]), "width": int(i["width"])} for n, i in infos.items()}
+        self.infos: dict[str, dict] = {n: layer_info_of(i) for n, i in infos.items()}
         self.meta = {k: v for k, v in meta.items() if k not in ("format", "version", "layers")}
         self.layers = _FileLayers(self)
 
@@ -308,7 +355,8 @@ def stream_passes(groups, run_group, earlier: "ActivationStats | None" = None, r
             got[n].check_finite(n)
         for n in [n for n in got if n in group]:
             st = got.pop(n)
-            s = LayerStats(st.xtx.cpu(), st.absmax.cpu(), st.rows)  # off the GPU (no copy when on the host)
+            s = LayerStats(st.xtx.cpu(), st.absmax.cpu(), st.rows,  # off the GPU (no copy when on the host)
+                           None if st.held is None else st.held.cpu(), st.held_seen)
             del st
             if earlier is not None and n in earlier:
                 s.merge_(earlier[n])
@@ -317,7 +365,7 @@ def stream_passes(groups, run_group, earlier: "ActivationStats | None" = None, r
                 rows[n] = int(s.rows)
             yield n, s
             if release:
-                s.xtx = s.absmax = None
+                s.xtx = s.absmax = s.held = None
             del s
         del got
     if earlier is not None:
@@ -352,6 +400,10 @@ def check_stats_meta(meta: dict, path: str) -> dict:
         if not ok or info["rows"] < 0 or info["width"] < 1:
             raise FileError(f"statistics file {path}: metadata of layer {name} is {info!r}, not rows >= 0 and "
                             f"width >= 1; {RECALIBRATE}")
+        held = [info.get(k, 0) for k in ("held", "held_seen")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in held) or held[0] > held[1]:
+            raise FileError(f"statistics file {path}: metadata of layer {name} is {info!r}, not held <= held_seen, "
+                            f"both >= 0; {RECALIBRATE}")
     fp = check_fingerprint(meta.get("fingerprint"), f"statistics file {path}", RECALIBRATE, required=False)
     for name, info in layers.items():
         if name in fp and fp[name][1] != info["width"]:
@@ -363,27 +415,47 @@ def check_stats_meta(meta: dict, path: str) -> dict:
 def check_layer_header(f, path: str, name: str, info: dict) -> None:
     """The layer's tensors in an open statistics file: present, F32, [w, w] and [w]."""
     w = info["width"]
-    for k, shape in (("xtx", (w, w)), ("absmax", (w,))):
+    held = int(info.get("held", 0))
+    for k, shape in (("xtx", (w, w)), ("absmax", (w,))) + ((("held", (held, w)),) if held else ()):
         try:
             sl = f.get_slice(f"{name}.{k}")
         except Exception:  # safetensors raises its own error types
             raise FileError(f"statistics file {path} has no tensor {name}.{k} (layer {name}); {RECALIBRATE}") from None
-        if tuple(sl.get_shape()) != shape or sl.get_dtype() != "F32":
+        dt = "BF16" if k == "held" else "F32"
+        if tuple(sl.get_shape()) != shape or sl.get_dtype() != dt:
             raise FileError(f"statistics file {path}: layer {name}, tensor {k} is {sl.get_dtype()} "
-                            f"{list(sl.get_shape())}, expected F32 {list(shape)} ({w} wide); {RECALIBRATE}")
+                            f"{list(sl.get_shape())}, expected {dt} {list(shape)} ({w} wide); {RECALIBRATE}")
 
 
 def read_layer(f, path: str, name: str, info: dict, device="cpu") -> LayerStats:
     """One layer of an open statistics file, its shapes, dtype and values checked."""
     check_layer_header(f, path, name, info)
+    held = f.get_tensor(f"{name}.held").to(device) if info.get("held", 0) else None
     s = LayerStats(f.get_tensor(f"{name}.xtx").to(device), f.get_tensor(f"{name}.absmax").to(device),
-                   int(info["rows"]))
+                   int(info["rows"]), held, int(info.get("held_seen", 0)))
     _check_layer_finite(s, path, name)
     return s
 
 
+def layer_info(s: LayerStats) -> dict:
+    """A layer's entry in a statistics file's metadata (held-out counts only where rows were set aside, so
+    files without them stay as they were)."""
+    info = {"rows": int(s.rows), "width": s.width}
+    if s.held_seen:
+        info.update(held=s.held_rows, held_seen=int(s.held_seen))
+    return info
+
+
+def layer_info_of(info: dict) -> dict:
+    """The checked entry of a file's metadata, reduced to what layer_info writes."""
+    out = {"rows": int(info["rows"]), "width": int(info["width"])}
+    if info.get("held_seen"):
+        out.update(held=int(info.get("held", 0)), held_seen=int(info["held_seen"]))
+    return out
+
+
 def _check_layer_finite(s: LayerStats, path: str, name: str) -> None:
-    if not (all_finite(s.xtx) and all_finite(s.absmax)):
+    if not (all_finite(s.xtx) and all_finite(s.absmax) and (s.held is None or all_finite(s.held))):
         raise FileError(f"statistics file {path}: layer {name} contains NaN or Inf; the model produced non-finite "
                         f"activations during calibration, or the file is damaged: {RECALIBRATE}")
 
@@ -430,8 +502,7 @@ def _stream_merge(paths: list[str], out: str, into: "ActivationStats | None", in
     if into is not None:
         for n, s in into.layers.items():
             s.check_finite(n)
-        metas.append(("the statistics being added", into.meta,
-                      {n: {"rows": int(s.rows), "width": s.width} for n, s in into.layers.items()}))
+        metas.append(("the statistics being added", into.meta, {n: layer_info(s) for n, s in into.layers.items()}))
     for i, (pa, ma, ia) in enumerate(metas):  # every pair
         for pb, mb, ib in metas[i + 1:]:
             check_same_model(ma, mb, pa, pb, "merged")
@@ -458,13 +529,16 @@ def _stream_merge(paths: list[str], out: str, into: "ActivationStats | None", in
             w = infos[name]["width"]
             absmax = torch.empty(w)
             _read_f32(fh, span[f"{name}.absmax"], absmax, p, name)
+            held = _read_held(p, name, infos[name])
+            seen = int(infos[name].get("held_seen", 0))
             if acc is None:  # the first input's copy becomes the sum
-                acc = LayerStats(torch.empty(w, w), absmax, int(infos[name]["rows"]))
+                acc = LayerStats(torch.empty(w, w), absmax, int(infos[name]["rows"]), held, seen)
                 _read_f32(fh, span[f"{name}.xtx"], acc.xtx, p, name)
             else:
                 _read_f32(fh, span[f"{name}.xtx"], acc.xtx, p, name, add=True)
                 acc.absmax = torch.maximum(acc.absmax, absmax.to(acc.absmax.device))
                 acc.rows += int(infos[name]["rows"])
+                acc.held, acc.held_seen = merge_held(acc.held, acc.held_seen, held, seen)
         if not (all_finite(acc.xtx) and all_finite(acc.absmax)):
             raise FileError(f"layer {name}: the sum of its statistics overflows fp32 (Inf); merge fewer files")
         return acc
@@ -474,10 +548,10 @@ def _stream_merge(paths: list[str], out: str, into: "ActivationStats | None", in
         try:
             for name in order:
                 acc = total(name, files)
-                out = LayerStats(acc.xtx, acc.absmax, acc.rows)  # a wrapper: `into`'s own layer stays whole
-                del acc
+                out = LayerStats(acc.xtx, acc.absmax, acc.rows, acc.held, acc.held_seen)  # a wrapper: `into`'s
+                del acc  # own layer stays whole
                 yield name, out
-                out.xtx = out.absmax = None  # written: the consumer's loop variable must not keep it alive
+                out.xtx = out.absmax = out.held = None  # written: the consumer's loop variable must not keep it alive
                 # while the next layer is summed
         finally:
             for fh in files:
@@ -487,7 +561,7 @@ def _stream_merge(paths: list[str], out: str, into: "ActivationStats | None", in
 
     def counted():
         for name, s in layers():
-            written[name] = {"rows": int(s.rows), "width": s.width}
+            written[name] = layer_info(s)
             yield name, s
 
     write_stats(out, counted(), meta, inputs=inputs, widths=width, option=option)
@@ -497,6 +571,20 @@ def _stream_merge(paths: list[str], out: str, into: "ActivationStats | None", in
 
 
 _CHUNK = 1 << 20  # values per read when adding (4 MiB)
+
+
+def _read_held(path: str, name: str, info: dict) -> torch.Tensor | None:
+    """A layer's held-out rows from a statistics file whose headers were checked (None if it has none)."""
+    if not info.get("held", 0):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        t = f.get_tensor(f"{name}.held")
+    if not all_finite(t):
+        raise FileError(f"statistics file {path}: layer {name} contains NaN or Inf; the model produced "
+                        f"non-finite activations during calibration, or the file is damaged: {RECALIBRATE}")
+    return t
 
 
 def _data_spans(path: str) -> dict:
@@ -537,7 +625,7 @@ def _read_f32(fh, span: tuple, dst: torch.Tensor, path: str, name: str, add: boo
 
 def stats_file_bytes(widths: dict[str, int]) -> int:
     """Size of a statistics file holding layers of these widths (header room included)."""
-    return sum(layer_bytes(k) for k in widths.values()) + _stats_header_room(len(widths))
+    return sum(layer_bytes(k, HOLDOUT_ROWS) for k in widths.values()) + _stats_header_room(len(widths))
 
 
 def _stats_header_room(layers: int) -> int:
@@ -613,7 +701,9 @@ def write_stats(path: str, layers, meta: dict, *, inputs=(), widths: dict[str, i
             s.check_finite(name)
             w.add(f"{name}.xtx", s.xtx.detach().float().contiguous())
             w.add(f"{name}.absmax", s.absmax.detach().float().contiguous())
-            infos[name] = {"rows": int(s.rows), "width": s.width}
+            if s.held_rows:
+                w.add(f"{name}.held", s.held.detach().to(torch.bfloat16).contiguous())
+            infos[name] = layer_info(s)
         full = {"format": STATS_FORMAT, "version": STATS_VERSION, "layers": infos, **meta}
         w.close({"liteffn": json.dumps(full)})
     finally:
@@ -678,7 +768,8 @@ class StatsCollector:
     """
 
     def __init__(self, model: torch.nn.Module | None, names, budget_bytes: int | None = None,
-                 storage: str | torch.device | None = None, chunk_rows: int = 4096, widths: dict | None = None):
+                 storage: str | torch.device | None = None, chunk_rows: int = 4096, widths: dict | None = None,
+                 holdout_rows: int = 0, holdout_every: int = HOLDOUT_EVERY):
         self.model = model
         if model is not None:
             mods = dict(model.named_modules())
@@ -688,7 +779,12 @@ class StatsCollector:
             widths = {n: _in_features(mods[n], n) for n in names}
         self.widths = dict(widths)
         self.chunk_rows = chunk_rows
-        need = sum(layer_bytes(k) for k in self.widths.values()) + chunk_rows * max(self.widths.values(), default=0) * 4
+        if holdout_rows < 0 or holdout_every < 2:
+            raise ValueError(f"holdout_rows must be >= 0 and holdout_every >= 2, got {holdout_rows}, {holdout_every}")
+        self.holdout_rows, self.holdout_every = int(holdout_rows), int(holdout_every)
+        self._gens: dict[str, torch.Generator] = {}
+        need = (sum(layer_bytes(k, self.holdout_rows) for k in self.widths.values())
+                + chunk_rows * max(self.widths.values(), default=0) * 4)
         if budget_bytes is not None and need > budget_bytes:
             raise MemoryError(
                 f"statistics of {len(self.widths)} layers need {need / 2**20:.0f} MiB, over the budget of "
@@ -765,13 +861,51 @@ class StatsCollector:
         if s is None:
             dev = self.storage if self.storage is not None else x.device
             s = self.stats.layers[name] = LayerStats.empty(k, dev)
+        every = self.holdout_every if self.holdout_rows else 0
+        start = s.rows + s.held_seen  # rows this layer was given before (held-out ones included)
+        fit = x.shape[0]
         for i in range(0, x.shape[0], self.chunk_rows):
             xc = x[i : i + self.chunk_rows].float()
             if not torch.isfinite(xc).all():
                 raise ValueError(f"non-finite activation entering {name}; statistics not updated")
+            if every:
+                first = (every - 1 - (start + i)) % every  # the chunk's first row set aside
+                if first < xc.shape[0]:
+                    if xc.data_ptr() == x.data_ptr() + i * x.stride(0) * x.element_size():
+                        xc = xc.clone()  # .float() of an fp32 input is the model's own tensor: never zeroed
+                    rows = xc[first::every]  # a view: zeroed below once copied out
+                    self._hold(name, s, rows.to(torch.bfloat16))
+                    fit -= rows.shape[0]
+                    rows.zero_()  # a zero row adds nothing to X^T X or absmax
             s.xtx += (xc.T @ xc).to(s.xtx.device)
             s.absmax = torch.maximum(s.absmax, xc.abs().amax(0).to(s.absmax.device))
-        s.rows += x.shape[0]
+        s.rows += fit
+
+    def _hold(self, name: str, s: LayerStats, rows: torch.Tensor) -> None:
+        """Reservoir sampling (Algorithm R) of the rows set aside: s.held stays a uniform sample of all
+        s.held_seen of them, at most holdout_rows; the draws come from a generator seeded by the name."""
+        cap, n = self.holdout_rows, rows.shape[0]
+        dev = s.xtx.device
+        have = s.held_rows
+        take = min(cap - have, n)
+        if take > 0:
+            new = rows[:take].to(dev)
+            s.held = new.clone() if s.held is None else torch.cat([s.held, new])
+        if take < n:
+            g = self._gens.get(name)
+            if g is None:
+                g = self._gens[name] = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            j = torch.arange(s.held_seen + take, s.held_seen + n, dtype=torch.float64) + 1  # candidates' 1-based ranks
+            slot = (torch.rand(n - take, generator=g, dtype=torch.float64) * j).long()
+            last = {}  # slot -> the last candidate drawn into it (later draws replace earlier ones)
+            for c, sl in enumerate(slot.tolist()):
+                if sl < cap:
+                    last[sl] = take + c
+            if last:
+                slots = torch.tensor(list(last), device=dev)
+                src = torch.tensor(list(last.values()), device=rows.device)
+                s.held[slots] = rows[src].to(dev)
+        s.held_seen += n
 
 
 def _in_features(m: torch.nn.Module, name: str) -> int:

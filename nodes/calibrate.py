@@ -16,7 +16,8 @@ import comfy.utils
 from ..calibration import ltx2
 from ..calibration.compressed_file import compare_fingerprints
 from ..calibration.stats import (ActivationStats, FileStats, StatsCollector, check_mergeable, check_stats_output,
-                                 merged_meta, plan_passes, save_stream, stats_file_bytes, stream_passes)
+                                 HOLDOUT_ROWS, merged_meta, plan_passes, save_stream, stats_file_bytes,
+                                 stream_passes)
 from . import model as M
 from .errors import user_errors
 from .files import FOLDER, Stats, layers_input, output_path, selection_inputs
@@ -80,7 +81,7 @@ class LiteFFNCalibrate(io.ComfyNode):
         names = ltx2.linears(M.unit_names(model, streams, blocks, layers))
         widths = {n: int(M.linear_of(model, n).in_features) for n in names}
         budget = int(memory_budget_gb * 2**30)
-        groups = plan_passes(widths, budget)
+        groups = plan_passes(widths, budget, held_rows=HOLDOUT_ROWS)
         path = output_path(filename) if filename.strip() else None
         if path:  # before sampling: not a directory or another kind of file, room on its disk
             check_stats_output(path, widths, option="filename")
@@ -121,7 +122,8 @@ class LiteFFNCalibrate(io.ComfyNode):
 
         def run_group(group):
             """One pass: sample every seed with this group's hooks on; -> its statistics."""
-            col = StatsCollector.for_widths({n: widths[n] for n in group}, budget_bytes=budget, storage=dev)
+            col = StatsCollector.for_widths({n: widths[n] for n in group}, budget_bytes=budget, storage=dev,
+                                            holdout_rows=HOLDOUT_ROWS)
             work = model.clone()
             work.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _hooks(col))
             for s in range(seeds):

@@ -28,7 +28,7 @@ def model():
 def calibrate_rank(m, rank: int, batches: int = 2) -> ActivationStats:
     """Rank r's own seeds and token counts (so row counts differ), metadata as the Calibrate node writes."""
     names = ltx2.select(n for n, _ in m.named_modules())
-    with StatsCollector(m, names) as col, torch.no_grad():
+    with StatsCollector(m, names, holdout_rows=8, holdout_every=4) as col, torch.no_grad():  # held-out rows too
         for i in range(batches):
             seed = 1000 * (rank + 1) + i
             m(m.video_acts.sample(48 + 16 * rank, seed), m.audio_acts.sample(12 + 4 * rank, seed))

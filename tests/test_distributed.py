@@ -41,6 +41,8 @@ def test_reduced_statistics_equal_merged_per_rank_files(tmp_path, world):
     one = ActivationStats.load(ranks[0])
     for n in m.names():
         assert a[n].rows == m[n].rows > one[n].rows and torch.equal(a[n].absmax, m[n].absmax)
+        assert a[n].held_seen == m[n].held_seen > one[n].held_seen and 0 < one[n].held_rows < m[n].held_rows
+        assert torch.equal(a[n].held, m[n].held)  # every rank's rows, merged in rank order as merge-stats does
         torch.testing.assert_close(a[n].xtx, m[n].xtx, rtol=1e-6, atol=1e-6 * float(m[n].xtx.abs().max()))
     if world == 2:  # one fp32 addition per element, and it commutes: bit for bit
         assert _bytes(tmp_path / "all_reduce.safetensors") == merged
