@@ -323,7 +323,7 @@ def main(argv=None) -> int:
 
 
 def _summary(out: str, infos: dict, timings: dict) -> None:
-    from .report import dense_bytes, larger_than_dense
+    from .report import dense_bytes, heldout_line, larger_than_dense
 
     errs = [i["rel_err"] for i in infos.values()]
     calibrated = sum(bool(i.get("calibrated")) for i in infos.values())
@@ -334,6 +334,9 @@ def _summary(out: str, infos: dict, timings: dict) -> None:
     dense = dense_bytes(infos)
     print(f"wrote {out}: {len(infos)} layers, mean relative error {100 * sum(errs) / max(len(errs), 1):.2f}% "
           f"({kind}), {comp / 2**30:.2f} GiB")
+    held = heldout_line(infos)
+    if held:
+        print(held)
     if comp >= dense > 0:
         print(f"liteffn: {larger_than_dense(comp, dense)}", file=sys.stderr)
     ranks = timings.get("ranks", [])

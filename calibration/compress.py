@@ -4,6 +4,12 @@
 A B is the whitened truncated SVD (lowrank.py); the residual is computed from the rounded
 bf16 factors, so the factors' own rounding is quantized away with it; Q uses the same
 statistics as its Hessian (residual.py). Without statistics: plain SVD and round-to-nearest.
+
+Where the statistics hold held-out rows (stats.py), the layer's info also carries the error users get:
+the relative output error on those rows with the input quantized to FP8 as the kernels do it (per token;
+an LTX-2 FFN's down linear at the static scale of its calibrated input range, as the fused FFN runs it),
+for this result and for a plain compression of the same rank (no statistics), so that reports show what
+calibration bought where it counts.
 """
 from __future__ import annotations
 
@@ -14,6 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import formats as F
+from ..kernels.fp8_ffn import static_scale
+from ..kernels.reference import compressed_linear_ref
+from . import ltx2
 from .lowrank import RankPolicy, Whitening, lowrank_factors
 from .residual import quantize_residual
 from .stats import LayerStats
@@ -94,7 +103,10 @@ def compress_linear(
     weight_scale: torch.Tensor | None = None,
     refit: int = 2,
     whiten: str = "cholesky",
+    compare_plain: bool = True,
 ) -> CompressedLayer:
+    """One linear compressed (module docstring). compare_plain: with held-out rows in stats, also measure a
+    plain compression of the same rank on them (info["heldout_err_plain"]; costs one more SVD)."""
     form = F.get(fmt)
     policy = RankPolicy(rank=policy) if isinstance(policy, int) else policy
     check_damp(damp)
@@ -162,7 +174,38 @@ def compress_linear(
     layer = CompressedLayer(tensors, info)
     info["bytes"] = layer.nbytes
     check_result(layer, name, W)
+    if stats is not None and stats.held_rows:
+        x = stats.held.to(device)
+        static = tensors.get("input_amax") if is_fused_down(name) else None
+        y = x.float() @ W.T
+        if bias is not None:
+            y += bias.to(device).float()
+        err, y_norm2 = output_error(x, y, tensors, form, static)
+        info.update(heldout_rows=int(x.shape[0]), heldout_err=err, heldout_norm2=y_norm2,
+                    heldout_act="static" if static is not None else ("per-token" if form.act_quant else "none"))
+        if compare_plain:
+            plain = compress_linear(weight, bias, None, RankPolicy(rank=info["rank"]), form, damp, gptq, device,
+                                    name, weight_scale, compare_plain=False)
+            info["heldout_err_plain"] = output_error(x, y, plain.tensors, form, None)[0]
+        del x, y
     return layer
+
+
+def is_fused_down(name: str) -> bool:
+    """An LTX-2 FFN's down linear: inside the fused FFN its input (the hidden activation) is quantized at the
+    static scale of its calibrated range, not per token."""
+    return ltx2.is_ffn_linear(name) and name.endswith("." + ltx2.DOWN)
+
+
+def output_error(x: torch.Tensor, y: torch.Tensor, tensors: dict, form, static_amax: torch.Tensor | None = None
+                 ) -> tuple[float, float]:
+    """(||y' - y|| / ||y||, ||y||^2) with y' the compressed layer on rows x as the kernels compute it, in fp32:
+    x quantized to FP8 per token, or at static_scale(static_amax) (saturating) when given; y the dense output."""
+    t = {k: v.to(x.device) for k, v in tensors.items() if k != "input_amax"}
+    scale = static_scale(static_amax.to(x.device)) if static_amax is not None else None
+    y2 = compressed_linear_ref(x.float(), form, t, act_quant=True, act_scale=scale, dtype=torch.float32)
+    n2 = float(y.square().sum())
+    return float((y2 - y).norm() / max(n2, 1e-60) ** 0.5), n2
 
 
 def check_damp(damp) -> None:

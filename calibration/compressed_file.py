@@ -15,6 +15,7 @@ import torch
 from .compress import CompressedLayer
 from .fingerprint import (FINGERPRINT_VERSION, MismatchError, check_fingerprint,  # noqa: F401 (the API)
                           compare_fingerprints, digest_version, fingerprint, fingerprint_hash, weight_digest)
+from .report import heldout_totals
 from .safe_io import check_output
 from .st_writer import StreamingSafetensorsWriter
 from .stats import open_checked
@@ -80,6 +81,9 @@ class Writer:
             "fingerprint_hash": fingerprint_hash(self.fp),
             "layers": self.infos,
         }
+        held = heldout_totals(self.infos)  # the error users get, over the layers measured on held-out rows
+        if held is not None:
+            meta["heldout"] = held
         self._w.close({"liteffn": json.dumps(meta)})
 
 

@@ -17,15 +17,57 @@ def format_report(infos: dict, dense_bytes: int, header: str = "", notes=()) -> 
         f"size {comp / 2**20:.1f} MiB vs {dense_bytes / 2**20:.1f} MiB bf16 ({comp / max(dense_bytes, 1):.2f}x)",
         f"relative error (weights on calibration inputs): mean {100 * sum(errs) / len(errs):.2f}%, "
         f"max {100 * max(errs):.2f}%",
+        *([heldout_line(infos)] if heldout_line(infos) else []),
         *([larger_than_dense(comp, dense_bytes)] if comp >= dense_bytes > 0 else []),
         *notes,
         "",
-        f"{'layer':<40} {'rank':>5} {'energy':>7} {'error':>7} {'MiB':>8}  stats",
+        f"{'layer':<40} {'rank':>5} {'energy':>7} {'error':>7} {'held-out':>9} {'plain':>7} {'MiB':>8}  stats",
     ]
     for name, i in infos.items():
+        ho = i.get("heldout_err")
+        pl = i.get("heldout_err_plain")
         lines.append(f"{name:<40} {i['rank']:>5} {100 * i.get('energy', 0.0):>6.1f}% {100 * i['rel_err']:>6.2f}% "
-                     f"{i['bytes'] / 2**20:>8.2f}  {'yes' if i.get('calibrated') else 'no'}")
+                     f"{_pct(ho):>9} {_pct(pl):>7} {i['bytes'] / 2**20:>8.2f}  {'yes' if i.get('calibrated') else 'no'}")
     return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def heldout_totals(infos: dict) -> dict | None:
+    """Output error on the held-out rows over the layers that have it: pooled (sqrt of the summed squared
+    errors over the summed squared outputs), mean and max, for the result and, where measured, for a plain
+    compression of the same rank; None when no layer has held-out rows (statistics without them, or none)."""
+    got = {n: i for n, i in infos.items() if isinstance(i.get("heldout_err"), (int, float))}
+    if not got:
+        return None
+
+    def pooled(key):
+        num = sum(i[key] ** 2 * i.get("heldout_norm2", 1.0) for i in got.values())
+        return (num / max(sum(i.get("heldout_norm2", 1.0) for i in got.values()), 1e-60)) ** 0.5
+
+    out = {"layers": len(got), "rows": min(int(i.get("heldout_rows", 0)) for i in got.values()),
+           "total": pooled("heldout_err"), "mean": sum(i["heldout_err"] for i in got.values()) / len(got),
+           "max": max(i["heldout_err"] for i in got.values())}
+    if all(isinstance(i.get("heldout_err_plain"), (int, float)) for i in got.values()):
+        out["plain_total"] = pooled("heldout_err_plain")
+        out["plain_mean"] = sum(i["heldout_err_plain"] for i in got.values()) / len(got)
+    return out
+
+
+def heldout_line(infos: dict) -> str:
+    """The report's line on the error users get (held-out rows, activations quantized as the kernels do)."""
+    t = heldout_totals(infos)
+    if t is None:
+        return ""
+    line = (f"output error on held-out rows (activations quantized as the kernels do; {t['layers']} linears, "
+            f">= {t['rows']} rows each): total {100 * t['total']:.2f}%, mean {100 * t['mean']:.2f}%, "
+            f"max {100 * t['max']:.2f}%")
+    if "plain_total" in t:
+        line += (f"; without statistics (plain SVD and round-to-nearest, same rank) {100 * t['plain_total']:.2f}% "
+                 f"(x{t['total'] / max(t['plain_total'], 1e-30):.2f})")
+    return line
 
 
 def dense_bytes(infos: dict) -> int:

@@ -143,7 +143,7 @@ class LiteFFNCalibrate(io.ComfyNode):
                 stats.merge_(earlier)
                 rows[names[0]] = stats.rows_of(names[0])
         summary = (f"{len(names)} linears ({layers}) of {len(dm.transformer_blocks)} blocks, {seeds} seed(s) x {steps} steps, "
-                   f"{len(groups)} pass(es); {rows[names[0]]} rows seen by {names[0]}"
+                   f"{len(groups)} pass(es); {rows[names[0]]} rows seen by {names[0]}{_held(stats, names[0])}"
                    + (f" (with {int(earlier.meta.get('runs', 1))} earlier run(s))" if earlier is not None else ""))
         if path:
             if appending:
@@ -151,6 +151,15 @@ class LiteFFNCalibrate(io.ComfyNode):
             else:
                 summary += f"; saved {os.path.basename(path)}"
         return io.NodeOutput(stats, summary, ui=ui.PreviewText(summary))
+
+
+def _held(stats, name: str) -> str:
+    """What the summary says of the rows set aside for compression's error report (stats.py)."""
+    if isinstance(stats, FileStats):  # read from its header, not its tensors
+        held, seen = stats.infos[name].get("held", 0), stats.infos[name].get("held_seen", 0)
+    else:
+        held, seen = stats[name].held_rows, stats[name].held_seen
+    return f", {seen} more held out ({held} kept to measure compression's output error)" if seen else ""
 
 
 def _hooks(col: StatsCollector):
