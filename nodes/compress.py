@@ -97,6 +97,11 @@ class LiteFFNCompressModel(io.ComfyNode):
                 done[name] = layer
                 dense += weight.numel() * 2
                 pbar.update_absolute(i + 1)
+        no_held = sum(1 for c in done.values() if c.info.get("calibrated") and "heldout_err" not in c.info)
+        if no_held:
+            notes.append(f"{no_held} linears' statistics hold no held-out rows (made before LiteFFN kept them): their "
+                         "error is the weights' alone; run LiteFFN Calibrate again to see the output error on rows "
+                         "the statistics never saw")
         patched = M.patched(model, {u: M.build_unit(u, done) for u in units})
         header = f"LiteFFN {policy.describe()} {residual}" + (f" -> {os.path.basename(path)}" if path else "")
         report = format_report({n: c.info for n, c in done.items()}, dense, header, notes)
