@@ -30,11 +30,13 @@ from .synthetic import SyntheticLTX2
 KINDS = ("ffn", "attention")  # the order of the per-kind table
 
 
-def calibrate(model: SyntheticLTX2, batches: int, tokens: int, seed: int = 0, layers: str = "ffn+attention"):
+def calibrate(model: SyntheticLTX2, batches: int, tokens: int, seed: int = 0, layers: str = "ffn+attention",
+              holdout_rows: int = 0):
     """Statistics of the model's linears of the kinds `layers` selects (ltx2.LAYERS); on a stack
-    without attention, ffn+attention and ffn record the same FFN linears."""
+    without attention, ffn+attention and ffn record the same FFN linears. holdout_rows: rows held out
+    of them and kept, as LiteFFN Calibrate keeps them (stats.py)."""
     names = ltx2.select([n for n, _ in model.named_modules()], "all", layers)
-    with StatsCollector(model, names, budget_bytes=1 << 30) as col, torch.no_grad():
+    with StatsCollector(model, names, budget_bytes=1 << 30, holdout_rows=holdout_rows) as col, torch.no_grad():
         for i in range(batches):
             model(model.video_acts.sample(tokens, seed + i), model.audio_acts.sample(tokens // 4, seed + i))
     return col.stats

@@ -183,6 +183,20 @@ def test_without_stats_it_says_plain_svd_and_which_error(files, tmp_path, capsys
     assert rc == 0 and "no --stats" not in o.err and "R-weighted" in o.out
 
 
+def test_with_held_out_rows_it_prints_the_output_error_users_get(tmp_path, capsys):
+    from liteffn.calibration.compressed_file import read_meta
+    from liteffn.calibration.demo import calibrate
+
+    m, _, ck, _ = tiny_checkpoint(tmp_path, "ck.safetensors")
+    calibrate(m, 2, 256, holdout_rows=32).save(str(tmp_path / "held.safetensors"))
+    out = str(tmp_path / "o.safetensors")
+    rc, o = _run(capsys, "compress", str(ck), "-o", out, "--rank", "4", "--device", "cpu",
+                 "--stats", str(tmp_path / "held.safetensors"))
+    assert rc == 0 and "output error on held-out rows" in o.out and "without statistics" in o.out, o.out
+    held = read_meta(out)["heldout"]
+    assert f"total {100 * held['total']:.2f}%" in o.out and held["total"] < held["plain_total"]
+
+
 def test_a_compression_that_changes_nothing_is_refused_and_one_larger_than_dense_is_flagged(files, tmp_path, capsys):
     out = tmp_path / "noop.safetensors"
     rc, o = _run(capsys, "compress", files["ck"], "-o", str(out), "--rank", "0", "--format", "bf16", "--device", "cpu")

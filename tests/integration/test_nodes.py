@@ -65,6 +65,22 @@ def test_calibrate_compress_sample_is_close_to_baseline(pack, node, ltx2):
     err = rel(out, base)
     print(f"r=16 fp8 calibrated: final latent relative difference {err:.4f}")
     assert 0 < err < 0.05  # FP8 residual + FP8 activations: changed, but close
+    # rows held out of the statistics (issue 20): the report's output error is measured on them
+    assert all(0 < stats[n].held_rows <= stats[n].held_seen for n in names) and "more held out" in summary, summary
+    assert "output error on held-out rows" in report and "without statistics" in report, report
+    assert "hold no held-out rows" not in report
+
+
+def test_statistics_without_held_out_rows_still_compress_and_say_so(pack, node, ltx2):
+    """Statistics files from before held-out rows: compressed as before, with a note instead of the output error."""
+    LayerStats, ActivationStats = pack.calibration.stats.LayerStats, pack.calibration.stats.ActivationStats
+    model = ltx2()
+    stats, _ = calibrate(node, model, seeds=1).result
+    old = ActivationStats({n: LayerStats(stats[n].xtx, stats[n].absmax, stats[n].rows) for n in stats.names()},
+                          dict(stats.meta))
+    _, report = compress(node, model, old, rank=16).result
+    assert "8 calibrated" in report and "8 linears' statistics hold no held-out rows" in report, report
+    assert "output error on held-out rows" not in report
 
 
 def test_full_rank_without_quantization_matches_baseline(pack, node, ltx2):
@@ -280,10 +296,11 @@ def test_chained_calibrate_nodes_add_up_without_touching_the_earlier_output(pack
 def test_small_budget_calibrates_in_passes_with_the_same_result(pack, node, ltx2):
     model = ltx2()
     whole, _ = calibrate(node, model, seeds=1).result
-    split, summary = calibrate(node, model, seeds=1, budget=0.0043).result  # 4.4 MiB, 4 of them scratch
+    split, summary = calibrate(node, model, seeds=1, budget=0.0055).result  # 5.6 MiB: 4 of scratch, 2 MiB held rows
     assert "1 pass" not in summary, summary
     for n in whole.names():
         torch.testing.assert_close(split[n].xtx, whole[n].xtx)
+        assert torch.equal(split[n].held, whole[n].held)  # the same rows held out in every pass
 
 
 def test_fp8_checkpoint_as_source(pack, node, ltx2):
