@@ -181,9 +181,10 @@ def compress_linear(
         if bias is not None:
             y += bias.to(device).float()
         err, y_norm2 = output_error(x, y, tensors, form, static)
-        info.update(heldout_rows=int(x.shape[0]), heldout_err=err, heldout_norm2=y_norm2,
-                    heldout_act="static" if static is not None else ("per-token" if form.act_quant else "none"))
-        if compare_plain:
+        if y_norm2 > 0 and math.isfinite(err):  # (rows that give a zero output measure nothing)
+            info.update(heldout_rows=int(x.shape[0]), heldout_err=err, heldout_norm2=y_norm2,
+                        heldout_act="static" if static is not None else ("per-token" if form.act_quant else "none"))
+        if compare_plain and "heldout_err" in info:
             plain = compress_linear(weight, bias, None, RankPolicy(rank=info["rank"]), form, damp, gptq, device,
                                     name, weight_scale, compare_plain=False)
             info["heldout_err_plain"] = output_error(x, y, plain.tensors, form, None)[0]

@@ -94,7 +94,9 @@ def merge_held(a: torch.Tensor | None, a_seen: int, b: torch.Tensor | None, b_se
                cap: int | None = None) -> tuple[torch.Tensor | None, int]:
     """Two samples of held-out rows as one: both whole while they fit `cap` (default: HOLDOUT_ROWS or the
     larger sample), else rows of each in proportion to the rows each side set aside, drawn by a generator
-    seeded from the counts (the same inputs give the same rows, in any process). -> (rows, seen)."""
+    seeded from the counts (the same inputs give the same rows, in any process). Commutative to the byte:
+    the sides are taken in an order of their own (counts, then a checksum), as X^T X's sums commute, so an
+    append and a merge in the other order write the same file. -> (rows, seen)."""
     seen = int(a_seen) + int(b_seen)
     na, nb = (0 if t is None else int(t.shape[0]) for t in (a, b))
     if nb == 0:
@@ -102,6 +104,8 @@ def merge_held(a: torch.Tensor | None, a_seen: int, b: torch.Tensor | None, b_se
     if na == 0:
         return b.clone(), seen
     b = b.to(a.device)
+    if _order_key(b, b_seen) < _order_key(a, a_seen):  # the sides in a fixed order: a + b gives b + a's bytes
+        a, a_seen, b, b_seen, na, nb = b, b_seen, a, a_seen, nb, na
     cap = max(HOLDOUT_ROWS, na, nb) if cap is None else cap
     if na + nb <= cap:
         return torch.cat([a, b]), seen
@@ -111,6 +115,10 @@ def merge_held(a: torch.Tensor | None, a_seen: int, b: torch.Tensor | None, b_se
     ia = torch.randperm(na, generator=g)[:ka].sort().values.to(a.device)
     ib = torch.randperm(nb, generator=g)[:kb].sort().values.to(a.device)
     return torch.cat([a[ia], b[ib]]), seen
+
+
+def _order_key(t: torch.Tensor, seen: int) -> tuple:
+    return int(seen), int(t.shape[0]), int(t.reshape(-1).view(torch.int16).sum(dtype=torch.int64))
 
 
 def layer_bytes(width: int, held_rows: int = 0) -> int:

@@ -101,8 +101,9 @@ def test_act_quant_one_launch_equals_two(m, k, r, rows):
     (q1, s1, u1, z1), (q2, s2, u2, z2) = out
     assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
     assert not z1.any() and not z2.any()
-    if r:
-        torch.testing.assert_close(u1, u2, rtol=1e-5, atol=1e-5)
+    if r:  # u: fp32 sums in another order, rounded to bf16 once: at most one bf16 step apart, nearly all equal
+        torch.testing.assert_close(u1.float(), u2.float(), rtol=2**-7, atol=1e-5)
+        assert float((u1 == u2).float().mean()) > 0.97
     else:
         assert u1 is None and u2 is None
 

@@ -67,6 +67,11 @@ def test_merging_samples_keeps_both_whole_under_the_cap_else_in_proportion():
     rows, seen = merge_held(a, 60, b, 20, cap=4)
     assert rows.shape[0] == 4 and int((rows[:, 0] == 0).sum()) == 3  # 3/4 of the rows set aside came from a
     assert torch.equal(rows, merge_held(a, 60, b, 20, cap=4)[0])
+    # commutative to the byte, with and without subsampling (an append writes what the merge would)
+    c = torch.randn(5, 3).bfloat16()
+    for cap in (4, 100):
+        for (x, xs), (y, ys) in (((a, 60), (b, 20)), ((a, 6), (c, 6)), ((b, 9), (c, 9))):
+            assert torch.equal(merge_held(x, xs, y, ys, cap=cap)[0], merge_held(y, ys, x, xs, cap=cap)[0])
     assert merge_held(None, 0, b, 20)[0].shape[0] == 4 and merge_held(a, 60, None, 0)[1] == 60
     s = LayerStats(torch.zeros(3, 3), torch.zeros(3), 5, a.clone(), 60)
     s.merge_(LayerStats(torch.zeros(3, 3), torch.zeros(3), 7, b, 20))
