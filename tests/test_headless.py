@@ -241,16 +241,35 @@ def _env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
 
 
+def _terminal_sigint():
+    """In the child before exec: SIGINT as a terminal delivers it, not ignored or blocked, whatever this test
+    process inherited or set (an ignored SIGINT is inherited across exec, and Python then installs no handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
+def _signal_masks(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "; ".join(ln.strip() for ln in f if ln.startswith(("SigBlk", "SigIgn", "SigCgt", "State")))
+    except OSError as e:
+        return f"unreadable ({e})"
+
+
 def test_ctrl_c_is_one_line_and_130(comfy, wf_file, tmp_path):
     srv, url = comfy
     srv.plan = {"hang": True}
     p = subprocess.Popen([sys.executable, "-m", "liteffn.headless.client", wf_file, "--server", url],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         preexec_fn=_terminal_sigint)
     try:
         line = p.stdout.readline()  # the workflow is running
         assert "running 1" in line, line + p.stderr.read()
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # once, in a full-suite run (not reproduced): say what the child had
+            pytest.fail(f"no exit 30 s after SIGINT; the child's signal masks: {_signal_masks(p.pid)}")
     finally:
         p.kill()
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
