@@ -51,8 +51,9 @@ class LiteFFNCalibrate(io.ComfyNode):
                              tooltip="Runs with seed, seed+1, ...: more activations for the same prompt."),
                 *selection_inputs(),
                 io.Float.Input("memory_budget_gb", default=8.0, min=0.1, max=1024.0, step=0.5,
-                               tooltip="Most memory the statistics may hold at once. LTX-2 19B needs ~64 GiB "
-                                       "for all FFNs and ~43 GiB more with the attention projections; under a "
+                               tooltip="Most memory the statistics may hold at once. LTX-2 19B needs ~70 GiB "
+                                       "for all FFNs and ~56 GiB more with the attention projections (held-out "
+                                       "rows included); under a "
                                        "smaller budget the sampling runs once per group "
                                        "of layers that fits (same seeds, same activations). With a filename "
                                        "each group is saved as its pass ends, so host memory stays within it "
