@@ -1,6 +1,7 @@
 """Host time per call of the compressed layers against the dense ones, on the device GPU.
 
-    python bench/host_overhead.py [--out DIR] [--m 126] [--calls 300] [--parts host,rotation,profile,device] [--copies 7]
+    python bench/host_overhead.py [--out DIR] [--m 126] [--calls 300] [--parts host,rotation,rank,profile,device]
+                                  [--copies 7] [--dry-run (with --parts rank)]
 
 host: wall microseconds per call over --calls calls with no synchronization inside the loop
 (what a sampling loop pays in Python and launches), at M tokens of the audio FFN
@@ -16,6 +17,10 @@ GPU-bound and the host time is not the launch overhead). Goal: CompressedFFN.for
 rotation: the dense FFN and CompressedFFN.forward (FP8; CUDA graphs on, then off: launch programs) with
 their weights rotating over 1 and over --copies copies, one module per call, as bench/ffn_kernels.py's python
 mode times them (there the weights come from HBM on every call; here also with one copy, from L2).
+rank: where the rank-64 branch's device time goes at M tokens (CUDA graphs, as the module replays it): the
+fused FFN at r=0 and r=64, then each launch of it at r=0 and with its low-rank part (the input pass with x B^T
+and u2 zeroed; the up-projection with u A^T, then with the next linear's low-rank input too; the
+down-projection with u2 A2^T). --dry-run: small shapes on the CPU under Triton's interpreter, wall clock.
 profile: cProfile's top 20 (internal time) over 200 compressed FFN calls, without and with CUDA graphs.
 device: device time (CUDA graphs) of act_quant_lowrank's one-launch few-row variant per rows per
 program against the two-launch one, and of the FP8 up-projection GEMM (GELU, FP8 out, next low rank)
@@ -38,6 +43,9 @@ import traceback
 
 import torch
 import torch.nn.functional as Fn
+
+if "--dry-run" in sys.argv:  # before the kernels are imported: they read it then
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
@@ -224,6 +232,64 @@ def rotation(m, calls, copies):
     return lines
 
 
+def rank(m, calls, dim=DIM, dry=False):
+    """Device time of the FFN's launches without and with their rank-64 parts (module docstring)."""
+    hid, dev = 4 * dim, "cpu" if dry else "cuda"
+    if dry:
+        def us(fn):
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e6
+    else:
+        from triton.testing import do_bench_cudagraph
+
+        def us(fn):
+            fn()
+            torch.cuda.synchronize()
+            return do_bench_cudagraph(fn, rep=25, return_mode="median") * 1e3
+
+    lines = ["", f"## Rank-{RANK} branch at M={m}, FFN {dim}->{hid}->{dim}: device time per launch "
+                 f"({'wall clock, CPU interpreter: checks the script only' if dry else 'CUDA graphs'}, us)", "",
+             "| launch | r=0 | with the low-rank part | difference |", "|---|---|---|---|"]
+    up = {r: random_fp8_layer(hid, dim, r, seed=1, device=dev) for r in (0, RANK)}
+    dn = {r: random_fp8_layer(dim, hid, r, seed=2, device=dev) for r in (0, RANK)}
+    hs = torch.tensor([2.0**-6], device=dev)
+    x = torch.randn(m, dim, device=dev).bfloat16()
+    u2 = torch.zeros(m, RANK, device=dev)
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, up[RANK]["B"], single=False)
+    hq = torch.randn(m, hid, device=dev).clamp(-400, 400).to(torch.float8_e4m3fn)
+    rows = [
+        ("whole fused FFN", lambda: fused.ffn(x, up[0], dn[0], hs, single=False),
+         lambda: fused.ffn(x, up[RANK], dn[RANK], hs, single=False)),
+        ("input pass (two launches)", lambda: fp8_ffn.act_quant_lowrank(x, None, single=False),
+         lambda: fp8_ffn.act_quant_lowrank(x, up[RANK]["B"], zero=u2, single=False)),
+        ("up-projection: GELU, FP8 out + u A^T", lambda: fp8_ffn.scaled_gemm(
+            xq, sx, up[0]["q"], up[0]["q_scale"], bias=up[0]["bias"], gelu=True, h_scale=hs),
+         lambda: fp8_ffn.scaled_gemm(xq, sx, up[RANK]["q"], up[RANK]["q_scale"], u=u, A=up[RANK]["A"],
+                                     bias=up[RANK]["bias"], gelu=True, h_scale=hs)),
+        ("up-projection: + the next low-rank input", lambda: fp8_ffn.scaled_gemm(
+            xq, sx, up[0]["q"], up[0]["q_scale"], bias=up[0]["bias"], gelu=True, h_scale=hs),
+         lambda: fp8_ffn.scaled_gemm(xq, sx, up[RANK]["q"], up[RANK]["q_scale"], u=u, A=up[RANK]["A"],
+                                     bias=up[RANK]["bias"], gelu=True, h_scale=hs, next_B=dn[RANK]["B"],
+                                     u_next=u2.zero_())),
+        ("down-projection (split K) + u2 A2^T", lambda: fp8_ffn.scaled_gemm(
+            hq, hs, dn[0]["q"], dn[0]["q_scale"], bias=dn[0]["bias"]),
+         lambda: fp8_ffn.scaled_gemm(hq, hs, dn[RANK]["q"], dn[RANK]["q_scale"], u=u2, A=dn[RANK]["A"],
+                                     bias=dn[RANK]["bias"])),
+    ]
+    for name, f0, f1 in rows:
+        try:
+            t0, t1 = us(f0), us(f1)
+            OUT["device"][f"rank {name}"] = {"r0": t0, "r64": t1}
+            lines.append(f"| {name} | {t0:.1f} | {t1:.1f} | {t1 - t0:+.1f} |")
+            say(f"  {name:45s} r=0 {t0:8.1f}  r={RANK} {t1:8.1f}  ({t1 - t0:+.1f} us)")
+        except Exception:  # noqa: BLE001
+            OUT["errors"][f"rank {name}"] = traceback.format_exc()[-1500:]
+            say(f"  {name}: FAILED\n{OUT['errors'][f'rank {name}']}")
+    return lines
+
+
 def profile(m, calls):
     ffn8, _, _, _, x = modules(m)
     lines = []
@@ -307,15 +373,24 @@ def main():
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--parts", default="host,profile,device", help="comma list of host, rotation, profile, device")
     ap.add_argument("--copies", type=int, default=7, help="rotation: weight copies (7: ffn_kernels.py's at the audio FFN)")
+    ap.add_argument("--dry-run", action="store_true", help="rank only: small shapes on the CPU (Triton interpreter)")
     a = ap.parse_args()
+    if a.dry_run and a.parts != "rank":
+        ap.error("--dry-run runs only --parts rank")
     os.makedirs(a.out, exist_ok=True)
-    say(f"# {torch.cuda.get_device_name()} torch {torch.__version__} {time.strftime('%Y-%m-%d %H:%M')} "
+    say(f"# {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'} torch {torch.__version__} "
+        f"{time.strftime('%Y-%m-%d %H:%M')} "
         f"LITEFFN_PROMOTE_K={gemm.PROMOTE_K} autotune={gemm.AUTOTUNE}")
     md = []
     for part in a.parts.split(","):
         t0 = time.time()
         try:
-            md += rotation(a.m, a.calls, a.copies) if part == "rotation" else globals()[part](a.m, a.calls)
+            if part == "rotation":
+                md += rotation(a.m, a.calls, a.copies)
+            elif part == "rank":
+                md += rank(a.m, a.calls, 64 if a.dry_run else DIM, a.dry_run)
+            else:
+                md += globals()[part](a.m, a.calls)
         except Exception:  # noqa: BLE001
             OUT["errors"][part] = traceback.format_exc()[-3000:]
             say(f"{part} FAILED:\n{OUT['errors'][part]}")
