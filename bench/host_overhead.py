@@ -232,26 +232,31 @@ def rotation(m, calls, copies):
     return lines
 
 
+def device_us(fn) -> float:
+    """Median device time of CUDA-graph replays of fn, us."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=25, return_mode="median") * 1e3
+
+
+def wall_us(fn) -> float:
+    """One call's wall time after one warm-up, us (a CPU dry run: checks the script, measures nothing)."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e6
+
+
 def rank(m, calls, dim=DIM, dry=False):
     """Device time of the FFN's launches without and with their rank-64 parts (module docstring)."""
     hid, dev = 4 * dim, "cpu" if dry else "cuda"
-    if dry:
-        def us(fn):
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e6
-    else:
-        from triton.testing import do_bench_cudagraph
-
-        def us(fn):
-            fn()
-            torch.cuda.synchronize()
-            return do_bench_cudagraph(fn, rep=25, return_mode="median") * 1e3
+    us = wall_us if dry else device_us
 
     lines = ["", f"## Rank-{RANK} branch at M={m}, FFN {dim}->{hid}->{dim}: device time per launch "
                  f"({'wall clock, CPU interpreter: checks the script only' if dry else 'CUDA graphs'}, us)", "",
-             "| launch | r=0 | with the low-rank part | difference |", "|---|---|---|---|"]
+             "| launch | without the part | with it | difference |", "|---|---|---|---|"]
     up = {r: random_fp8_layer(hid, dim, r, seed=1, device=dev) for r in (0, RANK)}
     dn = {r: random_fp8_layer(dim, hid, r, seed=2, device=dev) for r in (0, RANK)}
     hs = torch.tensor([2.0**-6], device=dev)
@@ -259,34 +264,38 @@ def rank(m, calls, dim=DIM, dry=False):
     u2 = torch.zeros(m, RANK, device=dev)
     xq, sx, u = fp8_ffn.act_quant_lowrank(x, up[RANK]["B"], single=False)
     hq = torch.randn(m, hid, device=dev).clamp(-400, 400).to(torch.float8_e4m3fn)
-    rows = [
-        ("whole fused FFN", lambda: fused.ffn(x, up[0], dn[0], hs, single=False),
-         lambda: fused.ffn(x, up[RANK], dn[RANK], hs, single=False)),
-        ("input pass (two launches)", lambda: fp8_ffn.act_quant_lowrank(x, None, single=False),
-         lambda: fp8_ffn.act_quant_lowrank(x, up[RANK]["B"], zero=u2, single=False)),
-        ("up-projection: GELU, FP8 out + u A^T", lambda: fp8_ffn.scaled_gemm(
-            xq, sx, up[0]["q"], up[0]["q_scale"], bias=up[0]["bias"], gelu=True, h_scale=hs),
-         lambda: fp8_ffn.scaled_gemm(xq, sx, up[RANK]["q"], up[RANK]["q_scale"], u=u, A=up[RANK]["A"],
-                                     bias=up[RANK]["bias"], gelu=True, h_scale=hs)),
-        ("up-projection: + the next low-rank input", lambda: fp8_ffn.scaled_gemm(
-            xq, sx, up[0]["q"], up[0]["q_scale"], bias=up[0]["bias"], gelu=True, h_scale=hs),
-         lambda: fp8_ffn.scaled_gemm(xq, sx, up[RANK]["q"], up[RANK]["q_scale"], u=u, A=up[RANK]["A"],
-                                     bias=up[RANK]["bias"], gelu=True, h_scale=hs, next_B=dn[RANK]["B"],
-                                     u_next=u2.zero_())),
-        ("down-projection (split K) + u2 A2^T", lambda: fp8_ffn.scaled_gemm(
-            hq, hs, dn[0]["q"], dn[0]["q_scale"], bias=dn[0]["bias"]),
-         lambda: fp8_ffn.scaled_gemm(hq, hs, dn[RANK]["q"], dn[RANK]["q_scale"], u=u2, A=dn[RANK]["A"],
-                                     bias=dn[RANK]["bias"])),
-    ]
-    for name, f0, f1 in rows:
+    up_kw = dict(bias=up[RANK]["bias"], gelu=True, h_scale=hs)
+    cases = {  # each timed once
+        "ffn r=0": lambda: fused.ffn(x, up[0], dn[0], hs, single=False),
+        "ffn": lambda: fused.ffn(x, up[RANK], dn[RANK], hs, single=False),
+        "input r=0": lambda: fp8_ffn.act_quant_lowrank(x, None, single=False),
+        "input": lambda: fp8_ffn.act_quant_lowrank(x, up[RANK]["B"], zero=u2, single=False),
+        "up r=0": lambda: fp8_ffn.scaled_gemm(xq, sx, up[0]["q"], up[0]["q_scale"], **up_kw),
+        "up uA": lambda: fp8_ffn.scaled_gemm(xq, sx, up[RANK]["q"], up[RANK]["q_scale"], u=u, A=up[RANK]["A"],
+                                             **up_kw),
+        "up": lambda: fp8_ffn.scaled_gemm(xq, sx, up[RANK]["q"], up[RANK]["q_scale"], u=u, A=up[RANK]["A"],
+                                          next_B=dn[RANK]["B"], u_next=u2.zero_(), **up_kw),
+        "down r=0": lambda: fp8_ffn.scaled_gemm(hq, hs, dn[0]["q"], dn[0]["q_scale"], bias=dn[0]["bias"]),
+        "down": lambda: fp8_ffn.scaled_gemm(hq, hs, dn[RANK]["q"], dn[RANK]["q_scale"], u=u2, A=dn[RANK]["A"],
+                                            bias=dn[RANK]["bias"]),
+    }
+    times = {}
+    for key, fn in cases.items():
         try:
-            t0, t1 = us(f0), us(f1)
-            OUT["device"][f"rank {name}"] = {"r0": t0, "r64": t1}
-            lines.append(f"| {name} | {t0:.1f} | {t1:.1f} | {t1 - t0:+.1f} |")
-            say(f"  {name:45s} r=0 {t0:8.1f}  r={RANK} {t1:8.1f}  ({t1 - t0:+.1f} us)")
+            times[key] = us(fn)
         except Exception:  # noqa: BLE001
-            OUT["errors"][f"rank {name}"] = traceback.format_exc()[-1500:]
-            say(f"  {name}: FAILED\n{OUT['errors'][f'rank {name}']}")
+            OUT["errors"][f"rank {key}"] = traceback.format_exc()[-1500:]
+            say(f"  {key}: FAILED\n{OUT['errors'][f'rank {key}']}")
+    OUT["device"]["rank"] = times
+    for name, k0, k1 in (("whole fused FFN, r=0 / r=64", "ffn r=0", "ffn"),
+                         ("input pass (two launches): + x B^T, u2 zeroed", "input r=0", "input"),
+                         ("up-projection (GELU, FP8 out): + u A^T", "up r=0", "up uA"),
+                         ("up-projection: + the next low-rank input", "up uA", "up"),
+                         ("down-projection (split K): + u2 A2^T", "down r=0", "down")):
+        if k0 in times and k1 in times:
+            t0, t1 = times[k0], times[k1]
+            lines.append(f"| {name} | {t0:.1f} | {t1:.1f} | {t1 - t0:+.1f} |")
+            say(f"  {name:50s} {t0:8.1f} -> {t1:8.1f}  ({t1 - t0:+.1f} us)")
     return lines
 
 
@@ -319,13 +328,7 @@ def profile(m, calls):
 
 
 def device(m, calls):
-    from triton.testing import do_bench_cudagraph
-
-    def us(fn):
-        fn()
-        torch.cuda.synchronize()
-        return do_bench_cudagraph(fn, rep=25, return_mode="median") * 1e3
-
+    us = device_us
     lines = ["", "## Device time (CUDA graphs, us)", "", "| case | us |", "|---|---|"]
 
     def row(name, fn):
