@@ -10,6 +10,7 @@ def format_report(infos: dict, dense_bytes: int, header: str = "", notes=()) -> 
     errs = [i["rel_err"] for i in infos.values()]
     ranks = [i["rank"] for i in infos.values()]
     calibrated = sum(bool(i.get("calibrated")) for i in infos.values())
+    held = heldout_line(infos)
     lines = [header] if header else []
     lines += [
         f"{len(infos)} linears, residual {next(iter(infos.values()))['format']}, rank {min(ranks)}-{max(ranks)} "
@@ -17,7 +18,7 @@ def format_report(infos: dict, dense_bytes: int, header: str = "", notes=()) -> 
         f"size {comp / 2**20:.1f} MiB vs {dense_bytes / 2**20:.1f} MiB bf16 ({comp / max(dense_bytes, 1):.2f}x)",
         f"relative error (weights on calibration inputs): mean {100 * sum(errs) / len(errs):.2f}%, "
         f"max {100 * max(errs):.2f}%",
-        *([heldout_line(infos)] if heldout_line(infos) else []),
+        *([held] if held else []),
         *([larger_than_dense(comp, dense_bytes)] if comp >= dense_bytes > 0 else []),
         *notes,
         "",

@@ -446,16 +446,13 @@ def read_layer(f, path: str, name: str, info: dict, device="cpu") -> LayerStats:
 
 
 def layer_info(s: LayerStats) -> dict:
-    """A layer's entry in a statistics file's metadata (held-out counts only where rows were set aside, so
-    files without them stay as they were)."""
-    info = {"rows": int(s.rows), "width": s.width}
-    if s.held_seen:
-        info.update(held=s.held_rows, held_seen=int(s.held_seen))
-    return info
+    """A layer's entry in a statistics file's metadata."""
+    return layer_info_of({"rows": s.rows, "width": s.width, "held": s.held_rows, "held_seen": s.held_seen})
 
 
 def layer_info_of(info: dict) -> dict:
-    """The checked entry of a file's metadata, reduced to what layer_info writes."""
+    """A layer's entry as files carry it (from a checked file's metadata, or layer_info's): held-out counts
+    only where rows were set aside, so files without them stay as they were."""
     out = {"rows": int(info["rows"]), "width": int(info["width"])}
     if info.get("held_seen"):
         out.update(held=int(info.get("held", 0)), held_seen=int(info["held_seen"]))
@@ -464,8 +461,12 @@ def layer_info_of(info: dict) -> dict:
 
 def _check_layer_finite(s: LayerStats, path: str, name: str) -> None:
     if not (all_finite(s.xtx) and all_finite(s.absmax) and (s.held is None or all_finite(s.held))):
-        raise FileError(f"statistics file {path}: layer {name} contains NaN or Inf; the model produced non-finite "
-                        f"activations during calibration, or the file is damaged: {RECALIBRATE}")
+        raise _non_finite(path, name)
+
+
+def _non_finite(path: str, name: str) -> FileError:
+    return FileError(f"statistics file {path}: layer {name} contains NaN or Inf; the model produced non-finite "
+                     f"activations during calibration, or the file is damaged: {RECALIBRATE}")
 
 
 def check_same_model(a: dict, b: dict, name_a: str, name_b: str, what: str = "added") -> None:
@@ -590,8 +591,7 @@ def _read_held(path: str, name: str, info: dict) -> torch.Tensor | None:
     with safe_open(path, framework="pt") as f:
         t = f.get_tensor(f"{name}.held")
     if not all_finite(t):
-        raise FileError(f"statistics file {path}: layer {name} contains NaN or Inf; the model produced "
-                        f"non-finite activations during calibration, or the file is damaged: {RECALIBRATE}")
+        raise _non_finite(path, name)
     return t
 
 
@@ -625,8 +625,7 @@ def _read_f32(fh, span: tuple, dst: torch.Tensor, path: str, name: str, add: boo
                                 f"{RECALIBRATE}")
             got += k
         if not bool(torch.isfinite(into).all()):
-            raise FileError(f"statistics file {path}: layer {name} contains NaN or Inf; the model produced "
-                            f"non-finite activations during calibration, or the file is damaged: {RECALIBRATE}")
+            raise _non_finite(path, name)
         if add:
             part += into.to(part.device)
 
