@@ -176,6 +176,11 @@ class ActivationStats:
     def rows_of(self, name: str) -> int:
         return int(self.layers[name].rows)
 
+    def held_of(self, name: str) -> tuple[int, int]:
+        """(held-out rows kept, rows set aside) of a layer."""
+        s = self.layers[name]
+        return s.held_rows, int(s.held_seen)
+
     def nbytes(self) -> int:
         return sum(s.xtx.numel() * 4 + s.absmax.numel() * 4 + s.held_rows * s.width * 2 for s in self.layers.values())
 
@@ -305,6 +310,9 @@ class FileStats(ActivationStats):
 
     def rows_of(self, name: str) -> int:
         return self.infos[name]["rows"]
+
+    def held_of(self, name: str) -> tuple[int, int]:
+        return self.infos[name].get("held", 0), self.infos[name].get("held_seen", 0)
 
     def nbytes(self) -> int:
         return 0  # nothing held in memory

@@ -156,10 +156,7 @@ class LiteFFNCalibrate(io.ComfyNode):
 
 def _held(stats, name: str) -> str:
     """What the summary says of the rows set aside for compression's error report (stats.py)."""
-    if isinstance(stats, FileStats):  # read from its header, not its tensors
-        held, seen = stats.infos[name].get("held", 0), stats.infos[name].get("held_seen", 0)
-    else:
-        held, seen = stats[name].held_rows, stats[name].held_seen
+    held, seen = stats.held_of(name)  # a file's from its header, not its tensors
     return f", {seen} more held out ({held} kept to measure compression's output error)" if seen else ""
 
 

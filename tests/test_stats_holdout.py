@@ -98,6 +98,7 @@ def test_files_carry_the_rows_and_merges_merge_them(tmp_path):
         assert torch.equal(back[n].held, s1[n].held) and back[n].held_seen == s1[n].held_seen > 0
     lazy = FileStats(p1)
     assert lazy.infos["a"]["held"] == s1["a"].held_rows and torch.equal(lazy["a"].held, s1["a"].held)
+    assert lazy.held_of("a") == s1.held_of("a") == (s1["a"].held_rows, s1["a"].held_seen)  # header vs memory
     merged = merge_files([p1, p2], str(tmp_path / "m.safetensors"))
     m = ActivationStats.load(str(tmp_path / "m.safetensors"))
     want = ActivationStats(meta=dict(s1.meta)).merge_(ActivationStats.load(p1)).merge_(ActivationStats.load(p2))
