@@ -7,10 +7,10 @@ One FFN, y = W2 GELU(W1 x + b1) + b2 with W = A B + dequant(Q), is three launche
 
   1. act_quant_lowrank(x, B1): per-token FP8 quantization of x (scale sx = rowmax/448) and the
      low-rank down-projection u1 = x B1^T, computed from the same read of x as the row max.
-     Few rows (M <= SINGLE_LAUNCH_M, K <= 4096, rank <= 64): one launch, a program per row walking
-     all of K twice (row max and u, then the codes); the launch count is what costs there. Many rows: two
-     launches over a (row block x K split) grid, the first for the row max and u (atomics over
-     the splits), the second for the codes. Either also zeroes u2 (step 2's atomic sum).
+     Few rows without a low rank (M <= SINGLE_LAUNCH_M, K <= 4096): one launch, a program per row
+     walking all of K twice (row max, then the codes). Otherwise two launches over a (row block x K
+     split) grid, the first for the row max and u (atomics over the splits), the second for the
+     codes. Either also zeroes u2 (step 2's atomic sum).
   2. scaled_gemm, up: acc = xq Q1^T on FP8 tensor cores, acc = acc*sx*sw1, then u1 A1^T is
      accumulated into the same registers (bf16 MMA), + b1, GELU(tanh); the output h is written
      as FP8 with a static per-tensor scale s_h, and h B2^T (the second linear's low-rank
@@ -80,7 +80,7 @@ except ImportError:  # torch-only installs: dispatch never picks these kernels
     triton = None
 
 H_SCALE_MARGIN = 2.0  # headroom of the static FP8 scale of h over the calibrated absmax
-# Up to this many rows act_quant_lowrank is one launch (its host cost is what matters there).
+# Up to this many rows act_quant_lowrank without a low rank is one launch.
 SINGLE_LAUNCH_M = 256
 # act_quant_lowrank's two launches at more than 2048 rows: rows x K columns per program (benches sweep them)
 MANY_ROWS_BM, MANY_ROWS_SPLIT = 64, 512
@@ -339,10 +339,10 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
     rzp = max(16, G.p2(rz)) if rz else 0
     z = zero if rz else sx  # unused pointers: any fp32 tensor of this call
     if single is None:
-        # H200, M=126 (bench/host_overhead_h200.md): one launch saves ~50 us of host time but costs device
-        # time as K grows (K=2048: 16.4 us vs 12.3 for two launches; 4096: 30 vs 13; 8192: 57 vs 15), and
-        # its B tile for ranks over 64 does not fit in shared memory
-        single = M <= SINGLE_LAUNCH_M and K <= 4096 and rp <= 64
+        # H200, M=126, device time (CUDA graphs, bench/host_overhead_126_rank_h200.md): without a low rank one
+        # launch per row is the fastest (K=2048: 4.3 us against 9.2 for two launches); with rank 64 every row's
+        # program reads all of B and it is the slowest (17.5 against 11.0), and slower still as K grows
+        single = M <= SINGLE_LAUNCH_M and K <= 4096 and r == 0
     if single:
         u = G.new((M, r), torch.bfloat16, x.device) if r else None
         # one row per program was the fastest on the H200 (16.4 us at K=2048, 2 rows 17.7, 16 rows 39);

@@ -42,9 +42,8 @@ addresses every call). A key seen on two calls in a row is needed to capture, so
 addresses on every call never capture either. Any exception in a capture or replay is logged once,
 turns graphs off for the process, and the call runs eagerly: a workflow never fails for a graph.
 
-Device work in a graph: act_quant_lowrank's two-launch variant (at M=126: 12.3 us on the H200
-against 16-18 us for the one-launch variant, bench/host_overhead.py), since launches cost
-nothing on the host there; eager calls keep the one-launch variant.
+Device work in a graph: the kernels' default launches (act_quant_lowrank picks its variant by device
+time: at M=126 on the H200 one launch per row without a low rank, two launches with one).
 
 Memory per module with a graph (M <= 256 tokens; FFN dim -> hidden -> dim, a linear K -> N): the
 static input, M x dim in x's dtype, outside the graph; the graph's private pool, holding the static

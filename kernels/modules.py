@@ -166,8 +166,8 @@ class CompressedLinear(torch.nn.Module):
         ref = lambda: compressed_linear_ref(x, self.format, t, self.act_quant)  # noqa: E731
         if dispatch.choose(x, [self.kernel_layer(t)]) == "triton":
             # few tokens: eager once, then a CUDA graph (graphs.py); many: recorded once, then repeated
-            # (programs.py); both run the input pass's two-launch variant (host time is not theirs to save)
-            rows = lambda: ops.linear_rows(t, self.block, single=False)  # noqa: E731
+            # (programs.py)
+            rows = lambda: ops.linear_rows(t, self.block)  # noqa: E731
             fn = lambda: ops.linear(x, t, self.block).to(x.dtype)  # noqa: E731
             return dispatch.run("linear", lambda: _eager(self, key, pkey, x, fn, operands, rows), ref)
         dispatch.note_reference("linear")
@@ -220,7 +220,7 @@ class CompressedFFN(torch.nn.Module):
         t1, t2, hs = up.tensors(x.device), down.tensors(x.device), down.scale_on(x.device)
         ref = lambda: compressed_ffn_ref(x, up.format, t1, down.format, t2, hs, act_quant=up.act_quant)  # noqa: E731
         if dispatch.choose(x, [up.kernel_layer(t1), down.kernel_layer(t2)]) == "triton":
-            rows = lambda: ops.ffn_rows(t1, t2, hs, up.block, down.block, single=False)  # noqa: E731
+            rows = lambda: ops.ffn_rows(t1, t2, hs, up.block, down.block)  # noqa: E731
             fn = lambda: ops.ffn(x, t1, t2, hs, up.block, down.block).to(x.dtype)  # noqa: E731
             return dispatch.run("ffn", lambda: _eager(self, key, pkey, x, fn, operands, rows), ref)
         dispatch.note_reference("ffn")

@@ -35,8 +35,7 @@ def _ffn(x: Tensor, up: dict, down: dict, h_scale) -> Tensor:
 
 
 def linear_rows(t: dict, block: int = 0, single: bool | None = None):
-    """fn(x2 [M, K]) -> [M, N]: fused.linear on this layer's operands, what graphs.py runs and captures
-    (single=False there: act_quant_lowrank's two launches, less device time)."""
+    """fn(x2 [M, K]) -> [M, N]: fused.linear on this layer's operands, what graphs.py runs and captures."""
     t = _layer(t, block)
     return lambda x2: fused.linear(x2, t, single=single)
 
