@@ -126,6 +126,10 @@ class Timer:
     def python(self, fn) -> float:
         if not self.gpu:
             return self._wall(fn, 1, 1)
+        return self._wall(fn, self._calls(fn), self.repeats)
+
+    def _calls(self, fn) -> int:
+        """Back-to-back calls per timing: about target ms of them, after warm-up."""
         for _ in range(2):
             fn()
         self.sync()
@@ -134,8 +138,7 @@ class Timer:
             fn()
         self.sync()
         per = (time.perf_counter() - t0) / 3
-        n = max(2, min(self.max_n, math.ceil(self.target / max(per, 1e-7))))
-        return self._wall(fn, n, self.repeats)
+        return max(2, min(self.max_n, math.ceil(self.target / max(per, 1e-7))))
 
     def paired(self, fa, fb, rounds: int = 15) -> tuple:
         """(us of fa, us of fb): medians over rounds that time n calls of each back to back, alternating
@@ -143,15 +146,8 @@ class Timer:
         minute apart compare poorly where host time is what they cost (few tokens)."""
         if not self.gpu:
             return self._wall(fa, 1, 1), self._wall(fb, 1, 1)
-        for f in (fa, fb):
-            for _ in range(3):
-                f()
-        self.sync()
-        t0 = time.perf_counter()
-        for _ in range(3):
-            fa()
-        self.sync()
-        n = max(2, min(self.max_n, math.ceil(self.target / max((time.perf_counter() - t0) / 3, 1e-7))))
+        self._calls(fb)  # (its warm-up)
+        n = self._calls(fa)
         ta, tb = [], []
         for i in range(rounds):
             for f, ts in ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta)):
