@@ -1,5 +1,6 @@
 """Bench scripts that the device runs, checked on the CPU first (their --dry-run), so device time is not
 spent finding a script's bugs."""
+import json
 import os
 import subprocess
 import sys
@@ -17,3 +18,19 @@ def test_host_overhead_rank_part_runs_its_cases(tmp_path):
     assert len(rows) == 5 and "FAILED" not in r.stdout and "## Errors" not in md, md + r.stdout
     r = subprocess.run(cmd[:2] + ["--parts", "host", "--dry-run"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--dry-run runs only --parts rank" in r.stderr
+
+
+def test_ffn_kernels_dry_run_writes_the_interleaved_goal(tmp_path):
+    """The kernel bench's writers on tiny shapes: the few-token FFN goal carries the interleaved timing."""
+    md, js = tmp_path / "k.md", tmp_path / "k.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "ffn_kernels.py"), "--dry-run", "--families", "audio",
+           "--sections", "ffn", "--out", str(md), "--json", str(js)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = md.read_text()
+    goal = [ln for ln in text.splitlines() if "called from Python without graphs" in ln]
+    assert len(goal) == 1 and "interleaved with the bf16 FFN in the same rounds" in goal[0], text
+    recs = json.loads(js.read_text())
+    recs = recs["records"] if isinstance(recs, dict) else recs
+    inter = [x for x in recs if x.get("impl") == "module_interleaved"]
+    assert inter and all(x["us"] > 0 and x["bf16_us"] > 0 for x in inter)
