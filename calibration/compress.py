@@ -23,7 +23,7 @@ from ..kernels import formats as F
 from ..kernels.fp8_ffn import static_scale
 from ..kernels.reference import compressed_linear_ref
 from . import ltx2
-from .lowrank import RankPolicy, Whitening, lowrank_factors
+from .lowrank import RankPolicy, Whitening, lowrank_factors, refine_factors
 from .residual import quantize_residual
 from .stats import LayerStats
 from .validate import LayerError, check_header, check_values, header_of
@@ -147,8 +147,8 @@ def compress_linear(
     refit = refit if (Hinv is not None and info["rank"] and form.error_feedback) else 0
     for it in range(refit):
         # The best rank-r correction of what the quantized residual misses: the low-rank branch
-        # buys back part of the rounding error (most useful for FP4).
-        A, B, _ = lowrank_factors(W - Eq, wh, RankPolicy(rank=info["rank"]), name)
+        # buys back part of the rounding error (most useful for FP4). Started from the last factors.
+        A, B = refine_factors(W - Eq, wh, A, B)
         A, B = A.bfloat16(), B.bfloat16()
         if it < refit - 1:
             q, Eq = quantize_residual(W - A.float() @ B.float(), form, Hinv)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from liteffn.calibration.compress import compress_linear, source_weight
-from liteffn.calibration.lowrank import RankPolicy
+from liteffn.calibration.lowrank import RankPolicy, Whitening, lowrank_factors, refine_factors
 from liteffn.calibration.stats import LayerStats
 from liteffn.calibration.synthetic import SyntheticActivations, synthetic_weight
 from liteffn.kernels.reference import compressed_linear_ref
@@ -128,3 +128,19 @@ def test_format_needs_block_multiple():
     W = torch.randn(8, 40)
     with pytest.raises(ValueError, match="multiple of 32"):
         compress_linear(W, None, None, 0, "mxfp4")
+
+
+def test_refit_from_the_last_factors_matches_the_exact_decomposition():
+    """refine_factors (the refits' subspace iteration from the last B) gives the exact top-r factors' product
+    of a target that moved a little, as compress.py's refits see it, whitened as there."""
+    W, st, _ = layer(256, 1024)
+    wh = Whitening(st.covariance().float(), 0.01)
+    A, B, _ = lowrank_factors(W, wh, RankPolicy(rank=32))
+    moved = W + 0.02 * W.norm() / W.numel() ** 0.5 * torch.randn(W.shape, generator=torch.Generator().manual_seed(3))
+    A1, B1, _ = lowrank_factors(moved, wh, RankPolicy(rank=32))
+    A2, B2 = refine_factors(moved, wh, A, B)
+    exact, warm = wh.apply(A1 @ B1), wh.apply(A2 @ B2)
+    target = wh.apply(moved)
+    assert (warm - exact).norm() / exact.norm() < 1e-2
+    # and its whitened error is the exact one's within 0.1%
+    assert (target - warm).norm() <= 1.001 * (target - exact).norm()
