@@ -1,6 +1,6 @@
 """Host time per call of the compressed layers against the dense ones, on the device GPU.
 
-    python bench/host_overhead.py [--out DIR] [--m 126] [--calls 300] [--parts host,rotation,rank,profile,device]
+    python bench/host_overhead.py [--out DIR] [--m 126] [--dim 2048] [--calls 300] [--parts host,rotation,rank,profile,device]
                                   [--copies 7] [--dry-run (with --parts rank)]
 
 host: wall microseconds per call over --calls calls with no synchronization inside the loop
@@ -291,7 +291,7 @@ def rank(m, calls, dim=DIM, dry=False):
                          ("input pass (two launches): + x B^T, u2 zeroed", "input r=0", "input"),
                          ("up-projection (GELU, FP8 out): + u A^T", "up r=0", "up uA"),
                          ("up-projection: + the next low-rank input", "up uA", "up"),
-                         ("down-projection (split K): + u2 A2^T", "down r=0", "down")):
+                         ("down-projection (split K at few tokens): + u2 A2^T", "down r=0", "down")):
         if k0 in times and k1 in times:
             t0, t1 = times[k0], times[k1]
             lines.append(f"| {name} | {t0:.1f} | {t1:.1f} | {t1 - t0:+.1f} |")
@@ -373,6 +373,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--m", type=int, default=126)
+    ap.add_argument("--dim", type=int, default=DIM, help="rank part: the FFN's width (audio 2048, video 4096)")
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--parts", default="host,profile,device", help="comma list of host, rotation, profile, device")
     ap.add_argument("--copies", type=int, default=7, help="rotation: weight copies (7: ffn_kernels.py's at the audio FFN)")
@@ -391,7 +392,7 @@ def main():
             if part == "rotation":
                 md += rotation(a.m, a.calls, a.copies)
             elif part == "rank":
-                md += rank(a.m, a.calls, 64 if a.dry_run else DIM, a.dry_run)
+                md += rank(a.m, a.calls, 64 if a.dry_run else a.dim, a.dry_run)
             else:
                 md += globals()[part](a.m, a.calls)
         except Exception:  # noqa: BLE001

@@ -21,7 +21,8 @@ def test_host_overhead_rank_part_runs_its_cases(tmp_path):
 
 
 def test_ffn_kernels_dry_run_writes_the_interleaved_goal(tmp_path):
-    """The kernel bench's writers on tiny shapes: the few-token FFN goal carries the interleaved timing."""
+    """The kernel bench's writers on tiny shapes: the few-token FFN goal carries the interleaved timing, the
+    goals' FFN device times are medians of rounds."""
     md, js = tmp_path / "k.md", tmp_path / "k.json"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "ffn_kernels.py"), "--dry-run", "--families", "audio",
            "--sections", "ffn", "--out", str(md), "--json", str(js)]
@@ -34,3 +35,7 @@ def test_ffn_kernels_dry_run_writes_the_interleaved_goal(tmp_path):
     recs = recs["records"] if isinstance(recs, dict) else recs
     inter = [x for x in recs if x.get("impl") == "module_interleaved"]
     assert inter and all(x["us"] > 0 and x["bf16_us"] > 0 for x in inter)
+    # the goals' device times (bf16, ours at r = 0 and 64): medians of three rounds
+    rounds = [x for x in recs if x.get("us_rounds")]
+    assert {(x["impl"], x["rank"]) for x in rounds} == {("bf16", None), ("ours_fused", 0), ("ours_fused", 64)}
+    assert all(len(x["us_rounds"]) == 3 and x["us"] == sorted(x["us_rounds"])[1] for x in rounds)
