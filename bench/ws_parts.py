@@ -5,7 +5,7 @@ pass with and without the low-rank down-projection, and the whole FFN with and w
 bench/ws_parts_h200.log also timed U2_MODE and ITEMS3 variants, commit de94f29, and GELU_F16X2, 5f405e6.)
 Variants are interleaved over rounds (the GPU's clock drifts within a run); medians are printed.
 
-    python bench/ws_parts.py [--out DIR] [--rows 6144 24576] [--rounds 3]
+    python bench/ws_parts.py [--out DIR] [--rows 6144 24576] [--rounds 3] [--only-u2 | --only-u2bf16]
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only-u2", action="store_true", help="only TMA reduce against atomics (U2_TMA)")
     ap.add_argument("--dims", nargs="*", type=int, default=[4096], help="FFN widths (2048: audio)")
+    ap.add_argument("--only-u2bf16", action="store_true",
+                    help="only u2 rounded to bf16 before the down-projection against fp32 u2 (fused.U2_BF16)")
     a = ap.parse_args()
     say = logger(a.out, "ws_parts.log")
     say(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')}, promote every 512, us (+ vs first)")
@@ -76,6 +78,32 @@ def main():
         torch.cuda.synchronize()
         same = bool((o1.view(torch.uint8) == o2.view(torch.uint8)).all())
         say(f"M={m} dim {dim} up full, TMA reduce vs atomics: codes equal {same}, u_next rel {rel(n1, n2):.1e}")
+        if a.only_u2bf16:
+            hq = g_up(**full)()
+            u2b = K.round_bf16(u2)
+            outs = []
+            for flag in (True, False):
+                fused.U2_BF16 = flag
+                outs.append(fused.ffn(x, up, dn, hs).clone())
+            torch.cuda.synchronize()
+            say(f"M={m} dim {dim} FFN, u2 in bf16 vs fp32: outputs equal {bool(torch.equal(*outs))}, rel {rel(*outs):.1e}")
+            timed(say, f"M={m} down {4 * dim}->{dim} r64", {
+                "u2 fp32 (epilogue reads)": lambda: ws_gemm(hq, hs, dn["q"], dn["q_scale"], promote_k=512, u=u2,
+                                                           A=dn["A"], bias=dn["bias"]),
+                "u2 bf16 (ring)": lambda: ws_gemm(hq, hs, dn["q"], dn["q_scale"], promote_k=512, u=u2b, A=dn["A"],
+                                                  bias=dn["bias"]),
+                "r0": lambda: ws_gemm(hq, hs, dn["q"], dn["q_scale"], promote_k=512, bias=dn["bias"]),
+                "the rounding alone": lambda: K.round_bf16(u2),
+            }, a.rounds)
+            t_bf = us(lambda: bf16_ffn(x, W1, up["bias"], W2, dn["bias"]))
+            timed(say, f"M={m} dim {dim} FFN r64 (bf16 {t_bf:.1f})", {
+                "u2 bf16": lambda: (setattr(fused, "U2_BF16", True), fused.ffn(x, up, dn, hs))[1],
+                "u2 fp32": lambda: (setattr(fused, "U2_BF16", False), fused.ffn(x, up, dn, hs))[1],
+            }, a.rounds)
+            fused.U2_BF16 = True
+            del up, dn, x, W1, W2, xq, u, u2, hq
+            torch.cuda.empty_cache()
+            continue
         if a.only_u2:
             timed(say, f"M={m} up {dim}->{4 * dim}", {
                 "r0 bias": g_up(bias=up["bias"]),

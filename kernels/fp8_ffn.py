@@ -144,6 +144,12 @@ if triton is not None:
             x = tl.load(xrow2 + ks[None, :], mask=m2, other=0.0).to(tl.float32)
             tl.store(qrow + ks[None, :], _to_fp8(tl.math.div_rn(x, s[:, None]), INTERP), mask=m2)
 
+    @triton.jit
+    def _round_bf16_kernel(X, Y, n, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        tl.store(Y + i, _to_bf16(tl.load(X + i, mask=m, other=0.0), INTERP), mask=m)
+
     # Many rows: two launches over a (row block x K split) grid: the row max and u need all of K,
     # and one program per row block walking all of K was latency-bound there.
     @triton.jit
@@ -378,6 +384,15 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
                                               x.stride(0)),
                     dict(BM=bm, BK=bk, SPLIT=split, RZP=rzp, RP=rp, INTERP=G.INTERP), num_warps=4)
     return xq, sx, u
+
+
+def round_bf16(x: torch.Tensor) -> torch.Tensor:
+    """x (fp32, contiguous) rounded to bf16 (nearest even) by a launch that programs.py records (a torch cast
+    inside a recorded call would not be repeated)."""
+    y = G.new(tuple(x.shape), torch.bfloat16, x.device)
+    n = x.numel()
+    G.launch_kernel(_round_bf16_kernel, (G.cdiv(n, 1024),), (x, y, n), dict(BLOCK=1024, INTERP=G.INTERP))
+    return y
 
 
 def scaled_gemm(xq, sx, q, q_scale, *, u=None, A=None, bias=None, gelu=False, h_scale=None, next_B=None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import fp8_ffn, w4a8
+from . import fp8_ffn, fp8_ws, w4a8
 from .fp8_ffn import act_quant_lowrank
 from . import gemm as G
 from .gemm import out_dtype
@@ -25,6 +25,16 @@ def _fp8_gemm(xq, sx, t: dict, **kw):
 GEMMS = {"fp8": _fp8_gemm, "w4a8": w4a8.scaled_gemm}
 
 
+# The down-projection's u2 (the up-projection's fp32 sum) rounded to bf16 in a launch of its own where the
+# warp-specialized GEMM runs it: that kernel takes bf16 U's rows through its K ring, fp32 ones its epilogue
+# reads from global memory (both GEMMs round U to bf16 for the MMA: the same results). Benches turn it off.
+U2_BF16 = True
+
+
+def _u2_bf16(device: torch.device, M: int) -> bool:
+    return U2_BF16 and fp8_ws.enabled(device, M)
+
+
 def layout(t: dict) -> str:
     """Kernel layout of a layer's tensors: "w4a8" when it holds FP4 block bytes (sb), else "fp8"."""
     return "w4a8" if t.get("sb") is not None else "fp8"
@@ -32,7 +42,7 @@ def layout(t: dict) -> str:
 
 def linear(x2: torch.Tensor, t: dict, config=None, single: bool | None = None) -> torch.Tensor:
     """One compressed linear on a [M, K] input -> [M, N] in out_dtype(x2). single: act_quant_lowrank's
-    launch variant (None: by token count; graphs.py asks for two launches, faster on the device)."""
+    launch variant (None: by token count and rank)."""
     xq, sx, u = act_quant_lowrank(x2, t.get("B"), single=single)
     return GEMMS[layout(t)](xq, sx, t, u=u, A=t.get("A"), bias=t.get("bias"), out_dtype=out_dtype(x2), config=config)
 
@@ -40,8 +50,9 @@ def linear(x2: torch.Tensor, t: dict, config=None, single: bool | None = None) -
 def ffn(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, config=None,
         single: bool | None = None) -> torch.Tensor:
     """Linear -> GELU(tanh) -> Linear on [M, dim]. With h_scale (static FP8 scale of the hidden
-    activation) the three-launch fused path; without it the hidden activation goes through
-    bf16 and a per-token quantization pass (four launches). single: as in linear."""
+    activation) the fused path: input pass, up-projection, down-projection (and, where the warp-specialized
+    GEMM runs, u2's rounding to bf16 between them: U2_BF16); without it the hidden activation goes
+    through bf16 and a per-token quantization pass. single: as in linear."""
     y_dtype = out_dtype(x2)
     gemm_up, gemm_down = GEMMS[layout(up)], GEMMS[layout(down)]
     B2 = down.get("B")
@@ -57,4 +68,6 @@ def ffn(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, co
         hq = gemm_up(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, h_scale=h_scale, next_B=B2,
                      u_next=u2, config=config)
         sh = h_scale
+        if r2 and config is None and _u2_bf16(x2.device, x2.shape[0]):
+            u2 = fp8_ffn.round_bf16(u2)
     return gemm_down(hq, sh, down, u=u2, A=down.get("A"), bias=down.get("bias"), out_dtype=y_dtype, config=config)

@@ -205,6 +205,22 @@ def test_ffn_kernels_match_reference(static, ranks, bias):
     assert err < rel(other, want)  # closer to its own scheme than to the other one
 
 
+def test_u2_rounded_to_bf16_before_the_down_projection_changes_nothing(monkeypatch):
+    """Where the warp-specialized GEMM runs the down-projection, u2 is rounded to bf16 in a launch of its own
+    (fused.U2_BF16; that kernel takes bf16 U through its K ring): both GEMMs round U to bf16 for the MMA, so
+    the FFN's output is the same to the bit. Here the switch is forced on the Triton kernels."""
+    x = _x(61, 64, seed=9)
+    up, down = _layer(256, 64, 24, seed=3), _layer(64, 256, 40, seed=4)
+    hs = fp8_ffn.static_scale(torch.tensor([2.0])).to(DEV)
+    u2 = torch.randn(37, 40, device=DEV)
+    assert torch.equal(fp8_ffn.round_bf16(u2), u2.bfloat16())
+    want = fused.ffn(x, up, down, hs)
+    seen = []
+    monkeypatch.setattr(fused, "_u2_bf16", lambda dev, m: seen.append(m) or True)
+    got = fused.ffn(x, up, down, hs)
+    assert seen == [61] and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("ranks", [(24, 40), (0, 0)])
 def test_kernels_leave_the_layer_tensors_alone(ranks):
     """On a GPU with autotuning (the default), the tuner zeroes the U2 buffer before each timing
