@@ -53,17 +53,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", nargs="+", default=["fp8", "nvfp4"])
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--refit", type=int, default=2, help="refit rounds (compress_linear's default: 2)")
+    ap.add_argument("--refit", type=int, default=None,
+                    help="refit rounds (default: the format's, formats.refits / refit_gain: FP8 2, FP4 until < 1%%)")
     ap.add_argument("--out")
     ap.add_argument("--torch-loop", action="store_true", help="also time the torch GPTQ loop (slow)")
     a = ap.parse_args()
     dev = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
+    refits = a.refit if a.refit is not None else "by format (FP8 2, FP4 until one gains < 1%)"
     lines = [f"# LiteFFN compression time, {torch.cuda.get_device_name()}, {datetime.date.today()}, "
-             f"torch {torch.__version__}, rank {a.rank}, refit {a.refit}", "",
+             f"torch {torch.__version__}, rank {a.rank}, refit {refits}", "",
              "| layer | format | whitening: eigh | whitening: Cholesky (used) | SVD (Gram eigh) | GPTQ residual "
-             "(Triton / torch loop) | compress_linear total | x48 | R-weighted error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(Triton / torch loop) | compress_linear total | x48 | R-weighted error | refits |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     totals = {f: 0.0 for f in a.formats}
     make(256, 256, dev)
     compress_linear(torch.randn(256, 256, device=dev), None, make(256, 256, dev)[1], 16, "nvfp4", device=dev)  # warm-up
@@ -82,7 +84,8 @@ def main():
             layer, t_all = timed(lambda: compress_linear(W, None, st, a.rank, fmt, device=dev, refit=a.refit))
             totals[fmt] += t_all * count
             lines.append(f"| {label} | {fmt} | {t_eig:.2f} s | {t_chol:.2f} s | {t_svd:.2f} s | {t_gptq:.2f} s / {t_loop:.2f} s "
-                         f"| {t_all:.2f} s | {t_all * count:.0f} s | {100 * layer.info['rel_err']:.2f}% |")
+                         f"| {t_all:.2f} s | {t_all * count:.0f} s | {100 * layer.info['rel_err']:.2f}% "
+                         f"| {layer.info['refit']} |")
             print(lines[-1], flush=True)
         del W, st, wh, E, Hinv
         torch.cuda.empty_cache()

@@ -101,7 +101,7 @@ def compress_linear(
     device: str | torch.device | None = None,
     name: str = "",
     weight_scale: torch.Tensor | None = None,
-    refit: int = 2,
+    refit: int | None = None,
     whiten: str = "cholesky",
     compare_plain: bool = True,
 ) -> CompressedLayer:
@@ -144,14 +144,21 @@ def compress_linear(
     A, B = A.bfloat16(), B.bfloat16()
     Hinv = wh.inverse() if (wh is not None and gptq) else None
     q, Eq = quantize_residual(W - A.float() @ B.float(), form, Hinv)
-    refit = refit if (Hinv is not None and info["rank"] and form.error_feedback) else 0
-    for it in range(refit):
+    # refits: the format's (at most form.refits, stopping once one gains less than form.refit_gain), or exactly
+    # `refit` when given
+    most, gain = (form.refits, form.refit_gain) if refit is None else (refit, 0.0)
+    most = most if (Hinv is not None and info["rank"] and form.error_feedback) else 0
+    refit, prev = 0, None
+    while refit < most:
         # The best rank-r correction of what the quantized residual misses: the low-rank branch
         # buys back part of the rounding error (most useful for FP4). Started from the last factors.
-        A, B = refine_factors(W - Eq, wh, A, B)
+        A, B, missed = refine_factors(W - Eq, wh, A, B)
         A, B = A.bfloat16(), B.bfloat16()
-        if it < refit - 1:
-            q, Eq = quantize_residual(W - A.float() @ B.float(), form, Hinv)
+        refit += 1
+        if refit == most or (prev is not None and missed > (1 - gain) ** 2 * prev):
+            break
+        prev = missed
+        q, Eq = quantize_residual(W - A.float() @ B.float(), form, Hinv)
     dW = W - A.float() @ B.float() - Eq
     tensors = {k_: v.contiguous().cpu() for k_, v in q.items()}
     if info["rank"]:

@@ -119,21 +119,24 @@ def top_svd(M: torch.Tensor, k: int):
 
 
 def refine_factors(W: torch.Tensor, whitening: Whitening | None, A: torch.Tensor, B: torch.Tensor,
-                   iters: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                   iters: int = 1) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The rank-r factors of W (as lowrank_factors gives them) by subspace iteration started from B's row
     space: for compress.py's refits, whose targets move little from one to the next. A few products with
     W instead of the Gram matrix's eigendecomposition (0.14-0.19 s per FFN linear on an H100); on the
-    tests' layers the errors after 2 and after 8 refits equal the exact SVD's."""
+    tests' layers the errors after 2 and after 8 refits equal the exact SVD's. Also returns what the factors
+    miss of W, squared, in the whitened space (||M||^2 - ||Q^T M||^2, before the factors' rounding to bf16)."""
     M = whitening.apply(W.float()) if whitening is not None else W.float()
     Bw = whitening.apply(B.float()) if whitening is not None else B.float()
     V = torch.linalg.qr(Bw.T)[0]
     for _ in range(iters):
         V = torch.linalg.qr(M.T @ torch.linalg.qr(M @ V)[0])[0]
     Q = torch.linalg.qr(M @ V)[0]
-    Uc, s, Vt = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    C = Q.T @ M
+    Uc, s, Vt = torch.linalg.svd(C, full_matrices=False)
     root = s.sqrt()
     Bw = root[:, None] * Vt
-    return (Q @ Uc) * root, (whitening.unapply(Bw) if whitening is not None else Bw)
+    missed = float(M.square().sum() - C.square().sum())
+    return (Q @ Uc) * root, (whitening.unapply(Bw) if whitening is not None else Bw), max(missed, 0.0)
 
 
 def lowrank_factors(W: torch.Tensor, whitening: Whitening | None, policy: RankPolicy, name: str = ""):

@@ -127,6 +127,10 @@ class ResidualFormat:
     # GPTQ error feedback and compress.py's low-rank refit apply; bf16 is always rounded to
     # nearest (its rounding error is far below the FP8/FP4 formats', nothing to feed back).
     error_feedback: ClassVar[bool] = True
+    # compress.py's refits (the low-rank factors refit to what the quantized residual misses, the residual
+    # quantized again): at most this many, stopping once one buys less than refit_gain of the weighted error
+    refits: ClassVar[int] = 2
+    refit_gain: ClassVar[float] = 0.0
 
     def __str__(self) -> str:  # messages print the name, as when formats were plain strings
         return self.name
@@ -230,6 +234,12 @@ class BlockFP4(ResidualFormat):
     of K; subclasses say how block scales are chosen and stored."""
 
     w4a8: ClassVar[bool] = True
+    # FP4 loses more to rounding, and refits buy more of it back while rank 64 is a sizeable part of the layer:
+    # all-MiniLM-L6-v2's 384-wide linears (bench/real_layers.py), MXFP4 2.24x -> 1.93x FP8's error with 8 refits;
+    # random 4096-wide LTX-2-sized ones gained 1-2% for twice the time (bench/compress_time_refit8_h200.md), so
+    # refits stop once one buys less than 1%
+    refits: ClassVar[int] = 8
+    refit_gain: ClassVar[float] = 0.01
 
     def init_scales(self, E):
         n, k = E.shape
