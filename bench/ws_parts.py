@@ -39,6 +39,18 @@ def timed(say, title, fns: dict, rounds: int):
     say(f"{title}: " + "; ".join(f"{k} {med(v):.1f} ({med(v) - base:+.1f})" for k, v in times.items()))
 
 
+def ffn_switch(say, title, rounds, x, up, dn, hs, W1, W2, obj, attr: str, names: tuple):
+    """The whole FFN with obj.attr True, then False (names), interleaved over rounds; obj.attr left True.
+    Returns the dense bf16 FFN's time."""
+    t_bf = us(lambda: bf16_ffn(x, W1, up["bias"], W2, dn["bias"]))
+    timed(say, f"{title} (bf16 {t_bf:.1f})", {
+        names[0]: lambda: (setattr(obj, attr, True), fused.ffn(x, up, dn, hs))[1],
+        names[1]: lambda: (setattr(obj, attr, False), fused.ffn(x, up, dn, hs))[1],
+    }, rounds)
+    setattr(obj, attr, True)
+    return t_bf
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -95,12 +107,8 @@ def main():
                 "r0": lambda: ws_gemm(hq, hs, dn["q"], dn["q_scale"], promote_k=512, bias=dn["bias"]),
                 "the rounding alone": lambda: K.round_bf16(u2),
             }, a.rounds)
-            t_bf = us(lambda: bf16_ffn(x, W1, up["bias"], W2, dn["bias"]))
-            timed(say, f"M={m} dim {dim} FFN r64 (bf16 {t_bf:.1f})", {
-                "u2 bf16": lambda: (setattr(fused, "U2_BF16", True), fused.ffn(x, up, dn, hs))[1],
-                "u2 fp32": lambda: (setattr(fused, "U2_BF16", False), fused.ffn(x, up, dn, hs))[1],
-            }, a.rounds)
-            fused.U2_BF16 = True
+            ffn_switch(say, f"M={m} dim {dim} FFN r64", a.rounds, x, up, dn, hs, W1, W2, fused, "U2_BF16",
+                       ("u2 bf16", "u2 fp32"))
             del up, dn, x, W1, W2, xq, u, u2, hq
             torch.cuda.empty_cache()
             continue
@@ -111,12 +119,8 @@ def main():
                 "full (atomics)": g_up(True, False, **full),
                 "no next rank": g_up(True, u=u, A=up["A"], bias=up["bias"], gelu=True, h_scale=hsx),
             }, a.rounds)
-            t_bf = us(lambda: bf16_ffn(x, W1, up["bias"], W2, dn["bias"]))
-            timed(say, f"M={m} dim {dim} FFN r64 (bf16 {t_bf:.1f})", {
-                "TMA reduce": lambda: (setattr(W, "U2_TMA", True), fused.ffn(x, up, dn, hs))[1],
-                "atomics": lambda: (setattr(W, "U2_TMA", False), fused.ffn(x, up, dn, hs))[1],
-            }, a.rounds)
-            W.U2_TMA = True
+            ffn_switch(say, f"M={m} dim {dim} FFN r64", a.rounds, x, up, dn, hs, W1, W2, W, "U2_TMA",
+                       ("TMA reduce", "atomics"))
             del up, dn, x, W1, W2, xq, u, u2
             torch.cuda.empty_cache()
             continue
@@ -141,12 +145,8 @@ def main():
             "quant only": lambda: K.act_quant_lowrank(x, None),
             "quant + x B^T (r64)": lambda: K.act_quant_lowrank(x, up["B"]),
         }, a.rounds)
-        t_bf = us(lambda: bf16_ffn(x, W1, up["bias"], W2, dn["bias"]))
-        timed(say, f"M={m} dim {dim} FFN r64 (bf16 {t_bf:.1f})", {
-            "U ring": lambda: (setattr(W, "U_RING", True), fused.ffn(x, up, dn, hs))[1],
-            "no ring": lambda: (setattr(W, "U_RING", False), fused.ffn(x, up, dn, hs))[1],
-        }, a.rounds)
-        W.U_RING = True
+        t_bf = ffn_switch(say, f"M={m} dim {dim} FFN r64", a.rounds, x, up, dn, hs, W1, W2, W, "U_RING",
+                          ("U ring", "no ring"))
         strip = lambda t: {k: v for k, v in t.items() if k not in ("A", "B")}  # noqa: E731
         r0 = us(lambda: fused.ffn(x, strip(up), strip(dn), hs))
         say(f"M={m} FFN r0 {r0:.1f} ({t_bf / r0:.2f}x bf16)")
