@@ -135,7 +135,7 @@ def refine_factors(W: torch.Tensor, whitening: Whitening | None, A: torch.Tensor
     Uc, s, Vt = torch.linalg.svd(C, full_matrices=False)
     root = s.sqrt()
     Bw = root[:, None] * Vt
-    missed = float(M.square().sum() - C.square().sum())
+    missed = float(M.square().sum(dtype=torch.float64) - C.square().sum(dtype=torch.float64))  # (a difference of two large sums)
     return (Q @ Uc) * root, (whitening.unapply(Bw) if whitening is not None else Bw), max(missed, 0.0)
 
 
