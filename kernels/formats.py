@@ -235,7 +235,7 @@ class BlockFP4(ResidualFormat):
 
     w4a8: ClassVar[bool] = True
     # FP4 loses more to rounding, and refits buy more of it back while rank 64 is a sizeable part of the layer:
-    # all-MiniLM-L6-v2's 384-wide linears (bench/real_layers.py), MXFP4 2.24x -> 1.93x FP8's error with 8 refits;
+    # all-MiniLM-L6-v2's 384-wide linears (bench/real_layers.py), MXFP4 2.26x -> 1.94x FP8's error, NVFP4 1.87x -> 1.66x;
     # random 4096-wide LTX-2-sized ones gained 1-2% for twice the time (bench/compress_time_refit8_h200.md), so
     # refits stop once one buys less than 1%
     refits: ClassVar[int] = 8
