@@ -141,5 +141,28 @@ def units(n_blocks: int, which: str = "all", blocks: str = "", layers: str = "ff
     return out
 
 
+# ComfyUI's LTX attention calls to_q(x), then to_k and to_v on its context, which is x itself in the blocks'
+# self-attentions (called without one): so there q, k and v read one tensor, elsewhere k and v do.
+SELF_ATTENTIONS = ("attn1", "audio_attn1")
+
+
+def shared_inputs(units_) -> list[list[str]]:
+    """Groups of the attention projections among units_ that read the same tensor, each in the order the
+    attention calls them: q, k, v of a self-attention, k and v of a cross-attention. A projection missing
+    from units_ leaves its group smaller; groups of one are left out. Only speed depends on this: at run
+    time a group fuses a call only when its members really get the same tensor (kernels/modules.py)."""
+    have, out = set(units_), []
+    for u in units_:
+        m = ATTN_LINEAR.match(u)
+        if not m:
+            continue
+        base = u.rsplit(".", 1)[0] if m.group(3) != "to_out.0" else None
+        names = ("to_q", "to_k", "to_v") if m.group(2) in SELF_ATTENTIONS else ("to_k", "to_v")
+        g = [f"{base}.{p}" for p in names if f"{base}.{p}" in have] if base else []
+        if len(g) > 1 and g[0] == u:  # once per group, at its first member
+            out.append(g)
+    return out
+
+
 def linears(units_) -> list[str]:
     return [n for u in units_ for n in linears_of(u)]

@@ -153,9 +153,10 @@ if triton is not None:
     # Many rows: two launches over a (row block x K split) grid: the row max and u need all of K,
     # and one program per row block walking all of K was latency-bound there.
     @triton.jit
-    def _act_stats_kernel(X, AMAX, LB, U, M, K, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
-                          SPLIT: tl.constexpr, RP: tl.constexpr, INTERP: tl.constexpr):
-        """AMAX[m] = max |x[m, :]| (atomic max over K splits); U[m] += x[m, split] B[:, split]^T."""
+    def _act_stats_kernel(X, AMAX, LB, LB1, LB2, U, M, K, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
+                          SPLIT: tl.constexpr, RP: tl.constexpr, NB: tl.constexpr, INTERP: tl.constexpr):
+        """AMAX[m] = max |x[m, :]| (atomic max over K splits); U[g, m] += x[m, split] B_g[:, split]^T for the
+        NB (1-3) factors B_g = LB, LB1, LB2 of linears that share this input, from one read of x."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         xrow = X + rows.to(tl.int64)[:, None] * stride_xm
@@ -163,35 +164,52 @@ if triton is not None:
         if RP > 0:
             rr = tl.arange(0, RP)
             u = tl.zeros([BM, RP], tl.float32)
+            if NB > 1:
+                u1 = tl.zeros([BM, RP], tl.float32)
+            if NB > 2:
+                u2 = tl.zeros([BM, RP], tl.float32)
         kend = tl.minimum((tl.program_id(1) + 1) * SPLIT, K)
         for k0 in range(tl.program_id(1) * SPLIT, kend, BK):
             ks = k0 + tl.arange(0, BK)
             x = tl.load(xrow + ks[None, :], mask=rmask[:, None] & (ks < kend)[None, :], other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
             if RP > 0:
-                b = tl.load(LB + rr[:, None] * K + ks[None, :], mask=(rr < R)[:, None] & (ks < kend)[None, :],
-                            other=0.0)
-                u = _dot(x.to(tl.bfloat16), tl.trans(b), u, INTERP)
+                boff = rr[:, None] * K + ks[None, :]
+                bmask = (rr < R)[:, None] & (ks < kend)[None, :]
+                xb = x.to(tl.bfloat16)
+                u = _dot(xb, tl.trans(tl.load(LB + boff, mask=bmask, other=0.0)), u, INTERP)
+                if NB > 1:
+                    u1 = _dot(xb, tl.trans(tl.load(LB1 + boff, mask=bmask, other=0.0)), u1, INTERP)
+                if NB > 2:
+                    u2 = _dot(xb, tl.trans(tl.load(LB2 + boff, mask=bmask, other=0.0)), u2, INTERP)
         tl.atomic_max(AMAX + rows, amax, mask=rmask, sem="relaxed")
         if RP > 0:
-            tl.atomic_add(U + rows[:, None] * R + rr[None, :], u, mask=rmask[:, None] & (rr < R)[None, :], sem="relaxed")
+            uoff = rows[:, None] * R + rr[None, :]
+            umask = rmask[:, None] & (rr < R)[None, :]
+            tl.atomic_add(U + uoff, u, mask=umask, sem="relaxed")
+            if NB > 1:
+                tl.atomic_add(U + M * R + uoff, u1, mask=umask, sem="relaxed")
+            if NB > 2:
+                tl.atomic_add(U + 2 * M * R + uoff, u2, mask=umask, sem="relaxed")
 
     @triton.jit
     def _act_quant_kernel(X, XQ, AMAX, SX, Z, U32, U, M, K, RZ, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
-                          SPLIT: tl.constexpr, RZP: tl.constexpr, RP: tl.constexpr, INTERP: tl.constexpr):
-        """The codes of x / sx; the first K split's programs also store sx, round u's fp32 sum (U32) to
-        bf16 (U) and zero Z."""
+                          SPLIT: tl.constexpr, RZP: tl.constexpr, RP: tl.constexpr, NB: tl.constexpr,
+                          INTERP: tl.constexpr):
+        """The codes of x / sx; the first K split's programs also store sx, round u's fp32 sums (U32, NB of
+        [M, R]) to bf16 (U, the same layout) and zero Z."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         s = tl.maximum(tl.math.div_rn(tl.load(AMAX + rows, mask=rmask, other=0.0), 448.0), 1e-12)
         if tl.program_id(1) == 0:
             tl.store(SX + rows, s, mask=rmask)
             RC: tl.constexpr = 64 if RP > 64 else RP
-            for j in tl.static_range(RP // RC if RP > 0 else 0):
-                rr = j * RC + tl.arange(0, RC)
-                um = rmask[:, None] & (rr < R)[None, :]
-                tl.store(U + rows[:, None] * R + rr[None, :],
-                         _to_bf16(tl.load(U32 + rows[:, None] * R + rr[None, :], mask=um, other=0.0), INTERP), mask=um)
+            for g in tl.static_range(NB if RP > 0 else 0):
+                for j in tl.static_range(RP // RC if RP > 0 else 0):
+                    rr = j * RC + tl.arange(0, RC)
+                    um = rmask[:, None] & (rr < R)[None, :]
+                    uo = g * M * R + rows[:, None] * R + rr[None, :]
+                    tl.store(U + uo, _to_bf16(tl.load(U32 + uo, mask=um, other=0.0), INTERP), mask=um)
             if RZP > 0:
                 rz = tl.arange(0, RZP)
                 tl.store(Z + rows[:, None] * RZ + rz[None, :], tl.zeros([BM, RZP], tl.float32),
@@ -326,17 +344,25 @@ if triton is not None:
                             ("a_desc", "b_desc", "c_desc"))
 
 
-def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None, sx=None, zero=None,
+def act_quant_lowrank(x: torch.Tensor, B=None, *, xq=None, sx=None, zero=None,
                       single: bool | None = None, rows: int | None = None, bm: int | None = None,
                       split: int | None = None, warps: int | None = None):
     """x [M, K] (bf16/fp16/fp32, row stride free, unit column stride) -> (xq fp8 [M, K],
     sx fp32 [M], u = x B^T bf16 [M, r] or None). u is summed in fp32 and rounded to bf16 once here: it
     is only ever a bf16 MMA operand, and so the GEMM reads half the bytes (and with three math warpgroups
-    takes U's rows by TMA, fp8_ws._u_ring). zero: an fp32 [M, r2] buffer (the next linear's u accumulator) set to zero
-    on the way. single: one launch (default for M <= SINGLE_LAUNCH_M; rows per program `rows`),
-    else two over K splits (bm rows x split columns per program)."""
+    takes U's rows by TMA, fp8_ws._u_ring). B may also be a sequence of 1-3 factors of one shape [r, K], of
+    linears that read the same input (an attention's q, k and v): u is then [len(B), M, r], each u[g]
+    contiguous, from the same single read of x. zero: an fp32 [M, r2] buffer (the next linear's u
+    accumulator) set to zero on the way. single: one launch (default for M <= SINGLE_LAUNCH_M without a low
+    rank; rows per program `rows`), else two over K splits (bm rows x split columns per program)."""
     M, K = x.shape
     assert x.stride(1) == 1, "act_quant_lowrank needs unit column stride"
+    Bs = None
+    if isinstance(B, (list, tuple)):
+        Bs = [b for b in B]
+        assert 1 <= len(Bs) <= 3 and all(b.shape == Bs[0].shape for b in Bs), "1-3 factors of one shape"
+        B = Bs[0]
+    nb = 1 if Bs is None else len(Bs)
     r = 0 if B is None else B.shape[0]
     rz = 0 if zero is None else zero.shape[1]
     xq = G.new((M, K), torch.float8_e4m3fn, x.device) if xq is None else xq
@@ -349,6 +375,7 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
         # launch per row is the fastest (K=2048: 4.3 us against 9.2 for two launches); with rank 64 every row's
         # program reads all of B and it is the slowest (17.5 against 11.0), and slower still as K grows
         single = M <= SINGLE_LAUNCH_M and K <= 4096 and r == 0
+    assert not (single and r and nb > 1), "act_quant_lowrank: several factors take the two-launch variant"
     if single:
         u = G.new((M, r), torch.bfloat16, x.device) if r else None
         # one row per program was the fastest on the H200 (16.4 us at K=2048, 2 rows 17.7, 16 rows 39);
@@ -362,27 +389,29 @@ def act_quant_lowrank(x: torch.Tensor, B: torch.Tensor | None = None, *, xq=None
         return xq, sx, u
     # u and the row max summed by atomics: one zeroed buffer (one memset launch, not two; u first, so its
     # rows stay 16-byte aligned for the GEMMs' TMA loads)
-    sums = G.new((M * r + M,), torch.float32, x.device, zero=True)
-    u32 = sums[:M * r].view(M, r) if r else None
-    amax = sums[M * r:]
-    u = G.new((M, r), torch.bfloat16, x.device) if r else None
+    nu = nb * M * r
+    sums = G.new((nu + M,), torch.float32, x.device, zero=True)
+    u32 = sums[:nu] if r else None
+    amax = sums[nu:]
+    u = G.new((nb, M, r) if Bs is not None else (M, r), torch.bfloat16, x.device) if r else None
     # measured on the H100 (bench/ffn_kernels_explore_h100.log): M=126: 16 rows x 256 columns per
     # program, 13-15 us at K=2048/8192; M=6144, K=4096: 64 x 512, 64 us (2 TB/s)
     bm = bm or (16 if (G.INTERP or M <= 2048) else MANY_ROWS_BM)
     bk = 32 if G.INTERP else 128
     split = split or (64 if G.INTERP else 256 if M <= 2048 else MANY_ROWS_SPLIT)
     split = G.cdiv(split, bk) * bk  # whole load blocks per split
-    warps = warps or (8 if rp > 64 else 4)
+    warps = warps or (8 if nb * rp > 64 else 4)
     grid = (G.cdiv(M, bm), G.cdiv(K, split))
+    lb = [b if r else amax for b in (Bs or [B])] + [amax] * (3 - nb)  # (unused pointers: any tensor)
     # num_stages=1: software-pipelined (2-3 stages, Triton 3.6, H200), this loop's 64-row tiles (wgmma) gave
     # u off by 0.3-1.2% and different on every call (a race: 16- and 32-row tiles and one stage are exact,
     # run to run within 1e-7; bench/act_quant_race_h200.log). One stage is as fast with 4 warps (58 us at
     # M=6144, K=4096, r=64); tests/test_gpu_fp8.py::test_ffn_repeats_itself guards it.
-    G.launch_kernel(_act_stats_kernel, grid, (x, amax, B if r else amax, u32 if r else amax, M, K, r, x.stride(0)),
-                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, INTERP=G.INTERP), num_warps=warps, num_stages=1)
+    G.launch_kernel(_act_stats_kernel, grid, (x, amax, *lb, u32 if r else amax, M, K, r, x.stride(0)),
+                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, NB=nb, INTERP=G.INTERP), num_warps=warps, num_stages=1)
     G.launch_kernel(_act_quant_kernel, grid, (x, xq, amax, sx, z, u32 if r else sx, u if r else sx, M, K, rz, r,
                                               x.stride(0)),
-                    dict(BM=bm, BK=bk, SPLIT=split, RZP=rzp, RP=rp, INTERP=G.INTERP), num_warps=4)
+                    dict(BM=bm, BK=bk, SPLIT=split, RZP=rzp, RP=rp, NB=nb, INTERP=G.INTERP), num_warps=4)
     return xq, sx, u
 
 

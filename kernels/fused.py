@@ -14,7 +14,7 @@ from .fp8_ffn import act_quant_lowrank
 from . import gemm as G
 from .gemm import out_dtype
 
-__all__ = ["GEMMS", "layout", "linear", "ffn", "out_dtype"]
+__all__ = ["GEMMS", "layout", "linear", "shared_linear", "ffn", "out_dtype"]
 
 
 def _fp8_gemm(xq, sx, t: dict, **kw):
@@ -45,6 +45,35 @@ def linear(x2: torch.Tensor, t: dict, config=None, single: bool | None = None) -
     launch variant (None: by token count and rank)."""
     xq, sx, u = act_quant_lowrank(x2, t.get("B"), single=single)
     return GEMMS[layout(t)](xq, sx, t, u=u, A=t.get("A"), bias=t.get("bias"), out_dtype=out_dtype(x2), config=config)
+
+
+def shared_linear(x2: torch.Tensor, ts: list, config=None) -> torch.Tensor:
+    """Two or three compressed linears that read the same input (an attention's q, k and v; k and v of a
+    cross-attention's context), as one input pass (act_quant_lowrank with their factors, so one read of
+    x, one quantization) and a GEMM each. Their ranks must be equal (all zero allowed). Returns one
+    [M, sum of N] buffer holding the outputs one after another, each [M, N_g] contiguous (split_shared)."""
+    M = x2.shape[0]
+    y_dtype = out_dtype(x2)
+    Bs = [t.get("B") for t in ts]
+    xq, sx, u = act_quant_lowrank(x2, None if Bs[0] is None else Bs)
+    ns = [t["q"].shape[0] for t in ts]
+    y = G.new((M, sum(ns)), y_dtype, x2.device)
+    flat, off = y.view(-1), 0
+    for g, (t, n) in enumerate(zip(ts, ns)):
+        GEMMS[layout(t)](xq, sx, t, u=None if u is None else u[g], A=t.get("A"), bias=t.get("bias"),
+                         out=flat[off:off + M * n].view(M, n), out_dtype=y_dtype, config=config)
+        off += M * n
+    return y
+
+
+def split_shared(y: torch.Tensor, ns) -> list:
+    """The outputs in shared_linear's buffer y [..., sum of ns]: [..., N_g] each, contiguous."""
+    lead, flat, off, out = y.shape[:-1], y.reshape(-1), 0, []
+    rows = flat.numel() // y.shape[-1] if y.shape[-1] else 0
+    for n in ns:
+        out.append(flat[off:off + rows * n].view(*lead, n))
+        off += rows * n
+    return out
 
 
 def ffn(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, config=None,

@@ -16,15 +16,22 @@ reference then computes with the same weights.
 """
 from __future__ import annotations
 
+import os
+import weakref
+
 import torch
 import torch.nn.functional as Fn
 
 from . import dispatch, ops
 from . import formats as F
 from .fp8_ffn import static_scale
+from .fused import split_shared
 from .graphs import GRAPHS
 from .programs import PROGRAMS
 from .reference import compressed_ffn_ref, compressed_linear_ref, dequant_weight
+
+# LITEFFN_SHARED_INPUT=0: linked linears (SharedInput) each run alone, as unlinked (benches compare both)
+SHARE_INPUTS = os.environ.get("LITEFFN_SHARED_INPUT", "1") != "0"
 
 # The low-rank factors, every registered format's residual tensors (first seen in registry
 # order: q, q_scale, q_scale2), then:
@@ -107,6 +114,7 @@ class CompressedLinear(torch.nn.Module):
         self._frozen("input_scale", static_scale(amax) if amax is not None else None)
         self.rank = 0 if self.A is None else int(self.A.shape[1])
         self._extra = None  # (A, B) with a runtime LoRA's terms appended (set_lora), else None
+        self._shared = None  # (SharedInput, index) when linked with linears that read the same input
 
     def _frozen(self, name, t):
         self.register_parameter(name, None if t is None else torch.nn.Parameter(t, requires_grad=False))
@@ -114,6 +122,8 @@ class CompressedLinear(torch.nn.Module):
     def _apply(self, fn, recurse=True):
         GRAPHS.drop(self)  # the tensors move: the graph's addresses go stale
         PROGRAMS.drop(self)
+        if self._shared is not None:
+            self._shared[0].forget()
         dtypes = {n: p.dtype for n, p in self._parameters.items() if p is not None}
         super()._apply(fn, recurse)
         for n, dt in dtypes.items():
@@ -139,6 +149,8 @@ class CompressedLinear(torch.nn.Module):
         """Add a LoRA's delta up @ down ([N, r'] with its scale folded in, [r', K]) to the low-rank
         branch until cleared with None: the branch becomes [A, up] [B; down], so the fused kernels
         run it as a rank r + r' branch. The stored factors are not modified."""
+        if self._shared is not None:
+            self._shared[0].forget()
         if up is None:
             self._extra = None
             return
@@ -158,6 +170,10 @@ class CompressedLinear(torch.nn.Module):
         return (self.format, self.act_quant, self.tensors() if t is None else t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._shared is not None:  # computed with the linears that read the same x, or None
+            y = self._shared[0].output(self._shared[1], x)
+            if y is not None:
+                return y
         operands = self._operands()
         y, key, pkey = _replayed(self, operands, x, "linear:triton")
         if y is not None:
@@ -186,6 +202,91 @@ class CompressedLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         lora = f", lora rank={self._extra[0].shape[1] - self.rank}" if self._extra is not None else ""
         return f"{self.in_features}->{self.out_features}, rank={self.rank}, residual={self.fmt}{lora}"
+
+
+class SharedInput:
+    """Compressed linears that read the same input tensor (an attention's q, k and v; k and v of a
+    cross-attention's context: calibration/ltx2.shared_inputs), run as one input pass and a GEMM each
+    (fused.shared_linear) when the first of them is called, instead of an input pass per linear: on the
+    H200 a 4096-wide input pass at 6144 tokens costs 52-57 us against 176 us for a 4096x4096 GEMM.
+
+    The callers stay ComfyUI's: the attention calls to_q(x), to_k(context), to_v(context). The first
+    member's call computes every member's output for x and keeps the others'; a later member called with
+    that same tensor object gets its output (once), one called with another tensor (a cross-attention's
+    context, another pack's attention) drops what was kept and computes alone, as without the link. So
+    linking never changes a result beyond the kernels' own rounding, only how often x is read. The tensor
+    is held by a weak reference and matched by identity (and, outside inference mode, its version): an
+    in-place change of an inference tensor between the calls is not seen (ComfyUI's LTX attention makes
+    none). Fused only on the kernels' path, outside torch.compile, with equal ranks (a runtime LoRA on one
+    member makes the ranks differ: then each computes alone). Outputs kept and never asked for stay until
+    the next first-member call. Few tokens replay a CUDA graph of the fused call, many a launch program."""
+
+    def __init__(self, members: list):
+        if not 2 <= len(members) <= 3 or not all(isinstance(m, CompressedLinear) for m in members):
+            raise ValueError("a shared input links 2 or 3 CompressedLinears")
+        if len({m.in_features for m in members}) != 1:
+            raise ValueError("linears with a shared input have one input width")
+        for m in members:
+            if m._shared is not None:
+                m._shared[0].unlink()
+        self.members = list(members)
+        for i, m in enumerate(self.members):
+            m._shared = (self, i)
+        self._kept = None  # (weakref to x, x's version or None, [outputs, None once taken])
+
+    def unlink(self) -> None:
+        for m in self.members:
+            m._shared = None
+        self.members, self._kept = [], None
+
+    def forget(self) -> None:
+        """Drop kept outputs and this group's graph and programs (a member moved or got a LoRA)."""
+        self._kept = None
+        GRAPHS.drop(self)
+        PROGRAMS.drop(self)
+
+    def output(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member i's output for x if this group computes it, else None (the member computes alone)."""
+        kept = self._kept
+        if kept is not None:
+            ref, ver, outs = kept
+            if ref() is x and ver == _version(x) and outs[i] is not None:
+                y, outs[i] = outs[i], None
+                if all(o is None for o in outs):
+                    self._kept = None
+                return y
+            self._kept = None
+        if i != 0:
+            return None
+        ys = self._fused(x)
+        if ys is None:
+            return None
+        self._kept = (weakref.ref(x), _version(x), [None, *ys[1:]])
+        return ys[0]
+
+    def _fused(self, x: torch.Tensor):
+        if not SHARE_INPUTS or torch.compiler.is_compiling() or x.dim() == 0:
+            return None
+        ms = self.members
+        operands = tuple(o for m in ms for o in m._operands())
+        y, key, pkey = _replayed(self, operands, x, "shared:triton")
+        if y is None:
+            ts = [m.tensors(x.device) for m in ms]
+            ranks = {0 if t.get("A") is None else t["A"].shape[1] for t in ts}
+            if (len(ranks) != 1 or any(m.in_features != x.shape[-1] for m in ms)
+                    or dispatch.choose(x, [m.kernel_layer(t) for m, t in zip(ms, ts)]) != "triton"):
+                return None
+            blocks = [m.block for m in ms]
+            rows = lambda: ops.shared_rows(ts, blocks)  # noqa: E731
+            fn = lambda: ops.shared_linear(x, ts, blocks).to(x.dtype)  # noqa: E731
+            y = dispatch.run("shared", lambda: _eager(self, key, pkey, x, fn, operands, rows), lambda: None)
+            if y is None:  # the kernels failed and are off now: each member takes the reference
+                return None
+        return split_shared(y, [m.out_features for m in ms])
+
+
+def _version(x: torch.Tensor):
+    return None if x.is_inference() else x._version
 
 
 class CompressedFFN(torch.nn.Module):
@@ -245,3 +346,15 @@ def module_from_layers(layers) -> CompressedLinear | CompressedFFN:
     if len(layers) == 2:
         return ffn_from_layers(*layers)
     raise ValueError(f"a unit holds one linear or an FFN's two, not {len(layers)}")
+
+
+def share_inputs(modules: dict, groups) -> list[SharedInput]:
+    """Link the CompressedLinears of modules {unit: module} named in each group (calibration/ltx2.shared_inputs)
+    as SharedInputs; groups with fewer than two such linears, or of unequal input width, stay unlinked."""
+    out = []
+    for g in groups:
+        ms = [modules.get(u) for u in g]
+        ms = [m for m in ms if isinstance(m, CompressedLinear)]
+        if len(ms) > 1 and len({m.in_features for m in ms}) == 1:
+            out.append(SharedInput(ms))
+    return out

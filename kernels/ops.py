@@ -40,6 +40,12 @@ def linear_rows(t: dict, block: int = 0, single: bool | None = None):
     return lambda x2: fused.linear(x2, t, single=single)
 
 
+def shared_rows(ts: list, blocks: list):
+    """fn(x2 [M, K]) -> [M, sum of N]: fused.shared_linear on these layers' operands, as linear_rows."""
+    ts = [_layer(t, b) for t, b in zip(ts, blocks)]
+    return lambda x2: fused.shared_linear(x2, ts)
+
+
 def ffn_rows(up: dict, down: dict, h_scale: Optional[Tensor], block1: int = 0, block2: int = 0,
              single: bool | None = None):
     """fn(x2 [M, dim]) -> [M, dim]: fused.ffn on these operands, as linear_rows."""
@@ -52,6 +58,13 @@ def linear(x: Tensor, t: dict, block: int = 0) -> Tensor:
     if torch.compiler.is_compiling():
         return fp8_linear(x, t["q"], t["q_scale"], t.get("A"), t.get("B"), t.get("bias"), t.get("sb"), block)
     return _linear(x, _layer(t, block))
+
+
+def shared_linear(x: Tensor, ts: list, blocks: list) -> Tensor:
+    """Linears that read the same x ([..., K] -> [..., sum of N], fused.shared_linear's layout); eager only
+    (under torch.compile each linear is its own custom op)."""
+    y = fused.shared_linear(_rows(x), [_layer(t, b) for t, b in zip(ts, blocks)])
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def ffn(x: Tensor, up: dict, down: dict, h_scale: Optional[Tensor], block1: int = 0, block2: int = 0) -> Tensor:

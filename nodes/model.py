@@ -15,7 +15,7 @@ import torch
 
 from ..calibration import ltx2
 from ..calibration.compressed_file import fingerprint
-from ..kernels.modules import CompressedFFN, CompressedLinear, module_from_layers
+from ..kernels.modules import CompressedFFN, CompressedLinear, module_from_layers, share_inputs
 
 log = logging.getLogger("liteffn")
 PREFIX = "diffusion_model."  # inside a ModelPatcher
@@ -302,6 +302,8 @@ def patched(model, modules: dict[str, CompressedFFN | CompressedLinear]):
 
     m = model.clone()
     container = torch.nn.ModuleDict({_key(u): mod for u, mod in modules.items()})
+    # q, k and v of a self-attention (k and v of a cross-attention) run from one input pass
+    share_inputs(modules, ltx2.shared_inputs(list(modules)))
     saved = 0
     find = unit_finder(modules)
     for k in list(m.object_patches):  # other nodes' patches inside a unit about to be replaced

@@ -88,6 +88,22 @@ def test_act_quant_lowrank_matches_reference(m, k, r, dtype, single):
         assert rel(u, u0) < (3e-3 if dtype == torch.bfloat16 else 1e-2)
 
 
+@pytest.mark.parametrize("nb", [2, 3])
+@pytest.mark.parametrize("m,k,r", [(50, 96, 20), (70, 160, 64)])
+def test_act_quant_shared_input_equals_one_at_a_time(nb, m, k, r):
+    """Factors of 2-3 linears that read the same x (q, k, v): one pass gives the codes and scale of a single
+    pass exactly, and each u[g] as x B_g^T (each [M, r] contiguous, in the returned [nb, M, r])."""
+    x = _x(m, k, seed=nb)
+    Bs = [(torch.randn(r, k) / 10).bfloat16().to(DEV) for _ in range(nb)]
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, Bs, split=64)
+    assert u.shape == (nb, m, r) and u.is_contiguous()
+    for g, B in enumerate(Bs):
+        q1, s1, u1 = fp8_ffn.act_quant_lowrank(x, B, split=64)
+        assert torch.equal(q1.view(torch.uint8), xq.view(torch.uint8)) and torch.equal(s1, sx)
+        torch.testing.assert_close(u[g].float(), u1.float(), rtol=2**-7, atol=1e-5)
+        assert rel(u[g], R.act_quant_lowrank_ref(x, B)[2]) < 3e-3
+
+
 @pytest.mark.parametrize("m,k,r,rows", [(50, 96, 20, 4), (37, 160, 64, 8), (20, 64, 0, 16), (5, 64, 8, 1)])
 def test_act_quant_one_launch_equals_two(m, k, r, rows):
     """The few-row single launch gives the two-launch path's codes and scales exactly (same row max,

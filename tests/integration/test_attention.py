@@ -467,3 +467,32 @@ def test_fp8_layers_left_uncompressed_keep_comfyuis_quantized_weights(pack, node
     err = rel(out, sample(fp8))
     print(f"FP8 checkpoint, layers={layers} r=8 fp8: {err:.4f} from the FP8 model")
     assert 0 < err < 0.2
+
+
+def test_shared_input_passes_in_comfyuis_attention(pack, node, ltx2):
+    """On the kernels' path (Triton's interpreter here), ComfyUI's own attention calls q, k and v of its
+    self-attentions (k and v of its cross-attentions) so that one input pass serves them: every group
+    computes once per attention call, none of its later members alone, and the samples are those of
+    unlinked projections."""
+    modules, dispatch, ltx2_layout = pack.kernels.modules, pack.kernels.dispatch, pack.calibration.ltx2
+    model = ltx2()
+    patched = compress(node, model, None, rank=8, residual="fp8", layers="ffn+attention").result[0]
+    mods = pack.nodes.model.compressed_modules(patched)
+    groups = ltx2_layout.shared_inputs(list(mods))
+    assert len(groups) == 2 * 6 and all(mods[g[0]]._shared is not None for g in groups)
+    dispatch.set_mode("triton")
+    try:
+        dispatch.counts.clear()
+        linked = sample(patched)
+        counts = dict(dispatch.counts)
+        modules.SHARE_INPUTS = False
+        dispatch.counts.clear()
+        alone = sample(patched)
+        alone_counts = dict(dispatch.counts)
+    finally:
+        modules.SHARE_INPUTS = True
+        dispatch.set_mode(None)
+    calls = alone_counts["linear:triton"] // 48  # attention calls: 24 projections each per block and step
+    # per block 6 groups serve 14 of the 24 projections; the 10 others (6 outs, 4 cross-attention qs) run alone
+    assert counts["shared:triton"] == 6 * 2 * calls and counts["linear:triton"] == 10 * 2 * calls, (counts, alone_counts)
+    assert torch.equal(linked, alone)
