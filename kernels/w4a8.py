@@ -391,17 +391,34 @@ def few_tokens_config(M: int, N: int, sms: int) -> dict:
 
 def to_fp8(w4: dict) -> torch.Tensor:
     """The E4M3 weights [N, K] the W4A8 GEMM computes with (times q_scale per channel), on the GPU:
-    dequant's values without the fp32 detour, as the FP8 GEMM's operand."""
+    dequant's values without the fp32 detour, as the FP8 GEMM's operand. The copy is a per-call buffer
+    (gemm.new) and the launch a cached one, so that programs.py can repeat a many-token W4A8 call: it
+    could not while this launch went through Triton's runner, and such calls (MXFP4 attention projections at
+    6144 tokens) cost their whole Python path every time."""
     q = w4["q"]
     n, k = q.shape[0], q.shape[1] * 2
-    out = torch.empty(n, k, device=q.device, dtype=torch.float8_e4m3fn)
+    out = G.new((n, k), torch.float8_e4m3fn, q.device)
     bn, gpp = (32, 1) if G.INTERP else (64, 4)
-    w_desc = TensorDescriptor.from_tensor(q, [bn, 64])
-    o_desc = TensorDescriptor.from_tensor(out, [bn, 128])
+    sb = w4["sb"]
+    tensors = (q, out, sb.view(-1, 16))
+    blocks = ((bn, 64), (bn, 128), (bn * sb.shape[2] // 16, 16))  # _sb_desc's rows of 16 bytes
+    consts = dict(BN=bn, GPP=gpp, SB=w4["block"], INTERP=G.INTERP)
     grid = (G.cdiv(n, bn), G.cdiv(k // GROUP, gpp))
-    G.unrepeatable()
-    _to_fp8_kernel[grid](w_desc, o_desc, _sb_desc(w4["sb"], bn), n, k, BN=bn, GPP=gpp, SB=w4["block"], INTERP=G.INTERP,
-                         num_warps=4)
+    key = None
+    if G._FAST_OK:
+        spec = G.spec_key(tensors + (n, k))
+        if spec is not None:
+            key = (_to_fp8_kernel, q.device.index, *consts.values(), blocks, spec)
+    e = G.LAUNCHES.get(key)
+    if e is not None:
+        try:
+            e(grid, (*tensors, n, k))
+            return out
+        except Exception as ex:  # noqa: BLE001  (a launch that raises has not run)
+            G._disable_fast(ex)
+    descs = [TensorDescriptor.from_tensor(t, list(b)) for t, b in zip(tensors, blocks)]
+    compiled = _to_fp8_kernel[grid](*descs, n, k, **consts, num_warps=4)
+    G.LAUNCHES.put(key, _to_fp8_kernel, compiled, 5, consts, blocks=[list(b) for b in blocks])
     return out
 
 

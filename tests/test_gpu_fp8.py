@@ -223,6 +223,36 @@ def test_raw_launch_matches_the_runner(m, monkeypatch):
         assert len(e.raw.maps[1]) == 1  # the weights' map made once (each projection has its own kernel)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_w4a8_many_tokens_and_shared_inputs_become_programs(shared, monkeypatch):
+    """A W4A8 (MXFP4) linear at many tokens converts its weights to E4M3 per call (w4a8.to_fp8): that launch
+    is a cached one now, so the call is recorded and repeated (programs.py) like an FP8 one; also as q, k, v
+    linked by a SharedInput. Replays compute what the eager calls do."""
+    from liteffn.calibration.compress import compress_linear
+    from liteffn.kernels import gemm
+    from liteffn.kernels.modules import SharedInput
+    from liteffn.kernels.programs import PROGRAMS
+
+    if not gemm._RAW_OK:
+        pytest.skip(f"no raw launch with triton {gemm.triton.__version__}")
+    k, n, m = 1024, 1024, 1536  # M >= w4a8.MATERIALIZE_M: the transient E4M3 copy
+    g = torch.Generator().manual_seed(1)
+    mods = [CompressedLinear("mxfp4", k, n, compress_linear(torch.randn(n, k, generator=g) / 32, None, None, 16,
+                                                            "mxfp4").tensors).cuda() for _ in range(3 if shared else 1)]
+    assert mods[0].sb is not None  # the W4A8 layout
+    if shared:
+        SharedInput(mods)
+    x = act(m, k).view(1, m, k)
+    monkeypatch.setattr(PROGRAMS, "enabled", False)
+    want = [mod(x) for mod in mods]
+    monkeypatch.setattr(PROGRAMS, "enabled", True)
+    r0, u0 = PROGRAMS.stats["replay"], PROGRAMS.stats["unrepeatable"]
+    for _ in range(4):
+        ys = [mod(x) for mod in mods]
+        assert all(rel(y, w) < 1e-3 for y, w in zip(ys, want))
+    assert PROGRAMS.stats["unrepeatable"] == u0 and PROGRAMS.stats["replay"] - r0 >= 2
+
+
 @pytest.mark.parametrize("m", [1400, 6144, 126])  # 126 without graphs: the down-projection splits K
 def test_programs_repeat_the_eager_call(m, monkeypatch):
     """Module calls that no CUDA graph serves, recorded once and repeated (programs.py), compute what the
