@@ -64,13 +64,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _common import Rot, bf16_ffn  # noqa: E402
 
-FULL = dict(linear={"video": ((4096, 16384), (16384, 4096)), "audio": ((2048, 8192), (8192, 2048))},
+FULL = dict(linear={"video": ((4096, 16384), (16384, 4096)), "audio": ((2048, 8192), (8192, 2048)),
+                    # issue 18: the attention projections (linears only): video tokens (q/k/v/out 4096->4096,
+                    # q, k and v of one input as one 4096->12288, the audio<->video mixes), the text's
+                    # 1024 tokens (attn2's k and v, alone and as one), the audio stream's 126
+                    "attention": ((4096, 4096), (4096, 12288), (4096, 2048), (2048, 4096)),
+                    "text": ((4096, 4096), (4096, 8192)), "audio_attention": ((2048, 2048), (2048, 6144))},
             ffn={"video": 4096, "audio": 2048},
-            M={"video": (6144, 24576, 43400), "audio": (126, 1400, 5600)})
+            M={"video": (6144, 24576, 43400), "audio": (126, 1400, 5600), "attention": (6144, 24576),
+               "text": (1024,), "audio_attention": (126,)})
 # --dry-run: tiny shapes, CPU, Triton interpreter: exercises every call and the writers, times nothing real
-DRY = dict(linear={"video": ((128, 256), (256, 128)), "audio": ((64, 128), (128, 64))},
+DRY = dict(linear={"video": ((128, 256), (256, 128)), "audio": ((64, 128), (128, 64)), "attention": ((128, 128),),
+                   "text": ((128, 256),), "audio_attention": ((64, 192),)},
            ffn={"video": 128, "audio": 64},
-           M={"video": (48,), "audio": (16, 40)})
+           M={"video": (48,), "audio": (16, 40), "attention": (48,), "text": (32,), "audio_attention": (16,)})
 RANKS = (0, 64, 256)  # the pack's linear and FFN
 GEMM_RANKS = (0, 64)  # the pack's GEMM with the input already in FP8
 ROUNDS = 2  # more device timings of the bf16 FFN and ours at r = 0 and 64, in rounds (median of 1 + ROUNDS)
@@ -675,7 +682,8 @@ def parse_args(argv=None):
                                                   "dry run: $TMPDIR/ffn_kernels_dryrun.json)")
     ap.add_argument("--autotune", action="store_true", help="LITEFFN_AUTOTUNE=1 (default 0: fixed configs)")
     ap.add_argument("--sections", default="linear,ffn", help="comma list of linear, ffn, run in the order given")
-    ap.add_argument("--families", default="video,audio", help="comma list of video, audio")
+    ap.add_argument("--families", default="video,audio", help="comma list of video, audio, attention, text, "
+                                                                 "audio_attention (the last three: linears only)")
     ap.add_argument("--rep", type=int, default=20, help="ms of graph replays per device timing (do_bench_cudagraph)")
     ap.add_argument("--target-ms", type=float, default=15.0, help="wall ms per repeat of the python timing")
     ap.add_argument("--repeats", type=int, default=5, help="repeats of the python timing (median)")
@@ -699,7 +707,8 @@ def main(argv=None):
     dev = "cuda" if gpu else "cpu"
     cfg = DRY if a.dry_run else FULL
     fams = [f for f in a.families.split(",") if f]
-    cfg = dict(linear={f: cfg["linear"][f] for f in fams}, ffn={f: cfg["ffn"][f] for f in fams}, M=cfg["M"])
+    cfg = dict(linear={f: cfg["linear"][f] for f in fams}, ffn={f: cfg["ffn"][f] for f in fams if f in cfg["ffn"]},
+               M=cfg["M"])
     tmp = tempfile.gettempdir()
     md = a.out or (os.path.join(tmp, "ffn_kernels_dryrun.md") if a.dry_run
                    else os.path.join(HERE, "ffn_kernels_h200.md"))

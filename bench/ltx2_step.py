@@ -50,7 +50,7 @@ from liteffn.calibration import ltx2  # noqa: E402
 from liteffn.calibration.compress import CompressedLayer  # noqa: E402
 from liteffn.calibration.residual import quantize_residual  # noqa: E402
 from liteffn.kernels import dispatch  # noqa: E402
-from liteffn.kernels.modules import module_from_layers  # noqa: E402
+from liteffn.kernels.modules import module_from_layers, share_inputs  # noqa: E402
 
 # a bench-only choice: the FFNs and the projections whose input is the video stream (thousands of
 # tokens), leaving dense those that see the 126 audio or the 1024 text tokens
@@ -160,7 +160,9 @@ def fake_all(m, a, names):
 
 
 def liteffn_modules(layers, units) -> dict:
-    return {u: module_from_layers([layers[n] for n in ltx2.linears_of(u)]).to(DEV) for u in units}
+    mods = {u: module_from_layers([layers[n] for n in ltx2.linears_of(u)]).to(DEV) for u in units}
+    share_inputs(mods, ltx2.shared_inputs(list(mods)))  # as nodes/model.patched links them
+    return mods
 
 
 # ------------------------------------------------------------------ measurement
@@ -246,6 +248,9 @@ def main():
     ap.add_argument("--no-programs-too", action="store_true",
                     help="each LiteFFN variant also with recorded launch programs off (kernels/programs.py), and "
                          "with neither programs nor raw launches (gemm._Raw): the compiled kernels' runners")
+    ap.add_argument("--no-shared-too", action="store_true",
+                    help="each LiteFFN variant with attention also with its q/k/v (k/v) input passes one per "
+                         "linear (kernels/modules.SHARE_INPUTS off)")
     ap.add_argument("--fast", action="store_true", help="timing only: no calibration, residuals rounded from W, "
                                                         "random factors (the output difference means nothing)")
     a = E.parsed(ap)
@@ -314,6 +319,14 @@ def main():
         replaced = sum(nbytes(m.get_submodule(u)) for u in us)
         run(f"LiteFFN {a.format} {choice}", mods, dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
         R["paths"] = dict(dispatch.counts)
+        if a.no_shared_too and any(ltx2.shared_inputs(us)):
+            from liteffn.kernels import modules as kmod
+            kmod.SHARE_INPUTS = False
+            try:
+                run(f"LiteFFN {a.format} {choice}, input pass per linear", mods,
+                    dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
+            finally:
+                kmod.SHARE_INPUTS = True
         if a.no_programs_too:
             from liteffn.kernels import gemm
             from liteffn.kernels.programs import PROGRAMS

@@ -27,7 +27,7 @@ No program (the eager path, as before): LITEFFN_PROGRAMS=0; under torch.compile;
 on the current CUDA device, needs grad, or is captured into someone's graph; operands not on x's
 device (a partially loaded model copies them per call); raw launches unavailable (Triton other than
 3.6, LITEFFN_RAW_LAUNCH=0, a profiler's launch hooks set); a call that launched any other way (its
-first call compiles; W4A8 at many tokens converts its weights with a kernel of its own) or used a
+first call compiles) or used a
 buffer the recording cannot account for (neither the call's own, nor an operand, nor persistent: split K's
 workspace is persistent, gemm.split_workspace). A failing replay is logged once, turns programs off for the
 process, and the call runs eagerly.

@@ -39,3 +39,17 @@ def test_ffn_kernels_dry_run_writes_the_interleaved_goal(tmp_path):
     rounds = [x for x in recs if x.get("us_rounds")]
     assert {(x["impl"], x["rank"]) for x in rounds} == {("bf16", None), ("ours_fused", 0), ("ours_fused", 64)}
     assert all(len(x["us_rounds"]) == 3 and x["us"] == sorted(x["us_rounds"])[1] for x in rounds)
+
+
+def test_shared_input_dry_run_times_both_ways(tmp_path):
+    """bench/shared_input.py on tiny shapes: every case timed linked and alone in both modes, and the linked
+    outputs equal the unlinked ones (the interpreter sums in one order)."""
+    md, js = tmp_path / "s.md", tmp_path / "s.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "shared_input.py"), "--dry-run", "--out", str(md),
+           "--json", str(js)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(js.read_text())["rows"]
+    assert len(rows) == 2 and all(x["diff"] == 0 for x in rows)
+    assert all(x[mode][impl] > 0 for x in rows for mode in ("device", "python") for impl in ("bf16", "alone", "linked"))
+    assert md.read_text().count("| q/k/v (128->64 x 3) | 24 |") == 2
