@@ -170,7 +170,9 @@ class CompressedLinear(torch.nn.Module):
         return (self.format, self.act_quant, self.tensors() if t is None else t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._shared is not None:  # computed with the linears that read the same x, or None
+        # computed with the linears that read the same x, or None (never under torch.compile: dynamo sees none
+        # of the link's weak references and identity tests)
+        if self._shared is not None and not torch.compiler.is_compiling():
             y = self._shared[0].output(self._shared[1], x)
             if y is not None:
                 return y
