@@ -198,6 +198,7 @@ LIN_IMPLS = [  # (impl, rank, column title)
     ("cublas_fp8_promoted", None, "cuBLAS FP8 promoted (x FP8)"),
     ("comfy_fp8", None, "ComfyUI FP8 (cast + GEMM)"),
     ("ours", 0, "ours r=0"), ("ours", 64, "ours r=64"), ("ours", 256, "ours r=256"),
+    ("ours_static", 64, "ours r=64, static input scale"),
     ("ours_gemm_fp8in", 0, "our GEMM x FP8 r=0"), ("ours_gemm_fp8in", 64, "our GEMM x FP8 r=64"),
 ]
 FFN_IMPLS = [
@@ -547,6 +548,9 @@ class Bench:
         self.measure(base, "comfy_fp8", None, lambda: comfy_linear(x, *comfy_w(), one))
         for r in RANKS:
             self.measure(base, "ours", r, lambda r=r: K.linear(x, layers[r]()), err=e_lin if r == 64 else None)
+        # the input quantized with one static scale (modules.STATIC_INPUT): one read of x in the input pass
+        xs_scale = K.static_scale(x.abs().amax().float().reshape(1))
+        self.measure(base, "ours_static", 64, lambda: K.linear(x, dict(layers[64](), x_scale=xs_scale)))
         for r in GEMM_RANKS:
             if pre.get(r) is None:
                 continue

@@ -251,6 +251,9 @@ def main():
     ap.add_argument("--no-shared-too", action="store_true",
                     help="each LiteFFN variant with attention also with its q/k/v (k/v) input passes one per "
                          "linear (kernels/modules.SHARE_INPUTS off)")
+    ap.add_argument("--static-input-too", action="store_true",
+                    help="each LiteFFN variant also with calibrated linears' inputs quantized with one static scale "
+                         "(kernels/modules.STATIC_INPUT)")
     ap.add_argument("--fast", action="store_true", help="timing only: no calibration, residuals rounded from W, "
                                                         "random factors (the output difference means nothing)")
     a = E.parsed(ap)
@@ -327,6 +330,14 @@ def main():
                     dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
             finally:
                 kmod.SHARE_INPUTS = True
+        if a.static_input_too:
+            from liteffn.kernels import modules as kmod
+            kmod.STATIC_INPUT = True
+            try:
+                run(f"LiteFFN {a.format} {choice}, static input scale", mods,
+                    dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
+            finally:
+                kmod.STATIC_INPUT = False
         if a.no_programs_too:
             from liteffn.kernels import gemm
             from liteffn.kernels.programs import PROGRAMS

@@ -193,6 +193,65 @@ if triton is not None:
                 tl.atomic_add(U + 2 * M * R + uoff, u2, mask=umask, sem="relaxed")
 
     @triton.jit
+    def _act_static_kernel(X, XQ, S, LB, LB1, LB2, U, M, K, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
+                           SPLIT: tl.constexpr, RP: tl.constexpr, NB: tl.constexpr, INTERP: tl.constexpr):
+        """With one static scale (S, a power of two: exact division) the codes need no row max, so one read of x
+        gives them and U[g, m] += x[m, split] B_g[:, split]^T (atomics over K splits, as _act_stats_kernel)."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        s = tl.load(S)
+        xrow = X + rows.to(tl.int64)[:, None] * stride_xm
+        qrow = XQ + rows.to(tl.int64)[:, None] * K
+        if RP > 0:
+            rr = tl.arange(0, RP)
+            u = tl.zeros([BM, RP], tl.float32)
+            if NB > 1:
+                u1 = tl.zeros([BM, RP], tl.float32)
+            if NB > 2:
+                u2 = tl.zeros([BM, RP], tl.float32)
+        kend = tl.minimum((tl.program_id(1) + 1) * SPLIT, K)
+        for k0 in range(tl.program_id(1) * SPLIT, kend, BK):
+            ks = k0 + tl.arange(0, BK)
+            m2 = rmask[:, None] & (ks < kend)[None, :]
+            x = tl.load(xrow + ks[None, :], mask=m2, other=0.0)
+            tl.store(qrow + ks[None, :], _to_fp8(tl.math.div_rn(x.to(tl.float32), s), INTERP), mask=m2)
+            if RP > 0:
+                boff = rr[:, None] * K + ks[None, :]
+                bmask = (rr < R)[:, None] & (ks < kend)[None, :]
+                xb = x.to(tl.bfloat16)
+                u = _dot(xb, tl.trans(tl.load(LB + boff, mask=bmask, other=0.0)), u, INTERP)
+                if NB > 1:
+                    u1 = _dot(xb, tl.trans(tl.load(LB1 + boff, mask=bmask, other=0.0)), u1, INTERP)
+                if NB > 2:
+                    u2 = _dot(xb, tl.trans(tl.load(LB2 + boff, mask=bmask, other=0.0)), u2, INTERP)
+        if RP > 0:
+            uoff = rows[:, None] * R + rr[None, :]
+            umask = rmask[:, None] & (rr < R)[None, :]
+            tl.atomic_add(U + uoff, u, mask=umask, sem="relaxed")
+            if NB > 1:
+                tl.atomic_add(U + M * R + uoff, u1, mask=umask, sem="relaxed")
+            if NB > 2:
+                tl.atomic_add(U + 2 * M * R + uoff, u2, mask=umask, sem="relaxed")
+
+    @triton.jit
+    def _round_u_kernel(U32, U, Z, M, R, RZ, BM: tl.constexpr, RP: tl.constexpr, RZP: tl.constexpr,
+                        NB: tl.constexpr, INTERP: tl.constexpr):
+        """u's fp32 sums (NB of [M, R]) rounded to bf16 in the same layout; Z [M, RZ] zeroed."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        RC: tl.constexpr = 64 if RP > 64 else RP
+        for g in tl.static_range(NB if RP > 0 else 0):
+            for j in tl.static_range(RP // RC if RP > 0 else 0):
+                rr = j * RC + tl.arange(0, RC)
+                um = rmask[:, None] & (rr < R)[None, :]
+                uo = g * M * R + rows[:, None] * R + rr[None, :]
+                tl.store(U + uo, _to_bf16(tl.load(U32 + uo, mask=um, other=0.0), INTERP), mask=um)
+        if RZP > 0:
+            rz = tl.arange(0, RZP)
+            tl.store(Z + rows[:, None] * RZ + rz[None, :], tl.zeros([BM, RZP], tl.float32),
+                     mask=rmask[:, None] & (rz < RZ)[None, :])
+
+    @triton.jit
     def _act_quant_kernel(X, XQ, AMAX, SX, Z, U32, U, M, K, RZ, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
                           SPLIT: tl.constexpr, RZP: tl.constexpr, RP: tl.constexpr, NB: tl.constexpr,
                           INTERP: tl.constexpr):
@@ -344,7 +403,7 @@ if triton is not None:
                             ("a_desc", "b_desc", "c_desc"))
 
 
-def act_quant_lowrank(x: torch.Tensor, B=None, *, xq=None, sx=None, zero=None,
+def act_quant_lowrank(x: torch.Tensor, B=None, *, xq=None, sx=None, zero=None, static=None,
                       single: bool | None = None, rows: int | None = None, bm: int | None = None,
                       split: int | None = None, warps: int | None = None):
     """x [M, K] (bf16/fp16/fp32, row stride free, unit column stride) -> (xq fp8 [M, K],
@@ -354,7 +413,10 @@ def act_quant_lowrank(x: torch.Tensor, B=None, *, xq=None, sx=None, zero=None,
     linears that read the same input (an attention's q, k and v): u is then [len(B), M, r], each u[g]
     contiguous, from the same single read of x. zero: an fp32 [M, r2] buffer (the next linear's u
     accumulator) set to zero on the way. single: one launch (default for M <= SINGLE_LAUNCH_M without a low
-    rank; rows per program `rows`), else two over K splits (bm rows x split columns per program)."""
+    rank; rows per program `rows`), else two over K splits (bm rows x split columns per program).
+    static: one FP8 scale for all of x (fp32 [1], a power of two; fp8_ffn.static_scale of a calibrated
+    absmax), returned as sx: the codes then need no row max, and x is read once (_act_static_kernel; with a
+    low rank a second small launch rounds u)."""
     M, K = x.shape
     assert x.stride(1) == 1, "act_quant_lowrank needs unit column stride"
     Bs = None
@@ -366,9 +428,11 @@ def act_quant_lowrank(x: torch.Tensor, B=None, *, xq=None, sx=None, zero=None,
     r = 0 if B is None else B.shape[0]
     rz = 0 if zero is None else zero.shape[1]
     xq = G.new((M, K), torch.float8_e4m3fn, x.device) if xq is None else xq
-    sx = G.new((M,), torch.float32, x.device) if sx is None else sx
     rp = max(16, G.p2(r)) if r else 0
     rzp = max(16, G.p2(rz)) if rz else 0
+    if static is not None:
+        return _act_quant_static(x, Bs or B, static, xq, zero, r, nb, rp, rz, rzp, bm, split, warps)
+    sx = G.new((M,), torch.float32, x.device) if sx is None else sx
     z = zero if rz else sx  # unused pointers: any fp32 tensor of this call
     if single is None:
         # H200, M=126, device time (CUDA graphs, bench/host_overhead_126_rank_h200.md): without a low rank one
@@ -413,6 +477,32 @@ def act_quant_lowrank(x: torch.Tensor, B=None, *, xq=None, sx=None, zero=None,
                                               x.stride(0)),
                     dict(BM=bm, BK=bk, SPLIT=split, RZP=rzp, RP=rp, NB=nb, INTERP=G.INTERP), num_warps=4)
     return xq, sx, u
+
+
+def _act_quant_static(x, B, s, xq, zero, r, nb, rp, rz, rzp, bm, split, warps):
+    """act_quant_lowrank with one static scale s: one read of x (_act_static_kernel), then, with a low rank or
+    a buffer to zero, _round_u_kernel over the rows."""
+    M, K = x.shape
+    Bs = B if isinstance(B, list) else [B]
+    nu = nb * M * r
+    u32 = G.new((nu,), torch.float32, x.device, zero=True) if r else None
+    u = G.new((nb, M, r) if nb > 1 or isinstance(B, list) else (M, r), torch.bfloat16, x.device) if r else None
+    bm = bm or (16 if (G.INTERP or M <= 2048) else MANY_ROWS_BM)
+    bk = 32 if G.INTERP else 128
+    split = split or (64 if G.INTERP else 256 if M <= 2048 else MANY_ROWS_SPLIT)
+    split = G.cdiv(split, bk) * bk
+    s = s.reshape(1)
+    lb = [b if r else s for b in Bs] + [s] * (3 - len(Bs))
+    # num_stages=1: as the two-launch variant's first pass (its 64-row wgmma tiles raced when pipelined)
+    G.launch_kernel(_act_static_kernel, (G.cdiv(M, bm), G.cdiv(K, split)),
+                    (x, xq, s, *lb, u32 if r else s, M, K, r, x.stride(0)),
+                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, NB=nb, INTERP=G.INTERP),
+                    num_warps=warps or (8 if nb * rp > 64 else 4), num_stages=1)
+    if r or rz:
+        G.launch_kernel(_round_u_kernel, (G.cdiv(M, 64),),
+                        (u32 if r else s, u if r else s, zero if rz else s, M, r, rz),
+                        dict(BM=64, RP=rp, RZP=rzp, NB=nb, INTERP=G.INTERP), num_warps=4)
+    return xq, s, u
 
 
 def round_bf16(x: torch.Tensor) -> torch.Tensor:

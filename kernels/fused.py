@@ -2,7 +2,8 @@
 and one FFN (three launches with a calibrated hidden scale, fp8_ffn.py says how; four without).
 
 A layer is a dict of kernel operands: FP8 (q [N, K] E4M3, q_scale [N]) or W4A8 (w4a8.prepare's:
-q repacked FP4 [N, K/2], sb block bytes, q_scale, block), with A, B, bias. Its kernel layout
+q repacked FP4 [N, K/2], sb block bytes, q_scale, block), with A, B, bias, and x_scale when its input is
+quantized with one static scale (modules.STATIC_INPUT) instead of per token. Its kernel layout
 (`layout`) picks the GEMM from GEMMS; everything else is the same for both.
 """
 from __future__ import annotations
@@ -43,19 +44,20 @@ def layout(t: dict) -> str:
 def linear(x2: torch.Tensor, t: dict, config=None, single: bool | None = None) -> torch.Tensor:
     """One compressed linear on a [M, K] input -> [M, N] in out_dtype(x2). single: act_quant_lowrank's
     launch variant (None: by token count and rank)."""
-    xq, sx, u = act_quant_lowrank(x2, t.get("B"), single=single)
+    xq, sx, u = act_quant_lowrank(x2, t.get("B"), static=t.get("x_scale"), single=single)
     return GEMMS[layout(t)](xq, sx, t, u=u, A=t.get("A"), bias=t.get("bias"), out_dtype=out_dtype(x2), config=config)
 
 
 def shared_linear(x2: torch.Tensor, ts: list, config=None) -> torch.Tensor:
     """Two or three compressed linears that read the same input (an attention's q, k and v; k and v of a
     cross-attention's context), as one input pass (act_quant_lowrank with their factors, so one read of
-    x, one quantization) and a GEMM each. Their ranks must be equal (all zero allowed). Returns one
-    [M, sum of N] buffer holding the outputs one after another, each [M, N_g] contiguous (split_shared)."""
+    x, one quantization: the first layer's x_scale, if any, is theirs) and a GEMM each. Their ranks must be
+    equal (all zero allowed). Returns one [M, sum of N] buffer holding the outputs one after another, each
+    [M, N_g] contiguous (split_shared)."""
     M = x2.shape[0]
     y_dtype = out_dtype(x2)
     Bs = [t.get("B") for t in ts]
-    xq, sx, u = act_quant_lowrank(x2, None if Bs[0] is None else Bs)
+    xq, sx, u = act_quant_lowrank(x2, None if Bs[0] is None else Bs, static=ts[0].get("x_scale"))
     ns = [t["q"].shape[0] for t in ts]
     y = G.new((M, sum(ns)), y_dtype, x2.device)
     flat, off = y.view(-1), 0
@@ -86,14 +88,14 @@ def ffn(x2: torch.Tensor, up: dict, down: dict, h_scale: torch.Tensor | None, co
     gemm_up, gemm_down = GEMMS[layout(up)], GEMMS[layout(down)]
     B2 = down.get("B")
     if h_scale is None:
-        xq, sx, u = act_quant_lowrank(x2, up.get("B"), single=single)
+        xq, sx, u = act_quant_lowrank(x2, up.get("B"), static=up.get("x_scale"), single=single)
         h = gemm_up(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, out_dtype=y_dtype, config=config)
         hq, sh, u2 = act_quant_lowrank(h, B2, single=single)
     else:
         r2 = 0 if B2 is None else B2.shape[0]
         # the up-projection's epilogue adds into u2 atomically; act_quant_lowrank zeroes it first
         u2 = G.new((x2.shape[0], r2), torch.float32, x2.device) if r2 else None
-        xq, sx, u = act_quant_lowrank(x2, up.get("B"), zero=u2, single=single)
+        xq, sx, u = act_quant_lowrank(x2, up.get("B"), zero=u2, static=up.get("x_scale"), single=single)
         hq = gemm_up(xq, sx, up, u=u, A=up.get("A"), bias=up.get("bias"), gelu=True, h_scale=h_scale, next_B=B2,
                      u_next=u2, config=config)
         sh = h_scale

@@ -32,6 +32,12 @@ from .reference import compressed_ffn_ref, compressed_linear_ref, dequant_weight
 
 # LITEFFN_SHARED_INPUT=0: linked linears (SharedInput) each run alone, as unlinked (benches compare both)
 SHARE_INPUTS = os.environ.get("LITEFFN_SHARED_INPUT", "1") != "0"
+# LITEFFN_STATIC_INPUT=1: a linear with a calibrated input range quantizes its input with that one static scale
+# (input_scale, as the fused FFN's hidden activation) instead of per token, on both paths, so its input pass
+# reads x once. On all-MiniLM-L6-v2's real activations it costs +1-4% relative error at rank 64
+# (bench/real_layers_cpu.md); its speed is not measured yet, so it is off by default. Read per call: flipping it
+# changes the operands' key (graphs.py, programs.py), so nothing recorded under the other setting replays.
+STATIC_INPUT = os.environ.get("LITEFFN_STATIC_INPUT", "0") == "1"
 
 # The low-rank factors, every registered format's residual tensors (first seen in registry
 # order: q, q_scale, q_scale2), then:
@@ -137,13 +143,16 @@ class CompressedLinear(torch.nn.Module):
         t = {n: _on(p[n], device) for n in TENSOR_NAMES if p[n] is not None}
         if self._extra is not None:
             t["A"], t["B"] = (_on(e, device) for e in self._extra)
+        if STATIC_INPUT and p["input_scale"] is not None and self.act_quant:
+            t["x_scale"] = _on(p["input_scale"], device)
         return t
 
     def _operands(self) -> tuple:
         """The kernels' operand tensors as stored (None where absent), for graphs.py's key."""
         p = self._parameters
         a, b = (p["A"], p["B"]) if self._extra is None else self._extra
-        return p["q"], p["q_scale"], p["q_scale2"], p["sb"], p["bias"], a, b
+        return (p["q"], p["q_scale"], p["q_scale2"], p["sb"], p["bias"], a, b,
+                p["input_scale"] if STATIC_INPUT else None)
 
     def set_lora(self, up: torch.Tensor | None, down: torch.Tensor | None = None) -> None:
         """Add a LoRA's delta up @ down ([N, r'] with its scale folded in, [r', K]) to the low-rank
@@ -181,7 +190,7 @@ class CompressedLinear(torch.nn.Module):
         if y is not None:
             return y
         t = self.tensors(x.device)
-        ref = lambda: compressed_linear_ref(x, self.format, t, self.act_quant)  # noqa: E731
+        ref = lambda: compressed_linear_ref(x, self.format, t, self.act_quant, act_scale=t.get("x_scale"))  # noqa: E731
         if dispatch.choose(x, [self.kernel_layer(t)]) == "triton":
             # few tokens: eager once, then a CUDA graph (graphs.py); many: recorded once, then repeated
             # (programs.py)
@@ -235,6 +244,10 @@ class SharedInput:
         for i, m in enumerate(self.members):
             m._shared = (self, i)
         self._kept = None  # (weakref to x, x's version or None, [outputs, None once taken])
+        # one input pass, one quantization: with static input scales (STATIC_INPUT) only if theirs are one
+        scales = [m.input_scale for m in self.members]
+        self._one_scale = all(s is None for s in scales) or (
+            all(s is not None for s in scales) and all(torch.equal(s.cpu(), scales[0].cpu()) for s in scales))
 
     def unlink(self) -> None:
         for m in self.members:
@@ -276,6 +289,7 @@ class SharedInput:
             ts = [m.tensors(x.device) for m in ms]
             ranks = {0 if t.get("A") is None else t["A"].shape[1] for t in ts}
             if (len(ranks) != 1 or any(m.in_features != x.shape[-1] for m in ms)
+                    or (STATIC_INPUT and not self._one_scale)
                     or dispatch.choose(x, [m.kernel_layer(t) for m, t in zip(ms, ts)]) != "triton"):
                 return None
             blocks = [m.block for m in ms]
@@ -321,7 +335,8 @@ class CompressedFFN(torch.nn.Module):
         if y is not None:
             return y
         t1, t2, hs = up.tensors(x.device), down.tensors(x.device), down.scale_on(x.device)
-        ref = lambda: compressed_ffn_ref(x, up.format, t1, down.format, t2, hs, act_quant=up.act_quant)  # noqa: E731
+        ref = lambda: compressed_ffn_ref(x, up.format, t1, down.format, t2, hs, act_quant=up.act_quant,  # noqa: E731
+                                         x_scale=t1.get("x_scale"))
         if dispatch.choose(x, [up.kernel_layer(t1), down.kernel_layer(t2)]) == "triton":
             rows = lambda: ops.ffn_rows(t1, t2, hs, up.block, down.block)  # noqa: E731
             fn = lambda: ops.ffn(x, t1, t2, hs, up.block, down.block).to(x.dtype)  # noqa: E731

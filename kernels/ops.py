@@ -54,9 +54,10 @@ def ffn_rows(up: dict, down: dict, h_scale: Optional[Tensor], block1: int = 0, b
 
 
 def linear(x: Tensor, t: dict, block: int = 0) -> Tensor:
-    """One compressed linear; t: the layer's tensors (q, q_scale, A, B, bias, sb)."""
+    """One compressed linear; t: the layer's tensors (q, q_scale, A, B, bias, sb, x_scale)."""
     if torch.compiler.is_compiling():
-        return fp8_linear(x, t["q"], t["q_scale"], t.get("A"), t.get("B"), t.get("bias"), t.get("sb"), block)
+        return fp8_linear(x, t["q"], t["q_scale"], t.get("A"), t.get("B"), t.get("bias"), t.get("sb"), block,
+                          t.get("x_scale"))
     return _linear(x, _layer(t, block))
 
 
@@ -73,22 +74,26 @@ def ffn(x: Tensor, up: dict, down: dict, h_scale: Optional[Tensor], block1: int 
     if torch.compiler.is_compiling():
         return fp8_ffn_op(x, up["q"], up["q_scale"], up.get("A"), up.get("B"), up.get("bias"),
                           down["q"], down["q_scale"], down.get("A"), down.get("B"), down.get("bias"), h_scale,
-                          up.get("sb"), down.get("sb"), block1, block2)
+                          up.get("sb"), down.get("sb"), block1, block2, up.get("x_scale"))
     return _ffn(x, _layer(up, block1), _layer(down, block2), h_scale)
 
 
-def _tensors(q, q_scale, A, B, bias, sb) -> dict:
-    return dict(q=q, q_scale=q_scale, A=A, B=B, bias=bias, sb=sb)
+def _tensors(q, q_scale, A, B, bias, sb, x_scale=None) -> dict:
+    t = dict(q=q, q_scale=q_scale, A=A, B=B, bias=bias, sb=sb)
+    if x_scale is not None:
+        t["x_scale"] = x_scale
+    return t
 
 
 @torch.library.custom_op("liteffn::fp8_linear", mutates_args=())
 def fp8_linear(x: Tensor, q: Tensor, q_scale: Tensor, A: Optional[Tensor], B: Optional[Tensor],
-               bias: Optional[Tensor], sb: Optional[Tensor] = None, block: int = 0) -> Tensor:
-    return _linear(x, _layer(_tensors(q, q_scale, A, B, bias, sb), block))
+               bias: Optional[Tensor], sb: Optional[Tensor] = None, block: int = 0,
+               x_scale: Optional[Tensor] = None) -> Tensor:
+    return _linear(x, _layer(_tensors(q, q_scale, A, B, bias, sb, x_scale), block))
 
 
 @fp8_linear.register_fake
-def _(x, q, q_scale, A, B, bias, sb=None, block=0):
+def _(x, q, q_scale, A, B, bias, sb=None, block=0, x_scale=None):
     return x.new_empty(*x.shape[:-1], q.shape[0], dtype=fused.out_dtype(x))
 
 
@@ -96,12 +101,13 @@ def _(x, q, q_scale, A, B, bias, sb=None, block=0):
 def fp8_ffn_op(x: Tensor, q1: Tensor, s1: Tensor, A1: Optional[Tensor], B1: Optional[Tensor],
                b1: Optional[Tensor], q2: Tensor, s2: Tensor, A2: Optional[Tensor], B2: Optional[Tensor],
                b2: Optional[Tensor], h_scale: Optional[Tensor], sb1: Optional[Tensor] = None,
-               sb2: Optional[Tensor] = None, block1: int = 0, block2: int = 0) -> Tensor:
-    up = _layer(_tensors(q1, s1, A1, B1, b1, sb1), block1)
+               sb2: Optional[Tensor] = None, block1: int = 0, block2: int = 0,
+               x_scale: Optional[Tensor] = None) -> Tensor:
+    up = _layer(_tensors(q1, s1, A1, B1, b1, sb1, x_scale), block1)
     down = _layer(_tensors(q2, s2, A2, B2, b2, sb2), block2)
     return _ffn(x, up, down, h_scale)
 
 
 @fp8_ffn_op.register_fake
-def _(x, q1, s1, A1, B1, b1, q2, s2, A2, B2, b2, h_scale, sb1=None, sb2=None, block1=0, block2=0):
+def _(x, q1, s1, A1, B1, b1, q2, s2, A2, B2, b2, h_scale, sb1=None, sb2=None, block1=0, block2=0, x_scale=None):
     return x.new_empty(*x.shape[:-1], q2.shape[0], dtype=fused.out_dtype(x))

@@ -66,10 +66,12 @@ def compressed_linear_ref(x: torch.Tensor, fmt: str | F.ResidualFormat, t: dict,
 def compressed_ffn_ref(x: torch.Tensor, up_fmt: str | F.ResidualFormat, up: dict,
                        down_fmt: str | F.ResidualFormat, down: dict,
                        h_scale: torch.Tensor | None = None, act_quant: bool = True,
-                       dtype: torch.dtype | None = None, h_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Linear -> GELU(tanh) -> Linear. h_scale: static FP8 scale of the hidden activation.
-    h_dtype: round the hidden activation to this dtype first (the unfused kernels store it)."""
-    h = Fn.gelu(compressed_linear_ref(x, up_fmt, up, act_quant, dtype=dtype), approximate="tanh")
+                       dtype: torch.dtype | None = None, h_dtype: torch.dtype | None = None,
+                       x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear -> GELU(tanh) -> Linear. h_scale: static FP8 scale of the hidden activation; x_scale: of the
+    input (else per token). h_dtype: round the hidden activation to this dtype first (the unfused kernels
+    store it)."""
+    h = Fn.gelu(compressed_linear_ref(x, up_fmt, up, act_quant, act_scale=x_scale, dtype=dtype), approximate="tanh")
     if h_dtype is not None:
         h = h.to(h_dtype).to(h.dtype)
     y = compressed_linear_ref(h, down_fmt, down, act_quant, act_scale=h_scale, dtype=dtype)

@@ -95,5 +95,6 @@ def layers_input():
     from ..calibration.ltx2 import LAYERS
 
     return io.Combo.Input("layers", options=list(LAYERS), default="ffn", optional=True,
-                          tooltip="Which linears of each block: ffn (the FFNs), ffn+attention (also every q, k, v "
-                                  "and out projection: faster and smaller, slightly larger error), attention.")
+                          tooltip="Which linears of each block: ffn (the FFNs; the output closest to the model's), "
+                                  "ffn+attention (also every q, k, v and out projection: the fastest choice, about an "
+                                  "FP8 checkpoint's VRAM, a larger error; calibrating it needs more memory), attention.")

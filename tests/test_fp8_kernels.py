@@ -391,3 +391,66 @@ def test_runtime_lora_joins_the_low_rank_branch(ranks):
         m.set_lora(None)
     dispatch.set_mode("reference")
     assert torch.equal(ffn(x), before)
+
+
+@pytest.mark.parametrize("nb", [0, 1, 3])
+@pytest.mark.parametrize("m,k,r", [(50, 96, 20), (37, 160, 0)])
+def test_act_quant_static_scale_reads_x_once(nb, m, k, r):
+    """With one static scale (a power of two) the codes are x / s saturated at +-448, exactly as the
+    reference's quant_act_static; u as in the per-token pass (one factor or several); the zeroed buffer."""
+    x = _x(m, k, seed=3)
+    s = fp8_ffn.static_scale(x.abs().amax().float().reshape(1) / 8)  # an eighth of the range: some saturate
+    Bs = [(torch.randn(r, k) / 10).bfloat16().to(DEV) for _ in range(max(nb, 1))] if r else None
+    B = None if Bs is None else (Bs if nb > 1 else Bs[0])
+    z = torch.full((m, 24), float("nan"), device=DEV)
+    xq, sx, u = fp8_ffn.act_quant_lowrank(x, B, static=s, zero=z, split=64)
+    assert sx.numel() == 1 and float(sx) == float(s) and not z.any()
+    want = R.quant_act_static(x, s)
+    assert torch.equal(xq.float() * float(s), want) if DEV == "cpu" else rel(xq.float() * float(s), want) < 1e-6
+    assert float((x.float().abs() > 448 * float(s)).float().mean()) > 0.005  # the clamp was exercised
+    if r:
+        us = [u[g] for g in range(nb)] if nb > 1 else [u]
+        for ug, Bg in zip(us, Bs):
+            _, _, u1 = fp8_ffn.act_quant_lowrank(x, Bg, split=64)
+            torch.testing.assert_close(ug.float(), u1.float(), rtol=2**-7, atol=1e-5)
+    else:
+        assert u is None
+
+
+def test_static_input_scale_on_both_paths(monkeypatch):
+    """LITEFFN_STATIC_INPUT (modules.STATIC_INPUT): calibrated linears quantize their input with their static
+    input_scale on the kernels' path and the reference alike (the linear, the FFN's up-projection, q/k/v
+    linked by a SharedInput; the custom ops take it too); without a calibrated range, per token as before."""
+    from liteffn.kernels import modules as Mo
+
+    d = 64
+    x = _x(2 * 19, d, seed=4).reshape(2, 19, d)
+    amax = float(x.abs().amax()) / 2  # half the range: the static scale clips what is above
+    lin = CompressedLinear("fp8", d, 96, _layer(96, d, 16, seed=1, stats_amax=amax))
+    plain = CompressedLinear("fp8", d, 96, _layer(96, d, 16, seed=1))
+    ffn = CompressedFFN(CompressedLinear("fp8", d, 4 * d, _layer(4 * d, d, 16, seed=11, stats_amax=amax)),
+                        CompressedLinear("fp8", 4 * d, d, _layer(d, 4 * d, 16, seed=12, stats_amax=1.5)))
+    qkv = [CompressedLinear("fp8", d, 64, _layer(64, d, 8, seed=20 + i, stats_amax=amax)) for i in range(3)]
+    Mo.SharedInput(qkv)
+    per_token = {"lin": lin(x), "plain": plain(x), "ffn": ffn(x)}
+    monkeypatch.setattr(Mo, "STATIC_INPUT", True)
+    assert "x_scale" in lin.tensors() and "x_scale" not in plain.tensors()
+    s = lin.input_scale
+    want = R.compressed_linear_ref(x, "fp8", lin.tensors(), act_scale=s)
+    want_ffn = R.compressed_ffn_ref(x, "fp8", ffn.up.tensors(), "fp8", ffn.down.tensors(), ffn.h_scale, x_scale=s)
+    for mode in ("reference", "triton"):
+        dispatch.set_mode(mode)
+        dispatch.counts.clear()
+        y, y_ffn, y_plain = lin(x), ffn(x), plain(x)
+        assert rel(y, want) < 1e-2 and rel(y_ffn, want_ffn) < 2e-2, mode
+        assert rel(y_plain, per_token["plain"]) < 1e-2  # no calibrated range: per token still
+        assert rel(y, per_token["lin"]) > 1e-3  # the scale clips: another function than per token
+        ys = [m(x) for m in qkv]
+        for m, yq in zip(qkv, ys):
+            assert rel(yq, R.compressed_linear_ref(x, "fp8", m.tensors(), act_scale=m.input_scale)) < 1e-2
+        if mode == "triton":
+            assert dispatch.counts["shared:triton"] == 1 and dispatch.counts["ffn:triton"] == 1
+    # the custom op (torch.compile's path) takes the scale as well
+    t = lin.tensors()
+    y_op = ops.fp8_linear(x, t["q"], t["q_scale"], t["A"], t["B"], t["bias"], None, 0, t["x_scale"])
+    assert rel(y_op, want) < 1e-2
