@@ -25,8 +25,11 @@ calls _scaled_mm). `comfy fp8_e4m3fn_fast`: ComfyUI's fp8_ops Linear on weights 
 scale 1, as that weight dtype does with a bf16 checkpoint.
 LiteFFN: statistics of every selected linear (forward passes at --calib-tokens, in groups that
 fit --stats-budget-gb), each compressed at --rank with the --format residual as Compress Model
-does; the `ffn` variant swaps in the FFNs only, `ffn+attention` every unit. Outputs are
-rewritten after every variant: a run cut short keeps what it measured.
+does; the `ffn` variant swaps in the FFNs only, `ffn+attention` every unit, with q/k/v (k/v) linked to one
+input pass as nodes/model.patched links them. `--no-shared-too` adds each variant with an input pass per
+linear, `--static-input-too` with inputs quantized by one static scale (LITEFFN_STATIC_INPUT), `--fast`
+skips calibration (timing only). Outputs are rewritten after every variant: a run cut short keeps what it
+measured.
 """
 from __future__ import annotations
 
