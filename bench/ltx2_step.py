@@ -325,22 +325,18 @@ def main():
         replaced = sum(nbytes(m.get_submodule(u)) for u in us)
         run(f"LiteFFN {a.format} {choice}", mods, dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
         R["paths"] = dict(dispatch.counts)
-        if a.no_shared_too and any(ltx2.shared_inputs(us)):
-            from liteffn.kernels import modules as kmod
-            kmod.SHARE_INPUTS = False
-            try:
-                run(f"LiteFFN {a.format} {choice}, input pass per linear", mods,
-                    dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
-            finally:
-                kmod.SHARE_INPUTS = True
-        if a.static_input_too:
-            from liteffn.kernels import modules as kmod
-            kmod.STATIC_INPUT = True
-            try:
-                run(f"LiteFFN {a.format} {choice}, static input scale", mods,
-                    dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
-            finally:
-                kmod.STATIC_INPUT = False
+        wb = dense_bytes - replaced + sum(nbytes(x) for x in mods.values())
+        from liteffn.kernels import modules as kmod
+        for flag, attr, value, label in ((a.no_shared_too and any(ltx2.shared_inputs(us)), "SHARE_INPUTS", False,
+                                          "input pass per linear"),
+                                         (a.static_input_too, "STATIC_INPUT", True, "static input scale")):
+            if flag:  # the same modules once more with one kernels/modules.py setting flipped
+                before = getattr(kmod, attr)
+                setattr(kmod, attr, value)
+                try:
+                    run(f"LiteFFN {a.format} {choice}, {label}", mods, wb)
+                finally:
+                    setattr(kmod, attr, before)
         if a.no_programs_too:
             from liteffn.kernels import gemm
             from liteffn.kernels.programs import PROGRAMS

@@ -153,55 +153,21 @@ if triton is not None:
     # Many rows: two launches over a (row block x K split) grid: the row max and u need all of K,
     # and one program per row block walking all of K was latency-bound there.
     @triton.jit
-    def _act_stats_kernel(X, AMAX, LB, LB1, LB2, U, M, K, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
-                          SPLIT: tl.constexpr, RP: tl.constexpr, NB: tl.constexpr, INTERP: tl.constexpr):
+    def _act_stats_kernel(X, AMAX, XQ, S, LB, LB1, LB2, U, M, K, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
+                          SPLIT: tl.constexpr, RP: tl.constexpr, NB: tl.constexpr, STATIC: tl.constexpr,
+                          INTERP: tl.constexpr):
         """AMAX[m] = max |x[m, :]| (atomic max over K splits); U[g, m] += x[m, split] B_g[:, split]^T for the
-        NB (1-3) factors B_g = LB, LB1, LB2 of linears that share this input, from one read of x."""
+        NB (1-3) factors B_g = LB, LB1, LB2 of linears that share this input, from one read of x.
+        STATIC: one static scale S (a power of two: exact division) instead, so the codes need no row max
+        and this read also stores them (XQ); AMAX is then unused."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         xrow = X + rows.to(tl.int64)[:, None] * stride_xm
-        amax = tl.zeros([BM], tl.float32)
-        if RP > 0:
-            rr = tl.arange(0, RP)
-            u = tl.zeros([BM, RP], tl.float32)
-            if NB > 1:
-                u1 = tl.zeros([BM, RP], tl.float32)
-            if NB > 2:
-                u2 = tl.zeros([BM, RP], tl.float32)
-        kend = tl.minimum((tl.program_id(1) + 1) * SPLIT, K)
-        for k0 in range(tl.program_id(1) * SPLIT, kend, BK):
-            ks = k0 + tl.arange(0, BK)
-            x = tl.load(xrow + ks[None, :], mask=rmask[:, None] & (ks < kend)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
-            if RP > 0:
-                boff = rr[:, None] * K + ks[None, :]
-                bmask = (rr < R)[:, None] & (ks < kend)[None, :]
-                xb = x.to(tl.bfloat16)
-                u = _dot(xb, tl.trans(tl.load(LB + boff, mask=bmask, other=0.0)), u, INTERP)
-                if NB > 1:
-                    u1 = _dot(xb, tl.trans(tl.load(LB1 + boff, mask=bmask, other=0.0)), u1, INTERP)
-                if NB > 2:
-                    u2 = _dot(xb, tl.trans(tl.load(LB2 + boff, mask=bmask, other=0.0)), u2, INTERP)
-        tl.atomic_max(AMAX + rows, amax, mask=rmask, sem="relaxed")
-        if RP > 0:
-            uoff = rows[:, None] * R + rr[None, :]
-            umask = rmask[:, None] & (rr < R)[None, :]
-            tl.atomic_add(U + uoff, u, mask=umask, sem="relaxed")
-            if NB > 1:
-                tl.atomic_add(U + M * R + uoff, u1, mask=umask, sem="relaxed")
-            if NB > 2:
-                tl.atomic_add(U + 2 * M * R + uoff, u2, mask=umask, sem="relaxed")
-
-    @triton.jit
-    def _act_static_kernel(X, XQ, S, LB, LB1, LB2, U, M, K, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
-                           SPLIT: tl.constexpr, RP: tl.constexpr, NB: tl.constexpr, INTERP: tl.constexpr):
-        """With one static scale (S, a power of two: exact division) the codes need no row max, so one read of x
-        gives them and U[g, m] += x[m, split] B_g[:, split]^T (atomics over K splits, as _act_stats_kernel)."""
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        rmask = rows < M
-        s = tl.load(S)
-        xrow = X + rows.to(tl.int64)[:, None] * stride_xm
-        qrow = XQ + rows.to(tl.int64)[:, None] * K
+        if STATIC:
+            s = tl.load(S)
+            qrow = XQ + rows.to(tl.int64)[:, None] * K
+        else:
+            amax = tl.zeros([BM], tl.float32)
         if RP > 0:
             rr = tl.arange(0, RP)
             u = tl.zeros([BM, RP], tl.float32)
@@ -214,7 +180,10 @@ if triton is not None:
             ks = k0 + tl.arange(0, BK)
             m2 = rmask[:, None] & (ks < kend)[None, :]
             x = tl.load(xrow + ks[None, :], mask=m2, other=0.0)
-            tl.store(qrow + ks[None, :], _to_fp8(tl.math.div_rn(x.to(tl.float32), s), INTERP), mask=m2)
+            if STATIC:
+                tl.store(qrow + ks[None, :], _to_fp8(tl.math.div_rn(x.to(tl.float32), s), INTERP), mask=m2)
+            else:
+                amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
             if RP > 0:
                 boff = rr[:, None] * K + ks[None, :]
                 bmask = (rr < R)[:, None] & (ks < kend)[None, :]
@@ -224,6 +193,8 @@ if triton is not None:
                     u1 = _dot(xb, tl.trans(tl.load(LB1 + boff, mask=bmask, other=0.0)), u1, INTERP)
                 if NB > 2:
                     u2 = _dot(xb, tl.trans(tl.load(LB2 + boff, mask=bmask, other=0.0)), u2, INTERP)
+        if not STATIC:
+            tl.atomic_max(AMAX + rows, amax, mask=rmask, sem="relaxed")
         if RP > 0:
             uoff = rows[:, None] * R + rr[None, :]
             umask = rmask[:, None] & (rr < R)[None, :]
@@ -234,11 +205,9 @@ if triton is not None:
                 tl.atomic_add(U + 2 * M * R + uoff, u2, mask=umask, sem="relaxed")
 
     @triton.jit
-    def _round_u_kernel(U32, U, Z, M, R, RZ, BM: tl.constexpr, RP: tl.constexpr, RZP: tl.constexpr,
-                        NB: tl.constexpr, INTERP: tl.constexpr):
-        """u's fp32 sums (NB of [M, R]) rounded to bf16 in the same layout; Z [M, RZ] zeroed."""
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        rmask = rows < M
+    def _round_u_rows(U32, U, Z, rows, rmask, M, R, RZ, BM: tl.constexpr, RP: tl.constexpr, RZP: tl.constexpr,
+                      NB: tl.constexpr, INTERP: tl.constexpr):
+        """These rows of u's fp32 sums (NB of [M, R]) rounded to bf16 in the same layout; Z's rows zeroed."""
         RC: tl.constexpr = 64 if RP > 64 else RP
         for g in tl.static_range(NB if RP > 0 else 0):
             for j in tl.static_range(RP // RC if RP > 0 else 0):
@@ -252,6 +221,13 @@ if triton is not None:
                      mask=rmask[:, None] & (rz < RZ)[None, :])
 
     @triton.jit
+    def _round_u_kernel(U32, U, Z, M, R, RZ, BM: tl.constexpr, RP: tl.constexpr, RZP: tl.constexpr,
+                        NB: tl.constexpr, INTERP: tl.constexpr):
+        """After the static-scale pass: u rounded, Z zeroed (_round_u_rows), BM rows per program."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        _round_u_rows(U32, U, Z, rows, rows < M, M, R, RZ, BM, RP, RZP, NB, INTERP)
+
+    @triton.jit
     def _act_quant_kernel(X, XQ, AMAX, SX, Z, U32, U, M, K, RZ, R, stride_xm, BM: tl.constexpr, BK: tl.constexpr,
                           SPLIT: tl.constexpr, RZP: tl.constexpr, RP: tl.constexpr, NB: tl.constexpr,
                           INTERP: tl.constexpr):
@@ -262,17 +238,7 @@ if triton is not None:
         s = tl.maximum(tl.math.div_rn(tl.load(AMAX + rows, mask=rmask, other=0.0), 448.0), 1e-12)
         if tl.program_id(1) == 0:
             tl.store(SX + rows, s, mask=rmask)
-            RC: tl.constexpr = 64 if RP > 64 else RP
-            for g in tl.static_range(NB if RP > 0 else 0):
-                for j in tl.static_range(RP // RC if RP > 0 else 0):
-                    rr = j * RC + tl.arange(0, RC)
-                    um = rmask[:, None] & (rr < R)[None, :]
-                    uo = g * M * R + rows[:, None] * R + rr[None, :]
-                    tl.store(U + uo, _to_bf16(tl.load(U32 + uo, mask=um, other=0.0), INTERP), mask=um)
-            if RZP > 0:
-                rz = tl.arange(0, RZP)
-                tl.store(Z + rows[:, None] * RZ + rz[None, :], tl.zeros([BM, RZP], tl.float32),
-                         mask=rmask[:, None] & (rz < RZ)[None, :])
+            _round_u_rows(U32, U, Z, rows, rmask, M, R, RZ, BM, RP, RZP, NB, INTERP)
         xrow = X + rows.to(tl.int64)[:, None] * stride_xm
         qrow = XQ + rows.to(tl.int64)[:, None] * K
         kend = tl.minimum((tl.program_id(1) + 1) * SPLIT, K)
@@ -415,8 +381,8 @@ def act_quant_lowrank(x: torch.Tensor, B=None, *, xq=None, sx=None, zero=None, s
     accumulator) set to zero on the way. single: one launch (default for M <= SINGLE_LAUNCH_M without a low
     rank; rows per program `rows`), else two over K splits (bm rows x split columns per program).
     static: one FP8 scale for all of x (fp32 [1], a power of two; fp8_ffn.static_scale of a calibrated
-    absmax), returned as sx: the codes then need no row max, and x is read once (_act_static_kernel; with a
-    low rank a second small launch rounds u)."""
+    absmax), returned as sx: the codes then need no row max, and x is read once (_act_stats_kernel with
+    STATIC; with a low rank a second small launch rounds u)."""
     M, K = x.shape
     assert x.stride(1) == 1, "act_quant_lowrank needs unit column stride"
     Bs = None
@@ -471,8 +437,9 @@ def act_quant_lowrank(x: torch.Tensor, B=None, *, xq=None, sx=None, zero=None, s
     # u off by 0.3-1.2% and different on every call (a race: 16- and 32-row tiles and one stage are exact,
     # run to run within 1e-7; bench/act_quant_race_h200.log). One stage is as fast with 4 warps (58 us at
     # M=6144, K=4096, r=64); tests/test_gpu_fp8.py::test_ffn_repeats_itself guards it.
-    G.launch_kernel(_act_stats_kernel, grid, (x, amax, *lb, u32 if r else amax, M, K, r, x.stride(0)),
-                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, NB=nb, INTERP=G.INTERP), num_warps=warps, num_stages=1)
+    G.launch_kernel(_act_stats_kernel, grid, (x, amax, xq, amax, *lb, u32 if r else amax, M, K, r, x.stride(0)),
+                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, NB=nb, STATIC=False, INTERP=G.INTERP), num_warps=warps,
+                    num_stages=1)
     G.launch_kernel(_act_quant_kernel, grid, (x, xq, amax, sx, z, u32 if r else sx, u if r else sx, M, K, rz, r,
                                               x.stride(0)),
                     dict(BM=bm, BK=bk, SPLIT=split, RZP=rzp, RP=rp, NB=nb, INTERP=G.INTERP), num_warps=4)
@@ -480,8 +447,8 @@ def act_quant_lowrank(x: torch.Tensor, B=None, *, xq=None, sx=None, zero=None, s
 
 
 def _act_quant_static(x, B, s, xq, zero, r, nb, rp, rz, rzp, bm, split, warps):
-    """act_quant_lowrank with one static scale s: one read of x (_act_static_kernel), then, with a low rank or
-    a buffer to zero, _round_u_kernel over the rows."""
+    """act_quant_lowrank with one static scale s: one read of x (_act_stats_kernel storing the codes), then,
+    with a low rank or a buffer to zero, _round_u_kernel over the rows."""
     M, K = x.shape
     Bs = B if isinstance(B, list) else [B]
     nu = nb * M * r
@@ -494,9 +461,9 @@ def _act_quant_static(x, B, s, xq, zero, r, nb, rp, rz, rzp, bm, split, warps):
     s = s.reshape(1)
     lb = [b if r else s for b in Bs] + [s] * (3 - len(Bs))
     # num_stages=1: as the two-launch variant's first pass (its 64-row wgmma tiles raced when pipelined)
-    G.launch_kernel(_act_static_kernel, (G.cdiv(M, bm), G.cdiv(K, split)),
-                    (x, xq, s, *lb, u32 if r else s, M, K, r, x.stride(0)),
-                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, NB=nb, INTERP=G.INTERP),
+    G.launch_kernel(_act_stats_kernel, (G.cdiv(M, bm), G.cdiv(K, split)),
+                    (x, s, xq, s, *lb, u32 if r else s, M, K, r, x.stride(0)),
+                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, NB=nb, STATIC=True, INTERP=G.INTERP),
                     num_warps=warps or (8 if nb * rp > 64 else 4), num_stages=1)
     if r or rz:
         G.launch_kernel(_round_u_kernel, (G.cdiv(M, 64),),
