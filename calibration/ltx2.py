@@ -154,11 +154,11 @@ def shared_inputs(units_) -> list[list[str]]:
     have, out = set(units_), []
     for u in units_:
         m = ATTN_LINEAR.match(u)
-        if not m:
+        if not m or m.group(3) == "to_out.0":
             continue
-        base = u.rsplit(".", 1)[0] if m.group(3) != "to_out.0" else None
+        base = u.rsplit(".", 1)[0]
         names = ("to_q", "to_k", "to_v") if m.group(2) in SELF_ATTENTIONS else ("to_k", "to_v")
-        g = [f"{base}.{p}" for p in names if f"{base}.{p}" in have] if base else []
+        g = [f"{base}.{p}" for p in names if f"{base}.{p}" in have]
         if len(g) > 1 and g[0] == u:  # once per group, at its first member
             out.append(g)
     return out

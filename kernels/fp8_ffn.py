@@ -396,80 +396,63 @@ def act_quant_lowrank(x: torch.Tensor, B=None, *, xq=None, sx=None, zero=None, s
     xq = G.new((M, K), torch.float8_e4m3fn, x.device) if xq is None else xq
     rp = max(16, G.p2(r)) if r else 0
     rzp = max(16, G.p2(rz)) if rz else 0
-    if static is not None:
-        return _act_quant_static(x, Bs or B, static, xq, zero, r, nb, rp, rz, rzp, bm, split, warps)
-    sx = G.new((M,), torch.float32, x.device) if sx is None else sx
-    z = zero if rz else sx  # unused pointers: any fp32 tensor of this call
-    if single is None:
-        # H200, M=126, device time (CUDA graphs, bench/host_overhead_126_rank_h200.md): without a low rank one
-        # launch per row is the fastest (K=2048: 4.3 us against 9.2 for two launches); with rank 64 every row's
-        # program reads all of B and it is the slowest (17.5 against 11.0), and slower still as K grows
-        single = M <= SINGLE_LAUNCH_M and K <= 4096 and r == 0
-    assert not (single and r and nb > 1), "act_quant_lowrank: several factors take the two-launch variant"
-    if single:
-        u = G.new((M, r), torch.bfloat16, x.device) if r else None
-        # one row per program was the fastest on the H200 (16.4 us at K=2048, 2 rows 17.7, 16 rows 39);
-        # the interpreter's time goes with the number of programs
-        rows = rows or (16 if G.INTERP else 1)
-        assert rows in (1, 2, 4, 8, 16), "act_quant_lowrank: 1, 2, 4, 8 or 16 rows per program"
-        bk, bk2 = (32, 32) if G.INTERP else (256, max(256, 2048 // rows))
-        G.launch_kernel(_act_quant_rows_kernel, (G.cdiv(M, rows),),
-                        (x, xq, sx, B if r else sx, u if r else sx, z, M, K, r, rz, x.stride(0)),
-                        dict(ROWS=rows, BM=16, BK=bk, BK2=bk2, RP=rp, RZP=rzp, INTERP=G.INTERP), num_warps=warps or 4)
-        return xq, sx, u
-    # u and the row max summed by atomics: one zeroed buffer (one memset launch, not two; u first, so its
-    # rows stay 16-byte aligned for the GEMMs' TMA loads)
-    nu = nb * M * r
-    sums = G.new((nu + M,), torch.float32, x.device, zero=True)
-    u32 = sums[:nu] if r else None
-    amax = sums[nu:]
-    u = G.new((nb, M, r) if Bs is not None else (M, r), torch.bfloat16, x.device) if r else None
-    # measured on the H100 (bench/ffn_kernels_explore_h100.log): M=126: 16 rows x 256 columns per
-    # program, 13-15 us at K=2048/8192; M=6144, K=4096: 64 x 512, 64 us (2 TB/s)
+    if static is None:
+        sx = G.new((M,), torch.float32, x.device) if sx is None else sx
+        z = zero if rz else sx  # unused pointers: any fp32 tensor of this call
+        if single is None:
+            # H200, M=126, device time (CUDA graphs, bench/host_overhead_126_rank_h200.md): without a low rank
+            # one launch per row is the fastest (K=2048: 4.3 us against 9.2 for two launches); with rank 64 every
+            # row's program reads all of B and it is the slowest (17.5 against 11.0), and slower still as K grows
+            single = M <= SINGLE_LAUNCH_M and K <= 4096 and r == 0
+        assert not (single and r and nb > 1), "act_quant_lowrank: several factors take the two-launch variant"
+        if single:
+            u = G.new((M, r), torch.bfloat16, x.device) if r else None
+            # one row per program was the fastest on the H200 (16.4 us at K=2048, 2 rows 17.7, 16 rows 39);
+            # the interpreter's time goes with the number of programs
+            rows = rows or (16 if G.INTERP else 1)
+            assert rows in (1, 2, 4, 8, 16), "act_quant_lowrank: 1, 2, 4, 8 or 16 rows per program"
+            bk, bk2 = (32, 32) if G.INTERP else (256, max(256, 2048 // rows))
+            G.launch_kernel(_act_quant_rows_kernel, (G.cdiv(M, rows),),
+                            (x, xq, sx, B if r else sx, u if r else sx, z, M, K, r, rz, x.stride(0)),
+                            dict(ROWS=rows, BM=16, BK=bk, BK2=bk2, RP=rp, RZP=rzp, INTERP=G.INTERP),
+                            num_warps=warps or 4)
+            return xq, sx, u
+    # (row block x K split) passes. Measured on the H100 (bench/ffn_kernels_explore_h100.log): M=126: 16 rows x
+    # 256 columns per program, 13-15 us at K=2048/8192; M=6144, K=4096: 64 x 512, 64 us (2 TB/s)
     bm = bm or (16 if (G.INTERP or M <= 2048) else MANY_ROWS_BM)
     bk = 32 if G.INTERP else 128
     split = split or (64 if G.INTERP else 256 if M <= 2048 else MANY_ROWS_SPLIT)
     split = G.cdiv(split, bk) * bk  # whole load blocks per split
     warps = warps or (8 if nb * rp > 64 else 4)
     grid = (G.cdiv(M, bm), G.cdiv(K, split))
-    lb = [b if r else amax for b in (Bs or [B])] + [amax] * (3 - nb)  # (unused pointers: any tensor)
+    nu = nb * M * r
+    # u's fp32 sums (and, per token, the row max), summed by atomics: one zeroed buffer (one memset launch, not
+    # two; u first, so its rows stay 16-byte aligned for the GEMMs' TMA loads)
+    n_sums = nu + (M if static is None else 0)
+    sums = G.new((n_sums,), torch.float32, x.device, zero=True) if n_sums else None
+    u32 = sums[:nu] if r else None
+    u = G.new((nb, M, r) if Bs is not None else (M, r), torch.bfloat16, x.device) if r else None
+    # per token the row max; with one static scale (a power of two: exact division) the codes need none, and
+    # this same read of x stores them
+    scale = sums[nu:] if static is None else static.reshape(1)
+    lb = [b if r else scale for b in (Bs or [B])] + [scale] * (3 - nb)  # (unused pointers: any tensor)
     # num_stages=1: software-pipelined (2-3 stages, Triton 3.6, H200), this loop's 64-row tiles (wgmma) gave
     # u off by 0.3-1.2% and different on every call (a race: 16- and 32-row tiles and one stage are exact,
     # run to run within 1e-7; bench/act_quant_race_h200.log). One stage is as fast with 4 warps (58 us at
     # M=6144, K=4096, r=64); tests/test_gpu_fp8.py::test_ffn_repeats_itself guards it.
-    G.launch_kernel(_act_stats_kernel, grid, (x, amax, xq, amax, *lb, u32 if r else amax, M, K, r, x.stride(0)),
-                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, NB=nb, STATIC=False, INTERP=G.INTERP), num_warps=warps,
-                    num_stages=1)
-    G.launch_kernel(_act_quant_kernel, grid, (x, xq, amax, sx, z, u32 if r else sx, u if r else sx, M, K, rz, r,
+    G.launch_kernel(_act_stats_kernel, grid, (x, scale, xq, scale, *lb, u32 if r else scale, M, K, r, x.stride(0)),
+                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, NB=nb, STATIC=static is not None, INTERP=G.INTERP),
+                    num_warps=warps, num_stages=1)
+    if static is not None:
+        if r or rz:
+            G.launch_kernel(_round_u_kernel, (G.cdiv(M, 64),), (u32 if r else scale, u if r else scale,
+                                                                zero if rz else scale, M, r, rz),
+                            dict(BM=64, RP=rp, RZP=rzp, NB=nb, INTERP=G.INTERP), num_warps=4)
+        return xq, scale, u
+    G.launch_kernel(_act_quant_kernel, grid, (x, xq, scale, sx, z, u32 if r else sx, u if r else sx, M, K, rz, r,
                                               x.stride(0)),
                     dict(BM=bm, BK=bk, SPLIT=split, RZP=rzp, RP=rp, NB=nb, INTERP=G.INTERP), num_warps=4)
     return xq, sx, u
-
-
-def _act_quant_static(x, B, s, xq, zero, r, nb, rp, rz, rzp, bm, split, warps):
-    """act_quant_lowrank with one static scale s: one read of x (_act_stats_kernel storing the codes), then,
-    with a low rank or a buffer to zero, _round_u_kernel over the rows."""
-    M, K = x.shape
-    Bs = B if isinstance(B, list) else [B]
-    nu = nb * M * r
-    u32 = G.new((nu,), torch.float32, x.device, zero=True) if r else None
-    u = G.new((nb, M, r) if nb > 1 or isinstance(B, list) else (M, r), torch.bfloat16, x.device) if r else None
-    bm = bm or (16 if (G.INTERP or M <= 2048) else MANY_ROWS_BM)
-    bk = 32 if G.INTERP else 128
-    split = split or (64 if G.INTERP else 256 if M <= 2048 else MANY_ROWS_SPLIT)
-    split = G.cdiv(split, bk) * bk
-    s = s.reshape(1)
-    lb = [b if r else s for b in Bs] + [s] * (3 - len(Bs))
-    # num_stages=1: as the two-launch variant's first pass (its 64-row wgmma tiles raced when pipelined)
-    G.launch_kernel(_act_stats_kernel, (G.cdiv(M, bm), G.cdiv(K, split)),
-                    (x, s, xq, s, *lb, u32 if r else s, M, K, r, x.stride(0)),
-                    dict(BM=bm, BK=bk, SPLIT=split, RP=rp, NB=nb, STATIC=True, INTERP=G.INTERP),
-                    num_warps=warps or (8 if nb * rp > 64 else 4), num_stages=1)
-    if r or rz:
-        G.launch_kernel(_round_u_kernel, (G.cdiv(M, 64),),
-                        (u32 if r else s, u if r else s, zero if rz else s, M, r, rz),
-                        dict(BM=64, RP=rp, RZP=rzp, NB=nb, INTERP=G.INTERP), num_warps=4)
-    return xq, s, u
 
 
 def round_bf16(x: torch.Tensor) -> torch.Tensor:

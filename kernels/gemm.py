@@ -623,23 +623,27 @@ def _disable_fast(e: Exception) -> None:
 
 
 def launch_kernel(kernel, grid, args: tuple, consts: dict, num_warps: int = 4, num_stages: int = 3,
-                  cache: LaunchCache = LAUNCHES) -> None:
+                  cache: LaunchCache = LAUNCHES, blocks: tuple = ()) -> None:
     """kernel[grid](*args, **consts, num_warps=, num_stages=), the compiled kernel cached per
-    (kernel, device, constexprs, warps, stages, spec_key(args)). args: every non-constexpr
-    argument in parameter order (tensors and ints), args[0] a tensor on the launch device."""
+    (kernel, device, constexprs, warps, stages, blocks, spec_key(args)). args: every non-constexpr
+    argument in parameter order (tensors and ints), args[0] a tensor on the launch device. blocks: the
+    block shapes of the kernel's first len(blocks) parameters, tensor descriptors, for which args holds
+    their tensors."""
     key = None
     if _FAST_OK:
         spec = spec_key(args)
         if spec is not None:
-            key = (kernel, args[0].device.index, num_warps, num_stages, *consts.values(), spec)
+            key = (kernel, args[0].device.index, num_warps, num_stages, *consts.values(), blocks, spec)
     e = cache.get(key)
     if e is not None:
         try:
             return e(grid, args)
         except Exception as ex:  # noqa: BLE001  (a launch that raises has not run)
             _disable_fast(ex)
-    compiled = kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
-    cache.put(key, kernel, compiled, len(args), consts)
+    n = len(blocks)
+    descs = tuple(TensorDescriptor.from_tensor(t, list(b)) for t, b in zip(args[:n], blocks))
+    compiled = kernel[grid](*descs, *args[n:], **consts, num_warps=num_warps, num_stages=num_stages)
+    cache.put(key, kernel, compiled, len(args), consts, blocks=[list(b) for b in blocks])
 
 
 def make_desc(t: torch.Tensor, block_shape) -> "TensorDescriptor":

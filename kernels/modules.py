@@ -288,8 +288,8 @@ class SharedInput:
         if y is None:
             ts = [m.tensors(x.device) for m in ms]
             ranks = {0 if t.get("A") is None else t["A"].shape[1] for t in ts}
-            if (len(ranks) != 1 or any(m.in_features != x.shape[-1] for m in ms)
-                    or (STATIC_INPUT and not self._one_scale)
+            # (one input width for all: __init__; choose checks x against it)
+            if (len(ranks) != 1 or (STATIC_INPUT and not self._one_scale)
                     or dispatch.choose(x, [m.kernel_layer(t) for m, t in zip(ms, ts)]) != "triton"):
                 return None
             blocks = [m.block for m in ms]

@@ -48,7 +48,6 @@ from . import gemm as G
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from .gemm import _grouped_tile, _scale_lowrank, _split_k_sum, _store_tile
 except ImportError:
@@ -173,9 +172,10 @@ def _sb_rows(sb: torch.Tensor) -> torch.Tensor:
     return sb.transpose(0, 1).reshape(sb.shape[1], -1)
 
 
-def _sb_desc(sb: torch.Tensor, bn: int) -> "TensorDescriptor":
-    """TMA view of the block bytes: rows of 16 bytes, a tile's bytes of one group being bn * nb / 16 of them."""
-    return TensorDescriptor.from_tensor(sb.view(-1, 16), [bn * sb.shape[2] // 16, 16])
+def _sb_block(bn: int, block: int) -> list:
+    """TMA block of the block bytes, seen as rows of 16 bytes (sb.view(-1, 16)): a tile's bytes of one
+    group of 128 are bn * (128 / block) / 16 of them."""
+    return [bn * 8 // block, 16]
 
 
 def dequant(w4: dict) -> torch.Tensor:
@@ -350,7 +350,7 @@ if triton is not None:
         bm, bn = nargs["BM"], nargs["BN"]
         nargs["x_desc"].block_shape = [bm, 128]
         nargs["w_desc"].block_shape = [bn, 64]
-        nargs["sb_desc"].block_shape = [bn * 8 // nargs["SB"], 16]
+        nargs["sb_desc"].block_shape = _sb_block(bn, nargs["SB"])
         nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
 
     def _config(bn, bm, warps, stages, promote=2, split=False, persist=True, split_k=1):
@@ -399,26 +399,9 @@ def to_fp8(w4: dict) -> torch.Tensor:
     n, k = q.shape[0], q.shape[1] * 2
     out = G.new((n, k), torch.float8_e4m3fn, q.device)
     bn, gpp = (32, 1) if G.INTERP else (64, 4)
-    sb = w4["sb"]
-    tensors = (q, out, sb.view(-1, 16))
-    blocks = ((bn, 64), (bn, 128), (bn * sb.shape[2] // 16, 16))  # _sb_desc's rows of 16 bytes
-    consts = dict(BN=bn, GPP=gpp, SB=w4["block"], INTERP=G.INTERP)
-    grid = (G.cdiv(n, bn), G.cdiv(k // GROUP, gpp))
-    key = None
-    if G._FAST_OK:
-        spec = G.spec_key(tensors + (n, k))
-        if spec is not None:
-            key = (_to_fp8_kernel, q.device.index, *consts.values(), blocks, spec)
-    e = G.LAUNCHES.get(key)
-    if e is not None:
-        try:
-            e(grid, (*tensors, n, k))
-            return out
-        except Exception as ex:  # noqa: BLE001  (a launch that raises has not run)
-            G._disable_fast(ex)
-    descs = [TensorDescriptor.from_tensor(t, list(b)) for t, b in zip(tensors, blocks)]
-    compiled = _to_fp8_kernel[grid](*descs, n, k, **consts, num_warps=4)
-    G.LAUNCHES.put(key, _to_fp8_kernel, compiled, 5, consts, blocks=[list(b) for b in blocks])
+    blocks = ((bn, 64), (bn, 128), tuple(_sb_block(bn, w4["block"])))
+    G.launch_kernel(_to_fp8_kernel, (G.cdiv(n, bn), G.cdiv(k // GROUP, gpp)), (q, out, w4["sb"].view(-1, 16), n, k),
+                    dict(BN=bn, GPP=gpp, SB=w4["block"], INTERP=G.INTERP), blocks=blocks)
     return out
 
 
@@ -447,7 +430,7 @@ def scaled_gemm(xq, sx, w4, *, u=None, A=None, bias=None, gelu=False, h_scale=No
         # the low-rank term; bench/w4a8_explore_h100.log section 4); 128-token tiles were exact.
         raise ValueError(f"W4A8 split K needs 128-token tiles (BM=128), got BM={bm}")
     ws, cnt = G.split_operands(xq.device, M, N, config)
-    # the block bytes as TMA sees them: rows of 16 bytes (_sb_desc)
+    # the block bytes as TMA sees them: rows of 16 bytes (_sb_block)
     G.launch_gemm(W4A8_GEMM, (xq, w4["q"], out, w4["sb"].view(-1, 16)), (sx, w4["q_scale"], *ptrs, ws, cnt, *sizes),
                   dict(flags, SB=w4["block"]), M, N, xq.device, config, u_next if next_B is not None else None)
     return out
