@@ -23,6 +23,15 @@ def logger(out_dir: str, name: str):
     return say
 
 
+def emit(lines: list, path: str | None) -> None:
+    """A bench's markdown: written to path (if given) and printed."""
+    text = "\n".join(lines) + "\n"
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+    print(text)
+
+
 def us(fn) -> float:
     from triton.testing import do_bench_cudagraph  # imported late: importing triton early fixes its mode
 

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
+from _common import emit  # noqa: E402
 
 from liteffn.calibration.compress import compress_linear  # noqa: E402
 from liteffn.calibration.stats import LayerStats  # noqa: E402
@@ -94,11 +95,7 @@ def main():
             et, eb = float((y_tok - Y).norm() / Y.norm()), float((y_blk - Y).norm() / Y.norm())
             lines.append(f"| {n}<-{k} | {r} | {100 * et:.2f}% | {100 * eb:.2f}% | {eb / et:.2f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-    print(text)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from liteffn.calibration import ltx2  # noqa: E402
 from liteffn.calibration.compress import CompressedLayer  # noqa: E402
 from liteffn.calibration.residual import quantize_residual  # noqa: E402
 from liteffn.kernels import dispatch  # noqa: E402
+from liteffn.kernels import modules as kernel_modules  # noqa: E402
 from liteffn.kernels.modules import module_from_layers, share_inputs  # noqa: E402
 
 # a bench-only choice: the FFNs and the projections whose input is the video stream (thousands of
@@ -323,30 +324,27 @@ def main():
     for choice, us in units.items():
         mods = liteffn_modules(layers, us)
         replaced = sum(nbytes(m.get_submodule(u)) for u in us)
-        run(f"LiteFFN {a.format} {choice}", mods, dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
-        R["paths"] = dict(dispatch.counts)
         wb = dense_bytes - replaced + sum(nbytes(x) for x in mods.values())
-        from liteffn.kernels import modules as kmod
+        run(f"LiteFFN {a.format} {choice}", mods, wb)
+        R["paths"] = dict(dispatch.counts)
         for flag, attr, value, label in ((a.no_shared_too and any(ltx2.shared_inputs(us)), "SHARE_INPUTS", False,
                                           "input pass per linear"),
                                          (a.static_input_too, "STATIC_INPUT", True, "static input scale")):
             if flag:  # the same modules once more with one kernels/modules.py setting flipped
-                before = getattr(kmod, attr)
-                setattr(kmod, attr, value)
+                before = getattr(kernel_modules, attr)
+                setattr(kernel_modules, attr, value)
                 try:
                     run(f"LiteFFN {a.format} {choice}, {label}", mods, wb)
                 finally:
-                    setattr(kmod, attr, before)
+                    setattr(kernel_modules, attr, before)
         if a.no_programs_too:
             from liteffn.kernels import gemm
             from liteffn.kernels.programs import PROGRAMS
             PROGRAMS.enabled = False
             try:
-                run(f"LiteFFN {a.format} {choice}, no programs", mods,
-                    dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
+                run(f"LiteFFN {a.format} {choice}, no programs", mods, wb)
                 gemm.RAW_LAUNCH = False
-                run(f"LiteFFN {a.format} {choice}, no programs, no raw launch", mods,
-                    dense_bytes - replaced + sum(nbytes(x) for x in mods.values()))
+                run(f"LiteFFN {a.format} {choice}, no programs, no raw launch", mods, wb)
             finally:
                 PROGRAMS.enabled, gemm.RAW_LAUNCH = None, True
         del mods

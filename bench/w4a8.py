@@ -25,7 +25,7 @@ import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
-from _common import CHECK_ROWS, Rot, act, copies_for, rel, us  # noqa: E402
+from _common import CHECK_ROWS, Rot, act, copies_for, emit, rel, us  # noqa: E402
 
 from liteffn.calibration.synthetic import random_fp4_layer, random_fp8_layer  # noqa: E402
 from liteffn.kernels import formats as F  # noqa: E402
@@ -166,11 +166,7 @@ def main():
         for m in ms:
             ffn_row(d, hdim, m, lines)
         torch.cuda.empty_cache()
-    text = "\n".join(lines) + "\n"
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(text)
-    print(text)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

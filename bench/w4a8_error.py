@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
+from _common import emit  # noqa: E402
 
 from liteffn.calibration.compress import compress_linear  # noqa: E402
 from liteffn.calibration.stats import LayerStats  # noqa: E402
@@ -59,11 +60,7 @@ def main():
                          f"({e['w4nv'] / e['fp8']:.2f}x) | {e['mxfp4'] - e['fp8']:.1e} / {e['nvfp4'] - e['fp8']:.1e} |")
             print(lines[-1], flush=True)
         print(f"({k}->{n}: {time.time() - t0:.0f} s)", flush=True)
-    text = "\n".join(lines) + "\n"
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(text)
-    print(text)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":
