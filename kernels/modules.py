@@ -35,7 +35,8 @@ SHARE_INPUTS = os.environ.get("LITEFFN_SHARED_INPUT", "1") != "0"
 # LITEFFN_STATIC_INPUT=1: a linear with a calibrated input range quantizes its input with that one static scale
 # (input_scale, as the fused FFN's hidden activation) instead of per token, on both paths, so its input pass
 # reads x once. On all-MiniLM-L6-v2's real activations it costs +1-4% relative error at rank 64
-# (bench/real_layers_cpu.md); its speed is not measured yet, so it is off by default. Read per call: flipping it
+# (bench/real_layers_cpu.md) for 0-14 us per 4096-wide linear at 6144 tokens and about 0.5% of a step on the H200
+# (bench/attn_static_h200.md, bench/ltx2_step_static_h200.md), so it is off by default. Read per call: flipping it
 # changes the operands' key (graphs.py, programs.py), so nothing recorded under the other setting replays.
 STATIC_INPUT = os.environ.get("LITEFFN_STATIC_INPUT", "0") == "1"
 
