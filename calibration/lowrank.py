@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 
@@ -58,18 +60,36 @@ class Whitening:
         return torch.linalg.solve_triangular(self.L, Bw, upper=False, left=False)
 
 
+# rank steps of the per-layer search that `match` asks for
+MATCH_STEP = 16
+
+
 @dataclass
 class RankPolicy:
     """Fixed rank (`rank`), or the smallest rank whose factors hold `energy` of the (whitened)
-    spectrum's energy, capped at `max_rank`. rank=0 keeps no low-rank branch."""
+    spectrum's energy, capped at `max_rank`. rank=0 keeps no low-rank branch.
+
+    With `match` (and a fixed `rank`): per layer, the smallest rank in steps of MATCH_STEP from `rank`,
+    at most `max_rank`, whose output error on the statistics' held-out rows is at most `match` times
+    that of an FP8 residual at `rank` (compress.compress_linear searches it). It spends the rank where a
+    4-bit residual loses most to FP8 and takes it from where it loses least (issue 20)."""
 
     rank: int | None = 64
     energy: float | None = None
     max_rank: int = 512
+    match: float | None = None
 
     def __post_init__(self):
         if (self.rank is None) == (self.energy is None):
             raise ValueError("give either a fixed rank or an energy threshold, not both")
+        if self.match is not None:
+            if self.rank is None:
+                raise ValueError("matching FP8's error per layer starts from a fixed rank: give a rank, not an "
+                                 "energy threshold")
+            if isinstance(self.match, bool) or not isinstance(self.match, (int, float)) or not (
+                    math.isfinite(self.match) and self.match > 0):
+                raise ValueError(f"the error ratio to match must be a number > 0 (e.g. 1.8: within 1.8x the FP8 "
+                                 f"residual's error), got {self.match!r}")
         if self.rank is not None and self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
@@ -92,7 +112,15 @@ class RankPolicy:
         r = int(torch.searchsorted(cum, torch.tensor(self.energy, dtype=cum.dtype, device=cum.device)).item()) + 1
         return min(r, self.max_rank, full)
 
+    @property
+    def fixed_rank(self) -> int:
+        """Every layer's rank where the policy fixes it, else 0: the least a layer can get (the lower bound that
+        file size checks take before the work)."""
+        return self.rank if (self.rank is not None and self.match is None) else 0
+
     def describe(self) -> str:
+        if self.match is not None:
+            return f"r per layer within {self.match:g}x FP8's error at r={self.rank} (max {self.max_rank})"
         return f"r={self.rank}" if self.rank is not None else f"energy>={self.energy} (max {self.max_rank})"
 
 

@@ -19,6 +19,7 @@ def format_report(infos: dict, dense_bytes: int, header: str = "", notes=()) -> 
         f"relative error (weights on calibration inputs): mean {100 * sum(errs) / len(errs):.2f}%, "
         f"max {100 * max(errs):.2f}%",
         *([held] if held else []),
+        *([match_line(infos)] if any("match" in i for i in infos.values()) else []),
         *([larger_than_dense(comp, dense_bytes)] if comp >= dense_bytes > 0 else []),
         *notes,
         "",
@@ -68,6 +69,20 @@ def heldout_line(infos: dict) -> str:
     if "plain_total" in t:
         line += (f"; without statistics (plain SVD and round-to-nearest, same rank) {100 * t['plain_total']:.2f}% "
                  f"(x{t['total'] / max(t['plain_total'], 1e-30):.2f})")
+    return line
+
+
+def match_line(infos: dict) -> str:
+    """The report's line on ranks chosen per layer to match the FP8 residual's error (RankPolicy.match)."""
+    m = [i["match"] for i in infos.values() if "match" in i]
+    met = [x for x in m if x.get("met")]
+    ratios = [x["ratio"] for x in m if "ratio" in x]
+    line = (f"rank per layer to stay within {m[0]['target']:g}x the FP8 residual's held-out error at rank "
+            f"{m[0]['ref_rank']}: {len(met)} of {len(m)} linears within it")
+    if ratios:
+        line += f" (ratio mean {sum(ratios) / len(ratios):.2f}, max {max(ratios):.2f})"
+    if len(met) < len(m):
+        line += "; the others stopped at the largest rank allowed"
     return line
 
 

@@ -60,6 +60,11 @@ class LiteFFNCompressModel(io.ComfyNode):
                 io.String.Input("save_name", default="",
                                 tooltip="Saved as models/liteffn/<save_name>.safetensors; empty: not saved."),
                 layers_input(),
+                io.Float.Input("match_fp8", default=0.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="0: off. Else each linear's rank is the smallest, in steps of 16 from `rank` "
+                                       "up to twice it, whose output error on held-out rows is at most this many "
+                                       "times an fp8 residual's at `rank` (e.g. 1.8 with nvfp4: rank where 4 bits "
+                                       "lose most). Needs statistics; compressing takes 2-4x as long."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="report")],
         )
@@ -72,10 +77,17 @@ class LiteFFNCompressModel(io.ComfyNode):
     @classmethod
     @user_errors
     def execute(cls, model, rank, energy, residual, streams, blocks, save_name, stats_file=NO_FILE,
-                stats=None, layers="ffn") -> io.NodeOutput:
+                stats=None, layers="ffn", match_fp8=0.0) -> io.NodeOutput:
         units = M.unit_names(model, streams, blocks, layers)
         names = ltx2.linears(units)
-        policy = RankPolicy(rank=None, energy=energy, max_rank=rank) if energy > 0 else RankPolicy(rank=rank)
+        if energy > 0 and match_fp8 > 0:
+            raise ValueError("energy and match_fp8 both choose each linear's rank: set one of them to 0")
+        policy = (RankPolicy(rank=None, energy=energy, max_rank=rank) if energy > 0 else
+                  RankPolicy(rank=rank, match=match_fp8, max_rank=max(2 * rank, 16)) if match_fp8 > 0 else
+                  RankPolicy(rank=rank))
+        if policy.match is not None and stats is None and stats_file == NO_FILE:
+            raise ValueError("match_fp8 measures each linear's error on held-out rows of its statistics: connect "
+                             "LiteFFN Calibrate's stats (or choose a stats_file), or set match_fp8 to 0")
         path = output_path(save_name) if save_name.strip() else None
         check_changes_something(policy, residual)  # before any work
         writer_args = _checked_output(model, names, path, stats_file, policy, residual)
@@ -117,7 +129,7 @@ def _checked_output(model, names, path, stats_file, policy, residual) -> dict:
     lins = [M.linear_of(model, n) for n in names]
     shapes = [(int(m.out_features), int(m.in_features)) for m in lins]
     args = {"inputs": (full_path(stats_file),) if stats_file != NO_FILE else (),
-            "expected_bytes": compressed_file.estimate_bytes(shapes, policy.rank or 0, residual,
+            "expected_bytes": compressed_file.estimate_bytes(shapes, policy.fixed_rank, residual,
                                                              any(getattr(m, "bias", None) is not None for m in lins)),
             "expected_layers": len(names), "option": "save_name"}
     check_output(path, args["inputs"], expect_format=compressed_file.FILE_FORMAT,

@@ -78,7 +78,7 @@ def test_every_option_and_command_has_help():
     (["compress", "{ck}", "-o", "{out}", "--energy", "0.5", "--max-rank", "-5"], "--max-rank: -5: must be >= 1"),
     (["compress", "{ck}", "-o", "{out}", "--energy", "2"], "in (0, 1]"),
     (["compress", "{ck}", "-o", "{out}", "--energy", "0.5", "--rank", "8"], "not both"),
-    (["compress", "{ck}", "-o", "{out}", "--max-rank", "8"], "--max-rank caps the rank --energy chooses"),
+    (["compress", "{ck}", "-o", "{out}", "--max-rank", "8"], "--max-rank caps the rank --energy or --match-fp8 chooses"),
     (["compress", "{ck}", "-o", "{out}", "--device", "cpu", "--devices", "cpu,cpu"], "not allowed with"),
     (["compress", "{ck}"], "required: -o/--out"),
     (["frobnicate"], "invalid choice"),
@@ -195,6 +195,29 @@ def test_with_held_out_rows_it_prints_the_output_error_users_get(tmp_path, capsy
     assert rc == 0 and "output error on held-out rows" in o.out and "without statistics" in o.out, o.out
     held = read_meta(out)["heldout"]
     assert f"total {100 * held['total']:.2f}%" in o.out and held["total"] < held["plain_total"]
+
+
+def test_match_fp8_chooses_a_rank_per_layer_and_says_how_many_met_it(tmp_path, capsys):
+    from liteffn.calibration.compressed_file import load
+    from liteffn.calibration.demo import calibrate
+
+    m, _, ck, _ = tiny_checkpoint(tmp_path, "ck.safetensors")
+    calibrate(m, 2, 256, holdout_rows=32).save(str(tmp_path / "held.safetensors"))
+    out = str(tmp_path / "o.safetensors")
+    rc, o = _run(capsys, "compress", str(ck), "-o", out, "--rank", "4", "--format", "nvfp4", "--device", "cpu",
+                 "--stats", str(tmp_path / "held.safetensors"), "--match-fp8", "1.5", "--max-rank", "16")
+    assert rc == 0 and "1.5x the FP8 residual's held-out error at rank 4" in o.out, o.out
+    layers, _ = load(out)
+    assert {li.info["match"]["target"] for li in layers.values()} == {1.5}
+    assert all(li.info["rank"] in (0, 4, 16) for li in layers.values())  # 4 -/+ 16, capped at 16
+    assert all(li.info["match"]["met"] == (li.info["match"]["ratio"] <= 1.5) for li in layers.values())
+    for args, says in ((["--match-fp8", "1.5"], "give --stats"),
+                       (["--match-fp8", "0"], "must be > 0"),
+                       (["--match-fp8", "1.5", "--energy", "0.5", "--stats", str(tmp_path / "held.safetensors")],
+                        "not with --energy")):
+        rc, o = _run(capsys, "compress", str(ck), "-o", str(tmp_path / "x.safetensors"), "--device", "cpu", *args)
+        assert rc == 2 and says in _one_line(o.err), o.err
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_a_compression_that_changes_nothing_is_refused_and_one_larger_than_dense_is_flagged(files, tmp_path, capsys):

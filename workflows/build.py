@@ -354,7 +354,7 @@ def compare_ranks() -> Graph:
         yy = y + h * (i + 1)
         lite = g.node("LiteFFNCompressModel", (20, yy), title=f"LiteFFN Compress r={r}", w=400,
                       model=ckpt[0], stats_file=STATS + ".safetensors", rank=r, energy=0.0, residual="fp8",
-                      streams="all", blocks="all", save_name="", layers="ffn")
+                      streams="all", blocks="all", save_name="", layers="ffn", match_fp8=0.0)
         row = _branch(g, lite[0], cond, shared, latent, ckpt, audio_vae, f"r{r}", (col_a, yy), save_below=True)
         cmp = g.node("LiteFFNCompare", (col_c, yy), reference=base["frames"][0], test=row["frames"][0],
                      label=f"r={r} fp8", w=320)
@@ -422,7 +422,7 @@ def calibrate_and_compress() -> Graph:
     x = 700 + step * len(CALIBRATION_PROMPTS)
     comp = g.node("LiteFFNCompressModel", (x, 480), w=400, model=ckpt[0], stats=prev[0], stats_file="(none)",
                   rank=64, energy=0.0, residual="fp8", streams="all", blocks="all", save_name=COMPRESSED,
-                  layers="ffn")
+                  layers="ffn", match_fp8=0.0)
     _show(g, comp[1], (x, 860), "Compress report", w=400, h=300)
     g.group("Compress and save", (x - 10, 440, 420, 740), PURPLE)
     # lanes above the groups' titles (the lowest first), one line per group down the gap left of it; the negative

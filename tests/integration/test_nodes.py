@@ -83,6 +83,21 @@ def test_statistics_without_held_out_rows_still_compress_and_say_so(pack, node, 
     assert "output error on held-out rows" not in report
 
 
+def test_match_fp8_chooses_each_linears_rank_from_its_held_out_error(pack, node, ltx2):
+    """Issue 20, item 2: with match_fp8, a 4-bit residual's rank per linear is searched against FP8's error."""
+    model = ltx2()
+    stats, _ = calibrate(node, model, seeds=1).result
+    kw = dict(model=model, rank=8, energy=0.0, residual="nvfp4", streams="all", blocks="all", save_name="")
+    patched, report = node("LiteFFNCompressModel").execute(stats=stats, match_fp8=1.5, **kw).result
+    assert "within 1.5x FP8's error at r=8" in report and "1.5x the FP8 residual's held-out error at rank 8" in report
+    ranks = {m.up.rank for m in pack.nodes.model.compressed_modules(patched).values()}
+    assert ranks <= {0, 8, 16, 24} and rel(sample(patched), sample(model)) < 0.2, (ranks, report)
+    with pytest.raises(Exception, match="match_fp8 measures each linear's error on held-out rows"):
+        node("LiteFFNCompressModel").execute(match_fp8=1.5, **kw)
+    with pytest.raises(Exception, match="energy and match_fp8 both choose"):
+        node("LiteFFNCompressModel").execute(stats=stats, match_fp8=1.5, **dict(kw, energy=0.5))
+
+
 def test_full_rank_without_quantization_matches_baseline(pack, node, ltx2):
     model = ltx2()
     patched, report = compress(node, model, None, rank=8192, energy=1.0, residual="bf16").result
