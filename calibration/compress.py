@@ -218,8 +218,8 @@ def _compress_matched(weight, bias, stats, policy: RankPolicy, form, name, compa
     """RankPolicy.match: the layer at the smallest rank (steps of MATCH_STEP from policy.rank, up to max_rank)
     whose held-out output error is at most policy.match x the FP8 residual's at policy.rank. The error falls
     as the rank grows, so the search walks down from policy.rank while the target holds, or up until it does
-    (at max_rank when it never does; info["match"] says so). Costs one compression per step plus the FP8
-    reference: 2-4 per layer on all-MiniLM-L6-v2 (bench/real_layers_cpu.md)."""
+    (at max_rank when it never does; info["match"] says so). Costs one compression per rank tried plus the
+    FP8 reference: 3-5 per linear on all-MiniLM-L6-v2 (bench/real_layers_match_cpu.md)."""
     if stats is None or not stats.held_rows:
         raise ValueError(f"{name or 'layer'}: choosing its rank by the output error (match {policy.match:g}x FP8) "
                          "needs statistics with held-out rows: run LiteFFN Calibrate (again), or give a fixed rank")

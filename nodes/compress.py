@@ -60,11 +60,12 @@ class LiteFFNCompressModel(io.ComfyNode):
                 io.String.Input("save_name", default="",
                                 tooltip="Saved as models/liteffn/<save_name>.safetensors; empty: not saved."),
                 layers_input(),
-                io.Float.Input("match_fp8", default=0.0, min=0.0, max=100.0, step=0.1,
+                # optional: API prompts written before this input existed still validate
+                io.Float.Input("match_fp8", default=0.0, min=0.0, max=100.0, step=0.1, optional=True,
                                tooltip="0: off. Else each linear's rank is the smallest, in steps of 16 from `rank` "
                                        "up to twice it, whose output error on held-out rows is at most this many "
                                        "times an fp8 residual's at `rank` (e.g. 1.8 with nvfp4: rank where 4 bits "
-                                       "lose most). Needs statistics; compressing takes 2-4x as long."),
+                                       "lose most). Needs statistics; compressing takes 3-5x as long."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="report")],
         )

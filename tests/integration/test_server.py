@@ -15,7 +15,7 @@ def test_object_info_lists_the_nodes_with_their_inputs(server):
                              "scheduler", "seeds", "streams", "layers", "blocks", "memory_budget_gb", "storage", "filename",
                              "append", "stats"},
         "LiteFFNCompressModel": {"model", "stats", "stats_file", "rank", "energy", "residual", "streams", "layers",
-                                 "blocks", "save_name"},
+                                 "blocks", "save_name", "match_fp8"},
         "LowRankFFNLoader": {"model", "compressed_file"},
         "LiteFFNCompare": {"reference", "test", "label"},
     }
@@ -25,6 +25,8 @@ def test_object_info_lists_the_nodes_with_their_inputs(server):
         assert got == inputs, (nid, got ^ inputs)
         assert info[nid]["category"] == "LiteFFN"
     assert info["LiteFFNCompressModel"]["output"] == ["MODEL", "STRING"]
+    # inputs added later are optional, so API prompts written before them still validate
+    assert {"layers", "match_fp8"} <= set(info["LiteFFNCompressModel"]["input"]["optional"])
     assert info["LiteFFNCalibrate"]["output"][0] == "LITEFFN_STATS"
     assert info["LiteFFNCompressModel"]["input"]["required"]["residual"][1]["options"] == ["fp8", "nvfp4", "mxfp4", "bf16"]
     assert "liteffn" in get(url + "/models")  # registered with folder_paths
