@@ -189,10 +189,13 @@ def measure(sd, cal, held, formats, ranks, match=None):
         err = lambda y: float((y - Y).norm() / Y.norm())  # noqa: E731
         base = dict(layer=name, kind=kind_of(name), n=W.shape[0], k=W.shape[1], cal_rows=X.shape[0],
                     held_rows=Xh.shape[0])
+        cal64 = {}  # format -> calibrated r=64 tensors, for the --match section
         for fmt in formats:
             for r in ranks:
                 for calibrated in (False, True):
                     t = compress_linear(W, bias, st if calibrated else None, r, fmt, compare_plain=False).tensors
+                    if calibrated and r == 64:
+                        cal64[fmt] = t
                     rec = dict(base, format=fmt, rank=r, calibrated=calibrated,
                                err=err(R.compressed_linear_ref(Xh, fmt, t)))
                     if fmt == "fp8":  # the activation side: weight only, 1 x 128 block scales, a static scale
@@ -209,14 +212,17 @@ def measure(sd, cal, held, formats, ranks, match=None):
         say(f"{name}: " + ", ".join(f"{x['format']} r{x['rank']} {'cal' if x['calibrated'] else 'plain'} "
                                     f"{100 * x['err']:.2f}%" for x in recs if x["layer"] == name and x["rank"] == 64))
         if match:
-            matched += measure_matched(W, bias, st, Xh, base, [f for f in formats if f != "fp8"], match)
+            new = measure_matched(W, bias, st, Xh, base, [f for f in formats if f != "fp8"], match, cal64)
+            matched += new
             say(f"{name}: " + ", ".join(f"{x['format']} matched r{x['rank']} x{x['err'] / x['err_fp8']:.2f} FP8 "
-                                        f"(r64 x{x['err_fixed'] / x['err_fp8']:.2f})" for x in matched[-2:]))
+                                        f"(r64 x{x['err_fixed'] / x['err_fp8']:.2f})" for x in new))
     return recs, matched
 
 
-def measure_matched(W, bias, st, Xh, base, formats, match):
-    """The --match section (module docstring): search rows and judging rows apart."""
+def measure_matched(W, bias, st, Xh, base, formats, match, cal64):
+    """The --match section (module docstring): search rows and judging rows apart. cal64: the calibrated r=64
+    tensors per format the main measurement made (compressed here where it made none)."""
+    at64 = lambda fmt: cal64.get(fmt) or compress_linear(W, bias, st, 64, fmt, compare_plain=False).tensors  # noqa: E731
     # a uniform sample, as LiteFFN Calibrate keeps (the held-out sequences run through the modules in order:
     # the first rows alone are one module's docstrings, and chose ranks that judged 7% worse elsewhere)
     every = Xh.shape[0] // MATCH_ROWS
@@ -227,13 +233,12 @@ def measure_matched(W, bias, st, Xh, base, formats, match):
     Ye = Fn.linear(Xe, W, bias)
     err = lambda fmt, t: float((R.compressed_linear_ref(Xe, fmt, t) - Ye).norm() / Ye.norm())  # noqa: E731
     st_m = LayerStats(st.xtx, st.absmax, st.rows, held=Xs.bfloat16(), held_seen=MATCH_ROWS)
-    e8 = err("fp8", compress_linear(W, bias, st, 64, "fp8", compare_plain=False).tensors)
+    e8 = err("fp8", at64("fp8"))
     out = []
     for fmt in formats:
-        fixed = compress_linear(W, bias, st, 64, fmt, compare_plain=False)
-        c = compress_linear(W, bias, st_m, RankPolicy(rank=64, match=match, max_rank=128), fmt, compare_plain=False)
+        c = compress_linear(W, bias, st_m, RankPolicy.matching(64, match), fmt, compare_plain=False)
         out.append(dict(base, format=fmt, match=match, rank=c.info["rank"], err=err(fmt, c.tensors), err_fp8=e8,
-                        err_fixed=err(fmt, fixed.tensors), met_on_search_rows=c.info["match"]["met"],
+                        err_fixed=err(fmt, at64(fmt)), met_on_search_rows=c.info["match"]["met"],
                         tried=c.info["match"]["tried"], judged_rows=int(Xe.shape[0])))
     return out
 

@@ -172,7 +172,7 @@ def _policy(a):
         return RankPolicy(rank=None, energy=a.energy, max_rank=a.max_rank or DEFAULT_MAX_RANK)
     rank = DEFAULT_RANK if a.rank is None else a.rank
     if a.match_fp8 is not None:
-        return RankPolicy(rank=rank, match=a.match_fp8, max_rank=a.max_rank or max(2 * rank, 16))
+        return RankPolicy.matching(rank, a.match_fp8, a.max_rank)
     return RankPolicy(rank=rank)
 
 

@@ -186,31 +186,33 @@ def compress_linear(
     info["bytes"] = layer.nbytes
     check_result(layer, name, W)
     if stats is not None and stats.held_rows:
-        x = stats.held.to(device)
+        x, y = _held_out(stats, W, bias, device)
         static = tensors.get("input_amax") if is_fused_down(name) else None
-        y = x.float() @ W.T
-        if bias is not None:
-            y += bias.to(device).float()
         err, y_norm2 = output_error(x, y, tensors, form, static)
         if y_norm2 > 0 and math.isfinite(err):  # (rows that give a zero output measure nothing)
             info.update(heldout_rows=int(x.shape[0]), heldout_err=err, heldout_norm2=y_norm2,
                         heldout_act="static" if static is not None else ("per-token" if form.act_quant else "none"))
-        del x, y
         if compare_plain and "heldout_err" in info:
-            info["heldout_err_plain"] = _plain_heldout_err(weight, bias, stats, info["rank"], form, name,
+            info["heldout_err_plain"] = _plain_heldout_err(weight, bias, x, y, info["rank"], form, name,
                                                            dict(damp=damp, gptq=gptq, device=device,
                                                                 weight_scale=weight_scale, whiten=whiten))
+        del x, y
     return layer
 
 
-def _plain_heldout_err(weight, bias, stats, rank, form, name, kw) -> float:
-    """Held-out output error of a plain compression (no statistics: SVD, round-to-nearest) of the same rank."""
-    plain = compress_linear(weight, bias, None, rank, form, name=name, compare_plain=False, **kw)
-    device = torch.device(kw["device"]) if kw.get("device") is not None else weight.device
+def _held_out(stats: LayerStats, W: torch.Tensor, bias, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the statistics' held-out rows x, the dense output on them in fp32) on device."""
     x = stats.held.to(device)
-    y = x.float() @ source_weight(weight.to(device), kw.get("weight_scale")).T
+    y = x.float() @ W.T
     if bias is not None:
         y += bias.to(device).float()
+    return x, y
+
+
+def _plain_heldout_err(weight, bias, x, y, rank, form, name, kw) -> float:
+    """Held-out output error (rows x, dense output y) of a plain compression (no statistics: SVD,
+    round-to-nearest) of the same rank."""
+    plain = compress_linear(weight, bias, None, rank, form, name=name, compare_plain=False, **kw)
     return output_error(x, y, plain.tensors, form, None)[0]
 
 
@@ -223,11 +225,9 @@ def _compress_matched(weight, bias, stats, policy: RankPolicy, form, name, compa
     if stats is None or not stats.held_rows:
         raise ValueError(f"{name or 'layer'}: choosing its rank by the output error (match {policy.match:g}x FP8) "
                          "needs statistics with held-out rows: run LiteFFN Calibrate (again), or give a fixed rank")
-    r0, full = policy.rank, min(weight.shape)
-    cap = min(policy.max_rank, full)
-    if r0 > full:
-        RankPolicy(rank=r0).choose(torch.ones(full), name, full)  # raises the clear error
+    r0, cap = policy.rank, min(policy.max_rank, *weight.shape)
     fp8 = F.get("fp8")
+    # (a reference rank larger than the layer: this first compression says so)
     ref = compress_linear(weight, bias, stats, r0, fp8, name=name, compare_plain=False, **kw)
     if "heldout_err" not in ref.info:  # held-out rows whose dense output is zero measure nothing: the fixed rank
         layer = compress_linear(weight, bias, stats, r0, form, name=name, compare_plain=compare_plain, **kw)
@@ -255,8 +255,9 @@ def _compress_matched(weight, bias, stats, policy: RankPolicy, form, name, compa
     info["match"] = dict(target=policy.match, ref_rank=r0, ref_err=ref.info["heldout_err"], met=at(r),
                          ratio=info["heldout_err"] / max(ref.info["heldout_err"], 1e-30), tried=sorted(tried))
     if compare_plain:
-        info["heldout_err_plain"] = _plain_heldout_err(weight, bias, stats, r, form, name,
-                                                       {k: v for k, v in kw.items() if k != "refit"})
+        device = kw["device"] if kw["device"] is not None else weight.device
+        x, y = _held_out(stats, source_weight(weight.to(device), kw["weight_scale"]), bias, device)
+        info["heldout_err_plain"] = _plain_heldout_err(weight, bias, x, y, r, form, name, kw)
     return layer
 
 

@@ -7,9 +7,8 @@ the same optimum). Without statistics S = I: plain SVD.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -111,6 +110,11 @@ class RankPolicy:
         cum = torch.cumsum(sigma2.double(), 0) / sigma2.double().sum().clamp_min(1e-300)
         r = int(torch.searchsorted(cum, torch.tensor(self.energy, dtype=cum.dtype, device=cum.device)).item()) + 1
         return min(r, self.max_rank, full)
+
+    @classmethod
+    def matching(cls, rank: int, match: float, max_rank: int | None = None) -> "RankPolicy":
+        """The `match` policy from `rank`, searching up to max_rank (default twice `rank`, at least one step)."""
+        return cls(rank=rank, match=match, max_rank=max_rank or max(2 * rank, MATCH_STEP))
 
     @property
     def fixed_rank(self) -> int:

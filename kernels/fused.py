@@ -60,11 +60,9 @@ def shared_linear(x2: torch.Tensor, ts: list, config=None) -> torch.Tensor:
     xq, sx, u = act_quant_lowrank(x2, None if Bs[0] is None else Bs, static=ts[0].get("x_scale"))
     ns = [t["q"].shape[0] for t in ts]
     y = G.new((M, sum(ns)), y_dtype, x2.device)
-    flat, off = y.view(-1), 0
-    for g, (t, n) in enumerate(zip(ts, ns)):
+    for g, (t, out) in enumerate(zip(ts, split_shared(y, ns))):
         GEMMS[layout(t)](xq, sx, t, u=None if u is None else u[g], A=t.get("A"), bias=t.get("bias"),
-                         out=flat[off:off + M * n].view(M, n), out_dtype=y_dtype, config=config)
-        off += M * n
+                         out=out, out_dtype=y_dtype, config=config)
     return y
 
 

@@ -84,7 +84,7 @@ class LiteFFNCompressModel(io.ComfyNode):
         if energy > 0 and match_fp8 > 0:
             raise ValueError("energy and match_fp8 both choose each linear's rank: set one of them to 0")
         policy = (RankPolicy(rank=None, energy=energy, max_rank=rank) if energy > 0 else
-                  RankPolicy(rank=rank, match=match_fp8, max_rank=max(2 * rank, 16)) if match_fp8 > 0 else
+                  RankPolicy.matching(rank, match_fp8) if match_fp8 > 0 else
                   RankPolicy(rank=rank))
         if policy.match is not None and stats is None and stats_file == NO_FILE:
             raise ValueError("match_fp8 measures each linear's error on held-out rows of its statistics: connect "
