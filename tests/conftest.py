@@ -32,13 +32,6 @@ def _interpreter_scalars_for_numpy_2_4():
 
 
 _interpreter_scalars_for_numpy_2_4()
-
-
-@pytest.fixture(autouse=True)
-def _seeded():
-    """Each test draws the same random numbers whatever ran before it: an unseeded draw made a refit count
-    depend on the test order, and CI failed on an order no local run had."""
-    torch.manual_seed(0)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tests' shared helpers (_tiny.py): --import-mode=importlib puts no test folder on the path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -94,3 +87,10 @@ def triton_language_unpatched():
                 except (AttributeError, TypeError):  # read-only entries (__dict__, __weakref__) never change
                     pass
     yield
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Each test draws the same random numbers whatever ran before it: an unseeded draw made a refit count
+    depend on the test order, and CI failed on an order no local run had."""
+    torch.manual_seed(0)

@@ -56,10 +56,8 @@ def test_fp4_refits_stop_when_they_stop_paying():
     assert counts["fp8"] == 2 and 2 < counts["mxfp4"] <= 8, counts
     assert compress_linear(W, None, st, 64, "mxfp4", refit=3, compare_plain=False).info["refit"] == 3
     # a layer the refits cannot improve (rank 64 holds all of it but the residual's rounding): they stop early
-    # seeded: unseeded, the count depended on the tests run before it (2-8 over 12 seeds; 8 failed CI once)
-    g = torch.Generator().manual_seed(0)
-    low = (torch.randn(256, 8, generator=g) @ torch.randn(8, 1024, generator=g)) / 30
-    c = compress_linear(low + 1e-4 * torch.randn(256, 1024, generator=g), None, st, 64, "mxfp4", compare_plain=False)
+    low = (torch.randn(256, 8) @ torch.randn(8, 1024)) / 30
+    c = compress_linear(low + 1e-4 * torch.randn(256, 1024), None, st, 64, "mxfp4", compare_plain=False)
     assert c.info["refit"] < 8, c.info["refit"]
 
 
