@@ -94,3 +94,10 @@ def _seeded():
     """Each test draws the same random numbers whatever ran before it: an unseeded draw made a refit count
     depend on the test order, and CI failed on an order no local run had."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _seeded_module():
+    """The same for a module's shared fixtures (set up before the per-test seed): what they draw does not depend
+    on the modules run before, so one file run alone builds what the whole suite builds."""
+    torch.manual_seed(0)
